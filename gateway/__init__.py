@@ -1,0 +1,1 @@
+"""Regional inference gateway."""

@@ -1,0 +1,78 @@
+"""The admin listener (SPEC §11): health, readiness, metrics, routing table."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Awaitable, Callable
+
+from gateway.errors import EndpointNotFound, GatewayError, MethodNotAllowed, Unauthorized
+from gateway.http.server import Request
+from gateway.metrics import Metrics
+from gateway.state import TableState
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+def json_body(obj: object) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
+
+
+class AdminHandler:
+    def __init__(self, state: TableState, metrics: Metrics, token: str | None, ready: Callable[[], bool]) -> None:
+        self.state = state
+        self.metrics = metrics
+        self.token = token
+        self.ready = ready
+        self.routes: dict[str, dict[str, Callable[[Request], Awaitable[tuple[int, object]]]]] = {
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+            "/v1/routing": {"GET": self._routing},
+            "/v1/routing/reload": {"POST": self._reload},
+        }
+
+    async def __call__(self, req: Request) -> None:
+        path = req.target.partition("?")[0]
+        try:
+            if path not in OPEN_PATHS:
+                self._authorize(req)
+            if path == "/metrics" and req.method == "GET":
+                req.conn.send_simple(200, self.metrics.render(), content_type=PROMETHEUS_TEXT)
+                return
+            methods = self.routes.get(path)
+            if methods is None:
+                raise EndpointNotFound(f"no admin endpoint '{path[:128]}'")
+            handler = methods.get(req.method)
+            if handler is None:
+                raise MethodNotAllowed(f"method {req.method} is not allowed on '{path}'", tuple(methods))
+            status, body = await handler(req)
+        except GatewayError as error:
+            req.conn.send_error(error)
+            return
+        req.conn.send_simple(status, json_body(body))
+
+    def _authorize(self, req: Request) -> None:
+        if self.token is None:
+            return  # only possible on a loopback admin listener (enforced at start)
+        given = req.authorization or ""
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            raise Unauthorized("admin calls need 'Authorization: Bearer <admin token>'")
+
+    async def _healthz(self, req: Request) -> tuple[int, object]:
+        return 200, {"status": "ok"}
+
+    async def _readyz(self, req: Request) -> tuple[int, object]:
+        if self.ready():
+            return 200, {"status": "ready", "table": self.state.table.digest}
+        return 503, {"status": "starting"}
+
+    async def _routing(self, req: Request) -> tuple[int, object]:
+        return 200, self.state.describe()
+
+    async def _reload(self, req: Request) -> tuple[int, object]:
+        result = await self.state.reload("admin call")
+        body = {"ok": result.ok, "changed": result.changed, "problems": list(result.problems)}
+        body.update(self.state.describe())
+        return (200 if result.ok else 422), body

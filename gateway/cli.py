@@ -1,0 +1,158 @@
+"""`gateway` command line: serve, check, explain, demo (SPEC §11)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from urllib.parse import urlsplit
+
+from gateway.errors import GatewayError
+from gateway.routing.loader import TableInvalid, load_table
+from gateway.routing.resolve import Call, Route, resolve
+from gateway.runner import OptionsError, ServeOptions, run_serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except OptionsError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="Regional inference gateway")
+    p.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve a routing table")
+    s.add_argument("--config", required=True, help="routing table (YAML or JSON)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--grpc-port", type=int, default=None)
+    s.add_argument("--admin-host", default="127.0.0.1")
+    s.add_argument("--admin-port", type=int, default=9090)
+    s.add_argument("--admin-token", default=os.environ.get("GATEWAY_ADMIN_TOKEN") or None)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--drain-timeout", type=float, default=30.0)
+    s.add_argument("--tls-cert")
+    s.add_argument("--tls-key")
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("check", help="validate a routing table and list every problem")
+    c.add_argument("file")
+    c.set_defaults(func=_check)
+
+    e = sub.add_parser("explain", help="print the routing decision for a call")
+    e.add_argument("--config", required=True)
+    e.add_argument("url", help="e.g. http://model-abc123.api.example.com/production/predict")
+    e.add_argument("-X", "--method", default=None, help="HTTP method (default: GET for status calls, else POST)")
+    e.add_argument("-H", "--header", action="append", default=[], metavar="K:V")
+    e.set_defaults(func=_explain)
+
+    d = sub.add_parser("demo", help="start sample planes and a gateway, print calls to try")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--admin-port", type=int, default=9090)
+    d.add_argument("--config", default=None, help="table to use (default: routing_config/example.yaml)")
+    d.add_argument("--print-only", action="store_true", help=argparse.SUPPRESS)
+    d.set_defaults(func=_demo)
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        load_table(args.config)  # fail fast, with every problem, before binding anything
+    except TableInvalid as exc:
+        print(f"gateway: {args.config} is not a valid routing table:\n{exc}", file=sys.stderr)
+        return 2
+    opts = ServeOptions(
+        config=args.config, host=args.host, port=args.port, admin_host=args.admin_host,
+        admin_port=args.admin_port, admin_token=args.admin_token, grpc_port=args.grpc_port,
+        workers=args.workers, drain_timeout=args.drain_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key,
+    )  # fmt: skip
+    return run_serve(opts)
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        table = load_table(args.file)
+    except TableInvalid as exc:
+        print(f"{args.file}: {len(exc.problems)} problem(s)")
+        for problem in exc.problems:
+            print(f"  {problem}")
+        return 1
+    print(f"{args.file}: ok ({len(table.models)} models, {len(table.planes)} planes, digest {table.digest[:12]})")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    try:
+        table = load_table(args.config)
+    except TableInvalid as exc:
+        print(f"{args.config} is not a valid routing table:\n{exc}", file=sys.stderr)
+        return 2
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        print(f"gateway explain: expected an http(s) URL, got {args.url!r}", file=sys.stderr)
+        return 2
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep:
+            print(f"gateway explain: --header takes K:V, got {item!r}", file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    target = url.path or "/"
+    if url.query:
+        target += "?" + url.query
+    method = args.method or ("GET" if target.rstrip("/").endswith(("async_queue_status", "websocket")) else "POST")
+    call = Call(method, headers.get("host", url.netloc), target, headers.get("authorization"),
+                headers.get("x-baseten-routing-key"))  # fmt: skip
+    try:
+        route = resolve(table, call)
+    except GatewayError as error:
+        print(f"error: {error.status} {error.error_code}: {error.message}")
+        print(error.body().decode())
+        return 1
+    print(describe_route(route, method))
+    return 0
+
+
+def describe_route(route: Route, method: str) -> str:
+    dep = route.deployment
+    lines = [
+        f"model:        {route.model.id} ({route.model.kind}, team {route.model.team})",
+        f"environment:  {route.environment or '(none: deployment target)'}",
+        f"deployment:   {dep.id} (status {dep.status}{', canary' if route.canary else ''})",
+        f"plane:        {dep.plane.name}",
+        f"region:       {dep.region}" + (f" (regional host: pinned to {route.region})" if route.region else ""),
+        f"action:       {route.action}",
+        f"upstream:     {method if route.action == 'proxy' else 'POST'} "
+        + (route.upstream_url if route.action == "proxy" else dep.plane.url.base_url + "/wake"),
+    ]
+    env = route.model.environments.get(route.environment)
+    if env is not None and env.canary is not None:
+        lines.append(f"canary:       {env.canary.deployment.id} at {env.canary.percent:g}% (sticky per caller)")
+    if env is not None and env.shadow is not None:
+        lines.append(f"shadow:       {env.shadow.deployment.id} at {env.shadow.percent:g}%")
+    return "\n".join(lines)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo.run import run_demo
+
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

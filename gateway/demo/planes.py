@@ -1,0 +1,82 @@
+"""Sample workload planes for `gateway demo`: a JSON model, an SSE token stream, a wake hook.
+
+A plane serves every model it hosts on one address and tells them apart by the
+identity headers the gateway sets (SPEC §4). It is a real HTTP/1.1 server (the
+gateway's own server class) so the demo exercises real sockets end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from gateway.http.server import Request, serve
+
+STREAMING_MODELS = frozenset({"llm7"})
+TOKENS = "Once upon a time a gateway kept every token inside its region and streamed it on the spot .".split()
+
+
+class SamplePlane:
+    def __init__(self, name: str, region: str, token_interval: float = 0.05) -> None:
+        self.name = name
+        self.region = region
+        self.token_interval = token_interval
+        self.wakes: list[dict] = []
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await serve(self.handle, host, port)
+        return self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def identity(self, req: Request) -> dict:
+        h = {k.decode(): v.decode("latin-1") for k, v in req.headers}
+        return {
+            "model_id": h.get("x-baseten-model-id"),
+            "environment": h.get("x-baseten-environment"),
+            "deployment_id": h.get("x-baseten-deployment-id"),
+            "request_id": h.get("x-baseten-request-id"),
+            "plane": self.name,
+            "region": self.region,
+        }
+
+    async def handle(self, req: Request) -> None:
+        body = await req.body.read_all(8 * 1024 * 1024)
+        who = self.identity(req)
+        path = req.target.partition("?")[0]
+        if path == "/wake" and req.method == "POST":
+            self.wakes.append(who)
+            return self._json(req, 200, {"status": "waking", **who})
+        if path in ("/predict", "/run_remote") and req.method == "POST":
+            try:
+                model_input = json.loads(body or b"{}")
+            except ValueError:
+                return self._json(req, 400, {"error": "body must be JSON"})
+            if who["model_id"] in STREAMING_MODELS:
+                return await self._stream(req, model_input, who)
+            return self._json(req, 200, {**who, "output": {"echo": model_input, "length": len(body)}})
+        if path == "/v1/models" and req.method == "GET":
+            return self._json(req, 200, {"object": "list", "data": [{"id": who["model_id"], "object": "model"}]})
+        return self._json(req, 404, {"error": f"the sample plane has no route {req.method} {path}"})
+
+    def _json(self, req: Request, status: int, obj: dict) -> None:
+        req.conn.send_simple(status, json.dumps(obj).encode() + b"\n")
+
+    async def _stream(self, req: Request, model_input: dict, who: dict) -> None:
+        """Server-sent events, one token per event, each written as its own chunk."""
+        count = min(int(model_input.get("max_tokens", 12)), len(TOKENS)) if isinstance(model_input, dict) else 12
+        conn = req.conn
+        conn.response_started = True
+        conn.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        for i in range(count):
+            await asyncio.sleep(self.token_interval)
+            event = b"data: %s\n\n" % json.dumps({"index": i, "token": TOKENS[i], "region": who["region"]}).encode()
+            conn.write(b"%x\r\n%s\r\n" % (len(event), event))
+        done = b"data: [DONE]\n\n"
+        conn.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))

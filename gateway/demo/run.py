@@ -1,0 +1,108 @@
+"""`gateway demo`: two sample planes (us, eu) and a gateway in front, in one process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+from pathlib import Path
+
+from gateway.demo.planes import SamplePlane
+from gateway.routing.loader import TableInvalid, load_table
+from gateway.runner import Gateway, ServeOptions, install_uvloop
+
+DEMO_KEY = "demo-key-acme"
+STAGING_KEY = "demo-key-staging"
+
+
+def default_table() -> Path:
+    for candidate in (Path.cwd() / "routing_config" / "example.yaml",
+                      Path(__file__).resolve().parents[2] / "routing_config" / "example.yaml"):  # fmt: skip
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("routing_config/example.yaml not found; pass --config")
+
+
+def curl(url: str, *, key: str | None = DEMO_KEY, data: str | None = None, stream: bool = False,
+         headers: tuple[str, ...] = ()) -> str:  # fmt: skip
+    parts = ["curl", "-sS"] + (["-N"] if stream else []) + ["-w", r"'\n[HTTP %{http_code}]\n'"]
+    if key is not None:
+        parts += ["-H", shlex.quote(f"Authorization: Api-Key {key}")]
+    for header in headers:
+        parts += ["-H", shlex.quote(header)]
+    if data is not None:
+        parts += ["-d", shlex.quote(data)]
+    parts.append(shlex.quote(url))
+    return " ".join(parts)
+
+
+def calls(port: int, admin_port: int, config: str) -> list[tuple[str, str]]:
+    """(what it shows, command) pairs printed by the demo; tests run each one."""
+    g = f"localhost:{port}"
+    body = '{"model_input": {"prompt": "hello"}}'
+    return [
+        ("JSON predict on the standard host (production)", curl(f"http://model-abc123.{g}/production/predict", data=body)),
+        ("token streaming (SSE), relayed chunk by chunk",
+         curl(f"http://model-llm7.{g}/production/predict", data='{"max_tokens": 8}', stream=True)),
+        ("regional host: prod-us stays in region us", curl(f"http://model-abc123-prod-us.{g}/predict", data=body)),
+        ("standard host reaching the eu environment (no residency guarantee)",
+         curl(f"http://model-abc123.{g}/environments/prod-eu/predict", data=body)),
+        ("rejected: this gateway serves region us only, so the eu regional host gets 421",
+         curl(f"http://model-abc123-prod-eu.{g}/predict", data=body)),
+        ("rejected: regional hosts take the environment from the hostname (400)",
+         curl(f"http://model-abc123-prod-us.{g}/environments/staging/predict", data=body)),
+        ("rejected: missing API key (401)", curl(f"http://model-abc123.{g}/production/predict", key=None, data=body)),
+        ("rejected: a staging-only key calling production (403)",
+         curl(f"http://model-abc123.{g}/production/predict", key=STAGING_KEY, data=body)),
+        ("canary: staging sends 10% to v2, sticky per routing key",
+         curl(f"http://model-abc123.{g}/environments/staging/predict", data=body,
+              headers=("x-baseten-routing-key: user-42",))),
+        ("sync pass-through to the model server's own route", curl(f"http://model-abc123.{g}/production/sync/v1/models")),
+        ("chain run_remote", curl(f"http://chain-pipeline1.{g}/production/run_remote", data=body)),
+        ("wake a deployment (202)", curl(f"http://model-abc123.{g}/deployment/v0/wake", data="")),
+        ("the routing decision, without sending anything",
+         f"{shlex.quote(sys.executable)} -m gateway explain --config {shlex.quote(config)} -H 'Authorization: Api-Key {DEMO_KEY}' "
+         f"http://model-abc123-prod-us.api.example.com/predict"),
+        ("metrics (Prometheus)", f"curl -sS http://127.0.0.1:{admin_port}/metrics | grep gateway_requests_total"),
+        ("the serving table", f"curl -sS http://127.0.0.1:{admin_port}/v1/routing"),
+    ]  # fmt: skip
+
+
+async def _run(args: argparse.Namespace, config: str) -> None:
+    table = load_table(config)
+    planes = []
+    for plane in table.planes.values():
+        sample = SamplePlane(plane.name, plane.region)
+        await sample.start(plane.url.host, plane.url.port)
+        planes.append(sample)
+    gateway = Gateway(ServeOptions(config=config, port=args.port, admin_port=args.admin_port))
+    await gateway.start()
+    print(f"\nDemo gateway on http://127.0.0.1:{gateway.public_port} (admin on 127.0.0.1:{gateway.admin_port}),")
+    print("planes: " + ", ".join(f"{p.name} ({p.region}) at {table.planes[p.name].url.base_url}" for p in planes))
+    print(f"table: {config}. Try these (Ctrl-C stops the demo):\n")
+    for title, command in calls(gateway.public_port, gateway.admin_port, config):
+        print(f"# {title}\n{command}\n")
+    sys.stdout.flush()
+    try:
+        assert gateway.stopping is not None  # noqa: S101 - set by start()
+        await gateway.stopping.wait()
+    finally:
+        await gateway.drain()
+        for sample in planes:
+            sample.close()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        config = str(args.config or default_table())
+        load_table(config)
+    except (FileNotFoundError, TableInvalid) as exc:
+        print(f"gateway demo: {exc}", file=sys.stderr)
+        return 2
+    install_uvloop()
+    try:
+        asyncio.run(_run(args, config))
+    except KeyboardInterrupt:
+        pass
+    return 0

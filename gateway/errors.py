@@ -1,0 +1,142 @@
+"""One exception tree for every error the gateway itself produces.
+
+Each class carries what every protocol needs to answer it: the HTTP status and
+`error_code` of the JSON error body (SPEC "Error body"), the gRPC status code
+(SPEC §9) and the WebSocket close code, so one renderer serves all protocols.
+"""
+
+from __future__ import annotations
+
+import json
+
+# gRPC status codes (grpc/status.h), kept numeric so nothing here imports grpc.
+GRPC_INVALID_ARGUMENT = 3
+GRPC_DEADLINE_EXCEEDED = 4
+GRPC_NOT_FOUND = 5
+GRPC_PERMISSION_DENIED = 7
+GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_UNIMPLEMENTED = 12
+GRPC_INTERNAL = 13
+GRPC_UNAVAILABLE = 14
+GRPC_UNAUTHENTICATED = 16
+
+
+class GatewayError(Exception):
+    """An error answered by the gateway itself (never by a plane)."""
+
+    status = 500
+    error_code = "internal_error"
+    grpc_status = GRPC_INTERNAL
+    ws_close_code = 1011
+
+    def __init__(self, message: str, *, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers
+
+    def body(self) -> bytes:
+        return json.dumps({"error": self.message, "error_code": self.error_code}).encode()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status} {self.error_code}: {self.message!r})"
+
+
+class ClientError(GatewayError):
+    status = 400
+    error_code = "client_error"
+    grpc_status = GRPC_INVALID_ARGUMENT
+    ws_close_code = 1008
+
+
+class EndpointNotFound(ClientError):
+    status = 404
+    grpc_status = GRPC_NOT_FOUND
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    grpc_status = GRPC_UNIMPLEMENTED
+
+    def __init__(self, message: str, allow: tuple[str, ...]) -> None:
+        super().__init__(message, headers=(("allow", ", ".join(allow)),))
+        self.allow = allow
+
+
+class MisdirectedRequest(ClientError):
+    """A regional host of a region this gateway does not serve (SPEC §8)."""
+
+    status = 421
+    grpc_status = GRPC_UNAVAILABLE
+
+
+class NotImplementedYet(ClientError):
+    status = 501
+    grpc_status = GRPC_UNIMPLEMENTED
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    error_code = "unauthorized"
+    grpc_status = GRPC_UNAUTHENTICATED
+    ws_close_code = 1008
+
+
+class Forbidden(GatewayError):
+    status = 403
+    error_code = "unauthorized"
+    grpc_status = GRPC_PERMISSION_DENIED
+    ws_close_code = 1008
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    error_code = "model_does_not_exist"
+    grpc_status = GRPC_NOT_FOUND
+    ws_close_code = 1008
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    error_code = "payload_too_large"
+    grpc_status = GRPC_RESOURCE_EXHAUSTED
+    ws_close_code = 1009
+
+
+class RateLimited(GatewayError):
+    status = 429
+    error_code = "rate_limited"
+    grpc_status = GRPC_RESOURCE_EXHAUSTED
+    ws_close_code = 1013
+
+
+class ModelUnavailable(GatewayError):
+    """The plane cannot be reached (503) or nothing may serve the call."""
+
+    status = 503
+    error_code = "model_unavailable"
+    grpc_status = GRPC_UNAVAILABLE
+    ws_close_code = 1013
+
+
+class UpstreamBroken(ModelUnavailable):
+    """The plane broke the connection or the protocol mid-call (SPEC §4)."""
+
+    status = 502
+
+
+class ModelNotReady(GatewayError):
+    status = 503
+    error_code = "model_not_ready"
+    grpc_status = GRPC_UNAVAILABLE
+    ws_close_code = 1013
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    error_code = "timeout"
+    grpc_status = GRPC_DEADLINE_EXCEEDED
+    ws_close_code = 1011
+
+
+class InternalError(GatewayError):
+    pass

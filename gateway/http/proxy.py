@@ -1,0 +1,252 @@
+"""Forwarding one HTTP call to its plane (SPEC §4): heads rewritten, bodies streamed.
+
+`Exchange` is driven by callbacks from both connections: request-body chunks from
+the client are written to the plane as they arrive, response events from the plane
+are written to the client in the same loop iteration, and each side's transport
+pause/resume throttles the other, so memory stays bounded whatever the body size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from gateway.errors import GatewayError, PayloadTooLarge, UpstreamTimeout
+from gateway.http.server import HttpConnection, Request, status_line
+from gateway.routing.model import Timeouts
+from gateway.upstream.pool import UpstreamConnection
+
+MAX_BODY_BYTES = 100 * 1024 * 1024  # SPEC §4
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus what the gateway sets itself or must not forward.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+REQUEST_DROP = HOP_BY_HOP | {
+    b"host", b"content-length", b"expect", b"authorization", b"proxy-authorization",
+    b"baseten-authorization", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+    b"x-baseten-model-id", b"x-baseten-environment", b"x-baseten-deployment-id", b"x-baseten-request-id",
+}  # fmt: skip
+RESPONSE_DROP = HOP_BY_HOP | {b"x-baseten-request-id"}
+PAUSE_UPSTREAM = 8  # client reading paused because the plane is not reading our writes
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def request_head(
+    req: Request, target: str, upstream_host: bytes, identity: bytes, request_id: str, scheme: str
+) -> list[bytes]:
+    """The head sent to the plane, as parts to join."""
+    parts = [
+        b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (req.method.encode(), target.encode("latin-1"), upstream_host),
+        identity,
+        b"x-baseten-request-id: %s\r\nx-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n"
+        % (request_id.encode(), req.conn.peer.encode(), scheme.encode()),
+    ]
+    if req.host is not None:
+        parts.append(b"x-forwarded-host: %s\r\n" % req.host.encode("latin-1"))
+    drop = REQUEST_DROP.union(req.connection_tokens) if req.connection_tokens else REQUEST_DROP
+    for name, value in req.headers:
+        if name not in drop:
+            parts.append(b"%s: %s\r\n" % (name, value))
+    if req.chunked:
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+    elif req.content_length is not None:
+        parts.append(b"content-length: %d\r\n\r\n" % req.content_length)
+    else:
+        parts.append(b"\r\n")
+    return parts
+
+
+class Exchange:
+    """One call in flight between a client connection and a plane connection."""
+
+    __slots__ = (
+        "req", "client", "upstream", "request_id", "loop", "done", "out", "head_sent", "status",
+        "chunked_out", "request_sent", "error", "timeouts", "started", "last_activity", "timer",
+        "head_only", "bytes_out",
+    )  # fmt: skip
+
+    def __init__(self, req: Request, upstream: UpstreamConnection, request_id: str, timeouts: Timeouts) -> None:
+        self.req = req
+        self.client: HttpConnection = req.conn
+        self.upstream = upstream
+        self.request_id = request_id
+        self.loop = self.client.loop
+        self.done: asyncio.Future = self.loop.create_future()
+        self.out: list[bytes] = []
+        self.head_sent = False
+        self.status = 0
+        self.chunked_out = False
+        self.request_sent = False
+        self.error: GatewayError | None = None
+        self.timeouts = timeouts
+        self.started = self.last_activity = self.loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+        self.head_only = req.method == "HEAD"
+        self.bytes_out = 0
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.request_id[:8]} status={self.status} head_sent={self.head_sent}>"
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self, head: list[bytes]) -> None:
+        client, upstream = self.client, self.upstream
+        client.on_lost = self.client_lost
+        client.write_paused_callbacks.append(upstream.pause_reading)
+        upstream.start(self, b"".join(head), head_only=self.head_only)
+        body = self.req.body
+        if self.req.has_body:
+            if self.req.expect_continue and not body.complete:
+                client.send_continue()
+            body.attach(self)
+        else:
+            self.request_sent = True
+        self._arm(min(self.timeouts.response_start_seconds, self.timeouts.total_seconds))
+
+    # -- request body sink (called by Body) -------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.req.chunked:
+            self.upstream.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self.upstream.write(data)
+
+    def write_eof(self) -> None:
+        if self.req.chunked:
+            self.upstream.write(b"0\r\n\r\n")
+        self.request_sent = True
+
+    def fail(self, error: GatewayError) -> None:
+        """The request body broke a limit: abort the plane call (SPEC §4 413)."""
+        self._abort(error)
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        if paused:
+            self.client.pause_reading(PAUSE_UPSTREAM)
+        else:
+            self.client.resume_reading(PAUSE_UPSTREAM)
+
+    # -- response events (called by UpstreamConnection) -------------------------------------
+
+    def on_response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        req, client = self.req, self.client
+        out = self.out
+        out.append(status_line(status, reason or None))
+        has_length = False
+        for name, value in headers:
+            if name in RESPONSE_DROP:
+                continue
+            if name == b"content-length":
+                has_length = True
+            out.append(b"%s: %s\r\n" % (name, value))
+        out.append(b"x-baseten-request-id: %s\r\n" % self.request_id.encode())
+        if not (has_length or self.head_only or status in (204, 304)):
+            if req.version == "1.1":
+                self.chunked_out = True
+                out.append(b"transfer-encoding: chunked\r\n")
+            else:
+                client.must_close = True  # HTTP/1.0: the body ends when the connection does
+        if client.must_close:
+            out.append(b"connection: close\r\n\r\n")
+        elif req.version == "1.0":
+            out.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            out.append(b"\r\n")
+        self.head_sent = True
+        client.response_started = True
+        self.last_activity = now = self.loop.time()
+        if self.timer is not None and self.timer.when() > now + self.timeouts.idle_seconds:
+            self.timer.cancel()  # from here on the idle limit applies, and it is the nearer one
+            self._arm(self.timeouts.idle_seconds)
+
+    def on_response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.chunked_out:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self.out.append(data)
+
+    def on_response_complete(self) -> None:
+        if self.chunked_out:
+            self.out.append(b"0\r\n\r\n")
+        self._finish()
+
+    def flush(self) -> None:
+        if self.out:
+            out, self.out = self.out, []
+            self.client.writelines(out)
+            self.last_activity = self.loop.time()
+
+    def on_upstream_lost(self, error: GatewayError) -> None:
+        self._abort(error)
+
+    # -- endings --------------------------------------------------------------------------
+
+    def client_lost(self) -> None:
+        """The client went away: cancel the plane call by closing its connection."""
+        self.status = self.status or 499
+        self.upstream.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.req.body.detach()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _abort(self, error: GatewayError) -> None:
+        if self.done.done():
+            return
+        self.error = error
+        self.upstream.close()
+        self.out = []
+        if self.head_sent:
+            self.client.abort()  # a truncated response must look truncated, not complete
+        else:
+            self.client.must_close = self.client.must_close or not self.req.body.complete
+            self.status = error.status
+            self.client.send_error(error, (("x-baseten-request-id", self.request_id),))
+        self._finish()
+
+    def release_upstream(self) -> None:
+        if self.request_sent and not self.upstream.closed:
+            self.upstream.release()
+        else:
+            self.upstream.close()
+
+    # -- timeouts (one timer, re-armed only when it fires) ------------------------------------
+
+    def _arm(self, delay: float) -> None:
+        self.timer = self.loop.call_at(self.loop.time() + max(delay, 0.001), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        now, t = self.loop.time(), self.timeouts
+        total_left = self.started + t.total_seconds - now
+        if total_left <= 0:
+            return self._abort(UpstreamTimeout(f"the call did not finish within {t.total_seconds:g} s"))
+        if not self.head_sent:
+            start_left = self.started + t.response_start_seconds - now
+            if start_left <= 0:
+                return self._abort(
+                    UpstreamTimeout(f"the plane did not start answering within {t.response_start_seconds:g} s")
+                )
+            return self._arm(min(start_left, total_left))
+        idle_left = self.last_activity + t.idle_seconds - now
+        if idle_left <= 0:
+            return self._abort(UpstreamTimeout(f"the plane sent nothing for {t.idle_seconds:g} s"))
+        self._arm(min(idle_left, total_left))
+
+
+def body_limit_error(req: Request) -> PayloadTooLarge | None:
+    if req.content_length is not None and req.content_length > MAX_BODY_BYTES:
+        return PayloadTooLarge(f"request body of {req.content_length} bytes exceeds {MAX_BODY_BYTES} bytes")
+    return None
+

@@ -1,0 +1,433 @@
+"""HTTP/1.1 server: httptools parsing on an asyncio Protocol, one task per request.
+
+The connection parses bytes into `Request`s and hands each to an application's
+`handle(request)` coroutine, one at a time (pipelined requests wait their turn).
+Request bodies are pushed into `Body`, which either buffers a little or, once the
+application attaches a sink, forwards each chunk as it arrives. Writes go straight
+to the transport; flow control is the transport's pause/resume callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from http import HTTPStatus
+from typing import Awaitable, Callable, Protocol
+
+import httptools
+
+from gateway.errors import ClientError, GatewayError, PayloadTooLarge
+
+log = logging.getLogger("gateway.http")
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 128
+BODY_BUFFER_HIGH_WATER = 256 * 1024  # buffered before a sink is attached, then reading pauses
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, phrase) for code, phrase in _REASONS.items()}
+
+
+def status_line(status: int, reason: bytes | None = None) -> bytes:
+    if reason is None:
+        line = _STATUS_LINES.get(status)
+        if line is not None:
+            return line
+        reason = _REASONS.get(status, b"")
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+class Sink(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def write_eof(self) -> None: ...
+    def fail(self, error: GatewayError) -> None: ...
+
+
+class Body:
+    """A request body as it arrives: buffered until a sink is attached, then pushed."""
+
+    __slots__ = ("conn", "chunks", "buffered", "received", "complete", "sink", "limit", "error")
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.received = 0
+        self.complete = False
+        self.sink: Sink | None = None
+        self.limit: int | None = None
+        self.error: GatewayError | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.limit is not None and self.received > self.limit:
+            self.fail(PayloadTooLarge(f"request body exceeds {self.limit} bytes"))
+            return
+        if self.sink is not None:
+            self.sink.write(data)
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > BODY_BUFFER_HIGH_WATER:
+            self.conn.pause_reading(HttpConnection.PAUSE_BODY)
+
+    def feed_eof(self) -> None:
+        self.complete = True
+        if self.sink is not None:
+            self.sink.write_eof()
+
+    def fail(self, error: GatewayError) -> None:
+        if self.error is None:
+            self.error = error
+            self.conn.on_body_error(error)
+            if self.sink is not None:
+                self.sink.fail(error)
+
+    def attach(self, sink: Sink) -> None:
+        """Forward everything received so far and everything that follows to `sink`."""
+        self.sink = sink
+        if self.error is not None:
+            sink.fail(self.error)
+            return
+        chunks, self.chunks, self.buffered = self.chunks, [], 0
+        for chunk in chunks:
+            sink.write(chunk)
+        self.conn.resume_reading(HttpConnection.PAUSE_BODY)
+        if self.complete:
+            sink.write_eof()
+
+    def detach(self) -> None:
+        self.sink = None
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole body (for small admin calls); 413 past `limit`."""
+        while not self.complete:
+            if self.received > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            waiter = self.conn.loop.create_future()
+            self.conn.body_waiter = waiter
+            self.conn.resume_reading(HttpConnection.PAUSE_BODY)
+            await waiter
+        data = b"".join(self.chunks)
+        if len(data) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        return data
+
+
+class Request:
+    __slots__ = (
+        "conn", "method", "target", "version", "keep_alive", "headers", "host", "authorization",
+        "content_length", "chunked", "expect_continue", "routing_key", "connection_tokens", "body",
+        "upgrade",
+    )  # fmt: skip
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.method = ""
+        self.target = ""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.headers: list[tuple[bytes, bytes]] = []  # names lowercased, in order
+        self.host: str | None = None
+        self.authorization: str | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.routing_key: str | None = None
+        self.connection_tokens: tuple[bytes, ...] = ()
+        self.body = Body(conn)
+        self.upgrade: bytes | None = None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target[:80]!r} host={self.host!r}>"
+
+
+Handler = Callable[[Request], Awaitable[None]]
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection. `handler(request)` must write a complete response."""
+
+    PAUSE_BODY = 1
+    PAUSE_PIPELINE = 2
+    PAUSE_WRITE = 4  # the client is not reading what we send
+
+    def __init__(self, handler: Handler, *, scheme: str = "http", tracker: set | None = None) -> None:
+        self.handler = handler
+        self.scheme = scheme
+        self.tracker = tracker
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = ""
+        self.req: Request | None = None  # being parsed
+        self.current: Request | None = None  # being answered
+        self.pipeline: collections.deque[Request] = collections.deque()
+        self.task: asyncio.Task | None = None
+        self.header_bytes = 0
+        self.url_parts: list[bytes] = []
+        self.paused = 0
+        self.closed = False
+        self.response_started = False
+        self.must_close = False
+        self.body_waiter: asyncio.Future | None = None
+        self.write_paused_callbacks: list[Callable[[bool], None]] = []
+        self.on_lost: Callable[[], None] | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        if self.tracker is not None:
+            self.tracker.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.tracker is not None:
+            self.tracker.discard(self)
+        if self.on_lost is not None:
+            callback, self.on_lost = self.on_lost, None
+            callback()
+        if self.body_waiter is not None and not self.body_waiter.done():
+            self.body_waiter.set_exception(ConnectionError("client went away"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The handler of the upgrade request decides (and answers); nothing after it is parsed.
+            self.must_close = True
+            self.pause_reading(self.PAUSE_BODY)
+            if self.current is None:
+                self._reject(ClientError("unexpected protocol upgrade"))
+        except httptools.HttpParserError as exc:
+            if self.current is not None and self.current.body.error is not None:
+                return  # a body limit tripped inside a callback; already being answered
+            cause = exc.__context__
+            error = cause if isinstance(cause, GatewayError) else ClientError(f"malformed HTTP request: {exc}")
+            self._reject(error)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too once the client half-closes
+
+    def pause_writing(self) -> None:
+        self.paused_write(True)
+
+    def resume_writing(self) -> None:
+        self.paused_write(False)
+
+    def paused_write(self, paused: bool) -> None:
+        for callback in self.write_paused_callbacks:
+            callback(paused)
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.req = Request(self)
+        self.header_bytes = 0
+        self.url_parts = []
+
+    def on_url(self, url: bytes) -> None:
+        self.header_bytes += len(url)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise ClientError("request line too long")
+        self.url_parts.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.req
+        assert req is not None  # noqa: S101 - httptools calls on_message_begin first
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES or len(req.headers) >= MAX_HEADERS:
+            raise _HeadersTooLarge("request headers too large")
+        name = name.lower()
+        req.headers.append((name, value))
+        if name == b"host":
+            if req.host is not None:
+                raise ClientError("more than one Host header")  # RFC 9112 §3.2
+            req.host = value.decode("latin-1")
+        elif name == b"authorization":
+            req.authorization = value.decode("latin-1")
+        elif name == b"content-length":
+            if not value.isdigit() or (req.content_length is not None and req.content_length != int(value)):
+                raise ClientError("invalid Content-Length")
+            req.content_length = int(value)
+        elif name == b"transfer-encoding":
+            req.chunked = True  # llhttp rejects anything but a final "chunked"
+        elif name == b"expect":
+            req.expect_continue = value.lower() == b"100-continue"
+        elif name == b"x-baseten-routing-key":
+            req.routing_key = value.decode("latin-1")
+        elif name == b"connection":
+            req.connection_tokens += tuple(t.strip().lower() for t in value.split(b","))
+        elif name == b"upgrade":
+            req.upgrade = value
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None  # noqa: S101 - as above
+        req.method = self.parser.get_method().decode("ascii")
+        req.version = self.parser.get_http_version()
+        req.keep_alive = self.parser.should_keep_alive()
+        req.target = b"".join(self.url_parts).decode("latin-1")
+        if self.current is None:
+            self._start(req)
+        else:
+            self.pipeline.append(req)
+            self.pause_reading(self.PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        assert self.req is not None  # noqa: S101 - as above
+        self.req.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None  # noqa: S101 - as above
+        req.body.feed_eof()
+        if self.body_waiter is not None and not self.body_waiter.done():
+            self.body_waiter.set_result(None)
+
+    # -- request lifecycle ----------------------------------------------------------------
+
+    def _start(self, req: Request) -> None:
+        self.current = req
+        self.response_started = False
+        self.must_close = not req.keep_alive
+        self.task = self.loop.create_task(self._run(req))
+
+    async def _run(self, req: Request) -> None:
+        try:
+            await self.handler(req)
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        except Exception:  # the worker must survive any handler bug
+            log.exception("unhandled error answering %r", req)
+            if not self.response_started:
+                from gateway.errors import InternalError
+
+                self.send_error(InternalError("internal error"))
+            else:
+                self.close()
+        self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        self.current = None
+        self.task = None
+        self.on_lost = None
+        self.write_paused_callbacks.clear()
+        if self.closed:
+            return
+        if self.must_close or not req.body.complete:
+            # Unread body bytes would be parsed as the next request: close instead.
+            self.close()
+            return
+        if self.pipeline:
+            self._start(self.pipeline.popleft())
+            if not self.pipeline:
+                self.resume_reading(self.PAUSE_PIPELINE)
+        else:
+            self.resume_reading(self.PAUSE_PIPELINE)
+
+    def on_body_error(self, error: GatewayError) -> None:
+        """A body limit tripped mid-stream: stop reading; the handler answers or we close."""
+        self.must_close = True
+        self.pause_reading(self.PAUSE_BODY)
+        if self.current is None or self.current.body.error is not error:
+            return
+        if self.body_waiter is not None and not self.body_waiter.done():
+            self.body_waiter.set_exception(error)
+
+    def _reject(self, error: GatewayError) -> None:
+        self.must_close = True
+        if self.current is not None or self.response_started:
+            self.close()
+            return
+        self.send_error(error)
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def writelines(self, data: list[bytes]) -> None:
+        if not self.closed:
+            self.transport.writelines(data)  # type: ignore[union-attr]
+
+    def send_simple(
+        self, status: int, body: bytes, headers: tuple[tuple[str, str], ...] | list = (), *,
+        content_type: bytes = b"application/json",
+    ) -> None:  # fmt: skip
+        """A complete, small response in one write."""
+        self.response_started = True
+        parts = [status_line(status), b"content-type: ", content_type, b"\r\ncontent-length: %d\r\n" % len(body)]
+        for k, v in headers:
+            parts.append(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")))
+        if self.must_close:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        parts.append(body)
+        self.writelines(parts)
+        if self.must_close:
+            self.close()
+
+    def send_error(self, error: GatewayError, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        req = self.current
+        if req is not None and not req.body.complete:
+            self.must_close = True  # the rest of the body will not be read
+        self.send_simple(error.status, error.body(), error.headers + extra)
+
+    def send_continue(self) -> None:
+        self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self.paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and not self.closed:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a truncated stream must look truncated)."""
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+
+class _HeadersTooLarge(ClientError):
+    status = 431
+
+
+async def serve(
+    handler: Handler, host: str, port: int, *, scheme: str = "http", ssl=None, sock=None,
+    reuse_port: bool = False, tracker: set | None = None,
+) -> asyncio.base_events.Server:  # fmt: skip
+    loop = asyncio.get_running_loop()
+    factory = lambda: HttpConnection(handler, scheme=scheme, tracker=tracker)  # noqa: E731
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock, ssl=ssl, backlog=2048)
+    return await loop.create_server(factory, host, port, ssl=ssl, backlog=2048, reuse_port=reuse_port)

@@ -1,0 +1,167 @@
+"""The compiled routing table: immutable, validated, ready for O(1) lookups.
+
+`gateway.routing.loader` builds a `Table` from a YAML/JSON document (SPEC §3) and
+is the only place that creates these objects. Everything here is frozen: a
+reload builds a new `Table` on the side and swaps one reference, so a request
+keeps the snapshot it started with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Mapping
+
+DeploymentStatus = Literal["active", "scaled_to_zero", "inactive"]
+ModelKind = Literal["model", "chain"]
+BackpressurePolicy = Literal["QUEUE_ON_FULL", "REJECT_ON_FULL"]
+
+EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-phase upstream limits in seconds (SPEC §12 `timeouts`)."""
+
+    connect_seconds: float = 5.0
+    response_start_seconds: float = 1200.0
+    idle_seconds: float = 300.0
+    total_seconds: float = 1200.0
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    name: str
+    networks: tuple[str, ...] = ()  # CIDR strings; empty = no restriction
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One HTTP base address: scheme, host, port (parsed once at compile time)."""
+
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PlaneTLS:
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plane:
+    name: str
+    region: str
+    url: Upstream
+    grpc: str | None = None  # "host:port" for h2c
+    timeouts: Timeouts | None = None  # plane-level override; None = inherit
+    tls: PlaneTLS | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    id: str
+    model_id: str
+    plane: Plane
+    status: DeploymentStatus = "active"
+    development: bool = False
+    endpoints: tuple[Upstream, ...] = ()  # replica addresses; empty = plane.url
+    replicas: int | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)  # fully resolved (deployment > plane > gateway)
+
+    @property
+    def region(self) -> str:
+        return self.plane.region
+
+
+@dataclass(frozen=True, slots=True)
+class Canary:
+    deployment: Deployment
+    percent: float  # 0..100
+
+
+@dataclass(frozen=True, slots=True)
+class Shadow:
+    deployment: Deployment
+    percent: float  # 0..100
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Autoscaling:
+    min_replica: int = 0
+    max_replica: int = 1
+    concurrency_target: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    name: str
+    deployment: Deployment | None  # None: created but never promoted ("no deployment yet")
+    region: str | None = None  # the team's regional mapping for this name, if any
+    canary: Canary | None = None
+    shadow: Shadow | None = None
+    autoscaling: Autoscaling = field(default_factory=Autoscaling)
+    backpressure: BackpressurePolicy = "QUEUE_ON_FULL"
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    id: str
+    team: str
+    kind: ModelKind
+    deployments: Mapping[str, Deployment]
+    environments: Mapping[str, Environment]
+    development: Deployment | None = None
+    deleted_environments: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    name: str
+    regional_environments: Mapping[str, str] = field(default_factory=lambda: EMPTY)  # env name -> region
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str
+    team: str
+    sha256: bytes  # raw 32-byte digest of the whole key
+    environments: frozenset[str] | None = None  # None = every environment
+    models: frozenset[str] | None = None  # None = every model of the team
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    regions: frozenset[str] | None = None  # None = serves every region's regional hosts
+    hold_timeout_seconds: float = 300.0
+    max_held_calls_per_deployment: int = 1000
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    dns_nameservers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    version: int
+    digest: str  # sha256 hex of the source document bytes
+    domains: frozenset[str]  # lowercase, no trailing dot
+    gateway: GatewaySettings
+    regions: Mapping[str, Region]
+    planes: Mapping[str, Plane]
+    teams: Mapping[str, Team]
+    models: Mapping[str, Model]
+    api_keys: Mapping[bytes, ApiKey]  # by raw sha256 digest
+    source: str = "<memory>"
+
+    def __repr__(self) -> str:
+        return (
+            f"<Table v{self.version} {self.digest[:12]} | {len(self.models)} models, "
+            f"{len(self.planes)} planes, {len(self.api_keys)} keys>"
+        )

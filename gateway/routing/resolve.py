@@ -1,0 +1,137 @@
+"""The routing decision: `resolve(table, call) -> Route`, pure and synchronous.
+
+Order of checks (each raises a typed `GatewayError`):
+host form (404) -> path form (400/404) -> method (405) -> API key (401) ->
+model and team (404, other teams' models are not revealed) -> regional mapping (404)
+-> gateway region (421) -> key scope (403) -> environment/deployment (404) ->
+deployment status (503) -> regional guarantee (503, never another region).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from gateway.auth import authenticate
+from gateway.errors import (
+    Forbidden,
+    MisdirectedRequest,
+    ModelNotFound,
+    ModelNotReady,
+    ModelUnavailable,
+    NotImplementedYet,
+)
+from gateway.routing.hostpath import ASYNC_ENDPOINTS, HostTarget, PathTarget, check_method, parse_host, parse_path
+from gateway.routing.model import ApiKey, Deployment, Model, Table
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What the router needs to know of an incoming call."""
+
+    method: str
+    host: str | None
+    target: str  # raw request-target: path and optional ?query, as received
+    authorization: str | None = None
+    routing_key: str | None = None  # x-baseten-routing-key
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    action: str  # "proxy" | "wake"
+    model: Model
+    environment: str  # "" for deployment/ and development targets (SPEC §4)
+    deployment: Deployment
+    endpoint: str
+    upstream_target: str  # path + query the plane receives
+    region: str | None  # the region a regional call is pinned to; None on standard hosts
+    api_key: ApiKey
+    canary: bool = False
+
+    @property
+    def upstream_url(self) -> str:
+        dep = self.deployment
+        base = dep.endpoints[0] if dep.endpoints else dep.plane.url
+        return base.base_url + self.upstream_target
+
+
+def resolve(table: Table, call: Call) -> Route:
+    host = parse_host(call.host, table.domains)
+    path = parse_path(call.target, host)
+    check_method(call.method, path.endpoint, host.kind)
+    key = authenticate(table, call.authorization)
+    model = table.models.get(host.id)
+    if model is None or model.team != key.team or model.kind != host.kind:
+        raise ModelNotFound(f"{host.kind} '{host.id}' not found")
+    region = _pinned_region(table, model, host)
+    if key.models is not None and model.id not in key.models:
+        raise Forbidden(f"this API key may not call {model.kind} '{model.id}'")
+    if path.endpoint in ASYNC_ENDPOINTS:
+        raise NotImplementedYet(f"'{path.endpoint}' (async inference) is not supported by this gateway yet")
+    env_name, deployment, canary = _target(model, host, path, key, call)
+    if region is not None and deployment.region != region:
+        # Validated in the table already; checked again so no code path can leave the region.
+        raise ModelUnavailable(f"no deployment of environment '{env_name}' is available in region '{region}'")
+    action = "wake" if path.endpoint == "wake" else "proxy"
+    if action == "proxy":
+        _check_status(deployment)
+    return Route(
+        action, model, env_name, deployment, path.endpoint, path.upstream_path + path.query, region, key, canary
+    )
+
+
+def _pinned_region(table: Table, model: Model, host: HostTarget) -> str | None:
+    if host.env is None:
+        return None
+    region = table.teams[model.team].regional_environments.get(host.env)
+    if region is None:
+        raise ModelNotFound(f"environment '{host.env}' has no regional endpoint")
+    if table.gateway.regions is not None and region not in table.gateway.regions:
+        raise MisdirectedRequest(
+            f"this gateway does not serve region '{region}'; call the gateway of region '{region}'"
+        )
+    return region
+
+
+def _target(
+    model: Model, host: HostTarget, path: PathTarget, key: ApiKey, call: Call
+) -> tuple[str, Deployment, bool]:
+    if path.target in ("deployment", "development"):
+        if key.environments is not None:
+            raise Forbidden("this API key is limited to environments and may not call deployments directly")
+        dep = model.development if path.target == "development" else model.deployments.get(path.name)
+        if dep is None:
+            what = "development deployment" if path.target == "development" else f"deployment '{path.name}'"
+            raise ModelNotFound(f"{model.kind} '{model.id}' has no {what}")
+        return "", dep, False
+    env_name = host.env if host.env is not None else path.name
+    if key.environments is not None and env_name not in key.environments:
+        raise Forbidden(f"this API key may not call environment '{env_name}'")
+    env = model.environments.get(env_name)
+    if env is None:
+        raise ModelNotFound(f"environment '{env_name}' of {model.kind} '{model.id}' not found")
+    if env.deployment is None:
+        raise ModelNotFound(f"environment '{env_name}' of {model.kind} '{model.id}' has no deployment yet")
+    if env.canary is not None and in_canary(env.canary.percent, model.id, env_name, call.routing_key or key.name):
+        return env_name, env.canary.deployment, True
+    return env_name, env.deployment, False
+
+
+def canary_bucket(model_id: str, env: str, caller: str) -> int:
+    """A stable bucket in [0, 10000) for a caller: same caller, same side (SPEC §6)."""
+    h = hashlib.blake2b(f"{model_id}\0{env}\0{caller}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") % 10000
+
+
+def in_canary(percent: float, model_id: str, env: str, caller: str) -> bool:
+    return canary_bucket(model_id, env, caller) < round(percent * 100)
+
+
+def _check_status(dep: Deployment) -> None:
+    if dep.status == "inactive":
+        raise ModelUnavailable(f"deployment '{dep.id}' is inactive")
+    if dep.status == "scaled_to_zero":
+        raise ModelNotReady(
+            f"deployment '{dep.id}' is scaled to zero; POST .../wake to wake it and retry",
+            headers=(("retry-after", "30"),),
+        )

@@ -1,0 +1,152 @@
+"""Running a gateway: listeners, reload triggers, signals and drain (SPEC §3, §11)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import ssl
+from dataclasses import dataclass, field
+
+from gateway.admin.app import AdminHandler
+from gateway.http.public import PublicHandler
+from gateway.http.server import HttpConnection, serve
+from gateway.metrics import Metrics
+from gateway.state import TableState
+from gateway.upstream.pool import Pool
+
+log = logging.getLogger("gateway")
+
+
+@dataclass
+class ServeOptions:
+    config: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9090
+    admin_token: str | None = None
+    grpc_port: int | None = None
+    workers: int = 1
+    drain_timeout: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    watch_interval: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+
+class OptionsError(ValueError):
+    pass
+
+
+def check_options(opts: ServeOptions) -> None:
+    if opts.admin_token is None and not _is_loopback(opts.admin_host):
+        raise OptionsError(
+            f"refusing to bind the admin listener to {opts.admin_host} without an admin token "
+            "(set --admin-token or GATEWAY_ADMIN_TOKEN)"
+        )
+    if bool(opts.tls_cert) != bool(opts.tls_key):
+        raise OptionsError("--tls-cert and --tls-key go together")
+    if opts.workers != 1:
+        raise OptionsError("--workers other than 1 is not supported yet")
+    if opts.grpc_port is not None:
+        raise OptionsError("--grpc-port: the gRPC relay is not supported yet")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Gateway:
+    """One worker: public and admin listeners over one `TableState`."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.metrics = Metrics()
+        self.state = TableState(opts.config, self.metrics)
+        self.pool = Pool()
+        self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if opts.tls_cert else "http")
+        self.admin = AdminHandler(self.state, self.metrics, opts.admin_token, lambda: self.ready)
+        self.connections: set[HttpConnection] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.ready = False
+        self.stopping: asyncio.Event | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    @property
+    def public_port(self) -> int:
+        return self.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def admin_port(self) -> int:
+        return self.servers[1].sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        opts = self.opts
+        ctx = None
+        if opts.tls_cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
+        public = await serve(
+            self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections
+        )
+        admin = await serve(self.admin, opts.admin_host, opts.admin_port)
+        self.servers = [public, admin]
+        self.stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.tasks.append(loop.create_task(self.state.watch(opts.watch_interval)))
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.state.reload("SIGHUP")))
+            loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+            loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        except (NotImplementedError, RuntimeError):
+            pass  # not the main thread (tests run gateways in threads)
+        self.ready = True
+        log.info(
+            "gateway serving %s on %s:%d, admin on %s:%d",
+            self.state.table, opts.host, self.public_port, opts.admin_host, self.admin_port,
+        )
+
+    async def drain(self) -> None:
+        """Stop accepting, let calls in flight finish (up to the drain timeout), then close."""
+        self.ready = False
+        self.servers[0].close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.drain_timeout
+        while any(c.current is not None for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.close()
+        for server in self.servers:
+            server.close()
+        for task in self.tasks:
+            task.cancel()
+        self.pool.close()
+
+    async def run(self) -> None:
+        await self.start()
+        assert self.stopping is not None  # noqa: S101 - set by start()
+        await self.stopping.wait()
+        log.info("draining (up to %gs)", self.opts.drain_timeout)
+        await self.drain()
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; tolerate its absence
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_serve(opts: ServeOptions) -> int:
+    check_options(opts)
+    install_uvloop()
+    asyncio.run(Gateway(opts).run())
+    return 0

@@ -1,0 +1,264 @@
+"""Keep-alive HTTP/1.1 connections to planes, pooled per (scheme, host, port).
+
+An `UpstreamConnection` parses the plane's response with httptools and hands each
+event to the `Exchange` currently using it (`on_response_head`, `on_response_body`,
+`on_response_complete`, `on_upstream_lost`, and `flush` once per read) so a chunk is
+relayed in the same loop iteration it arrives in. This module is the one boundary
+where socket/OS errors of upstream connections are translated into gateway errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import ssl as ssl_module
+import time
+from typing import Protocol
+
+import httptools
+
+from gateway.errors import GatewayError, ModelUnavailable, UpstreamBroken
+from gateway.routing.model import Upstream
+
+IDLE_EXPIRY_SECONDS = 4.0  # below the usual 5 s keep-alive timeout of Python plane servers
+MAX_IDLE_PER_HOST = 256
+
+
+class Exchange(Protocol):
+    def on_response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_complete(self) -> None: ...
+    def on_upstream_lost(self, error: GatewayError) -> None: ...
+    def flush(self) -> None: ...
+    def upstream_write_paused(self, paused: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, pool: Pool, key: tuple) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.reusable = False
+        self.closed = False
+        self.head_only = False  # response to HEAD: no body follows the head
+        self.body_delimited = False  # Content-Length or chunked; otherwise ends at EOF
+        self.message_done = False
+        self.idle_since = 0.0
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("active" if self.exchange else "idle")
+        return f"<UpstreamConnection {self.key[1]}:{self.key[2]} {state}, {self.requests} requests>"
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # Bytes on an idle connection are a protocol error by the plane: drop it.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._lost(UpstreamBroken(f"plane sent a malformed response: {exc}"))
+            return
+        exchange.flush()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.exchange is not None:
+            if self.headers_done and not self.body_delimited and not self.message_done:
+                self.on_message_complete()  # close-delimited body ends at EOF (RFC 9112 §6.3)
+                if self.exchange is not None:
+                    self.exchange.flush()
+                return
+            self._lost(UpstreamBroken("plane closed the connection mid-call"))
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_write_paused(False)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    headers_done = False
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+        self.headers_done = False
+        self.body_delimited = False
+        self.message_done = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+            self.body_delimited = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            self.headers = []  # interim response (e.g. 100 Continue): not relayed
+            return
+        self.headers_done = True
+        if status in (204, 304):
+            self.body_delimited = True
+        if self.exchange is not None:
+            self.exchange.on_response_head(status, self.reason, self.headers)
+        if self.head_only:
+            self.reusable = False  # the parser would wait for a body that never comes
+            self.body_delimited = True
+            self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self.headers_done or self.message_done:
+            return
+        self.message_done = True
+        self.reusable = self.reusable and self.parser.should_keep_alive() and self.body_delimited
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.on_response_complete()
+            exchange.flush()
+
+    # -- use by an exchange -----------------------------------------------------------------
+
+    def start(self, exchange: Exchange, head: bytes, *, head_only: bool = False) -> None:
+        self.exchange = exchange
+        self.head_only = head_only
+        self.reusable = True
+        self.requests += 1
+        self.transport.write(head)  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def writelines(self, data: list[bytes]) -> None:
+        if not self.closed:
+            self.transport.writelines(data)  # type: ignore[union-attr]
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.closed:
+            return
+        if paused:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        else:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def release(self) -> None:
+        """Back to the pool if the last exchange left it clean; closed otherwise."""
+        if self.reusable and self.message_done and not self.closed and self.exchange is None:
+            self.pool.put_idle(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.exchange = None
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+            self.pool.forget(self)
+
+    def _lost(self, error: GatewayError) -> None:
+        exchange, self.exchange = self.exchange, None
+        self.close()
+        if exchange is not None:
+            exchange.on_upstream_lost(error)
+
+
+class Pool:
+    """Idle connections per upstream; new connections when none is idle."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple, collections.deque[UpstreamConnection]] = {}
+        self.opened = 0
+        self.ssl_contexts: dict[tuple, ssl_module.SSLContext] = {}
+
+    def __repr__(self) -> str:
+        idle = sum(len(d) for d in self.idle.values())
+        return f"<Pool [{idle} idle | {self.opened} opened]>"
+
+    @staticmethod
+    def key(up: Upstream) -> tuple:
+        return (up.scheme, up.host, up.port)
+
+    def take_idle(self, up: Upstream) -> UpstreamConnection | None:
+        conns = self.idle.get((up.scheme, up.host, up.port))
+        if not conns:
+            return None
+        now = time.monotonic()
+        while conns:
+            conn = conns.pop()  # most recently used first: warmest, least likely to be expired
+            if not conn.closed and now - conn.idle_since < IDLE_EXPIRY_SECONDS:
+                return conn
+            conn.close()
+        return None
+
+    async def connect(
+        self, up: Upstream, timeout: float, ssl_context: ssl_module.SSLContext | None = None
+    ) -> UpstreamConnection:
+        key = (up.scheme, up.host, up.port)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self, key),
+                    up.host,
+                    up.port,
+                    ssl=ssl_context if up.scheme == "https" else None,
+                )
+        except TimeoutError:
+            raise ModelUnavailable(f"could not connect to the plane within {timeout:g} s") from None
+        except (OSError, ssl_module.SSLError) as exc:
+            raise ModelUnavailable(f"could not connect to the plane: {exc.strerror or exc}") from None
+        self.opened += 1
+        return conn
+
+    def put_idle(self, conn: UpstreamConnection) -> None:
+        conns = self.idle.setdefault(conn.key, collections.deque())
+        if len(conns) >= MAX_IDLE_PER_HOST:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        conns.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        conns = self.idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def close(self) -> None:
+        for conns in self.idle.values():
+            for conn in list(conns):
+                conn.close()
+        self.idle.clear()
