@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from gateway.admin.app import AdminHandler
 from gateway.http.public import PublicHandler
-from gateway.http.server import HttpConnection, serve
+from gateway.http.server import HttpConnection, async_handler, serve
 from gateway.metrics import Metrics
 from gateway.state import TableState
 from gateway.upstream.pool import Pool
@@ -71,7 +71,7 @@ class Gateway:
         self.metrics = Metrics()
         self.state = TableState(opts.config, self.metrics)
         self.pool = Pool()
-        self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if opts.tls_cert else "http")
+        self.public: PublicHandler | None = None  # needs the running loop: made in start()
         self.admin = AdminHandler(self.state, self.metrics, opts.admin_token, lambda: self.ready)
         self.connections: set[HttpConnection] = set()
         self.servers: list[asyncio.base_events.Server] = []
@@ -93,10 +93,11 @@ class Gateway:
         if opts.tls_cert:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
+        self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http")
         public = await serve(
             self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections
         )
-        admin = await serve(self.admin, opts.admin_host, opts.admin_port)
+        admin = await serve(async_handler(self.admin), opts.admin_host, opts.admin_port)
         self.servers = [public, admin]
         self.stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -127,6 +128,8 @@ class Gateway:
             server.close()
         for task in self.tasks:
             task.cancel()
+        if self.public is not None:
+            self.public.close()
         self.pool.close()
 
     async def run(self) -> None:

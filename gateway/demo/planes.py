@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from gateway.http.server import Request, serve
+from gateway.http.server import Request, async_handler, serve
 
 STREAMING_MODELS = frozenset({"llm7"})
 TOKENS = "Once upon a time a gateway kept every token inside its region and streamed it on the spot .".split()
@@ -25,7 +25,7 @@ class SamplePlane:
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
-        self.server = await serve(self.handle, host, port)
+        self.server = await serve(async_handler(self.handle), host, port)
         return self.server.sockets[0].getsockname()[1]
 
     def close(self) -> None:

@@ -8,8 +8,8 @@ pause/resume throttles the other, so memory stays bounded whatever the body size
 
 from __future__ import annotations
 
-import asyncio
 import os
+from typing import Callable
 
 from gateway.errors import GatewayError, PayloadTooLarge, UpstreamTimeout
 from gateway.http.server import HttpConnection, Request, status_line
@@ -35,12 +35,10 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
-def request_head(
-    req: Request, target: str, upstream_host: bytes, identity: bytes, request_id: str, scheme: str
-) -> list[bytes]:
-    """The head sent to the plane, as parts to join."""
+def request_head(req: Request, target: str, identity: bytes, request_id: str, scheme: str) -> list[bytes]:
+    """The head sent to the plane, as parts to write; `identity` holds host and x-baseten-* lines."""
     parts = [
-        b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (req.method.encode(), target.encode("latin-1"), upstream_host),
+        b"%s %s HTTP/1.1\r\n" % (req.method.encode(), target.encode("latin-1")),
         identity,
         b"x-baseten-request-id: %s\r\nx-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n"
         % (request_id.encode(), req.conn.peer.encode(), scheme.encode()),
@@ -61,21 +59,30 @@ def request_head(
 
 
 class Exchange:
-    """One call in flight between a client connection and a plane connection."""
+    """One call in flight between a client connection and a plane connection.
+
+    `on_done(exchange)` is called exactly once, when the response is complete, the
+    call failed, or the client went away.
+    """
 
     __slots__ = (
-        "req", "client", "upstream", "request_id", "loop", "done", "out", "head_sent", "status",
-        "chunked_out", "request_sent", "error", "timeouts", "started", "last_activity", "timer",
-        "head_only", "bytes_out",
+        "req", "client", "upstream", "request_id", "loop", "on_done", "finished", "out", "head_sent", "status",
+        "chunked_out", "request_sent", "error", "timeouts", "started", "last_activity", "head_only",
+        "context",
     )  # fmt: skip
 
-    def __init__(self, req: Request, upstream: UpstreamConnection, request_id: str, timeouts: Timeouts) -> None:
+    def __init__(
+        self, req: Request, upstream: UpstreamConnection, request_id: str, timeouts: Timeouts,
+        on_done: Callable[[Exchange], None], context: object = None,
+    ) -> None:  # fmt: skip
         self.req = req
         self.client: HttpConnection = req.conn
         self.upstream = upstream
         self.request_id = request_id
         self.loop = self.client.loop
-        self.done: asyncio.Future = self.loop.create_future()
+        self.on_done = on_done
+        self.context = context  # the caller's own state for on_done (route, labels, start time)
+        self.finished = False
         self.out: list[bytes] = []
         self.head_sent = False
         self.status = 0
@@ -84,9 +91,7 @@ class Exchange:
         self.error: GatewayError | None = None
         self.timeouts = timeouts
         self.started = self.last_activity = self.loop.time()
-        self.timer: asyncio.TimerHandle | None = None
         self.head_only = req.method == "HEAD"
-        self.bytes_out = 0
 
     def __repr__(self) -> str:
         return f"<Exchange {self.request_id[:8]} status={self.status} head_sent={self.head_sent}>"
@@ -94,18 +99,21 @@ class Exchange:
     # -- start ---------------------------------------------------------------------------
 
     def start(self, head: list[bytes]) -> None:
-        client, upstream = self.client, self.upstream
+        req, client, upstream = self.req, self.client, self.upstream
         client.on_lost = self.client_lost
         client.write_paused_callbacks.append(upstream.pause_reading)
-        upstream.start(self, b"".join(head), head_only=self.head_only)
-        body = self.req.body
-        if self.req.has_body:
-            if self.req.expect_continue and not body.complete:
+        body = req.body
+        if not req.has_body:
+            self.request_sent = True
+        elif body.complete and not req.chunked and body.error is None:
+            head += body.chunks  # the whole body is here already: one write for head and body
+            body.chunks, body.buffered = [], 0
+            self.request_sent = True
+        upstream.start(self, head, head_only=self.head_only)
+        if not self.request_sent:
+            if req.expect_continue and not body.complete:
                 client.send_continue()
             body.attach(self)
-        else:
-            self.request_sent = True
-        self._arm(min(self.timeouts.response_start_seconds, self.timeouts.total_seconds))
 
     # -- request body sink (called by Body) -------------------------------------------------
 
@@ -159,13 +167,8 @@ class Exchange:
             out.append(b"\r\n")
         self.head_sent = True
         client.response_started = True
-        self.last_activity = now = self.loop.time()
-        if self.timer is not None and self.timer.when() > now + self.timeouts.idle_seconds:
-            self.timer.cancel()  # from here on the idle limit applies, and it is the nearer one
-            self._arm(self.timeouts.idle_seconds)
 
     def on_response_body(self, data: bytes) -> None:
-        self.bytes_out += len(data)
         if self.chunked_out:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
@@ -174,6 +177,7 @@ class Exchange:
     def on_response_complete(self) -> None:
         if self.chunked_out:
             self.out.append(b"0\r\n\r\n")
+        self.flush()
         self._finish()
 
     def flush(self) -> None:
@@ -194,15 +198,18 @@ class Exchange:
         self._finish()
 
     def _finish(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.finished:
+            return
+        self.finished = True
         self.req.body.detach()
-        if not self.done.done():
-            self.done.set_result(None)
+        if self.request_sent and not self.upstream.closed:
+            self.upstream.release()
+        else:
+            self.upstream.close()  # a half-sent request leaves the connection unusable
+        self.on_done(self)
 
     def _abort(self, error: GatewayError) -> None:
-        if self.done.done():
+        if self.finished:
             return
         self.error = error
         self.upstream.close()
@@ -215,34 +222,16 @@ class Exchange:
             self.client.send_error(error, (("x-baseten-request-id", self.request_id),))
         self._finish()
 
-    def release_upstream(self) -> None:
-        if self.request_sent and not self.upstream.closed:
-            self.upstream.release()
-        else:
-            self.upstream.close()
+    # -- timeouts: checked by a sweeper, so no timer is armed per call --------------------------
 
-    # -- timeouts (one timer, re-armed only when it fires) ------------------------------------
-
-    def _arm(self, delay: float) -> None:
-        self.timer = self.loop.call_at(self.loop.time() + max(delay, 0.001), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        now, t = self.loop.time(), self.timeouts
-        total_left = self.started + t.total_seconds - now
-        if total_left <= 0:
-            return self._abort(UpstreamTimeout(f"the call did not finish within {t.total_seconds:g} s"))
-        if not self.head_sent:
-            start_left = self.started + t.response_start_seconds - now
-            if start_left <= 0:
-                return self._abort(
-                    UpstreamTimeout(f"the plane did not start answering within {t.response_start_seconds:g} s")
-                )
-            return self._arm(min(start_left, total_left))
-        idle_left = self.last_activity + t.idle_seconds - now
-        if idle_left <= 0:
-            return self._abort(UpstreamTimeout(f"the plane sent nothing for {t.idle_seconds:g} s"))
-        self._arm(min(idle_left, total_left))
+    def check_deadlines(self, now: float) -> None:
+        t = self.timeouts
+        if now - self.started >= t.total_seconds:
+            self._abort(UpstreamTimeout(f"the call did not finish within {t.total_seconds:g} s"))
+        elif not self.head_sent and now - self.started >= t.response_start_seconds:
+            self._abort(UpstreamTimeout(f"the plane did not start answering within {t.response_start_seconds:g} s"))
+        elif self.head_sent and now - self.last_activity >= t.idle_seconds:
+            self._abort(UpstreamTimeout(f"the plane sent nothing for {t.idle_seconds:g} s"))
 
 
 def body_limit_error(req: Request) -> PayloadTooLarge | None:

@@ -1,4 +1,9 @@
-"""The public listener's handler: resolve, then forward (or answer) one call."""
+"""The public listener's handler: resolve, then forward (or answer) one call.
+
+The common case runs without a task: the route comes from a per-table cache, an idle
+pooled connection is taken, and the exchange is driven by socket callbacks until
+`_done`. Only a call that needs a new plane connection goes through a task.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ from gateway.state import TableState
 from gateway.upstream.pool import Pool, UpstreamConnection
 
 log = logging.getLogger("gateway.public")
-UNROUTED = ("", "", "", "")
+UNROUTED = ("", "", "", "", "http")
+ROUTE_CACHE_SIZE = 8192
+SWEEP_SECONDS = 0.25
 
 
 class PublicHandler:
@@ -26,39 +33,64 @@ class PublicHandler:
         self.pool = pool
         self.metrics = metrics
         self.scheme = scheme
-        self.identity: dict[tuple, bytes] = {}  # per-table cache of the identity header block
+        self.loop = asyncio.get_running_loop()
+        self.routes: dict[tuple, Route] = {}  # successful decisions of the current table
+        self.identity: dict[tuple, bytes] = {}  # identity header blocks of the current table
         self.ssl_contexts: dict[str, ssl.SSLContext] = {}
+        self.exchanges: set[Exchange] = set()
         self.rr = 0
         self.background: set[asyncio.Task] = set()
+        self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
         state.on_swap.append(self._table_swapped)
 
     def _table_swapped(self, table: Table) -> None:
-        self.identity = {}
-        self.ssl_contexts = {}
+        # New dicts, not clear(): a call in flight keeps the decisions of its own table.
+        self.routes, self.identity, self.ssl_contexts = {}, {}, {}
 
-    async def __call__(self, req: Request) -> None:
+    def close(self) -> None:
+        self.sweeper.cancel()
+
+    @property
+    def inflight(self) -> int:
+        return len(self.exchanges)
+
+    # -- the request path -------------------------------------------------------------------
+
+    def __call__(self, req: Request) -> None:
         request_id = new_request_id()
-        loop = req.conn.loop
-        started = loop.time()
-        table = self.state.table  # one snapshot for the whole call
+        started = self.loop.time()
         try:
-            route = resolve(table, Call(req.method, req.host, req.target, req.authorization, req.routing_key))
+            route = self._route(req)
             self._admit(req, route)
         except GatewayError as error:
-            self._answer_error(req, error, request_id, UNROUTED, started)
+            self._answer(req, error, request_id, UNROUTED, started)
             return
-        labels = (route.model.id, route.environment, route.deployment.id, route.deployment.region, "http")
+        dep = route.deployment
+        labels = (route.model.id, route.environment, dep.id, dep.region, "http")
         if route.action == "wake":
             self._wake(req, route, request_id)
             self._observe(labels, 202, started)
+            req.conn.finish(req)
             return
-        inflight = self.metrics.inflight
-        inflight.inc(labels)
-        try:
-            status = await self._forward(req, route, request_id)
-        finally:
-            inflight.dec(labels)
-        self._observe(labels, status, started)
+        self.metrics.inflight.inc(labels)
+        up = self._upstream(dep)
+        conn = self.pool.take_idle(up)
+        context = (route, labels, started)
+        if conn is not None:
+            self._start(req, route, up, conn, request_id, context)
+        else:
+            req.conn.spawn(req, self._connect_and_start(req, route, up, request_id, context), finish=False)
+
+    def _route(self, req: Request) -> Route:
+        key = (req.method, req.host, req.target, req.authorization, req.routing_key)
+        routes = self.routes
+        route = routes.get(key)
+        if route is None:
+            route = resolve(self.state.table, Call(*key))
+            if len(routes) >= ROUTE_CACHE_SIZE:
+                routes.clear()
+            routes[key] = route
+        return route
 
     def _admit(self, req: Request, route: Route) -> None:
         if req.upgrade is not None and b"upgrade" in req.connection_tokens:
@@ -72,13 +104,61 @@ class PublicHandler:
             raise error
         req.body.limit = MAX_BODY_BYTES
 
-    def _answer_error(self, req: Request, error: GatewayError, request_id: str, route: tuple, started: float) -> None:
+    async def _connect_and_start(
+        self, req: Request, route: Route, up: Upstream, request_id: str, context: tuple
+    ) -> None:
+        dep = route.deployment
+        try:
+            conn = await self._connect(dep, up)
+        except GatewayError as error:
+            self.metrics.upstream_errors.inc(context[1] + ("connect",))
+            self._end(req, context, error.status)
+            req.conn.send_error(error, (("x-baseten-request-id", request_id),))
+            req.conn.finish(req)
+            return
+        if req.conn.closed:
+            self.pool.put_idle(conn)  # unused and clean: keep it for the next call
+            self._end(req, context, 499)
+            return
+        self._start(req, route, up, conn, request_id, context)  # its callbacks finish the request
+
+    def _start(
+        self, req: Request, route: Route, up: Upstream, conn: UpstreamConnection, request_id: str, context: tuple
+    ) -> None:  # fmt: skip
+        exchange = Exchange(req, conn, request_id, route.deployment.timeouts, self._done, context)
+        self.exchanges.add(exchange)
+        head = request_head(req, route.upstream_target, self._identity(route, up), request_id, self.scheme)
+        exchange.start(head)
+
+    def _done(self, exchange: Exchange) -> None:
+        self.exchanges.discard(exchange)
+        req = exchange.req
+        if exchange.error is not None:
+            self.metrics.upstream_errors.inc(exchange.context[1] + (exchange.error.error_code,))
+        self._end(req, exchange.context, exchange.status)
+        req.conn.finish(req)
+
+    def _end(self, req: Request, context: tuple, status: int) -> None:
+        _, labels, started = context
+        self.metrics.inflight.dec(labels)
+        self._observe(labels, status, started)
+
+    def _answer(self, req: Request, error: GatewayError, request_id: str, labels: tuple, started: float) -> None:
         req.conn.send_error(error, (("x-baseten-request-id", request_id),))
-        self._observe(route + ("http",), error.status, started)
+        self._observe(labels, error.status, started)
+        req.conn.finish(req)
 
     def _observe(self, labels: tuple, status: int, started: float) -> None:
         self.metrics.requests.inc(labels + (str(status),))
-        self.metrics.duration.observe(labels, asyncio.get_running_loop().time() - started)
+        self.metrics.duration.observe(labels, self.loop.time() - started)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for exchange in list(self.exchanges):
+            exchange.check_deadlines(now)
+        self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    # -- upstream selection and connections ---------------------------------------------------
 
     def _upstream(self, dep: Deployment) -> Upstream:
         if dep.endpoints:
@@ -91,9 +171,11 @@ class PublicHandler:
         block = self.identity.get(key)
         if block is None:
             block = self.identity[key] = (
-                b"x-baseten-model-id: %s\r\nx-baseten-environment: %s\r\nx-baseten-deployment-id: %s\r\n"
-                % (route.model.id.encode(), route.environment.encode(), route.deployment.id.encode())
-            )
+                b"host: %s:%d\r\nx-baseten-model-id: %s\r\nx-baseten-environment: %s\r\n"
+                b"x-baseten-deployment-id: %s\r\n"
+                % (up.host.encode(), up.port, route.model.id.encode(), route.environment.encode(),
+                   route.deployment.id.encode())
+            )  # fmt: skip
         return block
 
     def _ssl(self, plane: Plane) -> ssl.SSLContext:
@@ -106,37 +188,14 @@ class PublicHandler:
             self.ssl_contexts[plane.name] = ctx
         return ctx
 
-    async def _connection(self, dep: Deployment, up: Upstream) -> UpstreamConnection:
+    async def _connect(self, dep: Deployment, up: Upstream) -> UpstreamConnection:
         conn = self.pool.take_idle(up)
         if conn is not None:
             return conn
         ctx = self._ssl(dep.plane) if up.scheme == "https" else None
         return await self.pool.connect(up, dep.timeouts.connect_seconds, ctx)
 
-    async def _forward(self, req: Request, route: Route, request_id: str) -> int:
-        dep = route.deployment
-        up = self._upstream(dep)
-        labels = (route.model.id, route.environment, dep.id, dep.region, "http")
-        try:
-            conn = await self._connection(dep, up)
-        except GatewayError as error:
-            self.metrics.upstream_errors.inc(labels + ("connect",))
-            req.conn.send_error(error, (("x-baseten-request-id", request_id),))
-            return error.status
-        if req.conn.closed:
-            self.pool.put_idle(conn)  # unused and clean: keep it for the next call
-            return 499
-        exchange = Exchange(req, conn, request_id, dep.timeouts)
-        head = request_head(
-            req, route.upstream_target, b"%s:%d" % (up.host.encode(), up.port), self._identity(route, up),
-            request_id, self.scheme,
-        )  # fmt: skip
-        exchange.start(head)
-        await exchange.done
-        exchange.release_upstream()
-        if exchange.error is not None:
-            self.metrics.upstream_errors.inc(labels + (exchange.error.error_code,))
-        return exchange.status
+    # -- wake ------------------------------------------------------------------------------
 
     def _wake(self, req: Request, route: Route, request_id: str) -> None:
         """202 now; ask the plane to wake the deployment in the background (SPEC §6)."""
@@ -146,23 +205,23 @@ class PublicHandler:
              "status": dep.status, "request_id": request_id}
         ).encode()  # fmt: skip
         req.conn.send_simple(202, body, (("x-baseten-request-id", request_id),))
-        task = asyncio.get_running_loop().create_task(self._send_wake(route, request_id))
+        task = self.loop.create_task(self._send_wake(route, request_id))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
     async def _send_wake(self, route: Route, request_id: str) -> None:
         dep = route.deployment
         up = dep.plane.url
-        head = (
-            b"POST /wake HTTP/1.1\r\nhost: %s:%d\r\n%sx-baseten-request-id: %s\r\ncontent-length: 0\r\n\r\n"
-            % (up.host.encode(), up.port, self._identity(route, up), request_id.encode())
-        )
+        head = [
+            b"POST /wake HTTP/1.1\r\n", self._identity(route, up),
+            b"x-baseten-request-id: %s\r\ncontent-length: 0\r\n\r\n" % request_id.encode(),
+        ]  # fmt: skip
         try:
-            conn = await self._connection(dep, up)
+            conn = await self._connect(dep, up)
         except GatewayError as error:
             log.warning("wake of %s/%s failed: %s", route.model.id, dep.id, error.message)
             return
-        sink = _Discard(asyncio.get_running_loop())
+        sink = _Discard(self.loop)
         conn.start(sink, head)
         try:
             async with asyncio.timeout(dep.timeouts.response_start_seconds):

@@ -1,7 +1,8 @@
-"""HTTP/1.1 server: httptools parsing on an asyncio Protocol, one task per request.
+"""HTTP/1.1 server: httptools parsing on an asyncio Protocol.
 
-The connection parses bytes into `Request`s and hands each to an application's
-`handle(request)` coroutine, one at a time (pipelined requests wait their turn).
+The connection parses bytes into `Request`s and hands each to the application's
+handler, one at a time (pipelined requests wait their turn). The handler may answer
+synchronously (no task, the proxy's fast path) or spawn a task for slower work.
 Request bodies are pushed into `Body`, which either buffers a little or, once the
 application attaches a sink, forwards each chunk as it arrives. Writes go straight
 to the transport; flow control is the transport's pause/resume callbacks.
@@ -17,7 +18,7 @@ from typing import Awaitable, Callable, Protocol
 
 import httptools
 
-from gateway.errors import ClientError, GatewayError, PayloadTooLarge
+from gateway.errors import ClientError, GatewayError, InternalError, PayloadTooLarge
 
 log = logging.getLogger("gateway.http")
 
@@ -153,7 +154,14 @@ class Request:
         return f"<Request {self.method} {self.target[:80]!r} host={self.host!r}>"
 
 
-Handler = Callable[[Request], Awaitable[None]]
+# A handler answers a request and then calls `request.conn.finish(request)`, either before it
+# returns (the synchronous fast path) or later from a callback or a task started with `spawn`.
+Handler = Callable[[Request], None]
+
+
+def async_handler(fn: Callable[[Request], Awaitable[None]]) -> Handler:
+    """Adapt a coroutine handler: each request runs in a task and finishes when it returns."""
+    return lambda req: req.conn.spawn(req, fn(req))
 
 
 class HttpConnection(asyncio.Protocol):
@@ -173,6 +181,7 @@ class HttpConnection(asyncio.Protocol):
         self.peer = ""
         self.req: Request | None = None  # being parsed
         self.current: Request | None = None  # being answered
+        self.starting: Request | None = None  # parsed in this read, answered at its end
         self.pipeline: collections.deque[Request] = collections.deque()
         self.task: asyncio.Task | None = None
         self.header_bytes = 0
@@ -206,16 +215,25 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
+            self._feed(data)
+        finally:
+            req, self.starting = self.starting, None
+            if req is not None:
+                self._start(req)  # after the whole read is parsed: a small body is complete by now
+
+    def _feed(self, data: bytes) -> None:
+        try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # The handler of the upgrade request decides (and answers); nothing after it is parsed.
             self.must_close = True
             self.pause_reading(self.PAUSE_BODY)
-            if self.current is None:
+            if self.current is None and self.starting is None:
                 self._reject(ClientError("unexpected protocol upgrade"))
         except httptools.HttpParserError as exc:
             if self.current is not None and self.current.body.error is not None:
                 return  # a body limit tripped inside a callback; already being answered
+            self.starting = None
             cause = exc.__context__
             error = cause if isinstance(cause, GatewayError) else ClientError(f"malformed HTTP request: {exc}")
             self._reject(error)
@@ -282,8 +300,8 @@ class HttpConnection(asyncio.Protocol):
         req.version = self.parser.get_http_version()
         req.keep_alive = self.parser.should_keep_alive()
         req.target = b"".join(self.url_parts).decode("latin-1")
-        if self.current is None:
-            self._start(req)
+        if self.current is None and self.starting is None:
+            self.starting = req
         else:
             self.pipeline.append(req)
             self.pause_reading(self.PAUSE_PIPELINE)
@@ -305,25 +323,42 @@ class HttpConnection(asyncio.Protocol):
         self.current = req
         self.response_started = False
         self.must_close = not req.keep_alive
-        self.task = self.loop.create_task(self._run(req))
-
-    async def _run(self, req: Request) -> None:
         try:
-            await self.handler(req)
+            self.handler(req)  # answers now, or later through `spawn` / callbacks, then calls `finish`
+        except Exception:  # the worker must survive any handler bug
+            self._crashed(req)
+
+    def spawn(self, req: Request, work: Awaitable[None], *, finish: bool = True) -> None:
+        """Go on answering `req` in a task (the slow path: connects, admin calls).
+
+        With `finish=False` the work (or a callback it sets up) calls `finish` itself.
+        """
+        self.task = self.loop.create_task(self._run(req, work, finish))
+
+    async def _run(self, req: Request, work: Awaitable[None], finish: bool) -> None:
+        try:
+            await work
         except asyncio.CancelledError:
             self.close()
             raise
-        except Exception:  # the worker must survive any handler bug
-            log.exception("unhandled error answering %r", req)
-            if not self.response_started:
-                from gateway.errors import InternalError
+        except Exception:
+            self._crashed(req)
+            return
+        if finish:
+            self.finish(req)
 
-                self.send_error(InternalError("internal error"))
-            else:
-                self.close()
-        self._finish(req)
+    def _crashed(self, req: Request) -> None:
+        log.exception("unhandled error answering %r", req)
+        if not self.response_started and not self.closed:
+            self.must_close = True
+            self.send_error(InternalError("internal error"))
+        self.close()
+        self.finish(req)
 
-    def _finish(self, req: Request) -> None:
+    def finish(self, req: Request) -> None:
+        """The response to `req` is complete: go on with the next request or close."""
+        if self.current is not req:
+            return
         self.current = None
         self.task = None
         self.on_lost = None

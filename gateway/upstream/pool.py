@@ -148,16 +148,15 @@ class UpstreamConnection(asyncio.Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.on_response_complete()
-            exchange.flush()
 
     # -- use by an exchange -----------------------------------------------------------------
 
-    def start(self, exchange: Exchange, head: bytes, *, head_only: bool = False) -> None:
+    def start(self, exchange: Exchange, head: list[bytes], *, head_only: bool = False) -> None:
         self.exchange = exchange
         self.head_only = head_only
         self.reusable = True
         self.requests += 1
-        self.transport.write(head)  # type: ignore[union-attr]
+        self.transport.writelines(head)  # type: ignore[union-attr]
 
     def write(self, data: bytes) -> None:
         if not self.closed:
