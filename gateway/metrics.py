@@ -8,7 +8,7 @@ text exposition format (version 0.0.4) on scrape.
 from __future__ import annotations
 
 import bisect
-from typing import Iterable
+from collections.abc import Iterable
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -85,7 +85,9 @@ class Metrics:
     """The gateway's metrics (SPEC §12 names)."""
 
     def __init__(self) -> None:
-        self.requests = Counter("gateway_requests_total", "Calls answered, by route and status code.", ROUTE + ("code",))
+        self.requests = Counter(
+            "gateway_requests_total", "Calls answered, by route and status code.", ROUTE + ("code",)
+        )
         self.duration = Histogram(
             "gateway_request_duration_seconds", "Time from request head to end of response.", ROUTE
         )

@@ -76,7 +76,7 @@ class Gateway:
         self.connections: set[HttpConnection] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.ready = False
-        self.stopping: asyncio.Event | None = None
+        self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
 
     @property
@@ -99,7 +99,6 @@ class Gateway:
         )
         admin = await serve(async_handler(self.admin), opts.admin_host, opts.admin_port)
         self.servers = [public, admin]
-        self.stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         self.tasks.append(loop.create_task(self.state.watch(opts.watch_interval)))
         try:
@@ -111,7 +110,11 @@ class Gateway:
         self.ready = True
         log.info(
             "gateway serving %s on %s:%d, admin on %s:%d",
-            self.state.table, opts.host, self.public_port, opts.admin_host, self.admin_port,
+            self.state.table,
+            opts.host,
+            self.public_port,
+            opts.admin_host,
+            self.admin_port,
         )
 
     async def drain(self) -> None:
@@ -134,7 +137,6 @@ class Gateway:
 
     async def run(self) -> None:
         await self.start()
-        assert self.stopping is not None  # noqa: S101 - set by start()
         await self.stopping.wait()
         log.info("draining (up to %gs)", self.opts.drain_timeout)
         await self.drain()

@@ -6,8 +6,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from gateway.metrics import Metrics
 from gateway.routing.loader import TableInvalid, load_table
@@ -63,7 +63,9 @@ class TableState:
             except TableInvalid as exc:
                 self.last_error = tuple(exc.problems)
                 self.metrics.reloads.inc(("failure",))
-                log.error("routing table reload (%s) refused; still serving %s:\n%s", reason, self.table.digest[:12], exc)
+                log.error(
+                    "routing table reload (%s) refused; still serving %s:\n%s", reason, self.table.digest[:12], exc
+                )
                 return ReloadResult(False, False, self.last_error)
             self.last_error = ()
             changed = table.digest != self.table.digest

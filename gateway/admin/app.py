@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from gateway.errors import EndpointNotFound, GatewayError, MethodNotAllowed, Unauthorized
 from gateway.http.server import Request

@@ -85,7 +85,6 @@ async def _run(args: argparse.Namespace, config: str) -> None:
         print(f"# {title}\n{command}\n")
     sys.stdout.flush()
     try:
-        assert gateway.stopping is not None  # noqa: S101 - set by start()
         await gateway.stopping.wait()
     finally:
         await gateway.drain()

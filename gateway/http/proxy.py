@@ -9,7 +9,8 @@ pause/resume throttles the other, so memory stays bounded whatever the body size
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from gateway.errors import GatewayError, PayloadTooLarge, UpstreamTimeout
 from gateway.http.server import HttpConnection, Request, status_line
@@ -73,7 +74,7 @@ class Exchange:
 
     def __init__(
         self, req: Request, upstream: UpstreamConnection, request_id: str, timeouts: Timeouts,
-        on_done: Callable[[Exchange], None], context: object = None,
+        on_done: Callable[[Exchange], None], context: Any = None,
     ) -> None:  # fmt: skip
         self.req = req
         self.client: HttpConnection = req.conn
@@ -238,4 +239,3 @@ def body_limit_error(req: Request) -> PayloadTooLarge | None:
     if req.content_length is not None and req.content_length > MAX_BODY_BYTES:
         return PayloadTooLarge(f"request body of {req.content_length} bytes exceeds {MAX_BODY_BYTES} bytes")
     return None
-

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 import httptools
 
@@ -179,7 +180,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = ""
-        self.req: Request | None = None  # being parsed
+        self.req: Request = _NO_REQUEST  # being parsed (httptools calls on_message_begin first)
         self.current: Request | None = None  # being answered
         self.starting: Request | None = None  # parsed in this read, answered at its end
         self.pipeline: collections.deque[Request] = collections.deque()
@@ -266,7 +267,6 @@ class HttpConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
-        assert req is not None  # noqa: S101 - httptools calls on_message_begin first
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES or len(req.headers) >= MAX_HEADERS:
             raise _HeadersTooLarge("request headers too large")
@@ -295,7 +295,6 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         req = self.req
-        assert req is not None  # noqa: S101 - as above
         req.method = self.parser.get_method().decode("ascii")
         req.version = self.parser.get_http_version()
         req.keep_alive = self.parser.should_keep_alive()
@@ -307,12 +306,10 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading(self.PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
-        assert self.req is not None  # noqa: S101 - as above
         self.req.body.feed(body)
 
     def on_message_complete(self) -> None:
         req = self.req
-        assert req is not None  # noqa: S101 - as above
         req.body.feed_eof()
         if self.body_waiter is not None and not self.body_waiter.done():
             self.body_waiter.set_result(None)
@@ -451,6 +448,9 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
+
+
+_NO_REQUEST = Request.__new__(Request)  # placeholder until the first request line arrives
 
 
 class _HeadersTooLarge(ClientError):

@@ -30,7 +30,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -39,7 +39,7 @@ import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 from yaml.composer import Composer, ComposerError
 from yaml.constructor import ConstructorError, SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from gateway.routing.model import (
@@ -197,7 +197,7 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-class _YamlLoader(Composer, _YamlParser, SafeConstructor, Resolver):  # type: ignore[misc, valid-type]
+class _YamlLoader(Composer, _YamlParser, SafeConstructor, Resolver):
     """SafeLoader with libyaml's parser, Python composition (bounded), raw-text keys, no duplicates.
 
     Composition is done by PyYAML's Python Composer on purpose: libyaml's recursive composer
@@ -214,10 +214,12 @@ class _YamlLoader(Composer, _YamlParser, SafeConstructor, Resolver):  # type: ig
         self._sizes: dict[int, int] = {}  # id(node) -> nodes it expands to (aliases included)
         self._real_nodes = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
-        event = self.peek_event()
+    # Nodes and events are typed Any: PyYAML's stubs do not describe libyaml's Mark and Event types.
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event: Any = self.peek_event()
+        mark: Any = event.start_mark
         if self._depth >= MAX_DEPTH:
-            raise ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels", event.start_mark)
+            raise ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels", mark)
         self._depth += 1
         try:
             node = super().compose_node(parent, index)
@@ -226,37 +228,40 @@ class _YamlLoader(Composer, _YamlParser, SafeConstructor, Resolver):  # type: ig
         if isinstance(event, yaml.AliasEvent):
             if id(node) not in self._sizes:
                 raise ComposerError(
-                    None, None, f"alias *{event.anchor} refers to a node that contains it", event.start_mark
+                    None, None, f"alias *{event.anchor} refers to a node that contains it", mark
                 )
         else:
             self._real_nodes += 1
             self._sizes[id(node)] = self._size(node)
         return node
 
-    def _size(self, node: Node) -> int:
+    def _size(self, node: Any) -> int:
         if isinstance(node, SequenceNode):
             return 1 + sum(self._sizes[id(n)] for n in node.value)
         if isinstance(node, MappingNode):
             return 1 + sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
         return 1
 
-    def finish(self, root: Node | None) -> None:
+    def finish(self, root: Any) -> None:
         """Refuse alias 'bombs': a few lines that expand to billions of nodes."""
         if root is None:
             return
         expanded, budget = self._sizes[id(root)], max(MIN_ALIAS_BUDGET, 4 * self._real_nodes)
         if expanded > budget:
             raise ComposerError(
-                None, None, f"aliases expand the document to {expanded} nodes (limit {budget})", root.start_mark
+                None,
+                None,
+                f"aliases expand the document to {expanded} nodes (limit {budget})",
+                root.start_mark,
             )
 
-    def construct_object(self, node: Node, deep: bool = False) -> Any:
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep=deep)
         except (ValueError, OverflowError) as exc:  # e.g. the timestamp 2024-02-30
             raise ConstructorError(None, None, f"invalid value: {exc}", node.start_mark) from None
 
-    def construct_mapping(self, node: Node, deep: bool = False) -> dict[str, Any]:
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Hashable, Any]:
         if not isinstance(node, MappingNode):
             raise ConstructorError(None, None, f"expected a mapping, found {node.id}", node.start_mark)
         seen: set[str] = set()
@@ -265,16 +270,21 @@ class _YamlLoader(Composer, _YamlParser, SafeConstructor, Resolver):  # type: ig
                 continue  # `<<: *base` may be overridden by explicit keys (YAML merge semantics)
             if not isinstance(key_node, ScalarNode):
                 raise ConstructorError(
-                    "while reading a mapping", node.start_mark, "keys must be plain names", key_node.start_mark
+                    "while reading a mapping",
+                    node.start_mark,
+                    "keys must be plain names",
+                    key_node.start_mark,
                 )
             if key_node.value in seen:
                 raise ConstructorError(
-                    "while reading a mapping", node.start_mark,
-                    f"found duplicate key {key_node.value!r}", key_node.start_mark,
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key_node.value!r}",
+                    key_node.start_mark,
                 )
             seen.add(key_node.value)
         self.flatten_mapping(node)
-        mapping: dict[str, Any] = {}
+        mapping: dict[Hashable, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, ScalarNode):
                 raise ConstructorError(None, None, "keys must be plain names", key_node.start_mark)
@@ -350,12 +360,33 @@ _MODEL_ID_VALIDATOR = _Validator({"$defs": _DEFS, "$ref": "#/$defs/modelId"})
 class _Gate:
     """The schema compiled into predicates: True means certainly valid (see the module docstring)."""
 
-    KNOWN = frozenset({
-        "$schema", "$id", "$defs", "$ref", "title", "description", "type", "const", "enum",
-        "properties", "required", "additionalProperties", "propertyNames", "minProperties",
-        "items", "minItems", "uniqueItems", "pattern", "minLength", "maxLength",
-        "minimum", "maximum", "exclusiveMinimum",
-    })
+    KNOWN = frozenset(
+        {
+            "$schema",
+            "$id",
+            "$defs",
+            "$ref",
+            "title",
+            "description",
+            "type",
+            "const",
+            "enum",
+            "properties",
+            "required",
+            "additionalProperties",
+            "propertyNames",
+            "minProperties",
+            "items",
+            "minItems",
+            "uniqueItems",
+            "pattern",
+            "minLength",
+            "maxLength",
+            "minimum",
+            "maximum",
+            "exclusiveMinimum",
+        }
+    )
 
     def __init__(self, root: dict[str, Any]) -> None:
         self.schemas: dict[str, Any] = root["$defs"]
@@ -383,8 +414,12 @@ class _Gate:
             checks.append(self.ref(schema["$ref"].removeprefix("#/$defs/")))
         kind = schema.get("type")
         typed = {
-            "object": self._object, "array": self._array, "string": self._string,
-            "number": self._number, "integer": self._number, "boolean": self._boolean,
+            "object": self._object,
+            "array": self._array,
+            "string": self._string,
+            "number": self._number,
+            "integer": self._number,
+            "boolean": self._boolean,
         }
         if kind is not None:
             checks.append(typed[kind](schema))
@@ -512,8 +547,13 @@ def _explain(validator: Any, instance: Any, prefix: DocPath, *, key: bool = Fals
 
 
 _TYPE_NAMES = {
-    "object": "a mapping", "array": "a list", "string": "a string", "number": "a number",
-    "integer": "an integer", "boolean": "true or false", "null": "null",
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "number": "a number",
+    "integer": "an integer",
+    "boolean": "true or false",
+    "null": "null",
 }
 
 
@@ -521,7 +561,9 @@ def _schema_message(error: ValidationError, path: DocPath, is_key: bool) -> list
     kind, value, x = error.validator, error.validator_value, error.instance
     if kind == "additionalProperties" and value is False:
         allowed = list(error.schema.get("properties", {}))
-        return [(path + (k,), _unknown_key(k, allowed)) for k in x if k not in error.schema.get("properties", {})]
+        return [
+            (path + (k,), _unknown_key(k, allowed)) for k in x if k not in error.schema.get("properties", {})
+        ]
     if kind == "required":
         return [(path + (k,), _missing_key(k, path)) for k in value if k not in x]
     if kind == "type":
@@ -624,7 +666,8 @@ def _format_path(path: DocPath) -> str:
 def _sort_key(problem: Problem) -> tuple[Any, ...]:
     path, message = problem
     segs = tuple(
-        (1, "", seg) if isinstance(seg, int) and not isinstance(seg, bool)
+        (1, "", seg)
+        if isinstance(seg, int) and not isinstance(seg, bool)
         else (0, seg if isinstance(seg, str) else repr(seg), 0)
         for seg in path
     )
@@ -640,7 +683,9 @@ def _render(problems: Iterable[Problem]) -> list[str]:
 
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _PORT = re.compile(r"[0-9]{1,5}\Z")
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>.*)\Z", re.S)
+_URL = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>.*)\Z", re.S
+)
 _IPV4_LIKE = re.compile(r"[0-9.]+\Z")
 _HEX64 = re.compile(r"[0-9A-Fa-f]{64}\Z")
 
@@ -808,7 +853,9 @@ class _Semantics:
             for name, p in (self.planes or {}).items()
             if isinstance(region := _d(p).get("region"), str) and region in regions
         }
-        self.regional = {name: _d(_d(t).get("regional_environments")) for name, t in (self.teams or {}).items()}
+        self.regional = {
+            name: _d(_d(t).get("regional_environments")) for name, t in (self.teams or {}).items()
+        }
 
     def run(self) -> list[Problem]:
         self.check_domains()
@@ -913,13 +960,18 @@ class _Semantics:
             name = _str(key.get("name"))
             if name is not None:
                 if name in names:
-                    self.add(path + ("name",), f"duplicate api key name {_q(name)} (also api_keys[{names[name]}])")
+                    self.add(
+                        path + ("name",), f"duplicate api key name {_q(name)} (also api_keys[{names[name]}])"
+                    )
                 names.setdefault(name, i)
             digest = _str(key.get("sha256"))
             if digest is not None and _HEX64.match(digest):
                 digest = digest.lower()
                 if digest in digests:
-                    self.add(path + ("sha256",), f"the same key digest is already listed at api_keys[{digests[digest]}]")
+                    self.add(
+                        path + ("sha256",),
+                        f"the same key digest is already listed at api_keys[{digests[digest]}]",
+                    )
                 digests.setdefault(digest, i)
             team_known = self.ref(path + ("team",), key.get("team"), self.teams, "team")
             for j, model_id in enumerate(_list(key.get("models"))):
@@ -971,7 +1023,12 @@ class _Semantics:
             first.setdefault(upstream, i)
 
     def check_environment(
-        self, path: DocPath, env: Any, environment: dict[Any, Any], deployments: dict[Any, Any], pinned: dict[Any, Any]
+        self,
+        path: DocPath,
+        env: Any,
+        environment: dict[Any, Any],
+        deployments: dict[Any, Any],
+        pinned: dict[Any, Any],
     ) -> None:
         if env == RESERVED_ENV:
             self.add(path, "'development' is reserved (call /development/... for the development deployment)")
@@ -1014,7 +1071,9 @@ class _Semantics:
         elif env == RESERVED_ENV:
             self.add(path, "'development' is reserved and is not an environment")
         elif isinstance(env, str) and env in environments:
-            self.add(path, f"environment {_q(env)} is also defined in environments; it is either live or deleted")
+            self.add(
+                path, f"environment {_q(env)} is also defined in environments; it is either live or deleted"
+            )
 
 
 def _resolve_file(base_dir: Path, name: str) -> Path:
@@ -1076,10 +1135,12 @@ class _Builder:
             digest=digest,
             domains=frozenset(d.lower().removesuffix(".") for d in doc["domains"]),
             gateway=self.gateway,
-            regions=_frozen({
-                name: Region(name, tuple(parse_network(n) for n in r.get("networks", [])))
-                for name, r in doc["regions"].items()
-            }),
+            regions=_frozen(
+                {
+                    name: Region(name, tuple(parse_network(n) for n in r.get("networks", [])))
+                    for name, r in doc["regions"].items()
+                }
+            ),
             planes=_frozen(self.planes),
             teams=_frozen(self.teams),
             models=_frozen(models),
@@ -1107,17 +1168,22 @@ class _Builder:
             # None when the plane sets no timeouts of its own: it inherits table.gateway.timeouts.
             # Otherwise the full merge (plane > gateway > defaults), so readers never merge again.
             timeouts=_timeouts(self.gateway.timeouts, p["timeouts"]) if p.get("timeouts") else None,
-            tls=PlaneTLS(**{k: str(_resolve_file(self.base_dir, v)) for k, v in tls.items()}) if tls else None,
+            tls=PlaneTLS(**{k: str(_resolve_file(self.base_dir, v)) for k, v in tls.items()})
+            if tls
+            else None,
         )
 
     def build_team(self, name: str, t: dict[str, Any]) -> Team:
         return Team(name, _frozen(dict(t.get("regional_environments", {}))))
 
     def build_model(self, model_id: str, m: dict[str, Any]) -> Model:
-        deployments = {dep_id: self.build_deployment(model_id, dep_id, d) for dep_id, d in m["deployments"].items()}
+        deployments = {
+            dep_id: self.build_deployment(model_id, dep_id, d) for dep_id, d in m["deployments"].items()
+        }
         pinned = self.teams[m["team"]].regional_environments
         environments = {
-            env: self.build_environment(env, e, deployments, pinned.get(env)) for env, e in m["environments"].items()
+            env: self.build_environment(env, e, deployments, pinned.get(env))
+            for env, e in m["environments"].items()
         }
         development = next((d for d in deployments.values() if d.development), None)
         return Model(
@@ -1172,7 +1238,9 @@ class _Builder:
                 deployments[shadow["deployment"]],
                 float(shadow["percent"]),
                 int(shadow.get("max_body_bytes", 1024 * 1024)),
-            ) if shadow else None,
+            )
+            if shadow
+            else None,
             autoscaling=self.build_autoscaling(scaling) if scaling else _DEFAULT_AUTOSCALING,
             backpressure=_d(e.get("backpressure")).get("policy", "QUEUE_ON_FULL"),
         )

@@ -8,9 +8,10 @@ keeps the snapshot it started with.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal
 
 DeploymentStatus = Literal["active", "scaled_to_zero", "inactive"]
 ModelKind = Literal["model", "chain"]

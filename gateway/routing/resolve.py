@@ -93,9 +93,7 @@ def _pinned_region(table: Table, model: Model, host: HostTarget) -> str | None:
     return region
 
 
-def _target(
-    model: Model, host: HostTarget, path: PathTarget, key: ApiKey, call: Call
-) -> tuple[str, Deployment, bool]:
+def _target(model: Model, host: HostTarget, path: PathTarget, key: ApiKey, call: Call) -> tuple[str, Deployment, bool]:
     if path.target in ("deployment", "development"):
         if key.environments is not None:
             raise Forbidden("this API key is limited to environments and may not call deployments directly")
