@@ -8,7 +8,7 @@ functions turn strings into a `HostTarget` / `PathTarget` or raise a typed
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.errors import ClientError, EndpointNotFound, MethodNotAllowed, ModelNotFound
 
@@ -37,8 +37,7 @@ def is_env_name(name: str) -> bool:
     return len(name) <= MAX_ENV_LEN and ENV_NAME.match(name) is not None
 
 
-@dataclass(frozen=True, slots=True)
-class HostTarget:
+class HostTarget(NamedTuple):
     kind: str  # "model" | "chain"
     id: str
     env: str | None  # set on regional hosts only
@@ -49,8 +48,7 @@ class HostTarget:
         return self.env is not None
 
 
-@dataclass(frozen=True, slots=True)
-class PathTarget:
+class PathTarget(NamedTuple):
     target: str  # "environment" | "deployment" | "development" | "none" (regional or async_request)
     name: str  # environment name, deployment id, or "" (development / regional)
     endpoint: str  # "predict", "sync", "async_request", ...

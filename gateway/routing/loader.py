@@ -133,9 +133,7 @@ def parse_document(data: bytes, source: str) -> Any:
     return _parse_yaml(data, source)
 
 
-def compile_table(
-    doc: Any, *, digest: str = "", source: str = "<memory>", base_dir: Path | None = None
-) -> Table:
+def compile_table(doc: Any, *, digest: str = "", source: str = "<memory>", base_dir: Path | None = None) -> Table:
     """Validate `doc` completely (structure, then semantics), then build the immutable Table.
 
     Relative `tls` file paths are resolved against `base_dir` (the table file's directory), or the
@@ -227,9 +225,7 @@ class _YamlLoader(Composer, _YamlParser, SafeConstructor, Resolver):
             self._depth -= 1
         if isinstance(event, yaml.AliasEvent):
             if id(node) not in self._sizes:
-                raise ComposerError(
-                    None, None, f"alias *{event.anchor} refers to a node that contains it", mark
-                )
+                raise ComposerError(None, None, f"alias *{event.anchor} refers to a node that contains it", mark)
         else:
             self._real_nodes += 1
             self._sizes[id(node)] = self._size(node)
@@ -561,15 +557,18 @@ def _schema_message(error: ValidationError, path: DocPath, is_key: bool) -> list
     kind, value, x = error.validator, error.validator_value, error.instance
     if kind == "additionalProperties" and value is False:
         allowed = list(error.schema.get("properties", {}))
-        return [
-            (path + (k,), _unknown_key(k, allowed)) for k in x if k not in error.schema.get("properties", {})
-        ]
+        return [(path + (k,), _unknown_key(k, allowed)) for k in x if k not in error.schema.get("properties", {})]
     if kind == "required":
         return [(path + (k,), _missing_key(k, path)) for k in value if k not in x]
     if kind == "type":
-        expected = " or ".join(_TYPE_NAMES.get(t, t) for t in ([value] if isinstance(value, str) else value))
-        what = "key" if is_key else ""
-        return [(path, f"expected {expected}{' ' + what if what else ''}, got {_describe(x)}")]
+        types = [value] if isinstance(value, str) else list(value)
+        expected = " or ".join(_TYPE_NAMES.get(t, t) for t in types) + (" key" if is_key else "")
+        hint = ""
+        if "string" in types and isinstance(x, (bool, int, float)):
+            hint = " (YAML read it as a number or boolean; quote it)"
+        elif "object" in types and x is None:
+            hint = " (write {} for an empty mapping)"
+        return [(path, f"expected {expected}, got {_describe(x)}{hint}")]
     return [(path, _value_message(error))]
 
 
@@ -621,9 +620,9 @@ def _describe(x: Any) -> str:
     if x is None:
         return "null (nothing)"
     if isinstance(x, bool):
-        return f"the boolean {str(x).lower()} (quote it in YAML if it is a name)"
+        return f"the boolean {str(x).lower()}"
     if isinstance(x, int):
-        return f"the integer {x} (quote it in YAML if it is a name)"
+        return f"the integer {x}"
     if isinstance(x, float):
         return f"the number {x}" if math.isfinite(x) else f"the non-finite number {x}"
     if isinstance(x, str):
@@ -683,9 +682,7 @@ def _render(problems: Iterable[Problem]) -> list[str]:
 
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _PORT = re.compile(r"[0-9]{1,5}\Z")
-_URL = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>.*)\Z", re.S
-)
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>.*)\Z", re.S)
 _IPV4_LIKE = re.compile(r"[0-9.]+\Z")
 _HEX64 = re.compile(r"[0-9A-Fa-f]{64}\Z")
 
@@ -731,6 +728,8 @@ def _ipv6(text: str) -> str:
 
 
 def _port(text: str) -> int:
+    if not text:
+        raise _SyntaxProblem("the port is empty")
     if not _PORT.match(text) or not 1 <= int(text) <= 65535:
         raise _SyntaxProblem(f"{_q(text)} is not a valid port (1-65535)")
     return int(text)
@@ -747,7 +746,7 @@ def _split_host_port(text: str) -> tuple[str, str | None]:
             raise _SyntaxProblem(f"unexpected {_q(rest)} after the IPv6 address")
         return host, (rest[1:] if rest else None)
     if text.count(":") > 1:
-        raise _SyntaxProblem(f"IPv6 address {_q(text)} must be written in brackets, like [::1]:53")
+        raise _SyntaxProblem(f"{_q(text)}: an IPv6 address must be written in brackets, like [::1]:8080")
     host, sep, port = text.partition(":")
     return host, (port if sep else None)
 
@@ -777,6 +776,8 @@ def parse_upstream(url: str) -> Upstream:
 
 def parse_host_port(text: str) -> str:
     """`host:port` (gRPC target) -> normalized `host:port` (IPv6 as `[addr]:port`)."""
+    if "://" in text:
+        raise _SyntaxProblem(f"{_q(text)} must be host:port, without a scheme")
     host, port = _split_host_port(text)
     if port is None:
         raise _SyntaxProblem(f"{_q(text)} needs a port (host:port)")
@@ -853,9 +854,7 @@ class _Semantics:
             for name, p in (self.planes or {}).items()
             if isinstance(region := _d(p).get("region"), str) and region in regions
         }
-        self.regional = {
-            name: _d(_d(t).get("regional_environments")) for name, t in (self.teams or {}).items()
-        }
+        self.regional = {name: _d(_d(t).get("regional_environments")) for name, t in (self.teams or {}).items()}
 
     def run(self) -> list[Problem]:
         self.check_domains()
@@ -960,9 +959,7 @@ class _Semantics:
             name = _str(key.get("name"))
             if name is not None:
                 if name in names:
-                    self.add(
-                        path + ("name",), f"duplicate api key name {_q(name)} (also api_keys[{names[name]}])"
-                    )
+                    self.add(path + ("name",), f"duplicate api key name {_q(name)} (also api_keys[{names[name]}])")
                 names.setdefault(name, i)
             digest = _str(key.get("sha256"))
             if digest is not None and _HEX64.match(digest):
@@ -1071,9 +1068,7 @@ class _Semantics:
         elif env == RESERVED_ENV:
             self.add(path, "'development' is reserved and is not an environment")
         elif isinstance(env, str) and env in environments:
-            self.add(
-                path, f"environment {_q(env)} is also defined in environments; it is either live or deleted"
-            )
+            self.add(path, f"environment {_q(env)} is also defined in environments; it is either live or deleted")
 
 
 def _resolve_file(base_dir: Path, name: str) -> Path:
@@ -1168,22 +1163,17 @@ class _Builder:
             # None when the plane sets no timeouts of its own: it inherits table.gateway.timeouts.
             # Otherwise the full merge (plane > gateway > defaults), so readers never merge again.
             timeouts=_timeouts(self.gateway.timeouts, p["timeouts"]) if p.get("timeouts") else None,
-            tls=PlaneTLS(**{k: str(_resolve_file(self.base_dir, v)) for k, v in tls.items()})
-            if tls
-            else None,
+            tls=PlaneTLS(**{k: str(_resolve_file(self.base_dir, v)) for k, v in tls.items()}) if tls else None,
         )
 
     def build_team(self, name: str, t: dict[str, Any]) -> Team:
         return Team(name, _frozen(dict(t.get("regional_environments", {}))))
 
     def build_model(self, model_id: str, m: dict[str, Any]) -> Model:
-        deployments = {
-            dep_id: self.build_deployment(model_id, dep_id, d) for dep_id, d in m["deployments"].items()
-        }
+        deployments = {dep_id: self.build_deployment(model_id, dep_id, d) for dep_id, d in m["deployments"].items()}
         pinned = self.teams[m["team"]].regional_environments
         environments = {
-            env: self.build_environment(env, e, deployments, pinned.get(env))
-            for env, e in m["environments"].items()
+            env: self.build_environment(env, e, deployments, pinned.get(env)) for env, e in m["environments"].items()
         }
         development = next((d for d in deployments.values() if d.development), None)
         return Model(

@@ -10,7 +10,7 @@ deployment status (503) -> regional guarantee (503, never another region).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.auth import authenticate
 from gateway.errors import (
@@ -25,8 +25,7 @@ from gateway.routing.hostpath import ASYNC_ENDPOINTS, HostTarget, PathTarget, ch
 from gateway.routing.model import ApiKey, Deployment, Model, Table
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
+class Call(NamedTuple):
     """What the router needs to know of an incoming call."""
 
     method: str
@@ -36,8 +35,7 @@ class Call:
     routing_key: str | None = None  # x-baseten-routing-key
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     action: str  # "proxy" | "wake"
     model: Model
     environment: str  # "" for deployment/ and development targets (SPEC §4)
