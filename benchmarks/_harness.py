@@ -129,7 +129,7 @@ class Procs:
         self.tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
         self.procs: list[Proc] = []
 
-    def __enter__(self) -> "Procs":
+    def __enter__(self) -> Procs:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -152,8 +152,7 @@ class Procs:
         if proc in self.procs:
             self.procs.remove(proc)
 
-    def start(self, name: str, argv: list[str], cwd: Path | None = None,
-              env: dict[str, str] | None = None) -> Proc:
+    def start(self, name: str, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> Proc:
         log_path = self.tmp / f"{name}.log"
         logf = open(log_path, "wb")
         full_env = dict(os.environ)
@@ -162,8 +161,13 @@ class Procs:
             full_env.update(env)
         try:
             popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                cwd=str(cwd) if cwd else None, env=full_env, start_new_session=True,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=str(cwd) if cwd else None,
+                env=full_env,
+                start_new_session=True,
                 preexec_fn=_affinity_preexec(self.server_cpus),
             )
         finally:
@@ -175,8 +179,15 @@ class Procs:
 
 # --------------------------------------------------------------------------- HTTP helpers
 
-def http_request(port: int, method: str, path: str, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -186,9 +197,16 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
-def wait_ready(proc: Proc, port: int, method: str = "GET", path: str = "/",
-               body: bytes | None = None, headers: dict[str, str] | None = None,
-               ok=lambda status: True, timeout: float = 15.0) -> tuple[int, bytes]:
+def wait_ready(
+    proc: Proc,
+    port: int,
+    method: str = "GET",
+    path: str = "/",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    ok=lambda status: True,
+    timeout: float = 15.0,
+) -> tuple[int, bytes]:
     """Poll until an HTTP request to port gets an answer accepted by `ok`; fail fast if proc dies."""
     deadline = time.monotonic() + timeout
     last = "no attempt"
@@ -209,6 +227,7 @@ def wait_ready(proc: Proc, port: int, method: str = "GET", path: str = "/",
 
 
 # --------------------------------------------------------------------------- nginx
+
 
 def nginx_binary() -> str:
     path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
@@ -247,19 +266,20 @@ http {{
 """
 
 
-def start_nginx(procs: Procs, name: str, server_block: str, http_extra: str = "",
-                ready_path: str = "/predict") -> tuple[Proc, int]:
+def start_nginx(
+    procs: Procs, name: str, server_block: str, http_extra: str = "", ready_path: str = "/predict"
+) -> tuple[Proc, int]:
     port = free_port()
     conf = procs.tmp / f"{name}.conf"
     conf.write_text(_nginx_conf(procs.tmp, name, port, server_block, http_extra))
     prefix = procs.tmp / f"{name}-prefix"
     prefix.mkdir(exist_ok=True)
     # -e: startup error log in tmp too (otherwise nginx touches /var/log/nginx/error.log first).
-    proc = procs.start(name, [nginx_binary(), "-c", str(conf), "-p", str(prefix),
-                              "-e", str(procs.tmp / f"{name}-error.log")])
+    proc = procs.start(
+        name, [nginx_binary(), "-c", str(conf), "-p", str(prefix), "-e", str(procs.tmp / f"{name}-error.log")]
+    )
     try:
-        wait_ready(proc, port, "POST", ready_path, REQUEST_BODY, REQUEST_HEADERS,
-                   ok=lambda s: s == 200, timeout=15.0)
+        wait_ready(proc, port, "POST", ready_path, REQUEST_BODY, REQUEST_HEADERS, ok=lambda s: s == 200, timeout=15.0)
     except StartupError:
         err = procs.tmp / f"{name}-error.log"
         if err.exists():
@@ -293,6 +313,7 @@ def start_proxy_nginx(procs: Procs, upstream_port: int) -> tuple[Proc, int]:
 
 # --------------------------------------------------------------------------- gateway
 
+
 def sha256_hex(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
 
@@ -319,8 +340,13 @@ def gateway_cli_problem(python: str) -> str | None:
         if not (REPO_ROOT / rel).exists():
             return f"{rel} does not exist"
     try:
-        r = subprocess.run([python, "-m", "gateway", "serve", "--help"], cwd=REPO_ROOT,
-                           capture_output=True, timeout=30, start_new_session=True)
+        r = subprocess.run(
+            [python, "-m", "gateway", "serve", "--help"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=30,
+            start_new_session=True,
+        )
     except subprocess.TimeoutExpired:
         return "`python -m gateway serve --help` timed out"
     if r.returncode != 0:
@@ -329,15 +355,28 @@ def gateway_cli_problem(python: str) -> str | None:
     return None
 
 
-def start_gateway(procs: Procs, python: str, plane_url: str, name: str = "gateway",
-                  extra_args: list[str] | None = None) -> tuple[Proc, int]:
+def start_gateway(
+    procs: Procs, python: str, plane_url: str, name: str = "gateway", extra_args: list[str] | None = None
+) -> tuple[Proc, int]:
     cfg = procs.tmp / f"{name}-table.yaml"
     cfg.write_text(gateway_table(plane_url))
     port, admin = free_port(), free_port()
     while admin == port:
         admin = free_port()
-    argv = [python, "-m", "gateway", "serve", "--config", str(cfg), "--host", "127.0.0.1",
-            "--port", str(port), "--admin-port", str(admin)] + list(extra_args or [])
+    argv = [
+        python,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(cfg),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--admin-port",
+        str(admin),
+    ] + list(extra_args or [])
     log(f"starting {name}: {' '.join(argv)}")
     # cwd = repo root so `-m gateway` imports this checkout.
     proc = procs.start(name, argv, cwd=REPO_ROOT)
@@ -358,6 +397,7 @@ def smoke_check(name: str, port: int, path: str) -> str | None:
 
 # --------------------------------------------------------------------------- machine noise
 
+
 def _proc_cpu_ticks(exclude_sids: set[int]) -> dict[int, int]:
     """utime+stime (clock ticks) of every user-space process not in exclude_sids and not us."""
     me = os.getpid()
@@ -373,7 +413,7 @@ def _proc_cpu_ticks(exclude_sids: set[int]) -> dict[int, int]:
                 data = f.read()
         except OSError:
             continue
-        rest = data[data.rfind(b")") + 2:].split()
+        rest = data[data.rfind(b")") + 2 :].split()
         ppid, sid = int(rest[1]), int(rest[3])
         if pid == 2 or ppid == 2 or sid in exclude_sids:  # kernel threads work for everyone
             continue
@@ -405,7 +445,7 @@ class CpuNoise:
         hz = os.sysconf("SC_CLK_TCK")
         ncpu = os.cpu_count() or 1
         other = sum(t - self.ticks0[p] for p, t in ticks1.items() if p in self.ticks0)
-        d = [b - a for a, b in zip(self.stat0, stat1)]
+        d = [b - a for a, b in zip(self.stat0, stat1, strict=False)]
         total = sum(d[:8]) or 1
         steal = d[7] if len(d) > 7 else 0
         top = sorted(((t - self.ticks0[p], p) for p, t in ticks1.items() if p in self.ticks0), reverse=True)[:3]
@@ -418,8 +458,11 @@ class CpuNoise:
             except OSError:
                 cmd = "?"
             hogs.append({"pid": p, "cmd": cmd.strip(), "cpu_pct": round(100 * t / hz / elapsed)})
-        return {"other_pct": round(100 * other / hz / max(elapsed, 1e-9) / ncpu, 1),
-                "steal_pct": round(100 * steal / total, 1), "other_top": hogs}
+        return {
+            "other_pct": round(100 * other / hz / max(elapsed, 1e-9) / ncpu, 1),
+            "steal_pct": round(100 * steal / total, 1),
+            "other_top": hogs,
+        }
 
 
 def noise_cell(noise: dict | None, threshold: float = 5.0) -> str:

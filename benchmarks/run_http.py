@@ -49,13 +49,10 @@ _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0
 
 # --------------------------------------------------------------------------- wrk
 
+
 def wrk_lua(path: Path) -> Path:
     headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in H.REQUEST_HEADERS.items())
-    path.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = '{H.REQUEST_BODY.decode()}'\n"
-        f"{headers}\n"
-    )
+    path.write_text(f"wrk.method = \"POST\"\nwrk.body = '{H.REQUEST_BODY.decode()}'\n{headers}\n")
     return path
 
 
@@ -64,8 +61,17 @@ def _to_ms(value: str, unit: str) -> float:
 
 
 def parse_wrk(out: str) -> dict:
-    res: dict = {"rps": None, "p50_ms": None, "p75_ms": None, "p90_ms": None, "p99_ms": None,
-                 "requests": None, "non2xx": 0, "socket_errors": {}, "raw": out}
+    res: dict = {
+        "rps": None,
+        "p50_ms": None,
+        "p75_ms": None,
+        "p90_ms": None,
+        "p99_ms": None,
+        "requests": None,
+        "non2xx": 0,
+        "socket_errors": {},
+        "raw": out,
+    }
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if m:
         res["rps"] = float(m.group(1))
@@ -83,18 +89,35 @@ def parse_wrk(out: str) -> dict:
         res["non2xx"] = int(m.group(1))
     m = re.search(r"Socket errors:\s+connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
-        res["socket_errors"] = {k: int(v) for k, v in zip(("connect", "read", "write", "timeout"), m.groups())}
+        res["socket_errors"] = {
+            k: int(v) for k, v in zip(("connect", "read", "write", "timeout"), m.groups(), strict=True)
+        }
     res["errors_total"] = res["non2xx"] + sum(res["socket_errors"].values())
     return res
 
 
-def run_wrk(url: str, lua: Path, threads: int, conns: int, duration: float,
-            cpus: set[int] | None) -> dict:
-    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, int(round(duration)))}s", "--latency",
-            "--timeout", "2s", "-s", str(lua), url]
+def run_wrk(url: str, lua: Path, threads: int, conns: int, duration: float, cpus: set[int] | None) -> dict:
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{max(1, int(round(duration)))}s",
+        "--latency",
+        "--timeout",
+        "2s",
+        "-s",
+        str(lua),
+        url,
+    ]
     pre = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=pre)
+    p = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=pre,
+    )
     try:
         out, _ = p.communicate(timeout=duration + 30)
     except subprocess.TimeoutExpired:
@@ -118,8 +141,8 @@ def run_wrk(url: str, lua: Path, threads: int, conns: int, duration: float,
 
 # --------------------------------------------------------------------------- targets
 
-def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, results: list,
-            wrk_cpus) -> None:
+
+def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, results: list, wrk_cpus) -> None:
     url = f"http://127.0.0.1:{port}{path}"
     problem = H.smoke_check(name, port, path)
     if problem:
@@ -129,8 +152,10 @@ def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, re
         run_wrk(url, lua, threads, conns, 1, wrk_cpus)
         runs = []
         for i in range(args.repeat):
-            H.log(f"[{name}] measuring {args.duration:g} s, {conns} conn(s)"
-                  + (f", run {i + 1}/{args.repeat}" if args.repeat > 1 else ""))
+            H.log(
+                f"[{name}] measuring {args.duration:g} s, {conns} conn(s)"
+                + (f", run {i + 1}/{args.repeat}" if args.repeat > 1 else "")
+            )
             noise = H.CpuNoise({p.pid for p in procs.procs})
             r = run_wrk(url, lua, threads, conns, args.duration, wrk_cpus)
             r["noise"] = noise.stop()
@@ -141,16 +166,28 @@ def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, re
         # but any errors seen in any run are reported.
         clean = [r for r in runs if "failed" not in r and r["rps"] is not None]
         r = max(clean, key=lambda r: r["rps"]) if clean else runs[-1]
-        row = {"target": name, "conns": conns, "threads": threads, "url": url,
-               "rps": r["rps"], "p50_ms": r["p50_ms"], "p75_ms": r["p75_ms"], "p90_ms": r["p90_ms"],
-               "p99_ms": r["p99_ms"], "requests": r["requests"],
-               "non2xx": sum(x["non2xx"] for x in runs),
-               "socket_errors": {k: sum(x["socket_errors"].get(k, 0) for x in runs)
-                                 for k in ("connect", "read", "write", "timeout")},
-               "errors_total": sum(x["errors_total"] for x in runs),
-               "smoke_problem": problem, "noise": r["noise"],
-               "runs": [{k: x.get(k) for k in ("rps", "p50_ms", "p99_ms", "errors_total", "noise", "failed")}
-                        for x in runs]}
+        row = {
+            "target": name,
+            "conns": conns,
+            "threads": threads,
+            "url": url,
+            "rps": r["rps"],
+            "p50_ms": r["p50_ms"],
+            "p75_ms": r["p75_ms"],
+            "p90_ms": r["p90_ms"],
+            "p99_ms": r["p99_ms"],
+            "requests": r["requests"],
+            "non2xx": sum(x["non2xx"] for x in runs),
+            "socket_errors": {
+                k: sum(x["socket_errors"].get(k, 0) for x in runs) for k in ("connect", "read", "write", "timeout")
+            },
+            "errors_total": sum(x["errors_total"] for x in runs),
+            "smoke_problem": problem,
+            "noise": r["noise"],
+            "runs": [
+                {k: x.get(k) for k in ("rps", "p50_ms", "p99_ms", "errors_total", "noise", "failed")} for x in runs
+            ],
+        }
         if "failed" in r:
             row["failed"] = r["failed"]
             H.log(f"[{name}] wrk failed: {r['failed']}")
@@ -159,8 +196,18 @@ def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, re
 
 def failed_rows(name: str, reason: str, results: list) -> None:
     for threads, conns in CONN_LEVELS:
-        results.append({"target": name, "conns": conns, "threads": threads, "rps": None, "p50_ms": None,
-                        "p99_ms": None, "errors_total": None, "failed": reason})
+        results.append(
+            {
+                "target": name,
+                "conns": conns,
+                "threads": threads,
+                "rps": None,
+                "p50_ms": None,
+                "p99_ms": None,
+                "errors_total": None,
+                "failed": reason,
+            }
+        )
 
 
 def run_target(procs: H.Procs, name: str, starter, path: str, lua: Path, args, results, wrk_cpus) -> None:
@@ -185,14 +232,18 @@ def run_target(procs: H.Procs, name: str, starter, path: str, lua: Path, args, r
 
 def start_python_peer(procs: H.Procs, name: str, script: str, upstream_port: int, python: str):
     port = H.free_port()
-    proc = procs.start(name, [python, str(H.PEERS_DIR / script), "--port", str(port),
-                              "--upstream", f"http://127.0.0.1:{upstream_port}"])
-    H.wait_ready(proc, port, "POST", H.DIRECT_PATH, H.REQUEST_BODY, H.REQUEST_HEADERS,
-                 ok=lambda s: s == 200, timeout=20.0)
+    proc = procs.start(
+        name,
+        [python, str(H.PEERS_DIR / script), "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"],
+    )
+    H.wait_ready(
+        proc, port, "POST", H.DIRECT_PATH, H.REQUEST_BODY, H.REQUEST_HEADERS, ok=lambda s: s == 200, timeout=20.0
+    )
     return proc, port
 
 
 # --------------------------------------------------------------------------- report
+
 
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
@@ -215,9 +266,11 @@ def print_table(results: list) -> None:
     print(hdr)
     print("-" * len(hdr))
     for r in results:
-        print(f"{r['target']:<16} | {r['conns']:>5} | {_fmt(r.get('rps'), ',.0f'):>10} | "
-              f"{_fmt(r.get('p50_ms'), '.3f'):>8} | {_fmt(r.get('p99_ms'), '.3f'):>8} | {_errors_cell(r):<8} | "
-              f"{H.noise_cell(r.get('noise'))}")
+        print(
+            f"{r['target']:<16} | {r['conns']:>5} | {_fmt(r.get('rps'), ',.0f'):>10} | "
+            f"{_fmt(r.get('p50_ms'), '.3f'):>8} | {_fmt(r.get('p99_ms'), '.3f'):>8} | {_errors_cell(r):<8} | "
+            f"{H.noise_cell(r.get('noise'))}"
+        )
     for r in results:
         if r.get("failed"):
             print(f"  ! {r['target']} c{r['conns']}: {r['failed'].splitlines()[0][:200]}")
@@ -293,9 +346,10 @@ def compute_goals(results: list, gateway_skipped: bool) -> list[dict]:
     else:
         v = gw1["p50_ms"] - d1["p50_ms"]
         note = gw_note(gw1)
+        ok = v < GOAL_ADDED_P50_MS and not note
         if noisy(gw1, d1):
             note = ", ".join(x for x in (note, "noisy measurement") if x)
-        goals.append(entry(label, v, ".3f", v < GOAL_ADDED_P50_MS and not note, f"< {GOAL_ADDED_P50_MS}", note))
+        goals.append(entry(label, v, ".3f", ok, f"< {GOAL_ADDED_P50_MS}", note))
     return goals
 
 
@@ -315,29 +369,40 @@ def versions(python: str) -> dict:
             return (r.stdout + r.stderr).decode(errors="replace").strip().splitlines()[0]
         except Exception as e:  # noqa: BLE001
             return f"unavailable: {e}"
-    return {"python": out([python, "-V"]), "nginx": out(["nginx", "-v"]), "wrk": out(["wrk", "-v"]),
-            "kernel": platform.release(), "cpus": os.cpu_count()}
+
+    return {
+        "python": out([python, "-V"]),
+        "nginx": out(["nginx", "-v"]),
+        "wrk": out(["wrk", "-v"]),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+    }
 
 
 # --------------------------------------------------------------------------- main
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 10)")
     ap.add_argument("--quick", action="store_true", help="3 s per measurement (unless --duration is given)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per measurement; the fastest clean run is reported (default 1)")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs per measurement; the fastest clean run is reported (default 1)"
+    )
     ap.add_argument("--skip-gateway", action="store_true", help="measure only the peers")
     ap.add_argument("--only", default="", help="comma-separated subset of targets (direct is always started)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the peers and the gateway")
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra argument for `gateway serve`")
-    ap.add_argument("--pin", action="store_true",
-                    help="pin wrk to the last CPU and every server to the others (default: no pinning)")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin wrk to the last CPU and every server to the others (default: no pinning)",
+    )
     ap.add_argument("--output", default=str(H.RESULTS_DIR / "http-latest.json"))
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print raw wrk output")
     args = ap.parse_args()
-    sys.stdout.reconfigure(line_buffering=True)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     if args.duration is None:
         args.duration = 3.0 if args.quick else 10.0
     args.repeat = max(1, args.repeat)
@@ -376,14 +441,29 @@ def main() -> int:
             measure(procs, "direct", direct_port, H.DIRECT_PATH, lua, args, results, wrk_cpus)
         plan = [
             ("nginx-proxy", lambda: H.start_proxy_nginx(procs, direct_port), H.DIRECT_PATH),
-            ("aiohttp-proxy", lambda: start_python_peer(procs, "aiohttp-proxy", "aiohttp_proxy.py",
-                                                        direct_port, args.python), H.DIRECT_PATH),
-            ("starlette-httpx", lambda: start_python_peer(procs, "starlette-httpx", "starlette_httpx_proxy.py",
-                                                          direct_port, args.python), H.DIRECT_PATH),
+            (
+                "aiohttp-proxy",
+                lambda: start_python_peer(procs, "aiohttp-proxy", "aiohttp_proxy.py", direct_port, args.python),
+                H.DIRECT_PATH,
+            ),
+            (
+                "starlette-httpx",
+                lambda: start_python_peer(
+                    procs, "starlette-httpx", "starlette_httpx_proxy.py", direct_port, args.python
+                ),
+                H.DIRECT_PATH,
+            ),
         ]
         if not gateway_skipped:
-            plan.append(("gateway", lambda: H.start_gateway(procs, args.python, f"http://127.0.0.1:{direct_port}",
-                                                            extra_args=args.gateway_arg), H.GATEWAY_PATH))
+            plan.append(
+                (
+                    "gateway",
+                    lambda: H.start_gateway(
+                        procs, args.python, f"http://127.0.0.1:{direct_port}", extra_args=args.gateway_arg
+                    ),
+                    H.GATEWAY_PATH,
+                )
+            )
         for name, starter, path in plan:
             if want(name):
                 run_target(procs, name, starter, path, lua, args, results, wrk_cpus)
@@ -391,9 +471,11 @@ def main() -> int:
             direct.dump_log("(direct upstream exited) ")
 
     print()
-    print(f"HTTP benchmark: {args.duration:g} s per measurement"
-          f"{f' (best of {args.repeat})' if args.repeat > 1 else ''}, wrk POST {len(H.REQUEST_BODY)} B JSON, "
-          f"{ncpu} CPUs{', pinned' if wrk_cpus else ''}")
+    print(
+        f"HTTP benchmark: {args.duration:g} s per measurement"
+        f"{f' (best of {args.repeat})' if args.repeat > 1 else ''}, wrk POST {len(H.REQUEST_BODY)} B JSON, "
+        f"{ncpu} CPUs{', pinned' if wrk_cpus else ''}"
+    )
     print()
     print_table(results)
     goals = compute_goals(results, gateway_skipped)
@@ -403,7 +485,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": "http",
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "duration_s": args.duration,
         "repeat": args.repeat,
         "wall_s": round(time.time() - started, 1),

@@ -44,12 +44,12 @@ class SSEResponse(asyncio.Protocol):
 
     def reset(self) -> None:
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.raw = bytearray()       # undecoded bytes
+        self.raw = bytearray()  # undecoded bytes
         self.state = "head"
-        self.status = None
+        self.status: int | None = None
         self.headers: dict[str, str] = {}
-        self.remaining = 0           # bytes left in the current chunk / content-length body
-        self.body = bytearray()      # decoded body bytes not yet split into events
+        self.remaining = 0  # bytes left in the current chunk / content-length body
+        self.body = bytearray()  # decoded body bytes not yet split into events
         self.error_body = bytearray()
         self.samples: list[tuple[int, int]] = []
 
@@ -87,7 +87,7 @@ class SSEResponse(asyncio.Protocol):
                 if end < 0:
                     return
                 head = bytes(self.raw[:end]).decode("latin-1").split("\r\n")
-                del self.raw[:end + 4]
+                del self.raw[: end + 4]
                 self.status = int(head[0].split()[1])
                 for line in head[1:]:
                     k, _, v = line.partition(":")
@@ -104,7 +104,7 @@ class SSEResponse(asyncio.Protocol):
                 if end < 0:
                     return
                 size = int(bytes(self.raw[:end]).split(b";")[0].strip(), 16)
-                del self.raw[:end + 2]
+                del self.raw[: end + 2]
                 if size == 0:
                     self.state = "trailers"
                 else:
@@ -130,9 +130,9 @@ class SSEResponse(asyncio.Protocol):
                 end = self.raw.find(b"\r\n")
                 if end < 0:
                     return
-                line = bytes(self.raw[:end])
-                del self.raw[:end + 2]
-                if not line:
+                trailer = bytes(self.raw[:end])
+                del self.raw[: end + 2]
+                if not trailer:
                     self.state = "complete"
                     self._finish()
                     return
@@ -162,17 +162,17 @@ class SSEResponse(asyncio.Protocol):
             if end < 0:
                 return
             event = bytes(self.body[:end])
-            del self.body[:end + 2]
+            del self.body[: end + 2]
             for line in event.split(b"\n"):
                 if line.startswith(b"data:"):
                     self.samples.append((t, int(line[5:].strip())))
 
 
-async def run_streams(port: int, path: str, headers: dict[str, str], events: int, interval_ms: float,
-                      streams: int, warmup_events: int) -> dict:
+async def run_streams(
+    port: int, path: str, headers: dict[str, str], events: int, interval_ms: float, streams: int, warmup_events: int
+) -> dict:
     loop = asyncio.get_running_loop()
-    transport, proto = await asyncio.wait_for(
-        loop.create_connection(SSEResponse, "127.0.0.1", port), timeout=5)
+    transport, proto = await asyncio.wait_for(loop.create_connection(SSEResponse, "127.0.0.1", port), timeout=5)
     delays_ns: list[int] = []
     problems: list[str] = []
     received = expected = 0
@@ -182,12 +182,15 @@ async def run_streams(port: int, path: str, headers: dict[str, str], events: int
             is_warmup = warmup_events and i == 0
             if proto.closed.done():
                 transport, proto = await asyncio.wait_for(
-                    loop.create_connection(SSEResponse, "127.0.0.1", port), timeout=5)
+                    loop.create_connection(SSEResponse, "127.0.0.1", port), timeout=5
+                )
             proto.reset()
             body = H.REQUEST_BODY
-            req = (f"POST {path}?events={n}&interval_ms={interval_ms:g} HTTP/1.1\r\n"
-                   + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-                   + f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+            req = (
+                f"POST {path}?events={n}&interval_ms={interval_ms:g} HTTP/1.1\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                + f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
             transport.write(req)
             await asyncio.wait_for(proto.done, timeout=n * interval_ms / 1000 + 15)
             if proto.status != 200:
@@ -218,8 +221,16 @@ def stats(delays_ns: list[int]) -> dict:
     def pct(p):
         return ms[min(len(ms) - 1, max(0, math.ceil(p / 100 * len(ms)) - 1))]  # nearest rank
 
-    return {"count": len(ms), "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "max_ms": ms[-1],
-            "min_ms": ms[0], "mean_ms": statistics.fmean(ms), "over_goal": sum(1 for v in ms if v > GOAL_MS)}
+    return {
+        "count": len(ms),
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "max_ms": ms[-1],
+        "min_ms": ms[0],
+        "mean_ms": statistics.fmean(ms),
+        "over_goal": sum(1 for v in ms if v > GOAL_MS),
+    }
 
 
 def _f(v, spec=".3f"):
@@ -231,8 +242,9 @@ async def measure_all(args, procs: H.Procs, plane_port: int, gateway_skipped: bo
     targets = [("direct", plane_port, H.DIRECT_PATH, {"Host": H.MODEL_HOST, "Content-Type": "application/json"})]
     if not gateway_skipped:
         try:
-            _, gw_port = H.start_gateway(procs, args.python, f"http://127.0.0.1:{plane_port}",
-                                         extra_args=args.gateway_arg)
+            _, gw_port = H.start_gateway(
+                procs, args.python, f"http://127.0.0.1:{plane_port}", extra_args=args.gateway_arg
+            )
             targets.append(("gateway", gw_port, H.GATEWAY_PATH, dict(H.REQUEST_HEADERS)))
         except H.StartupError as e:
             H.log(f"[gateway] failed to start: {e}")
@@ -241,13 +253,17 @@ async def measure_all(args, procs: H.Procs, plane_port: int, gateway_skipped: bo
         H.log(f"[{name}] {args.streams} stream(s) x {args.events} events, {args.interval_ms:g} ms apart")
         noise = H.CpuNoise({p.pid for p in procs.procs})
         try:
-            r = await run_streams(port, path, headers, args.events, args.interval_ms, args.streams,
-                                  args.warmup_events)
-        except (OSError, asyncio.TimeoutError, ConnectionError, ValueError) as e:
+            r = await run_streams(port, path, headers, args.events, args.interval_ms, args.streams, args.warmup_events)
+        except (TimeoutError, OSError, ConnectionError, ValueError) as e:
             results[name] = {"failed": f"{type(e).__name__}: {e}", **stats([])}
             continue
-        results[name] = {**stats(r["delays_ns"]), "received": r["received"], "expected": r["expected"],
-                         "problems": r["problems"], "noise": noise.stop()}
+        results[name] = {
+            **stats(r["delays_ns"]),
+            "received": r["received"],
+            "expected": r["expected"],
+            "problems": r["problems"],
+            "noise": noise.stop(),
+        }
         if r["problems"]:
             results[name]["failed"] = "; ".join(r["problems"])
     return results
@@ -266,7 +282,7 @@ def main() -> int:
     ap.add_argument("--output", default=str(H.RESULTS_DIR / "sse-latest.json"))
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args()
-    sys.stdout.reconfigure(line_buffering=True)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     if args.quick:
         args.streams = 1
     H.install_signal_handlers()
@@ -279,9 +295,10 @@ def main() -> int:
 
     try:
         import uvloop
+
         runner = uvloop.run
     except ImportError:
-        runner = asyncio.run
+        runner = asyncio.run  # type: ignore[assignment]
 
     with H.Procs(keep_tmp=args.keep_tmp) as procs:
         port = H.free_port()
@@ -295,8 +312,10 @@ def main() -> int:
         results = runner(measure_all(args, procs, port, gateway_skipped))
 
     print()
-    print(f"SSE relay delay: {args.streams} stream(s) x {args.events} events, {args.interval_ms:g} ms apart, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"SSE relay delay: {args.streams} stream(s) x {args.events} events, {args.interval_ms:g} ms apart, "
+        f"{os.cpu_count()} CPUs"
+    )
     print()
     hdr = f"{'path':<8} | {'events':>7} | {'p50 ms':>7} | {'p99 ms':>7} | {'max ms':>7} | {'> 1 ms':>6} | noise"
     print(hdr)
@@ -305,8 +324,10 @@ def main() -> int:
         r = results.get(name)
         if r is None:
             continue
-        print(f"{name:<8} | {r['count']:>7} | {_f(r['p50_ms']):>7} | {_f(r['p99_ms']):>7} | "
-              f"{_f(r['max_ms']):>7} | {_f(r['over_goal'], 'd'):>6} | {H.noise_cell(r.get('noise'))}")
+        print(
+            f"{name:<8} | {r['count']:>7} | {_f(r['p50_ms']):>7} | {_f(r['p99_ms']):>7} | "
+            f"{_f(r['max_ms']):>7} | {_f(r['over_goal'], 'd'):>6} | {H.noise_cell(r.get('noise'))}"
+        )
     for name, r in results.items():
         if r.get("failed"):
             print(f"  ! {name}: {r['failed'][:300]}")
@@ -326,26 +347,47 @@ def main() -> int:
         okall = g["max_ms"] < GOAL_MS and clean
         print(f"gateway added delay p50 (ms)        {added50:8.3f}")
         print(f"gateway added delay p99 (ms)        {added99:8.3f}")
-        print(f"gateway chunk delay p99 (ms)        {g['p99_ms']:8.3f}   goal < {GOAL_MS:g}   "
-              f"{'goal met' if ok99 else 'goal missed'}")
-        print(f"gateway chunks within {GOAL_MS:g} ms          {g['count'] - g['over_goal']}/{g['count']}"
-              f"   goal all    {'goal met' if okall else 'goal missed'}  (max {g['max_ms']:.3f} ms)")
-        goals = [{"label": "added_p50_ms", "value": added50}, {"label": "added_p99_ms", "value": added99},
-                 {"label": "gateway_p99_ms", "value": g["p99_ms"], "ok": ok99, "goal": f"< {GOAL_MS}"},
-                 {"label": "gateway_all_chunks_within_goal", "value": g["count"] - g["over_goal"],
-                  "ok": okall, "goal": f"max < {GOAL_MS}"}]
+        print(
+            f"gateway chunk delay p99 (ms)        {g['p99_ms']:8.3f}   goal < {GOAL_MS:g}   "
+            f"{'goal met' if ok99 else 'goal missed'}"
+        )
+        print(
+            f"gateway chunks within {GOAL_MS:g} ms          {g['count'] - g['over_goal']}/{g['count']}"
+            f"   goal all    {'goal met' if okall else 'goal missed'}  (max {g['max_ms']:.3f} ms)"
+        )
+        goals = [
+            {"label": "added_p50_ms", "value": added50},
+            {"label": "added_p99_ms", "value": added99},
+            {"label": "gateway_p99_ms", "value": g["p99_ms"], "ok": ok99, "goal": f"< {GOAL_MS}"},
+            {
+                "label": "gateway_all_chunks_within_goal",
+                "value": g["count"] - g["over_goal"],
+                "ok": okall,
+                "goal": f"max < {GOAL_MS}",
+            },
+        ]
     else:
         print("gateway: no valid measurement (goal missed)")
         goals = [{"label": "gateway_p99_ms", "value": None, "ok": False}]
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "sse",
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "events": args.events, "interval_ms": args.interval_ms, "streams": args.streams,
-        "gateway_skipped": gateway_skipped, "results": results, "goals": goals,
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "sse",
+                "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "events": args.events,
+                "interval_ms": args.interval_ms,
+                "streams": args.streams,
+                "gateway_skipped": gateway_skipped,
+                "results": results,
+                "goals": goals,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nresults written to {out}")
     return 1 if any(r.get("failed") for r in results.values()) else 0
 

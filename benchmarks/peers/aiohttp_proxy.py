@@ -16,8 +16,15 @@ import aiohttp
 from aiohttp import web
 
 HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "proxy-connection",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
 }
 # Recomputed by the client/server library on each side.
 DROP_REQUEST = HOP_BY_HOP | {"host", "content-length"}
@@ -48,8 +55,11 @@ def make_app(upstream: str) -> web.Application:
         session: aiohttp.ClientSession = request.app["session"]
         try:
             async with session.request(
-                request.method, upstream + request.raw_path, data=body or None,
-                headers=_filter(request.headers, DROP_REQUEST), allow_redirects=False,
+                request.method,
+                upstream + request.raw_path,
+                data=body or None,
+                headers=_filter(request.headers, DROP_REQUEST),
+                allow_redirects=False,
             ) as r:
                 data = await r.read()
                 return web.Response(status=r.status, body=data, headers=_filter(r.headers, DROP_RESPONSE))
@@ -82,9 +92,10 @@ def main() -> None:
     args = ap.parse_args()
     try:
         import uvloop
+
         run = uvloop.run
     except ImportError:
-        run = asyncio.run
+        run = asyncio.run  # type: ignore[assignment]
     try:
         run(serve(args.host, args.port, args.upstream))
     except KeyboardInterrupt:

@@ -22,8 +22,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
     await request.read()
     n = int(request.query.get("events", "200"))
     interval_ns = int(float(request.query.get("interval_ms", "5")) * 1_000_000)
-    resp = web.StreamResponse(status=200, headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
     start = time.monotonic_ns()
@@ -61,9 +60,10 @@ def main() -> None:
     args = ap.parse_args()
     try:
         import uvloop
+
         run = uvloop.run
     except ImportError:
-        run = asyncio.run
+        run = asyncio.run  # type: ignore[assignment]
     try:
         run(serve(args.host, args.port))
     except KeyboardInterrupt:

@@ -19,8 +19,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "proxy-connection",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
 }
 DROP_REQUEST = HOP_BY_HOP | {"host", "content-length"}
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
@@ -53,12 +60,10 @@ def make_app(upstream: str) -> Starlette:
         if request.url.query:
             url += "?" + request.url.query
         try:
-            r = await client.request(request.method, url, content=body,
-                                     headers=_filter(request.headers, DROP_REQUEST))
+            r = await client.request(request.method, url, content=body, headers=_filter(request.headers, DROP_REQUEST))
         except httpx.TransportError as e:
             return Response(f"upstream error: {e}\n", status_code=502)
-        return Response(content=r.content, status_code=r.status_code,
-                        headers=_filter(r.headers, DROP_RESPONSE))
+        return Response(content=r.content, status_code=r.status_code, headers=_filter(r.headers, DROP_RESPONSE))
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     return Starlette(routes=[Route("/{path:path}", proxy, methods=methods)], lifespan=lifespan)
@@ -72,16 +77,27 @@ def main() -> None:
     args = ap.parse_args()
     try:
         import uvloop  # noqa: F401
+
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
     try:
         import httptools  # noqa: F401
+
         http = "httptools"
     except ImportError:
         http = "h11"
-    uvicorn.run(make_app(args.upstream), host=args.host, port=args.port, workers=1, loop=loop,
-                http=http, access_log=False, log_level="warning", backlog=4096)
+    uvicorn.run(
+        make_app(args.upstream),
+        host=args.host,
+        port=args.port,
+        workers=1,
+        loop=loop,
+        http=http,
+        access_log=False,
+        log_level="warning",
+        backlog=4096,
+    )
 
 
 if __name__ == "__main__":
