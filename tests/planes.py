@@ -10,9 +10,11 @@ visible (`/production/sync/v1/models` reaches the plane as `/v1/models` and is e
     /sse-gone        one event, then one event every 20 ms until a write fails; the outcome lands
                      in `plane.gone` (the disconnect of the client must reach the plane)
     /upload          reads the body; `plane.progress(sizes)[i]` is set once chunk i is fully received
-    /sink            reads the body, answers {"length", "sha256"}; the read's outcome lands in
-                     `plane.sink_outcome` ("eof" or the exception's name, and the byte count).
-                     `?stall=1`: after the first MiB, waits (bounded) for `plane.stall_release`
+    /sink            reads the body (setting `plane.progress` events too), answers {"length", "sha256"};
+                     the read's outcome lands in `plane.sink_outcome`: ("eof" or the exception's name,
+                     bytes received).
+                     `?stall=1`: after the first MiB, stops reading until `plane.stall_release` is
+                     set or STALL_SECONDS pass (`plane.stall_ended_by` says which)
     /huge?size=N     N bytes in 256 KiB chunks (chunked encoding), sha256 of what was sent in
                      `plane.huge_sha256`; `plane.huge_done` is set when everything was written
     /status/<code>   answers <code> with `x-plane: yes` and body `plane body <code>` (text/plain)
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -39,7 +41,8 @@ _BLOCK = bytes(range(256)) * (CHUNK // 256)
 
 def huge_chunk(i: int, size: int) -> bytes:
     """Chunk `i` of the /huge body: numbered, so reordered or repeated chunks change the digest."""
-    return (i.to_bytes(8, "big") + _BLOCK[8:])[:size]
+    block = _BLOCK if size <= CHUNK else _BLOCK * -(-size // CHUNK)
+    return (i.to_bytes(8, "big") + block[8:size])[:size]
 
 
 class Plane:
@@ -53,6 +56,7 @@ class Plane:
         self.gone: asyncio.Future = asyncio.get_running_loop().create_future()
         self.sink_outcome: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stall_release = asyncio.Event()
+        self.stall_ended_by = ""  # "release" (the test let go) or "timeout"
         self.huge_done = asyncio.Event()
         self.huge_sha256 = ""
         self.huge_sent = 0
@@ -97,6 +101,11 @@ class Plane:
             total += size
             self.progress_events.append((total, asyncio.Event()))
         return [event for _, event in self.progress_events]
+
+    def _progressed(self, received: int) -> None:
+        for boundary, event in self.progress_events:
+            if received >= boundary:
+                event.set()
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -173,9 +182,7 @@ class Plane:
         received = 0
         async for data in request.content.iter_any():
             received += len(data)
-            for boundary, event in self.progress_events:
-                if received >= boundary:
-                    event.set()
+            self._progressed(received)
         return web.json_response({"length": received})
 
     async def sink(self, request: web.Request) -> web.Response:
@@ -188,16 +195,20 @@ class Plane:
                     break
                 digest.update(data)
                 received += len(data)
+                self._progressed(received)
                 if stall and received >= 1024 * 1024:
                     stall = False
                     try:
                         await asyncio.wait_for(self.stall_release.wait(), STALL_SECONDS)
+                        self.stall_ended_by = "release"
                     except TimeoutError:
-                        pass
+                        self.stall_ended_by = "timeout"
         except (Exception, asyncio.CancelledError) as exc:
             if not self.sink_outcome.done():
                 self.sink_outcome.set_result((type(exc).__name__, received))
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return web.Response(status=400, text="request body broken")
         if not self.sink_outcome.done():
             self.sink_outcome.set_result(("eof", received))
         return web.json_response({"length": received, "sha256": digest.hexdigest()})

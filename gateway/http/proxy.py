@@ -147,8 +147,10 @@ class Exchange:
         out = self.out
         out.append(status_line(status, reason or None))
         has_length = False
+        tokens = self.upstream.connection_tokens  # fields the plane's Connection header names are hop-by-hop too
+        drop = RESPONSE_DROP.union(tokens) if tokens else RESPONSE_DROP
         for name, value in headers:
-            if name in RESPONSE_DROP:
+            if name in drop:
                 continue
             if name == b"content-length":
                 has_length = True

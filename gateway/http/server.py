@@ -26,6 +26,8 @@ log = logging.getLogger("gateway.http")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 128
 BODY_BUFFER_HIGH_WATER = 256 * 1024  # buffered before a sink is attached, then reading pauses
+LINGER_SECONDS = 2.0  # after an early answer (413, 401, ...) to a body still arriving
+LINGER_MAX_BYTES = 16 * 1024 * 1024
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, phrase) for code, phrase in _REASONS.items()}
@@ -194,6 +196,8 @@ class HttpConnection(asyncio.Protocol):
         self.body_waiter: asyncio.Future | None = None
         self.write_paused_callbacks: list[Callable[[bool], None]] = []
         self.on_lost: Callable[[], None] | None = None
+        self.lingering = False
+        self.lingered = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -215,6 +219,11 @@ class HttpConnection(asyncio.Protocol):
             self.body_waiter.set_exception(ConnectionError("client went away"))
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self.lingered += len(data)
+            if self.lingered > LINGER_MAX_BYTES:
+                self.close()
+            return
         try:
             self._feed(data)
         finally:
@@ -362,8 +371,12 @@ class HttpConnection(asyncio.Protocol):
         self.write_paused_callbacks.clear()
         if self.closed:
             return
-        if self.must_close or not req.body.complete:
-            # Unread body bytes would be parsed as the next request: close instead.
+        if not req.body.complete:
+            # Unread body bytes would be parsed as the next request: close, but linger so a
+            # client still sending its body reads our answer instead of a connection reset.
+            self.linger()
+            return
+        if self.must_close:
             self.close()
             return
         if self.pipeline:
@@ -413,9 +426,7 @@ class HttpConnection(asyncio.Protocol):
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
         parts.append(body)
-        self.writelines(parts)
-        if self.must_close:
-            self.close()
+        self.writelines(parts)  # closing (or lingering) is up to `finish`
 
     def send_error(self, error: GatewayError, extra: tuple[tuple[str, str], ...] = ()) -> None:
         req = self.current
@@ -437,6 +448,17 @@ class HttpConnection(asyncio.Protocol):
         self.paused &= ~reason
         if not self.paused and not self.closed:
             self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def linger(self, seconds: float = LINGER_SECONDS) -> None:
+        """Half-close: send EOF after the response, discard what the client still sends, then close."""
+        if self.closed or self.transport is None:
+            return
+        self.lingering = True
+        self.paused = 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()
+        self.loop.call_later(seconds, self.close)
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:

@@ -107,6 +107,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.headers = []
+        self.connection_tokens: frozenset[bytes] = frozenset()
         self.reason = b""
         self.headers_done = False
         self.body_delimited = False
@@ -119,6 +120,8 @@ class UpstreamConnection(asyncio.Protocol):
         name = name.lower()
         if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
             self.body_delimited = True
+        elif name == b"connection":
+            self.connection_tokens |= {t.strip().lower() for t in value.split(b",")}
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
