@@ -228,3 +228,10 @@ def test_lookup_work_does_not_depend_on_table_size() -> None:
     c = Call("POST", "model-m7-prod-us.api.example.com", "/predict", KEY)
     assert resolve(small, c).deployment.id == resolve(counted, c).deployment.id == "d1"
     assert CountingDict.iterations == 0
+
+
+def test_ipv6_plane_addresses_are_bracketed_in_urls() -> None:
+    doc = example_doc("http://[::1]:9001", "http://127.0.0.1:9002")
+    r = resolve(compile_table(doc), call("model-abc123.api.example.com", "/production/predict"))
+    assert r.deployment.plane.url.host == "::1"  # what a socket connects to
+    assert r.upstream_url == "http://[::1]:9001/predict"

@@ -78,7 +78,11 @@ def test_example_loads() -> None:
     assert table.regions["eu"].networks == ("127.0.0.0/8",)
     us = table.planes["us-east-1"]
     assert (us.region, us.url, us.grpc, us.timeouts, us.tls) == (
-        "us", Upstream("http", "127.0.0.1", 9001), "127.0.0.1:9101", None, None
+        "us",
+        Upstream("http", "127.0.0.1", 9001),
+        "127.0.0.1:9101",
+        None,
+        None,
     )
     assert table.planes["eu-west-1"].url.base_url == "http://127.0.0.1:9002"
     assert dict(table.teams["acme"].regional_environments) == {"prod-us": "us", "prod-eu": "eu"}
@@ -100,7 +104,10 @@ def test_example_models() -> None:
     envs = abc.environments
     assert set(envs) == {"production", "staging", "prod-us", "prod-eu"}
     assert {name: env.region for name, env in envs.items()} == {
-        "production": None, "staging": None, "prod-us": "us", "prod-eu": "eu"
+        "production": None,
+        "staging": None,
+        "prod-us": "us",
+        "prod-eu": "eu",
     }
     assert envs["prod-eu"].deployment is abc.deployments["v3"]
     staging = envs["staging"]
@@ -175,7 +182,9 @@ def test_optional_settings_compile() -> None:
     staging = table.models["abc123"].environments["staging"]
     assert staging.shadow is not None
     assert (staging.shadow.deployment.id, staging.shadow.percent, staging.shadow.max_body_bytes) == (
-        "v0", 50.0, 1024 * 1024
+        "v0",
+        50.0,
+        1024 * 1024,
     )
     assert staging.backpressure == "REJECT_ON_FULL"
 
@@ -191,7 +200,11 @@ def test_tls_files_resolve_against_the_table_directory(tmp_path: Path) -> None:
         (tmp_path / "certs" / name).write_text("x")
     doc = example()
     edit(doc, ("planes", "eu-west-1", "url"), "https://plane-eu.internal:9443")
-    edit(doc, ("planes", "eu-west-1", "tls"), {"ca": "certs/ca.pem", "cert": "certs/cert.pem", "key": "certs/key.pem"})
+    edit(
+        doc,
+        ("planes", "eu-west-1", "tls"),
+        {"ca": "certs/ca.pem", "cert": "certs/cert.pem", "key": "certs/key.pem"},
+    )
     (tmp_path / "table.json").write_text(json.dumps(doc))
     tls = load_table(tmp_path / "table.json").planes["eu-west-1"].tls
     assert tls is not None
@@ -217,8 +230,14 @@ def test_compiled_table_is_immutable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         table.gateway.timeouts.total_seconds = 1  # type: ignore[misc]
     mappings = [
-        table.models, table.planes, table.regions, table.teams, table.api_keys, model.deployments,
-        model.environments, table.teams["acme"].regional_environments,
+        table.models,
+        table.planes,
+        table.regions,
+        table.teams,
+        table.api_keys,
+        model.deployments,
+        model.environments,
+        table.teams["acme"].regional_environments,
     ]
     for mapping in mappings:
         with pytest.raises(TypeError):
@@ -244,7 +263,11 @@ def test_a_bad_table_lists_every_problem_by_path() -> None:
     edit(doc, ("api_keys", 1, "team"), "umbrella")  # 7 unknown team
     edit(doc, ("regions", "eu", "networks"), ["10.0.0.0/33"])  # 8 bad CIDR
     del doc["models"]["llm7"]["environments"]["production"]  # 9 no production
-    edit(doc, ("models", "xyz789", "environments", "production", "canary"), {"deployment": "g1", "percent": 101})  # 10
+    edit(
+        doc,
+        ("models", "xyz789", "environments", "production", "canary"),
+        {"deployment": "g1", "percent": 101},
+    )  # 10
     edit(doc, ("gateway", "timeouts", "total_seconds"), 1201)  # 11
     edit(doc, ("models", "Bad_Id"), copy.deepcopy(doc["models"]["pipeline1"]))  # 12 bad model id
     problems = problems_of(doc)
@@ -288,214 +311,619 @@ CASES: list[tuple[str, list[tuple[tuple[Any, ...], Any]], str, str]] = [
     # unknown keys at every depth
     ("unknown top-level key", [(("modles",), {})], "modles", "unknown key 'modles' (did you mean 'models'?)"),
     ("unknown gateway key", [(("gateway", "region"), ["us"])], "gateway.region", "did you mean 'regions'?"),
-    ("unknown timeouts key", [(("gateway", "timeouts", "connect"), 1)], "gateway.timeouts.connect", "unknown key"),
+    (
+        "unknown timeouts key",
+        [(("gateway", "timeouts", "connect"), 1)],
+        "gateway.timeouts.connect",
+        "unknown key",
+    ),
     ("unknown region key", [(("regions", "us", "cidrs"), [])], "regions.us.cidrs", "unknown key 'cidrs'"),
-    ("unknown plane key", [(("planes", "us-east-1", "port"), 1)], "planes.us-east-1.port", "unknown key 'port'"),
+    (
+        "unknown plane key",
+        [(("planes", "us-east-1", "port"), 1)],
+        "planes.us-east-1.port",
+        "unknown key 'port'",
+    ),
     ("unknown team key", [(("teams", "acme", "regions"), {})], "teams.acme.regions", "unknown key"),
     ("unknown api key key", [(("api_keys", 0, "scope"), [])], "api_keys[0].scope", "unknown key 'scope'"),
-    ("unknown model key", [(("models", "abc123", "owner"), "x")], "models.abc123.owner", "unknown key 'owner'"),
-    ("unknown deployment key", [(("models", "abc123", "deployments", "v1", "plan"), "x")],
-     "models.abc123.deployments.v1.plan", "did you mean 'plane'?"),
-    ("unknown environment key", [(("models", "abc123", "environments", "staging", "canery"), {})],
-     "models.abc123.environments.staging.canery", "did you mean 'canary'?"),
-    ("unknown canary key", [(("models", "abc123", "environments", "staging", "canary", "weight"), 1)],
-     "models.abc123.environments.staging.canary.weight", "unknown key 'weight'"),
+    (
+        "unknown model key",
+        [(("models", "abc123", "owner"), "x")],
+        "models.abc123.owner",
+        "unknown key 'owner'",
+    ),
+    (
+        "unknown deployment key",
+        [(("models", "abc123", "deployments", "v1", "plan"), "x")],
+        "models.abc123.deployments.v1.plan",
+        "did you mean 'plane'?",
+    ),
+    (
+        "unknown environment key",
+        [(("models", "abc123", "environments", "staging", "canery"), {})],
+        "models.abc123.environments.staging.canery",
+        "did you mean 'canary'?",
+    ),
+    (
+        "unknown canary key",
+        [(("models", "abc123", "environments", "staging", "canary", "weight"), 1)],
+        "models.abc123.environments.staging.canary.weight",
+        "unknown key 'weight'",
+    ),
     # top level
     ("version", [(("version",), 2)], "version", "must be 1"),
     ("missing version", [(("version",), DROP)], "version", "required key 'version' is missing"),
     ("missing models", [(("models",), DROP)], "models", "required key 'models' is missing"),
     ("no domains", [(("domains",), [])], "domains", "must not be empty"),
     ("bad domain", [(("domains",), ["api_example.com"])], "domains[0]", "not a valid DNS name"),
-    ("numeric domain", [(("domains",), ["10.0.0.1"])], "domains[0]", "neither a valid IPv4 address nor a host"),
-    ("duplicate domain", [(("domains",), ["api.example.com", "API.example.com."])], "domains[1]",
-     "duplicate domain 'api.example.com' (also domains[0])"),
+    (
+        "numeric domain",
+        [(("domains",), ["10.0.0.1"])],
+        "domains[0]",
+        "neither a valid IPv4 address nor a host",
+    ),
+    (
+        "duplicate domain",
+        [(("domains",), ["api.example.com", "API.example.com."])],
+        "domains[1]",
+        "duplicate domain 'api.example.com' (also domains[0])",
+    ),
     # names
     ("bad region name", [(("regions", "US"), {})], "regions.US", "is not a valid name"),
-    ("bad plane name", [(("planes", "east 1"), {"region": "us", "url": "http://a"})], 'planes["east 1"]',
-     "not a valid name"),
+    (
+        "bad plane name",
+        [(("planes", "east 1"), {"region": "us", "url": "http://a"})],
+        'planes["east 1"]',
+        "not a valid name",
+    ),
     ("bad team name", [(("teams", "-acme"), {})], "teams.-acme", "not a valid name"),
-    ("bad model id", [(("models", "abc-1"), {"team": "acme", "deployments": {}, "environments": {"production": {}}})],
-     "models.abc-1", "is not a valid model id"),
-    ("model id too long", [(("models", "a" * 33), {"team": "acme", "deployments": {}, "environments": {"production": {}}})],
-     "models." + "a" * 33, "is not a valid model id"),
-    ("bad deployment id", [(("models", "abc123", "deployments", "_v1"), {"plane": "us-east-1"})],
-     "models.abc123.deployments._v1", "not a valid deployment id"),
-    ("bad environment name", [(("models", "abc123", "environments", "Prod"), {})],
-     "models.abc123.environments.Prod", "not a valid environment name"),
-    ("environment name ends with hyphen", [(("models", "abc123", "environments", "prod-"), {})],
-     "models.abc123.environments.prod-", "not a valid environment name"),
-    ("environment name with newline", [(("models", "abc123", "environments", "prod\n"), {})],
-     'models.abc123.environments["prod\\n"]', "not a valid environment name"),
-    ("environment name too long", [(("models", "abc123", "environments", "e" * 41), {})],
-     "models.abc123.environments." + "e" * 41, "at most 40 characters"),
-    ("development environment", [(("models", "abc123", "environments", "development"), {})],
-     "models.abc123.environments.development", "'development' is reserved"),
-    ("development regional environment", [(("teams", "acme", "regional_environments", "development"), "us")],
-     "teams.acme.regional_environments.development", "never a regional environment"),
-    ("bad regional environment name", [(("teams", "acme", "regional_environments", "Prod"), "us")],
-     "teams.acme.regional_environments.Prod", "not a valid environment name"),
-    ("bad api key environment", [(("api_keys", 1, "environments"), ["staging", "Prod"])],
-     "api_keys[1].environments[1]", "not a valid environment name"),
+    (
+        "bad model id",
+        [(("models", "abc-1"), {"team": "acme", "deployments": {}, "environments": {"production": {}}})],
+        "models.abc-1",
+        "is not a valid model id",
+    ),
+    (
+        "model id too long",
+        [(("models", "a" * 33), {"team": "acme", "deployments": {}, "environments": {"production": {}}})],
+        "models." + "a" * 33,
+        "is not a valid model id",
+    ),
+    (
+        "bad deployment id",
+        [(("models", "abc123", "deployments", "_v1"), {"plane": "us-east-1"})],
+        "models.abc123.deployments._v1",
+        "not a valid deployment id",
+    ),
+    (
+        "bad environment name",
+        [(("models", "abc123", "environments", "Prod"), {})],
+        "models.abc123.environments.Prod",
+        "not a valid environment name",
+    ),
+    (
+        "environment name ends with hyphen",
+        [(("models", "abc123", "environments", "prod-"), {})],
+        "models.abc123.environments.prod-",
+        "not a valid environment name",
+    ),
+    (
+        "environment name with newline",
+        [(("models", "abc123", "environments", "prod\n"), {})],
+        'models.abc123.environments["prod\\n"]',
+        "not a valid environment name",
+    ),
+    (
+        "environment name too long",
+        [(("models", "abc123", "environments", "e" * 41), {})],
+        "models.abc123.environments." + "e" * 41,
+        "at most 40 characters",
+    ),
+    (
+        "development environment",
+        [(("models", "abc123", "environments", "development"), {})],
+        "models.abc123.environments.development",
+        "'development' is reserved",
+    ),
+    (
+        "development regional environment",
+        [(("teams", "acme", "regional_environments", "development"), "us")],
+        "teams.acme.regional_environments.development",
+        "never a regional environment",
+    ),
+    (
+        "bad regional environment name",
+        [(("teams", "acme", "regional_environments", "Prod"), "us")],
+        "teams.acme.regional_environments.Prod",
+        "not a valid environment name",
+    ),
+    (
+        "bad api key environment",
+        [(("api_keys", 1, "environments"), ["staging", "Prod"])],
+        "api_keys[1].environments[1]",
+        "not a valid environment name",
+    ),
     # production, development deployments, deleted environments
-    ("missing production", [(("models", "abc123", "environments", "production"), DROP)],
-     "models.abc123.environments.production", "every model needs a 'production' environment"),
-    ("two development deployments", [(("models", "abc123", "deployments", "v0", "development"), True)],
-     "models.abc123.deployments.v0.development", "at most one development deployment, and 'dev' already is"),
-    ("deleted production", [(("models", "abc123", "deleted_environments"), ["production"])],
-     "models.abc123.deleted_environments[0]", "'production' cannot be deleted"),
-    ("deleted and live", [(("models", "abc123", "deleted_environments"), ["old-staging", "staging"])],
-     "models.abc123.deleted_environments[1]", "'staging' is also defined in environments"),
-    ("deleted development", [(("models", "abc123", "deleted_environments"), ["development"])],
-     "models.abc123.deleted_environments[0]", "reserved"),
+    (
+        "missing production",
+        [(("models", "abc123", "environments", "production"), DROP)],
+        "models.abc123.environments.production",
+        "every model needs a 'production' environment",
+    ),
+    (
+        "two development deployments",
+        [(("models", "abc123", "deployments", "v0", "development"), True)],
+        "models.abc123.deployments.v0.development",
+        "at most one development deployment, and 'dev' already is",
+    ),
+    (
+        "deleted production",
+        [(("models", "abc123", "deleted_environments"), ["production"])],
+        "models.abc123.deleted_environments[0]",
+        "'production' cannot be deleted",
+    ),
+    (
+        "deleted and live",
+        [(("models", "abc123", "deleted_environments"), ["old-staging", "staging"])],
+        "models.abc123.deleted_environments[1]",
+        "'staging' is also defined in environments",
+    ),
+    (
+        "deleted development",
+        [(("models", "abc123", "deleted_environments"), ["development"])],
+        "models.abc123.deleted_environments[0]",
+        "reserved",
+    ),
     # plane URLs
-    ("url with path", [(("planes", "us-east-1", "url"), "http://127.0.0.1:9001/api")],
-     "planes.us-east-1.url", "must not have a path ('/api')"),
-    ("url with query", [(("planes", "us-east-1", "url"), "http://127.0.0.1:9001/?a=1")],
-     "planes.us-east-1.url", "must not have a query"),
-    ("url with fragment", [(("planes", "us-east-1", "url"), "http://127.0.0.1:9001#x")],
-     "planes.us-east-1.url", "must not have a fragment"),
-    ("url with userinfo", [(("planes", "us-east-1", "url"), "http://user:pw@127.0.0.1:9001")],
-     "planes.us-east-1.url", "must not contain user information"),
-    ("url scheme", [(("planes", "us-east-1", "url"), "ftp://127.0.0.1:9001")],
-     "planes.us-east-1.url", "unsupported scheme 'ftp'"),
-    ("url without scheme", [(("planes", "us-east-1", "url"), "127.0.0.1:9001")],
-     "planes.us-east-1.url", "is not a URL like http://host:port"),
-    ("url without host", [(("planes", "us-east-1", "url"), "http://:9001")], "planes.us-east-1.url", "has no host"),
-    ("url bad port", [(("planes", "us-east-1", "url"), "http://127.0.0.1:65536")],
-     "planes.us-east-1.url", "'65536' is not a valid port"),
-    ("url port zero", [(("planes", "us-east-1", "url"), "http://127.0.0.1:0")], "planes.us-east-1.url", "valid port"),
-    ("url empty port", [(("planes", "us-east-1", "url"), "http://127.0.0.1:")], "planes.us-east-1.url", "valid port"),
-    ("url bad ipv4", [(("planes", "us-east-1", "url"), "http://127.0.0.256:9001")],
-     "planes.us-east-1.url", "not a valid IPv4 address"),
-    ("url unbracketed ipv6", [(("planes", "us-east-1", "url"), "http://::1:9001")],
-     "planes.us-east-1.url", "must be written in brackets"),
-    ("url bad ipv6", [(("planes", "us-east-1", "url"), "http://[::g]:9001")],
-     "planes.us-east-1.url", "not a valid IPv6 address"),
-    ("url bad host", [(("planes", "us-east-1", "url"), "http://plane_1.internal")],
-     "planes.us-east-1.url", "not a valid host name"),
-    ("url with space", [(("planes", "us-east-1", "url"), " http://127.0.0.1:9001")],
-     "planes.us-east-1.url", "is not a URL"),
-    ("endpoint with path", [(("models", "abc123", "deployments", "v1", "endpoints"), ["http://10.0.0.1/x"])],
-     "models.abc123.deployments.v1.endpoints[0]", "must not have a path"),
-    ("duplicate endpoint", [(("models", "abc123", "deployments", "v1", "endpoints"),
-                             ["http://10.0.0.1", "http://10.0.0.1:80/"])],
-     "models.abc123.deployments.v1.endpoints[1]", "already listed at endpoints[0]"),
-    ("grpc without port", [(("planes", "us-east-1", "grpc"), "127.0.0.1")],
-     "planes.us-east-1.grpc", "needs a port"),
-    ("grpc with scheme", [(("planes", "us-east-1", "grpc"), "http://127.0.0.1:9101")],
-     "planes.us-east-1.grpc", "must be written in brackets"),
+    (
+        "url with path",
+        [(("planes", "us-east-1", "url"), "http://127.0.0.1:9001/api")],
+        "planes.us-east-1.url",
+        "must not have a path ('/api')",
+    ),
+    (
+        "url with query",
+        [(("planes", "us-east-1", "url"), "http://127.0.0.1:9001/?a=1")],
+        "planes.us-east-1.url",
+        "must not have a query",
+    ),
+    (
+        "url with fragment",
+        [(("planes", "us-east-1", "url"), "http://127.0.0.1:9001#x")],
+        "planes.us-east-1.url",
+        "must not have a fragment",
+    ),
+    (
+        "url with userinfo",
+        [(("planes", "us-east-1", "url"), "http://user:pw@127.0.0.1:9001")],
+        "planes.us-east-1.url",
+        "must not contain user information",
+    ),
+    (
+        "url scheme",
+        [(("planes", "us-east-1", "url"), "ftp://127.0.0.1:9001")],
+        "planes.us-east-1.url",
+        "unsupported scheme 'ftp'",
+    ),
+    (
+        "url without scheme",
+        [(("planes", "us-east-1", "url"), "127.0.0.1:9001")],
+        "planes.us-east-1.url",
+        "is not a URL like http://host:port",
+    ),
+    (
+        "url without host",
+        [(("planes", "us-east-1", "url"), "http://:9001")],
+        "planes.us-east-1.url",
+        "has no host",
+    ),
+    (
+        "url bad port",
+        [(("planes", "us-east-1", "url"), "http://127.0.0.1:65536")],
+        "planes.us-east-1.url",
+        "'65536' is not a valid port",
+    ),
+    (
+        "url port zero",
+        [(("planes", "us-east-1", "url"), "http://127.0.0.1:0")],
+        "planes.us-east-1.url",
+        "valid port",
+    ),
+    (
+        "url empty port",
+        [(("planes", "us-east-1", "url"), "http://127.0.0.1:")],
+        "planes.us-east-1.url",
+        "the port is empty",
+    ),
+    (
+        "url bad ipv4",
+        [(("planes", "us-east-1", "url"), "http://127.0.0.256:9001")],
+        "planes.us-east-1.url",
+        "not a valid IPv4 address",
+    ),
+    (
+        "url unbracketed ipv6",
+        [(("planes", "us-east-1", "url"), "http://::1:9001")],
+        "planes.us-east-1.url",
+        "must be written in brackets",
+    ),
+    (
+        "url bad ipv6",
+        [(("planes", "us-east-1", "url"), "http://[::g]:9001")],
+        "planes.us-east-1.url",
+        "not a valid IPv6 address",
+    ),
+    (
+        "url bad host",
+        [(("planes", "us-east-1", "url"), "http://plane_1.internal")],
+        "planes.us-east-1.url",
+        "not a valid host name",
+    ),
+    (
+        "url with space",
+        [(("planes", "us-east-1", "url"), " http://127.0.0.1:9001")],
+        "planes.us-east-1.url",
+        "is not a URL",
+    ),
+    (
+        "endpoint with path",
+        [(("models", "abc123", "deployments", "v1", "endpoints"), ["http://10.0.0.1/x"])],
+        "models.abc123.deployments.v1.endpoints[0]",
+        "must not have a path",
+    ),
+    (
+        "duplicate endpoint",
+        [
+            (
+                ("models", "abc123", "deployments", "v1", "endpoints"),
+                ["http://10.0.0.1", "http://10.0.0.1:80/"],
+            )
+        ],
+        "models.abc123.deployments.v1.endpoints[1]",
+        "already listed at endpoints[0]",
+    ),
+    (
+        "grpc without port",
+        [(("planes", "us-east-1", "grpc"), "127.0.0.1")],
+        "planes.us-east-1.grpc",
+        "needs a port",
+    ),
+    (
+        "grpc with scheme",
+        [(("planes", "us-east-1", "grpc"), "http://127.0.0.1:9101")],
+        "planes.us-east-1.grpc",
+        "must be host:port, without a scheme",
+    ),
     # tls
-    ("tls on http plane", [(("planes", "us-east-1", "tls"), {"ca": __file__})],
-     "planes.us-east-1.tls", "only allowed for https:// planes"),
-    ("tls cert without key", [(("planes", "us-east-1", "url"), "https://a.internal"),
-                              (("planes", "us-east-1", "tls"), {"cert": __file__})],
-     "planes.us-east-1.tls", "cert and key go together"),
-    ("tls missing file", [(("planes", "us-east-1", "url"), "https://a.internal"),
-                          (("planes", "us-east-1", "tls"), {"ca": "/nonexistent/ca.pem"})],
-     "planes.us-east-1.tls.ca", "file not found: /nonexistent/ca.pem"),
-    ("tls directory", [(("planes", "us-east-1", "url"), "https://a.internal"),
-                       (("planes", "us-east-1", "tls"), {"ca": "/"})],
-     "planes.us-east-1.tls.ca", "not a regular file"),
-    ("empty tls", [(("planes", "us-east-1", "url"), "https://a.internal"), (("planes", "us-east-1", "tls"), {})],
-     "planes.us-east-1.tls", "must not be empty"),
+    (
+        "tls on http plane",
+        [(("planes", "us-east-1", "tls"), {"ca": __file__})],
+        "planes.us-east-1.tls",
+        "only allowed for https:// planes",
+    ),
+    (
+        "tls cert without key",
+        [
+            (("planes", "us-east-1", "url"), "https://a.internal"),
+            (("planes", "us-east-1", "tls"), {"cert": __file__}),
+        ],
+        "planes.us-east-1.tls",
+        "cert and key go together",
+    ),
+    (
+        "tls missing file",
+        [
+            (("planes", "us-east-1", "url"), "https://a.internal"),
+            (("planes", "us-east-1", "tls"), {"ca": "/nonexistent/ca.pem"}),
+        ],
+        "planes.us-east-1.tls.ca",
+        "file not found: /nonexistent/ca.pem",
+    ),
+    (
+        "tls directory",
+        [
+            (("planes", "us-east-1", "url"), "https://a.internal"),
+            (("planes", "us-east-1", "tls"), {"ca": "/"}),
+        ],
+        "planes.us-east-1.tls.ca",
+        "not a regular file",
+    ),
+    (
+        "empty tls",
+        [(("planes", "us-east-1", "url"), "https://a.internal"), (("planes", "us-east-1", "tls"), {})],
+        "planes.us-east-1.tls",
+        "must not be empty",
+    ),
     # unknown references
-    ("plane region", [(("planes", "us-east-1", "region"), "asia")], "planes.us-east-1.region", "unknown region 'asia'"),
-    ("deployment plane", [(("models", "abc123", "deployments", "v1", "plane"), "us-west-9")],
-     "models.abc123.deployments.v1.plane", "unknown plane 'us-west-9'"),
-    ("model team", [(("models", "xyz789", "team"), "initech")], "models.xyz789.team", "unknown team 'initech'"),
-    ("environment deployment", [(("models", "abc123", "environments", "prod-us", "deployment"), "v9")],
-     "models.abc123.environments.prod-us.deployment", "unknown deployment 'v9'"),
-    ("other model's deployment", [(("models", "abc123", "environments", "production", "deployment"), "t1")],
-     "models.abc123.environments.production.deployment", "unknown deployment 't1'"),
-    ("canary deployment", [(("models", "abc123", "environments", "staging", "canary", "deployment"), "v7")],
-     "models.abc123.environments.staging.canary.deployment", "unknown deployment 'v7'"),
-    ("shadow deployment", [(("models", "abc123", "environments", "staging", "shadow"), {"deployment": "v8", "percent": 1})],
-     "models.abc123.environments.staging.shadow.deployment", "unknown deployment 'v8'"),
-    ("team region", [(("teams", "acme", "regional_environments", "prod-asia"), "asia")],
-     "teams.acme.regional_environments.prod-asia", "unknown region 'asia'"),
-    ("gateway region", [(("gateway", "regions"), ["us", "apac"])], "gateway.regions[1]", "unknown region 'apac'"),
+    (
+        "plane region",
+        [(("planes", "us-east-1", "region"), "asia")],
+        "planes.us-east-1.region",
+        "unknown region 'asia'",
+    ),
+    (
+        "deployment plane",
+        [(("models", "abc123", "deployments", "v1", "plane"), "us-west-9")],
+        "models.abc123.deployments.v1.plane",
+        "unknown plane 'us-west-9'",
+    ),
+    (
+        "model team",
+        [(("models", "xyz789", "team"), "initech")],
+        "models.xyz789.team",
+        "unknown team 'initech'",
+    ),
+    (
+        "environment deployment",
+        [(("models", "abc123", "environments", "prod-us", "deployment"), "v9")],
+        "models.abc123.environments.prod-us.deployment",
+        "unknown deployment 'v9'",
+    ),
+    (
+        "other model's deployment",
+        [(("models", "abc123", "environments", "production", "deployment"), "t1")],
+        "models.abc123.environments.production.deployment",
+        "unknown deployment 't1'",
+    ),
+    (
+        "canary deployment",
+        [(("models", "abc123", "environments", "staging", "canary", "deployment"), "v7")],
+        "models.abc123.environments.staging.canary.deployment",
+        "unknown deployment 'v7'",
+    ),
+    (
+        "shadow deployment",
+        [(("models", "abc123", "environments", "staging", "shadow"), {"deployment": "v8", "percent": 1})],
+        "models.abc123.environments.staging.shadow.deployment",
+        "unknown deployment 'v8'",
+    ),
+    (
+        "team region",
+        [(("teams", "acme", "regional_environments", "prod-asia"), "asia")],
+        "teams.acme.regional_environments.prod-asia",
+        "unknown region 'asia'",
+    ),
+    (
+        "gateway region",
+        [(("gateway", "regions"), ["us", "apac"])],
+        "gateway.regions[1]",
+        "unknown region 'apac'",
+    ),
     ("api key team", [(("api_keys", 2, "team"), "initech")], "api_keys[2].team", "unknown team 'initech'"),
-    ("api key model", [(("api_keys", 1, "models"), ["abc123", "nope"])], "api_keys[1].models[1]", "unknown model 'nope'"),
+    (
+        "api key model",
+        [(("api_keys", 1, "models"), ["abc123", "nope"])],
+        "api_keys[1].models[1]",
+        "unknown model 'nope'",
+    ),
     # residency
-    ("residency current", [(("models", "abc123", "environments", "prod-us", "deployment"), "v3")],
-     "models.abc123.environments.prod-us.deployment",
-     "deployment 'v3' runs on plane 'eu-west-1' in region 'eu', but environment 'prod-us' is pinned to region 'us'"),
-    ("residency canary", [(("models", "abc123", "environments", "prod-us", "canary"), {"deployment": "v3", "percent": 1})],
-     "models.abc123.environments.prod-us.canary.deployment", "is pinned to region 'us'"),
-    ("residency shadow", [(("models", "abc123", "environments", "prod-us", "shadow"), {"deployment": "v3", "percent": 1})],
-     "models.abc123.environments.prod-us.shadow.deployment",
-     "deployment 'v3' runs on plane 'eu-west-1' in region 'eu', but environment 'prod-us' is pinned to region 'us'"),
-    ("residency of another model", [(("models", "llm7", "environments", "prod-eu", "deployment"), "t1")],
-     "models.llm7.environments.prod-eu.deployment", "pinned to region 'eu'"),
+    (
+        "residency current",
+        [(("models", "abc123", "environments", "prod-us", "deployment"), "v3")],
+        "models.abc123.environments.prod-us.deployment",
+        "deployment 'v3' runs on plane 'eu-west-1' in region 'eu', but environment 'prod-us' is pinned to region 'us'",
+    ),
+    (
+        "residency canary",
+        [(("models", "abc123", "environments", "prod-us", "canary"), {"deployment": "v3", "percent": 1})],
+        "models.abc123.environments.prod-us.canary.deployment",
+        "is pinned to region 'us'",
+    ),
+    (
+        "residency shadow",
+        [(("models", "abc123", "environments", "prod-us", "shadow"), {"deployment": "v3", "percent": 1})],
+        "models.abc123.environments.prod-us.shadow.deployment",
+        "deployment 'v3' runs on plane 'eu-west-1' in region 'eu', but environment 'prod-us' is pinned to region 'us'",
+    ),
+    (
+        "residency of another model",
+        [(("models", "llm7", "environments", "prod-eu", "deployment"), "t1")],
+        "models.llm7.environments.prod-eu.deployment",
+        "pinned to region 'eu'",
+    ),
     # canary / shadow / autoscaling / backpressure
-    ("canary without deployment", [(("models", "abc123", "environments", "staging", "deployment"), DROP)],
-     "models.abc123.environments.staging.canary", "a canary needs the environment to have a deployment"),
-    ("shadow without deployment", [(("models", "abc123", "environments", "fresh"),
-                                    {"shadow": {"deployment": "v2", "percent": 5}})],
-     "models.abc123.environments.fresh.shadow", "a shadow needs the environment to have a deployment"),
-    ("canary percent", [(("models", "abc123", "environments", "staging", "canary", "percent"), 100.5)],
-     "models.abc123.environments.staging.canary.percent", "must be at most 100"),
-    ("canary percent NaN", [(("models", "abc123", "environments", "staging", "canary", "percent"), float("nan"))],
-     "models.abc123.environments.staging.canary.percent", "expected a number, got the non-finite number nan"),
-    ("canary without percent", [(("models", "abc123", "environments", "staging", "canary", "percent"), DROP)],
-     "models.abc123.environments.staging.canary.percent", "required key 'percent' is missing"),
-    ("shadow max body", [(("models", "abc123", "environments", "staging", "shadow"),
-                          {"deployment": "v2", "percent": 5, "max_body_bytes": -1})],
-     "models.abc123.environments.staging.shadow.max_body_bytes", "must be at least 0"),
-    ("autoscaling min over max", [(("models", "abc123", "environments", "staging", "autoscaling", "min_replica"), 4)],
-     "models.abc123.environments.staging.autoscaling", "min_replica (4) is greater than max_replica (3)"),
-    ("autoscaling min over default max", [(("models", "abc123", "environments", "production", "autoscaling"),
-                                           {"min_replica": 2})],
-     "models.abc123.environments.production.autoscaling", "greater than the default max_replica (1)"),
-    ("autoscaling zero max", [(("models", "abc123", "environments", "staging", "autoscaling", "max_replica"), 0)],
-     "models.abc123.environments.staging.autoscaling.max_replica", "must be at least 1"),
-    ("backpressure policy", [(("models", "abc123", "environments", "staging", "backpressure"), {"policy": "DROP"})],
-     "models.abc123.environments.staging.backpressure.policy", "'DROP' is not one of: QUEUE_ON_FULL, REJECT_ON_FULL"),
-    ("deployment status", [(("models", "abc123", "deployments", "v1", "status"), "paused")],
-     "models.abc123.deployments.v1.status", "'paused' is not one of: active, scaled_to_zero, inactive"),
-    ("model kind", [(("models", "abc123", "kind"), "pipeline")], "models.abc123.kind", "is not one of: model, chain"),
-    ("replicas", [(("models", "abc123", "deployments", "v1", "replicas"), 0)],
-     "models.abc123.deployments.v1.replicas", "must be at least 1"),
-    ("development flag type", [(("models", "abc123", "deployments", "v1", "development"), "yes")],
-     "models.abc123.deployments.v1.development", "expected true or false, got the string 'yes'"),
+    (
+        "canary without deployment",
+        [(("models", "abc123", "environments", "staging", "deployment"), DROP)],
+        "models.abc123.environments.staging.canary",
+        "a canary needs the environment to have a deployment",
+    ),
+    (
+        "shadow without deployment",
+        [(("models", "abc123", "environments", "fresh"), {"shadow": {"deployment": "v2", "percent": 5}})],
+        "models.abc123.environments.fresh.shadow",
+        "a shadow needs the environment to have a deployment",
+    ),
+    (
+        "canary percent",
+        [(("models", "abc123", "environments", "staging", "canary", "percent"), 100.5)],
+        "models.abc123.environments.staging.canary.percent",
+        "must be at most 100",
+    ),
+    (
+        "canary percent NaN",
+        [(("models", "abc123", "environments", "staging", "canary", "percent"), float("nan"))],
+        "models.abc123.environments.staging.canary.percent",
+        "expected a number, got the non-finite number nan",
+    ),
+    (
+        "canary without percent",
+        [(("models", "abc123", "environments", "staging", "canary", "percent"), DROP)],
+        "models.abc123.environments.staging.canary.percent",
+        "required key 'percent' is missing",
+    ),
+    (
+        "shadow max body",
+        [
+            (
+                ("models", "abc123", "environments", "staging", "shadow"),
+                {"deployment": "v2", "percent": 5, "max_body_bytes": -1},
+            )
+        ],
+        "models.abc123.environments.staging.shadow.max_body_bytes",
+        "must be at least 0",
+    ),
+    (
+        "autoscaling min over max",
+        [(("models", "abc123", "environments", "staging", "autoscaling", "min_replica"), 4)],
+        "models.abc123.environments.staging.autoscaling",
+        "min_replica (4) is greater than max_replica (3)",
+    ),
+    (
+        "autoscaling min over default max",
+        [(("models", "abc123", "environments", "production", "autoscaling"), {"min_replica": 2})],
+        "models.abc123.environments.production.autoscaling",
+        "greater than the default max_replica (1)",
+    ),
+    (
+        "autoscaling zero max",
+        [(("models", "abc123", "environments", "staging", "autoscaling", "max_replica"), 0)],
+        "models.abc123.environments.staging.autoscaling.max_replica",
+        "must be at least 1",
+    ),
+    (
+        "backpressure policy",
+        [(("models", "abc123", "environments", "staging", "backpressure"), {"policy": "DROP"})],
+        "models.abc123.environments.staging.backpressure.policy",
+        "'DROP' is not one of: QUEUE_ON_FULL, REJECT_ON_FULL",
+    ),
+    (
+        "deployment status",
+        [(("models", "abc123", "deployments", "v1", "status"), "paused")],
+        "models.abc123.deployments.v1.status",
+        "'paused' is not one of: active, scaled_to_zero, inactive",
+    ),
+    (
+        "model kind",
+        [(("models", "abc123", "kind"), "pipeline")],
+        "models.abc123.kind",
+        "is not one of: model, chain",
+    ),
+    (
+        "replicas",
+        [(("models", "abc123", "deployments", "v1", "replicas"), 0)],
+        "models.abc123.deployments.v1.replicas",
+        "must be at least 1",
+    ),
+    (
+        "development flag type",
+        [(("models", "abc123", "deployments", "v1", "development"), "yes")],
+        "models.abc123.deployments.v1.development",
+        "expected true or false, got the string 'yes'",
+    ),
     # api keys
-    ("duplicate digest", [(("api_keys", 2, "sha256"), _EXAMPLE_DOC["api_keys"][0]["sha256"].upper())],
-     "api_keys[2].sha256", "the same key digest is already listed at api_keys[0]"),
-    ("duplicate key name", [(("api_keys", 2, "name"), "demo")], "api_keys[2].name", "duplicate api key name 'demo'"),
+    (
+        "duplicate digest",
+        [(("api_keys", 2, "sha256"), _EXAMPLE_DOC["api_keys"][0]["sha256"].upper())],
+        "api_keys[2].sha256",
+        "the same key digest is already listed at api_keys[0]",
+    ),
+    (
+        "duplicate key name",
+        [(("api_keys", 2, "name"), "demo")],
+        "api_keys[2].name",
+        "duplicate api key name 'demo'",
+    ),
     ("bad digest", [(("api_keys", 0, "sha256"), "abc")], "api_keys[0].sha256", "is not a hex SHA-256 digest"),
-    ("digest parsed as integer", [(("api_keys", 0, "sha256"), 12345)], "api_keys[0].sha256",
-     "expected a string, got the integer 12345 (quote it in YAML"),
-    ("api key model of another team", [(("api_keys", 1, "models"), ["xyz789"])], "api_keys[1].models[0]",
-     "model 'xyz789' belongs to team 'globex', not to the key's team 'acme'"),
+    (
+        "digest parsed as integer",
+        [(("api_keys", 0, "sha256"), 12345)],
+        "api_keys[0].sha256",
+        "expected a string, got the integer 12345 (YAML read it as a number or boolean; quote it)",
+    ),
+    (
+        "api key model of another team",
+        [(("api_keys", 1, "models"), ["xyz789"])],
+        "api_keys[1].models[0]",
+        "model 'xyz789' belongs to team 'globex', not to the key's team 'acme'",
+    ),
     ("api key missing digest", [(("api_keys", 0, "sha256"), DROP)], "api_keys[0].sha256", "is missing"),
     # timeouts and gateway settings
-    ("total timeout over 1200", [(("planes", "us-east-1", "timeouts"), {"total_seconds": 1500})],
-     "planes.us-east-1.timeouts.total_seconds", "must be at most 1200, got 1500"),
-    ("response start over 1200", [(("models", "abc123", "deployments", "v1", "timeouts"),
-                                   {"response_start_seconds": 1200.5})],
-     "models.abc123.deployments.v1.timeouts.response_start_seconds", "must be at most 1200"),
-    ("zero timeout", [(("gateway", "timeouts"), {"connect_seconds": 0})],
-     "gateway.timeouts.connect_seconds", "must be greater than 0, got 0"),
-    ("infinite hold", [(("gateway", "hold_timeout_seconds"), float("inf"))], "gateway.hold_timeout_seconds",
-     "non-finite"),
-    ("negative held calls", [(("gateway", "max_held_calls_per_deployment"), -1)],
-     "gateway.max_held_calls_per_deployment", "must be at least 0"),
-    ("fractional held calls", [(("gateway", "max_held_calls_per_deployment"), 1.5)],
-     "gateway.max_held_calls_per_deployment", "expected an integer"),
-    ("bad CIDR", [(("regions", "us", "networks"), ["127.0.0.0/8", "10.10.0.0/40"])],
-     "regions.us.networks[1]", "'10.10.0.0/40' is not a network in CIDR form"),
-    ("CIDR not a string", [(("regions", "us", "networks"), [10])], "regions.us.networks[0]", "expected a string"),
-    ("nameserver host name", [(("gateway", "dns"), {"nameservers": ["dns.google"]})],
-     "gateway.dns.nameservers[0]", "is not an IP address with an optional port"),
-    ("nameserver bad port", [(("gateway", "dns"), {"nameservers": ["8.8.8.8:0"]})],
-     "gateway.dns.nameservers[0]", "not a valid port"),
-    ("nameserver unclosed bracket", [(("gateway", "dns"), {"nameservers": ["[::1:53"]})],
-     "gateway.dns.nameservers[0]", "unclosed '['"),
-    ("nameserver bad ipv6", [(("gateway", "dns"), {"nameservers": ["[1::2::3]:53"]})],
-     "gateway.dns.nameservers[0]", "not a valid IPv6 address"),
-    ("no nameservers", [(("gateway", "dns"), {})], "gateway.dns.nameservers", "required key 'nameservers' is missing"),
+    (
+        "total timeout over 1200",
+        [(("planes", "us-east-1", "timeouts"), {"total_seconds": 1500})],
+        "planes.us-east-1.timeouts.total_seconds",
+        "must be at most 1200, got 1500",
+    ),
+    (
+        "response start over 1200",
+        [(("models", "abc123", "deployments", "v1", "timeouts"), {"response_start_seconds": 1200.5})],
+        "models.abc123.deployments.v1.timeouts.response_start_seconds",
+        "must be at most 1200",
+    ),
+    (
+        "zero timeout",
+        [(("gateway", "timeouts"), {"connect_seconds": 0})],
+        "gateway.timeouts.connect_seconds",
+        "must be greater than 0, got 0",
+    ),
+    (
+        "infinite hold",
+        [(("gateway", "hold_timeout_seconds"), float("inf"))],
+        "gateway.hold_timeout_seconds",
+        "non-finite",
+    ),
+    (
+        "negative held calls",
+        [(("gateway", "max_held_calls_per_deployment"), -1)],
+        "gateway.max_held_calls_per_deployment",
+        "must be at least 0",
+    ),
+    (
+        "fractional held calls",
+        [(("gateway", "max_held_calls_per_deployment"), 1.5)],
+        "gateway.max_held_calls_per_deployment",
+        "expected an integer",
+    ),
+    (
+        "bad CIDR",
+        [(("regions", "us", "networks"), ["127.0.0.0/8", "10.10.0.0/40"])],
+        "regions.us.networks[1]",
+        "'10.10.0.0/40' is not a network in CIDR form",
+    ),
+    (
+        "CIDR not a string",
+        [(("regions", "us", "networks"), [10])],
+        "regions.us.networks[0]",
+        "expected a string",
+    ),
+    (
+        "nameserver host name",
+        [(("gateway", "dns"), {"nameservers": ["dns.google"]})],
+        "gateway.dns.nameservers[0]",
+        "is not an IP address with an optional port",
+    ),
+    (
+        "nameserver bad port",
+        [(("gateway", "dns"), {"nameservers": ["8.8.8.8:0"]})],
+        "gateway.dns.nameservers[0]",
+        "not a valid port",
+    ),
+    (
+        "nameserver unclosed bracket",
+        [(("gateway", "dns"), {"nameservers": ["[::1:53"]})],
+        "gateway.dns.nameservers[0]",
+        "unclosed '['",
+    ),
+    (
+        "nameserver bad ipv6",
+        [(("gateway", "dns"), {"nameservers": ["[1::2::3]:53"]})],
+        "gateway.dns.nameservers[0]",
+        "not a valid IPv6 address",
+    ),
+    (
+        "no nameservers",
+        [(("gateway", "dns"), {})],
+        "gateway.dns.nameservers",
+        "required key 'nameservers' is missing",
+    ),
     # types
-    ("team is null", [(("teams", "globex"), None)], "teams.globex", "expected a mapping, got null"),
+    (
+        "team is null",
+        [(("teams", "globex"), None)],
+        "teams.globex",
+        "expected a mapping, got null (nothing) (write {} for an empty mapping)",
+    ),
     ("models is a list", [(("models",), [])], "models", "expected a mapping, got a list"),
 ]
 
@@ -527,10 +955,10 @@ def test_semantic_checks_still_run_next_to_structural_problems() -> None:
 def test_moving_a_plane_reports_every_environment_it_breaks() -> None:
     doc = edit(example(), ("planes", "eu-west-1", "region"), "us")
     assert problems_of(doc) == [
-        "models.abc123.environments.prod-eu.deployment: deployment 'v3' runs on plane 'eu-west-1' in region 'us', "
-        "but environment 'prod-eu' is pinned to region 'eu'",
-        "models.llm7.environments.prod-eu.deployment: deployment 't2' runs on plane 'eu-west-1' in region 'us', "
-        "but environment 'prod-eu' is pinned to region 'eu'",
+        "models.abc123.environments.prod-eu.deployment: deployment 'v3' runs on plane 'eu-west-1' "
+        "in region 'us', but environment 'prod-eu' is pinned to region 'eu'",
+        "models.llm7.environments.prod-eu.deployment: deployment 't2' runs on plane 'eu-west-1' "
+        "in region 'us', but environment 'prod-eu' is pinned to region 'eu'",
     ]
 
 
@@ -595,7 +1023,10 @@ def test_mapping_keys_keep_their_text() -> None:
 
 
 def test_json_is_parsed() -> None:
-    assert parse_document(b' {"version": 1, "x": [1.5, null, true]}', "t") == {"version": 1, "x": [1.5, None, True]}
+    assert parse_document(b' {"version": 1, "x": [1.5, null, true]}', "t") == {
+        "version": 1,
+        "x": [1.5, None, True],
+    }
 
 
 def test_invalid_json_file_reports_the_json_error() -> None:
@@ -652,7 +1083,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_odd_keys_are_quoted_in_paths() -> None:
     doc = edit(example(), ("models", "a.b"), {})
-    assert 'models["a.b"]: \'a.b\' is not a valid model id (1 to 32 lowercase letters and digits)' in problems_of(doc)
+    assert "models[\"a.b\"]: 'a.b' is not a valid model id (1 to 32 lowercase letters and digits)" in problems_of(doc)
 
 
 # -- properties -----------------------------------------------------------------------------------
@@ -671,13 +1102,32 @@ def _all_paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]
 
 _PATHS = _all_paths(_EXAMPLE_DOC)
 _SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["v1", "us", "eu", "acme", "production", "development", "http://x:1"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["v1", "us", "eu", "acme", "production", "development", "http://x:1"]),
 )
-_MUTATION = st.tuples(st.sampled_from(_PATHS), st.one_of(st.just(DROP), _SCALARS, st.just({}), st.just([])))
+_KEYS = st.one_of(st.text(max_size=8), st.sampled_from(["development", "production", "Prod", "a.b", "v9"]))
+
+
+class Rename:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Rename({self.key!r})"
+
+
+_MUTATION = st.tuples(
+    st.sampled_from(_PATHS),
+    st.one_of(st.just(DROP), _SCALARS, st.just({}), st.just([]), st.builds(Rename, _KEYS)),
+)
 
 
 def _mutate(mutations: list[tuple[tuple[Any, ...], Any]]) -> dict[str, Any]:
+    """Apply (path, DROP | Rename(new key) | new value) edits to the example; skip stale paths."""
     doc = example()
     for path, value in mutations:
         try:
@@ -686,6 +1136,9 @@ def _mutate(mutations: list[tuple[tuple[Any, ...], Any]]) -> dict[str, Any]:
                 node = node[seg]
             if value is DROP:
                 del node[path[-1]]
+            elif isinstance(value, Rename):
+                if isinstance(node, dict):
+                    node[value.key] = node.pop(path[-1])
             else:
                 node[path[-1]] = value
         except (KeyError, IndexError, TypeError):
@@ -708,10 +1161,31 @@ def test_mutated_tables_compile_or_list_problems(mutations: list[tuple[tuple[Any
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_MUTATION, min_size=1, max_size=4))
-def test_fast_gate_never_accepts_what_jsonschema_rejects(mutations: list[tuple[tuple[Any, ...], Any]]) -> None:
+def test_fast_gate_never_accepts_what_jsonschema_rejects(
+    mutations: list[tuple[tuple[Any, ...], Any]],
+) -> None:
     doc = _mutate(mutations)
     full = loader._explain(loader._DOC_VALIDATOR, doc, ())
     if loader._GATE.root(doc):
         assert full == []
     # Explaining model by model finds exactly what validating the whole document finds.
     assert set(loader._structural_problems(doc)) == set(full)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
+def test_any_bytes_parse_or_list_a_problem(data: bytes) -> None:
+    try:
+        doc = parse_document(data, "t.yaml")
+    except TableInvalid as exc:
+        assert len(exc.problems) == 1 and exc.problems[0].startswith("t.yaml: ")
+        return
+    try:
+        compile_table(doc)
+    except TableInvalid as exc:
+        assert exc.problems
+
+
+def test_big_collections_are_explained_entry_by_entry() -> None:
+    # With 100,000 models jsonschema must not walk the whole document (see loader._structural_problems).
+    assert set(loader._COLLECTIONS) == {"regions", "planes", "teams", "api_keys", "models"}

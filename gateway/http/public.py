@@ -171,9 +171,9 @@ class PublicHandler:
         block = self.identity.get(key)
         if block is None:
             block = self.identity[key] = (
-                b"host: %s:%d\r\nx-baseten-model-id: %s\r\nx-baseten-environment: %s\r\n"
+                b"host: %s\r\nx-baseten-model-id: %s\r\nx-baseten-environment: %s\r\n"
                 b"x-baseten-deployment-id: %s\r\n"
-                % (up.host.encode(), up.port, route.model.id.encode(), route.environment.encode(),
+                % (up.authority.encode(), route.model.id.encode(), route.environment.encode(),
                    route.deployment.id.encode())
             )  # fmt: skip
         return block

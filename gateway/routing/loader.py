@@ -86,7 +86,6 @@ SCHEMA_PATH = Path(__file__).with_name("schema.json")
 ROOT = "(document)"  # how a problem with the whole document names its path
 RESERVED_ENV = "development"
 PRODUCTION = "production"
-MAX_TIMEOUT_SECONDS = 1200
 
 DocPath = tuple[Any, ...]  # a location in the document: str keys and int list indices
 
@@ -181,7 +180,7 @@ def _gc_paused() -> Iterator[None]:
 # -- parsing ---------------------------------------------------------------------------------------
 
 MAX_DEPTH = 64  # a valid table nests 8 levels; libyaml's composer segfaults near 30,000
-MIN_ALIAS_BUDGET = 1_000_000  # nodes that aliases may add, at least (see _YamlLoader._finish)
+MIN_ALIAS_BUDGET = 1_000_000  # expanded nodes always allowed (see _YamlLoader.finish)
 
 
 class _DuplicateKey(ValueError):
@@ -209,8 +208,8 @@ class _YamlLoader(Composer, _YamlParser, SafeConstructor, Resolver):
         SafeConstructor.__init__(self)
         Resolver.__init__(self)
         self._depth = 0
-        self._sizes: dict[int, int] = {}  # id(node) -> nodes it expands to (aliases included)
-        self._real_nodes = 0
+        self._open: set[str] = set()  # anchors whose node is still being composed
+        self._aliases = 0
 
     # Nodes and events are typed Any: PyYAML's stubs do not describe libyaml's Mark and Event types.
     def compose_node(self, parent: Any, index: Any) -> Any:
@@ -218,38 +217,32 @@ class _YamlLoader(Composer, _YamlParser, SafeConstructor, Resolver):
         mark: Any = event.start_mark
         if self._depth >= MAX_DEPTH:
             raise ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels", mark)
+        anchor = event.anchor
+        if anchor is not None:
+            if isinstance(event, yaml.AliasEvent):
+                self._aliases += 1
+                if anchor in self._open:
+                    message = f"alias *{anchor} refers to a node that contains it"
+                    raise ComposerError(None, None, message, mark)
+            else:
+                self._open.add(anchor)
         self._depth += 1
         try:
-            node = super().compose_node(parent, index)
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
-        if isinstance(event, yaml.AliasEvent):
-            if id(node) not in self._sizes:
-                raise ComposerError(None, None, f"alias *{event.anchor} refers to a node that contains it", mark)
-        else:
-            self._real_nodes += 1
-            self._sizes[id(node)] = self._size(node)
-        return node
-
-    def _size(self, node: Any) -> int:
-        if isinstance(node, SequenceNode):
-            return 1 + sum(self._sizes[id(n)] for n in node.value)
-        if isinstance(node, MappingNode):
-            return 1 + sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
-        return 1
+            if anchor is not None:
+                self._open.discard(anchor)
 
     def finish(self, root: Any) -> None:
         """Refuse alias 'bombs': a few lines that expand to billions of nodes."""
-        if root is None:
+        if root is None or not self._aliases:
             return
-        expanded, budget = self._sizes[id(root)], max(MIN_ALIAS_BUDGET, 4 * self._real_nodes)
-        if expanded > budget:
-            raise ComposerError(
-                None,
-                None,
-                f"aliases expand the document to {expanded} nodes (limit {budget})",
-                root.start_mark,
-            )
+        expanded = _expanded_size(root)
+        budget = max(MIN_ALIAS_BUDGET, 4 * len(expanded))
+        if expanded[id(root)] > budget:
+            message = f"aliases expand the document to {expanded[id(root)]} nodes (limit {budget})"
+            raise ComposerError(None, None, message, root.start_mark)
 
     def construct_object(self, node: Any, deep: bool = False) -> Any:
         try:
@@ -287,6 +280,26 @@ class _YamlLoader(Composer, _YamlParser, SafeConstructor, Resolver):
             # Keys are names: keep the text as written instead of resolving `no`, `null` or `0123`.
             mapping[key_node.value] = self.construct_object(value_node, deep=deep)
         return mapping
+
+
+def _expanded_size(root: Any) -> dict[int, int]:
+    """id(node) -> how many nodes it stands for once aliases are expanded (iterative: aliases chain)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, SequenceNode) else []
+        if children_done:
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+        else:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes
 
 
 def _parse_yaml(data: bytes, source: str) -> Any:
@@ -348,9 +361,36 @@ SCHEMA: dict[str, Any] = json.loads(SCHEMA_PATH.read_bytes())
 _Validator.check_schema(SCHEMA)
 _DEFS: dict[str, Any] = SCHEMA["$defs"]
 _DOC_VALIDATOR = _Validator(SCHEMA)
-# Subtree validators, so that one bad model out of 100,000 is explained without walking the rest.
-_MODEL_VALIDATOR = _Validator({"$defs": _DEFS, "$ref": "#/$defs/model"})
-_MODEL_ID_VALIDATOR = _Validator({"$defs": _DEFS, "$ref": "#/$defs/modelId"})
+
+
+def _ref_validator(schema: Any) -> Any:
+    """A validator for `{"$ref": "#/$defs/x"}`, or None if `schema` is anything else."""
+    if isinstance(schema, dict) and set(schema) == {"$ref"}:
+        return _Validator({"$defs": _DEFS, "$ref": schema["$ref"]})
+    return None
+
+
+def _collections() -> dict[str, tuple[str, Any, Any]]:
+    """Top-level maps and lists of one item schema -> (kind, key validator, item validator).
+
+    These can hold 100,000 entries: a bad entry is explained with its own validator instead of
+    walking the whole document with jsonschema.
+    """
+    found: dict[str, tuple[str, Any, Any]] = {}
+    for key, sub in SCHEMA["properties"].items():
+        rest = {k: v for k, v in sub.items() if k not in ("description", "title")}
+        if set(rest) == {"type", "propertyNames", "additionalProperties"} and rest["type"] == "object":
+            names, items = _ref_validator(rest["propertyNames"]), _ref_validator(rest["additionalProperties"])
+            if names is not None and items is not None:
+                found[key] = ("object", names, items)
+        elif set(rest) == {"type", "items"} and rest["type"] == "array":
+            items = _ref_validator(rest["items"])
+            if items is not None:
+                found[key] = ("array", None, items)
+    return found
+
+
+_COLLECTIONS = _collections()
 
 
 class _Gate:
@@ -391,6 +431,12 @@ class _Gate:
         for name in self.schemas:
             self.ref(name)
         self.root = self.compile(root)
+        # (key predicate, item predicate) of each top-level collection, for _structural_problems
+        self.root_parts: dict[str, tuple[Callable[[Any], bool], Callable[[Any], bool]]] = {}
+        for key, sub in root["properties"].items():
+            names, items = sub.get("propertyNames"), sub.get("additionalProperties", sub.get("items"))
+            if isinstance(items, dict):
+                self.root_parts[key] = (self.compile(names) if names else lambda x: True, self.compile(items))
 
     def ref(self, name: str) -> Callable[[Any], bool]:
         if name in self.compiling:  # a recursive definition: look it up at call time
@@ -507,8 +553,6 @@ class _Gate:
 
 
 _GATE = _Gate(SCHEMA)
-_MODEL_GATE = _GATE.defs["model"]
-_MODEL_ID_GATE = _GATE.defs["modelId"]
 
 Problem = tuple[DocPath, str]
 
@@ -518,17 +562,28 @@ def _structural_problems(doc: Any) -> list[Problem]:
         return [((), "the document is empty")]
     if _GATE.root(doc):
         return []
-    models = doc.get("models") if isinstance(doc, dict) else None
-    if not isinstance(models, dict):
+    if not isinstance(doc, dict):
         return _explain(_DOC_VALIDATOR, doc, ())
-    # Explain the document without its models, then only the models the gate rejects.
-    problems = _explain(_DOC_VALIDATOR, {**doc, "models": {}}, ())
-    for model_id, model in models.items():
-        if not _MODEL_ID_GATE(model_id):
-            problems += _explain(_MODEL_ID_VALIDATOR, model_id, ("models",), key=True)
-        if not _MODEL_GATE(model):
-            problems += _explain(_MODEL_VALIDATOR, model, ("models", model_id))
-    return problems
+    # Explain the document with its big collections emptied, then only the entries the gate rejects.
+    stubbed = dict(doc)
+    problems: list[Problem] = []
+    for key, (kind, key_validator, item_validator) in _COLLECTIONS.items():
+        collection = doc.get(key)
+        if kind == "object" and isinstance(collection, dict):
+            stubbed[key] = {}
+            names_gate, items_gate = _GATE.root_parts[key]
+            for name, item in collection.items():
+                if not names_gate(name):
+                    problems += _explain(key_validator, name, (key,), key=True)
+                if not items_gate(item):
+                    problems += _explain(item_validator, item, (key, name))
+        elif kind == "array" and isinstance(collection, list):
+            stubbed[key] = []
+            _, items_gate = _GATE.root_parts[key]
+            for i, item in enumerate(collection):
+                if not items_gate(item):
+                    problems += _explain(item_validator, item, (key, i))
+    return _explain(_DOC_VALIDATOR, stubbed, ()) + problems
 
 
 def _explain(validator: Any, instance: Any, prefix: DocPath, *, key: bool = False) -> list[Problem]:
@@ -580,14 +635,14 @@ def _value_message(error: ValidationError) -> str:
     messages: dict[str, Callable[[], str]] = {
         "const": lambda: f"must be {value!r}, got {_describe(x)}",
         "enum": lambda: f"{_q(x)} is not one of: {', '.join(map(str, value))}",
-        "minimum": lambda: f"must be at least {value}, got {x!r}",
-        "maximum": lambda: f"must be at most {value}, got {x!r}",
-        "exclusiveMinimum": lambda: f"must be greater than {value}, got {x!r}",
+        "minimum": lambda: f"must be at least {value}, got {_clip(repr(x))}",
+        "maximum": lambda: f"must be at most {value}, got {_clip(repr(x))}",
+        "exclusiveMinimum": lambda: f"must be greater than {value}, got {_clip(repr(x))}",
         "minItems": lambda: "must not be empty" if value == 1 else f"needs at least {value} items",
         "minProperties": lambda: "must not be empty" if value == 1 else f"needs at least {value} keys",
         "minLength": lambda: "must not be empty" if value == 1 else f"must be at least {value} characters",
         "maxLength": lambda: f"is too long (at most {value} characters)",
-        "uniqueItems": lambda: f"lists {', '.join(_q(d) for d in _duplicates(x))} more than once",
+        "uniqueItems": lambda: f"lists {', '.join(_q(d) for d in _duplicates(x)) or 'an item'} more than once",
         "pattern": lambda: f"{_q(x)} does not have the expected form",
     }
     make = messages.get(str(kind))
@@ -975,10 +1030,8 @@ class _Semantics:
                 if self.ref(path + ("models", j), model_id, self.models, "model") and team_known:
                     owner = _d(_d(self.models).get(model_id)).get("team")
                     if isinstance(owner, str) and owner != key["team"]:
-                        self.add(
-                            path + ("models", j),
-                            f"model {_q(model_id)} belongs to team {_q(owner)}, not to the key's team {_q(key['team'])}",
-                        )
+                        message = f"model {_q(model_id)} belongs to team {_q(owner)}"
+                        self.add(path + ("models", j), f"{message}, not to the key's team {_q(key['team'])}")
 
     # models
 

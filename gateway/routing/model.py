@@ -45,8 +45,13 @@ class Upstream:
     port: int
 
     @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literals need brackets (RFC 3986)
+        return f"{host}:{self.port}"
+
+    @property
     def base_url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.authority}"
 
 
 @dataclass(frozen=True, slots=True)
