@@ -235,3 +235,57 @@ def test_ipv6_plane_addresses_are_bracketed_in_urls() -> None:
     r = resolve(compile_table(doc), call("model-abc123.api.example.com", "/production/predict"))
     assert r.deployment.plane.url.host == "::1"  # what a socket connects to
     assert r.upstream_url == "http://[::1]:9001/predict"
+
+
+# -- gRPC (SPEC §9) ---------------------------------------------------------------------------
+
+from gateway.routing.resolve import GrpcCall, resolve_grpc  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("authority", "env", "dep", "expected_env", "expected_dep", "region"),
+    [
+        ("model-abc123.grpc.api.example.com", None, None, "production", "v1", None),
+        ("model-abc123.grpc.api.example.com:443", "staging", None, "staging", "v1", None),
+        ("model-abc123.grpc.localhost", None, "v2", "", "v2", None),
+        ("model-abc123-prod-us.grpc.api.example.com", None, None, "prod-us", "v1", "us"),
+    ],
+)
+def test_grpc_routes(authority, env, dep, expected_env, expected_dep, region) -> None:
+    r = resolve_grpc(TABLE, GrpcCall(authority, "/demo.Echo/Say", KEY, env, dep, "user-1"))
+    assert (r.action, r.environment, r.deployment.id, r.region, r.upstream_target) == (
+        "grpc",
+        expected_env,
+        expected_dep,
+        region,
+        "/demo.Echo/Say",
+    )
+    assert r.deployment.plane.grpc == "127.0.0.1:9101"
+
+
+@pytest.mark.parametrize(
+    ("authority", "method", "auth", "env", "dep", "status", "grpc_status"),
+    [
+        ("model-abc123-prod-us.grpc.api.example.com", "/a.B/C", KEY, "staging", None, 400, 3),  # INVALID_ARGUMENT
+        ("model-abc123-prod-us.grpc.api.example.com", "/a.B/C", KEY, None, "v1", 400, 3),
+        ("model-abc123.grpc.api.example.com", "/a.B/C", KEY, "staging", "v1", 400, 3),
+        ("model-abc123.grpc.api.example.com", "/a.B/C", KEY, "Bad_Env", None, 400, 3),
+        ("model-abc123.grpc.api.example.com", "not-a-method", KEY, None, None, 400, 3),
+        ("model-abc123.api.example.com", "/a.B/C", KEY, None, None, 404, 5),  # not a gRPC host: NOT_FOUND
+        ("model-abc123.grpc.api.example.com", "/a.B/C", None, None, None, 401, 16),  # UNAUTHENTICATED
+        ("model-abc123.grpc.api.example.com", "/a.B/C", "Api-Key demo-key-globex", None, None, 404, 5),
+        ("model-abc123.grpc.api.example.com", "/a.B/C", "Api-Key demo-key-staging", None, None, 403, 7),
+        ("model-abc123-prod-eu.grpc.api.example.com", "/a.B/C", KEY, None, None, 421, 14),  # UNAVAILABLE
+        ("model-abc123.grpc.api.example.com", "/a.B/C", KEY, None, "v0", 503, 14),  # scaled to zero
+        ("model-abc123.grpc.api.example.com", "/a.B/C", KEY, "nosuch", None, 404, 5),
+    ],
+)
+def test_grpc_errors_map_to_grpc_codes(authority, method, auth, env, dep, status, grpc_status) -> None:
+    with pytest.raises(GatewayError) as info:
+        resolve_grpc(TABLE, GrpcCall(authority, method, auth, env, dep))
+    assert (info.value.status, info.value.grpc_status) == (status, grpc_status)
+
+
+def test_grpc_host_on_the_http_listener_is_not_found() -> None:
+    e = error("model-abc123.grpc.api.example.com", "/production/predict")
+    assert e.status == 404 and "gRPC listener" in e.message

@@ -10,10 +10,12 @@ deployment status (503) -> regional guarantee (503, never another region).
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import NamedTuple
 
 from gateway.auth import authenticate
 from gateway.errors import (
+    ClientError,
     Forbidden,
     MisdirectedRequest,
     ModelNotFound,
@@ -21,7 +23,15 @@ from gateway.errors import (
     ModelUnavailable,
     NotImplementedYet,
 )
-from gateway.routing.hostpath import ASYNC_ENDPOINTS, HostTarget, PathTarget, check_method, parse_host, parse_path
+from gateway.routing.hostpath import (
+    ASYNC_ENDPOINTS,
+    HostTarget,
+    PathTarget,
+    check_method,
+    is_env_name,
+    parse_host,
+    parse_path,
+)
 from gateway.routing.model import ApiKey, Deployment, Model, Table
 
 
@@ -53,8 +63,24 @@ class Route(NamedTuple):
         return base.base_url + self.upstream_target
 
 
+class GrpcCall(NamedTuple):
+    """What the router needs to know of an incoming gRPC call (SPEC §9)."""
+
+    authority: str | None
+    method: str  # "/package.Service/Method"
+    authorization: str | None = None  # `authorization` or `baseten-authorization` metadata
+    environment: str | None = None  # x-baseten-environment metadata
+    deployment: str | None = None  # x-baseten-deployment metadata
+    routing_key: str | None = None
+
+
+GRPC_METHOD = re.compile(r"/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
 def resolve(table: Table, call: Call) -> Route:
     host = parse_host(call.host, table.domains)
+    if host.grpc:
+        raise ModelNotFound(f"'{call.host}' is a gRPC host: call it on the gateway's gRPC listener")
     path = parse_path(call.target, host)
     check_method(call.method, path.endpoint, host.kind)
     key = authenticate(table, call.authorization)
@@ -66,7 +92,7 @@ def resolve(table: Table, call: Call) -> Route:
         raise Forbidden(f"this API key may not call {model.kind} '{model.id}'")
     if path.endpoint in ASYNC_ENDPOINTS:
         raise NotImplementedYet(f"'{path.endpoint}' (async inference) is not supported by this gateway yet")
-    env_name, deployment, canary = _target(model, host, path, key, call)
+    env_name, deployment, canary = _target(model, host, path, key, call.routing_key)
     if region is not None and deployment.region != region:
         # Validated in the table already; checked again so no code path can leave the region.
         raise ModelUnavailable(f"no deployment of environment '{env_name}' is available in region '{region}'")
@@ -76,6 +102,45 @@ def resolve(table: Table, call: Call) -> Route:
     return Route(
         action, model, env_name, deployment, path.endpoint, path.upstream_path + path.query, region, key, canary
     )
+
+
+def resolve_grpc(table: Table, call: GrpcCall) -> Route:
+    """The decision for a gRPC call: target from `:authority`, environment from metadata (SPEC §9)."""
+    host = parse_host(call.authority, table.domains)
+    if not host.grpc:
+        raise ModelNotFound(f"'{call.authority}' is not a gRPC host: use model-<id>[-<env>].grpc.<domain>")
+    if not GRPC_METHOD.match(call.method):
+        raise ClientError("malformed gRPC method path: expected /<package.Service>/<Method>")
+    if host.regional and (call.environment is not None or call.deployment is not None):
+        raise ClientError(
+            "regional gRPC hosts take the environment from the hostname; "
+            "drop the x-baseten-environment / x-baseten-deployment metadata"
+        )
+    if call.environment is not None and call.deployment is not None:
+        raise ClientError("send x-baseten-environment or x-baseten-deployment, not both")
+    key = authenticate(table, call.authorization)
+    model = table.models.get(host.id)
+    if model is None or model.team != key.team or model.kind != "model":
+        raise ModelNotFound(f"model '{host.id}' not found")
+    region = _pinned_region(table, model, host)
+    if key.models is not None and model.id not in key.models:
+        raise Forbidden(f"this API key may not call model '{model.id}'")
+    if call.deployment is not None:
+        path = PathTarget("deployment", call.deployment, "grpc", call.method, "")
+    elif host.regional:
+        path = PathTarget("none", "", "grpc", call.method, "")
+    else:
+        env = call.environment or "production"
+        if not is_env_name(env):
+            raise ClientError(f"invalid environment name '{env[:64]}' in x-baseten-environment")
+        path = PathTarget("environment", env, "grpc", call.method, "")
+    env_name, deployment, canary = _target(model, host, path, key, call.routing_key)
+    if region is not None and deployment.region != region:
+        raise ModelUnavailable(f"no deployment of environment '{env_name}' is available in region '{region}'")
+    _check_status(deployment)
+    if deployment.plane.grpc is None:
+        raise ModelUnavailable(f"plane '{deployment.plane.name}' has no gRPC address")
+    return Route("grpc", model, env_name, deployment, "grpc", call.method, region, key, canary)
 
 
 def _pinned_region(table: Table, model: Model, host: HostTarget) -> str | None:
@@ -91,7 +156,9 @@ def _pinned_region(table: Table, model: Model, host: HostTarget) -> str | None:
     return region
 
 
-def _target(model: Model, host: HostTarget, path: PathTarget, key: ApiKey, call: Call) -> tuple[str, Deployment, bool]:
+def _target(
+    model: Model, host: HostTarget, path: PathTarget, key: ApiKey, routing_key: str | None
+) -> tuple[str, Deployment, bool]:
     if path.target in ("deployment", "development"):
         if key.environments is not None:
             raise Forbidden("this API key is limited to environments and may not call deployments directly")
@@ -108,7 +175,7 @@ def _target(model: Model, host: HostTarget, path: PathTarget, key: ApiKey, call:
         raise ModelNotFound(f"environment '{env_name}' of {model.kind} '{model.id}' not found")
     if env.deployment is None:
         raise ModelNotFound(f"environment '{env_name}' of {model.kind} '{model.id}' has no deployment yet")
-    if env.canary is not None and in_canary(env.canary.percent, model.id, env_name, call.routing_key or key.name):
+    if env.canary is not None and in_canary(env.canary.percent, model.id, env_name, routing_key or key.name):
         return env_name, env.canary.deployment, True
     return env_name, env.deployment, False
 
