@@ -62,6 +62,15 @@ class MethodNotAllowed(ClientError):
         self.allow = allow
 
 
+class UpgradeRequired(ClientError):
+    """A plain request on the websocket endpoint (RFC 9110 §15.5.22)."""
+
+    status = 426
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers=(("upgrade", "websocket"), ("connection", "upgrade")))
+
+
 class MisdirectedRequest(ClientError):
     """A regional host of a region this gateway does not serve (SPEC §8)."""
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from gateway.errors import GatewayError, PayloadTooLarge, UpstreamTimeout
+from gateway.errors import GatewayError, PayloadTooLarge, UpstreamBroken, UpstreamTimeout
 from gateway.http.server import HttpConnection, Request, status_line
 from gateway.routing.model import Timeouts
 from gateway.upstream.pool import UpstreamConnection
@@ -192,6 +192,16 @@ class Exchange:
     def on_upstream_lost(self, error: GatewayError) -> None:
         self._abort(error)
 
+    # A plain exchange never asks for an upgrade, so the pool never tunnels it; defensively:
+    def on_upgrade(self, tail: bytes) -> None:
+        self._abort(UpstreamBroken("plane switched protocols without being asked to"))
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self._abort(UpstreamBroken("plane switched protocols without being asked to"))
+
+    def on_tunnel_closed(self) -> None:
+        self._abort(UpstreamBroken("plane closed the connection mid-call"))
+
     # -- endings --------------------------------------------------------------------------
 
     def client_lost(self) -> None:
@@ -241,3 +251,80 @@ def body_limit_error(req: Request) -> PayloadTooLarge | None:
     if req.content_length is not None and req.content_length > MAX_BODY_BYTES:
         return PayloadTooLarge(f"request body of {req.content_length} bytes exceeds {MAX_BODY_BYTES} bytes")
     return None
+
+
+# RFC 6455 §4: the 101 response the client must see; Upgrade/Connection are hop-by-hop elsewhere.
+UPGRADE_DROP = RESPONSE_DROP - {b"connection", b"upgrade"}
+
+
+class TunnelExchange(Exchange):
+    """A WebSocket session: the upgrade request goes to the plane; on its 101, bytes flow both ways.
+
+    The relay does not parse frames: text and binary messages of any size, ping/pong, and close
+    frames with their codes and reasons pass through untouched, in both directions (as nginx
+    relays WebSocket). When either side's connection ends, the other is closed at once.
+    """
+
+    __slots__ = ("tunnel",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tunnel = False
+
+    def start(self, head: list[bytes]) -> None:
+        head.insert(-1, b"connection: upgrade\r\nupgrade: %s\r\n" % (self.req.upgrade or b"websocket"))
+        self.client.on_lost = self.client_lost
+        self.client.write_paused_callbacks.append(self.upstream.pause_reading)
+        self.request_sent = True
+        self.upstream.start(self, head, upgrade=True)
+
+    def on_response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if status != 101:
+            self.client.must_close = True  # the plane refused the upgrade: relay its answer, then close
+            super().on_response_head(status, reason, headers)
+            return
+        self.status = 101
+        out = self.out
+        out.append(status_line(101, reason or None))
+        for name, value in headers:
+            if name not in UPGRADE_DROP:
+                out.append(b"%s: %s\r\n" % (name, value))
+        out.append(b"x-baseten-request-id: %s\r\n\r\n" % self.request_id.encode())
+        self.head_sent = True
+        self.client.response_started = True
+
+    def on_upgrade(self, tail: bytes) -> None:
+        self.tunnel = True
+        self.last_activity = self.loop.time()
+        self.client.start_tunnel(self.to_upstream)
+        if tail:
+            self.on_tunnel_data(tail)
+
+    def to_upstream(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.upstream.write(data)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.client.write(data)
+
+    def on_tunnel_closed(self) -> None:
+        """The plane's side ended: end the client's too (its close frame, if any, is already relayed)."""
+        self.client.close()
+        self._finish()
+
+    def client_lost(self) -> None:
+        if self.tunnel:
+            self.upstream.close()
+            self._finish()
+        else:
+            super().client_lost()
+
+    def check_deadlines(self, now: float) -> None:
+        if not self.tunnel:
+            super().check_deadlines(now)
+        elif now - self.last_activity >= self.timeouts.idle_seconds:
+            # A session silent both ways (pings count) for the idle limit is closed.
+            self.client.close()
+            self.upstream.close()
+            self._finish()

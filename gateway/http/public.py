@@ -12,8 +12,8 @@ import json
 import logging
 import ssl
 
-from gateway.errors import ClientError, GatewayError, NotImplementedYet
-from gateway.http.proxy import MAX_BODY_BYTES, Exchange, body_limit_error, new_request_id, request_head
+from gateway.errors import ClientError, GatewayError, UpgradeRequired, UpstreamBroken
+from gateway.http.proxy import MAX_BODY_BYTES, Exchange, TunnelExchange, body_limit_error, new_request_id, request_head
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Plane, Table, Upstream
@@ -66,7 +66,8 @@ class PublicHandler:
             self._answer(req, error, request_id, UNROUTED, started)
             return
         dep = route.deployment
-        labels = (route.model.id, route.environment, dep.id, dep.region, "http")
+        protocol = "websocket" if route.endpoint == "websocket" else "http"
+        labels = (route.model.id, route.environment, dep.id, dep.region, protocol)
         if route.action == "wake":
             self._wake(req, route, request_id)
             self._observe(labels, 202, started)
@@ -93,12 +94,13 @@ class PublicHandler:
         return route
 
     def _admit(self, req: Request, route: Route) -> None:
-        if req.upgrade is not None and b"upgrade" in req.connection_tokens:
-            if route.endpoint == "websocket":
-                raise NotImplementedYet("the WebSocket relay is not supported by this gateway yet")
-            raise ClientError("protocol upgrades are only accepted on the websocket endpoint")
+        upgrading = req.upgrade is not None and b"upgrade" in req.connection_tokens
         if route.endpoint == "websocket":
-            raise ClientError("the websocket endpoint needs a WebSocket upgrade request")
+            if not upgrading or req.upgrade.lower() != b"websocket":  # type: ignore[union-attr]
+                raise UpgradeRequired("the websocket endpoint needs a WebSocket upgrade request")
+            return
+        if upgrading:
+            raise ClientError("protocol upgrades are only accepted on the websocket endpoint")
         error = body_limit_error(req)
         if error is not None:
             raise error
@@ -125,7 +127,8 @@ class PublicHandler:
     def _start(
         self, req: Request, route: Route, up: Upstream, conn: UpstreamConnection, request_id: str, context: tuple
     ) -> None:  # fmt: skip
-        exchange = Exchange(req, conn, request_id, route.deployment.timeouts, self._done, context)
+        kind = TunnelExchange if route.endpoint == "websocket" else Exchange
+        exchange = kind(req, conn, request_id, route.deployment.timeouts, self._done, context)
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(route, up), request_id, self.scheme)
         exchange.start(head)
@@ -259,4 +262,13 @@ class _Discard:
         pass
 
     def upstream_write_paused(self, paused: bool) -> None:
+        pass
+
+    def on_upgrade(self, tail: bytes) -> None:
+        self.on_upstream_lost(UpstreamBroken("plane switched protocols"))
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        pass
+
+    def on_tunnel_closed(self) -> None:
         pass

@@ -198,6 +198,8 @@ class HttpConnection(asyncio.Protocol):
         self.on_lost: Callable[[], None] | None = None
         self.lingering = False
         self.lingered = 0
+        self.tunnel: Callable[[bytes], None] | None = None  # after a protocol upgrade: raw bytes go here
+        self.upgrade_tail = b""
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -219,6 +221,9 @@ class HttpConnection(asyncio.Protocol):
             self.body_waiter.set_exception(ConnectionError("client went away"))
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel(data)
+            return
         if self.lingering:
             self.lingered += len(data)
             if self.lingered > LINGER_MAX_BYTES:
@@ -234,8 +239,10 @@ class HttpConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             # The handler of the upgrade request decides (and answers); nothing after it is parsed.
+            # Bytes after the head already belong to the upgraded protocol: keep them for the tunnel.
+            self.upgrade_tail = data[upgrade.args[0] :]
             self.must_close = True
             self.pause_reading(self.PAUSE_BODY)
             if self.current is None and self.starting is None:
@@ -448,6 +455,14 @@ class HttpConnection(asyncio.Protocol):
         self.paused &= ~reason
         if not self.paused and not self.closed:
             self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def start_tunnel(self, sink: Callable[[bytes], None]) -> None:
+        """After a successful upgrade (101): every byte the client sends goes to `sink`, unparsed."""
+        self.tunnel = sink
+        tail, self.upgrade_tail = self.upgrade_tail, b""
+        if tail:
+            sink(tail)
+        self.resume_reading(self.PAUSE_BODY)
 
     def linger(self, seconds: float = LINGER_SECONDS) -> None:
         """Half-close: send EOF after the response, discard what the client still sends, then close."""

@@ -32,6 +32,9 @@ class Exchange(Protocol):
     def on_upstream_lost(self, error: GatewayError) -> None: ...
     def flush(self) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
+    def on_upgrade(self, tail: bytes) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
+    def on_tunnel_closed(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -48,6 +51,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_only = False  # response to HEAD: no body follows the head
         self.body_delimited = False  # Content-Length or chunked; otherwise ends at EOF
         self.message_done = False
+        self.upgrade_requested = False
+        self.upgraded = False  # the plane answered 101: raw bytes from here on
         self.idle_since = 0.0
         self.requests = 0
 
@@ -72,8 +77,18 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection are a protocol error by the plane: drop it.
             self.close()
             return
+        if self.upgraded:
+            exchange.on_tunnel_data(data)
+            return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            if not self.upgraded:
+                self._lost(UpstreamBroken("plane switched protocols without being asked to"))
+                return
+            exchange.flush()  # the 101 head first, then whatever followed it
+            exchange.on_upgrade(data[upgrade.args[0] :])
+            return
         except httptools.HttpParserError as exc:
             self._lost(UpstreamBroken(f"plane sent a malformed response: {exc}"))
             return
@@ -85,6 +100,10 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        if self.upgraded and self.exchange is not None:
+            exchange, self.exchange = self.exchange, None
+            exchange.on_tunnel_closed()
+            return
         if self.exchange is not None:
             if self.headers_done and not self.body_delimited and not self.message_done:
                 self.on_message_complete()  # close-delimited body ends at EOF (RFC 9112 §6.3)
@@ -126,7 +145,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
+        if status == 101:
+            if not self.upgrade_requested:
+                self._lost(UpstreamBroken("plane switched protocols without being asked to"))
+                return
+            self.upgraded = True
+            self.reusable = False
+        elif 100 <= status < 200:
             self.headers = []  # interim response (e.g. 100 Continue): not relayed
             return
         self.headers_done = True
@@ -144,8 +169,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if not self.headers_done or self.message_done:
-            return
+        if not self.headers_done or self.message_done or self.upgraded:
+            return  # after a 101 the connection carries the tunnel, not another response
         self.message_done = True
         self.reusable = self.reusable and self.parser.should_keep_alive() and self.body_delimited
         exchange, self.exchange = self.exchange, None
@@ -154,9 +179,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- use by an exchange -----------------------------------------------------------------
 
-    def start(self, exchange: Exchange, head: list[bytes], *, head_only: bool = False) -> None:
+    def start(self, exchange: Exchange, head: list[bytes], *, head_only: bool = False, upgrade: bool = False) -> None:
         self.exchange = exchange
         self.head_only = head_only
+        self.upgrade_requested = upgrade
         self.reusable = True
         self.requests += 1
         self.transport.writelines(head)  # type: ignore[union-attr]
