@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from gateway.demo import wsframes
 from gateway.http.server import Request, async_handler, serve
 
 STREAMING_MODELS = frozenset({"llm7"})
@@ -44,9 +45,11 @@ class SamplePlane:
         }
 
     async def handle(self, req: Request) -> None:
-        body = await req.body.read_all(8 * 1024 * 1024)
         who = self.identity(req)
         path = req.target.partition("?")[0]
+        if path == "/websocket" and req.upgrade is not None:
+            return await self._websocket(req, who)
+        body = await req.body.read_all(8 * 1024 * 1024)
         if path == "/wake" and req.method == "POST":
             self.wakes.append(who)
             return self._json(req, 200, {"status": "waking", **who})
@@ -80,3 +83,40 @@ class SamplePlane:
             conn.write(b"%x\r\n%s\r\n" % (len(event), event))
         done = b"data: [DONE]\n\n"
         conn.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+
+    async def _websocket(self, req: Request, who: dict) -> None:
+        """The WebSocket echo model: echoes text (tagged with where it ran) and binary, answers pings."""
+        key = req.header(b"sec-websocket-key")
+        if key is None:
+            return self._json(req, 400, {"error": "missing Sec-WebSocket-Key"})
+        conn = req.conn
+        conn.response_started = True
+        conn.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-accept: %s\r\n\r\n" % wsframes.accept_key(key)
+        )
+        reader = wsframes.FrameReader()
+        tag = f"echo from {who['deployment_id']} on {self.name} ({self.region}): "
+
+        def on_bytes(data: bytes) -> None:
+            for msg in reader.feed(data):
+                if msg.opcode == wsframes.TEXT:
+                    conn.write(wsframes.encode(wsframes.TEXT, tag.encode() + msg.payload, mask=False))
+                elif msg.opcode == wsframes.BINARY:
+                    conn.write(wsframes.encode(wsframes.BINARY, msg.payload, mask=False))
+                elif msg.opcode == wsframes.PING:
+                    conn.write(wsframes.encode(wsframes.PONG, msg.payload, mask=False))
+                elif msg.opcode == wsframes.CLOSE:
+                    conn.write(wsframes.encode(wsframes.CLOSE, msg.payload[:125], mask=False))
+                    conn.close()
+                    return
+
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def lost() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        conn.on_lost = lost
+        conn.start_tunnel(on_bytes)
+        await ended  # the session lives until either side closes the connection
