@@ -131,8 +131,14 @@ def running_gateway(config: Path, *extra: str, env: dict | None = None) -> Itera
         gw.stop()
 
 
-async def raw_request(port: int, data: bytes, *, read_until_close: bool = True, timeout: float = 10) -> bytes:
-    """Send raw bytes, return raw bytes read (until close, or one response's worth of time)."""
+async def raw_request(
+    port: int, data: bytes, *, read_until_close: bool = True, timeout: float = 10, partial_on_timeout: bool = False
+) -> bytes:
+    """Send raw bytes, return raw bytes read (until close, or one response's worth of time).
+
+    With `partial_on_timeout`, a server that keeps the connection open past `timeout` (it is
+    waiting for more of a request) yields what was read so far instead of raising.
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
     await writer.drain()
@@ -146,6 +152,9 @@ async def raw_request(port: int, data: bytes, *, read_until_close: bool = True, 
                 chunks.append(chunk)
                 if not read_until_close and b"\r\n\r\n" in b"".join(chunks):
                     break
+    except TimeoutError:
+        if not partial_on_timeout:
+            raise
     finally:
         writer.close()
     return b"".join(chunks)

@@ -26,6 +26,11 @@ log = logging.getLogger("gateway.http")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 128
 BODY_BUFFER_HIGH_WATER = 256 * 1024  # buffered before a sink is attached, then reading pauses
+MAX_URL_BYTES = 16 * 1024  # request-target; longer gets 414
+HEAD_TIMEOUT_SECONDS = 10.0  # a request head must arrive within this of its first byte (slowloris)
+KEEPALIVE_TIMEOUT_SECONDS = 75.0  # an idle keep-alive connection is closed after this (nginx's default)
+BODY_TIMEOUT_SECONDS = 60.0  # a request body that stalls this long (while we are reading) gets 408
+SWEEP_SECONDS = 1.0
 LINGER_SECONDS = 2.0  # after an early answer (413, 401, ...) to a body still arriving
 LINGER_MAX_BYTES = 16 * 1024 * 1024
 
@@ -200,11 +205,15 @@ class HttpConnection(asyncio.Protocol):
         self.lingered = 0
         self.tunnel: Callable[[bytes], None] | None = None  # after a protocol upgrade: raw bytes go here
         self.upgrade_tail = b""
+        self.last_read = 0.0
+        self.head_started: float | None = None  # a request head is being received since then
+        self.draining = False  # close after the current response (the listener is shutting down)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.last_read = self.loop.time()
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         if self.tracker is not None:
@@ -224,6 +233,7 @@ class HttpConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel(data)
             return
+        self.last_read = self.loop.time()
         if self.lingering:
             self.lingered += len(data)
             if self.lingered > LINGER_MAX_BYTES:
@@ -274,11 +284,12 @@ class HttpConnection(asyncio.Protocol):
         self.req = Request(self)
         self.header_bytes = 0
         self.url_parts = []
+        self.head_started = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self.header_bytes += len(url)
-        if self.header_bytes > MAX_HEADER_BYTES:
-            raise ClientError("request line too long")
+        if self.header_bytes > MAX_URL_BYTES:
+            raise _UriTooLong(f"request target longer than {MAX_URL_BYTES} bytes")
         self.url_parts.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -310,6 +321,7 @@ class HttpConnection(asyncio.Protocol):
             req.upgrade = value
 
     def on_headers_complete(self) -> None:
+        self.head_started = None
         req = self.req
         req.method = self.parser.get_method().decode("ascii")
         req.version = self.parser.get_http_version()
@@ -335,7 +347,7 @@ class HttpConnection(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         self.current = req
         self.response_started = False
-        self.must_close = not req.keep_alive
+        self.must_close = not req.keep_alive or self.draining
         try:
             self.handler(req)  # answers now, or later through `spawn` / callbacks, then calls `finish`
         except Exception:  # the worker must survive any handler bug
@@ -383,7 +395,7 @@ class HttpConnection(asyncio.Protocol):
             # client still sending its body reads our answer instead of a connection reset.
             self.linger()
             return
-        if self.must_close:
+        if self.must_close or self.draining:
             self.close()
             return
         if self.pipeline:
@@ -494,12 +506,74 @@ class _HeadersTooLarge(ClientError):
     status = 431
 
 
+class _UriTooLong(ClientError):
+    status = 414
+
+
+class _RequestTimeout(ClientError):
+    status = 408
+
+
+def sweep(conns: set[HttpConnection], now: float, serving: bool) -> None:
+    """Close connections that hold a worker's resources without making progress (issue 5).
+
+    - a request head still incomplete HEAD_TIMEOUT_SECONDS after its first byte: 408 (slowloris);
+    - a request body we are reading that stalls for BODY_TIMEOUT_SECONDS: 408;
+    - an idle keep-alive connection after KEEPALIVE_TIMEOUT_SECONDS;
+    - once the listener stops serving (drain): idle connections at once, busy ones after their response.
+    """
+    for conn in list(conns):
+        if conn.closed or conn.tunnel is not None or conn.lingering:
+            continue
+        if not serving:
+            conn.draining = conn.must_close = True  # the answer in progress says `connection: close`
+        busy = conn.current is not None or conn.pipeline
+        if conn.head_started is not None and now - conn.head_started > HEAD_TIMEOUT_SECONDS and not busy:
+            conn._reject(_RequestTimeout(f"request head not received within {HEAD_TIMEOUT_SECONDS:g} s"))
+        elif not busy:
+            if not serving or now - conn.last_read > KEEPALIVE_TIMEOUT_SECONDS:
+                conn.close()
+        elif (
+            conn.current is not None
+            and not conn.current.body.complete
+            and not conn.paused  # we are reading: the client is the one that stalled
+            and now - conn.last_read > BODY_TIMEOUT_SECONDS
+        ):
+            conn.must_close = True
+            if conn.response_started:
+                conn.abort()
+            else:
+                conn.send_error(_RequestTimeout(f"request body stalled for {BODY_TIMEOUT_SECONDS:g} s"))
+                conn.close()
+
+
+class _Sweeper:
+    """Runs `sweep` over one listener's connections every SWEEP_SECONDS while any remain."""
+
+    def __init__(self, conns: set[HttpConnection]) -> None:
+        self.conns = conns
+        self.loop = asyncio.get_running_loop()
+        self.server: asyncio.base_events.Server | None = None
+        self.handle = self.loop.call_later(SWEEP_SECONDS, self.tick)
+
+    def tick(self) -> None:
+        serving = self.server is not None and self.server.is_serving()
+        sweep(self.conns, self.loop.time(), serving)
+        if serving or self.conns:
+            self.handle = self.loop.call_later(SWEEP_SECONDS, self.tick)
+
+
 async def serve(
     handler: Handler, host: str, port: int, *, scheme: str = "http", ssl=None, sock=None,
     reuse_port: bool = False, tracker: set | None = None,
 ) -> asyncio.base_events.Server:  # fmt: skip
     loop = asyncio.get_running_loop()
-    factory = lambda: HttpConnection(handler, scheme=scheme, tracker=tracker)  # noqa: E731
+    conns: set[HttpConnection] = tracker if tracker is not None else set()
+    factory = lambda: HttpConnection(handler, scheme=scheme, tracker=conns)  # noqa: E731
+    sweeper = _Sweeper(conns)
     if sock is not None:
-        return await loop.create_server(factory, sock=sock, ssl=ssl, backlog=2048)
-    return await loop.create_server(factory, host, port, ssl=ssl, backlog=2048, reuse_port=reuse_port)
+        server = await loop.create_server(factory, sock=sock, ssl=ssl, backlog=2048)
+    else:
+        server = await loop.create_server(factory, host, port, ssl=ssl, backlog=2048, reuse_port=reuse_port)
+    sweeper.server = server
+    return server
