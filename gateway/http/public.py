@@ -75,7 +75,7 @@ class PublicHandler:
             return
         self.metrics.inflight.inc(labels)
         up = self._upstream(dep)
-        conn = self.pool.take_idle(up)
+        conn = self.pool.take_idle(up, dep.plane.tls)
         context = (route, labels, started)
         if conn is not None:
             self._start(req, route, up, conn, request_id, context)
@@ -192,11 +192,12 @@ class PublicHandler:
         return ctx
 
     async def _connect(self, dep: Deployment, up: Upstream) -> UpstreamConnection:
-        conn = self.pool.take_idle(up)
+        tls = dep.plane.tls
+        conn = self.pool.take_idle(up, tls)
         if conn is not None:
             return conn
         ctx = self._ssl(dep.plane) if up.scheme == "https" else None
-        return await self.pool.connect(up, dep.timeouts.connect_seconds, ctx)
+        return await self.pool.connect(up, dep.timeouts.connect_seconds, ctx, tls)
 
     # -- wake ------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import collections
 import socket
 import ssl as ssl_module
 import time
+from collections.abc import Hashable
 from typing import Protocol
 
 import httptools
@@ -237,11 +238,13 @@ class Pool:
         return f"<Pool [{idle} idle | {self.opened} opened]>"
 
     @staticmethod
-    def key(up: Upstream) -> tuple:
-        return (up.scheme, up.host, up.port)
+    def key(up: Upstream, tls: Hashable = None) -> tuple:
+        """Connections are shared only between callers with the same address AND TLS identity:
+        a connection made with one plane's client certificate must never carry another's calls."""
+        return (up.scheme, up.host, up.port, tls if up.scheme == "https" else None)
 
-    def take_idle(self, up: Upstream) -> UpstreamConnection | None:
-        conns = self.idle.get((up.scheme, up.host, up.port))
+    def take_idle(self, up: Upstream, tls: Hashable = None) -> UpstreamConnection | None:
+        conns = self.idle.get(self.key(up, tls))
         if not conns:
             return None
         now = time.monotonic()
@@ -253,9 +256,9 @@ class Pool:
         return None
 
     async def connect(
-        self, up: Upstream, timeout: float, ssl_context: ssl_module.SSLContext | None = None
+        self, up: Upstream, timeout: float, ssl_context: ssl_module.SSLContext | None = None, tls: Hashable = None
     ) -> UpstreamConnection:
-        key = (up.scheme, up.host, up.port)
+        key = self.key(up, tls)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
