@@ -102,10 +102,22 @@ class Metrics:
             "gateway_promotion_traffic_percent", "Traffic share of a promotion's candidate.", ROUTE[:3]
         )
         self.table_info = Gauge("gateway_table_info", "The serving routing table.", ("digest", "generation"))
-        self.all = (
+        self.all: tuple[Counter | Histogram, ...] = (
             self.requests, self.duration, self.inflight, self.upstream_errors, self.shadow, self.held,
             self.reloads, self.promotion, self.table_info,
         )  # fmt: skip
+        # DNS of plane hosts (SPEC §8, issue 5)
+        self.dns_lookups = Counter(
+            "gateway_dns_lookups_total",
+            "DNS lookups of plane hosts by result (ok, not_found, failed); stale_served: stale answers used.",
+            ("result",),
+        )
+        self.dns_region_violations = Counter(
+            "gateway_dns_region_violations_total",
+            "Resolved plane addresses refused for lying outside their region's networks.",
+            ("region", "host"),
+        )
+        self.all += (self.dns_lookups, self.dns_region_violations)
 
     def render(self) -> bytes:
         lines: list[str] = []
