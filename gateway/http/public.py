@@ -11,18 +11,35 @@ import asyncio
 import json
 import logging
 import ssl
+from typing import NamedTuple
 
-from gateway.errors import ClientError, GatewayError, UpgradeRequired, UpstreamBroken
+from gateway.dns import Resolver
+from gateway.errors import ClientError, GatewayError, ModelUnavailable, UpgradeRequired, UpstreamBroken
 from gateway.http.proxy import MAX_BODY_BYTES, Exchange, TunnelExchange, body_limit_error, new_request_id, request_head
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Plane, Table, Upstream
 from gateway.routing.resolve import Call, Route, resolve
 from gateway.state import TableState
+from gateway.upstream.balance import Endpoint, EndpointSet, Outcome, RetryBudget, replica_layout, should_retry
 from gateway.upstream.pool import Pool, UpstreamConnection
 
 log = logging.getLogger("gateway.public")
 UNROUTED = ("", "", "", "", "http")
+MAX_ADDRESSES_TRIED = 2  # of a host's resolved addresses, per connection attempt
+
+
+class Context(NamedTuple):
+    """What a call carries from its start to `_done`."""
+
+    route: Route
+    labels: tuple
+    started: float
+    endpoints: EndpointSet
+    endpoint: Endpoint
+    table: Table
+
+
 ROUTE_CACHE_SIZE = 8192
 SWEEP_SECONDS = 0.25
 
@@ -38,7 +55,10 @@ class PublicHandler:
         self.identity: dict[tuple, bytes] = {}  # identity header blocks of the current table
         self.ssl_contexts: dict[str, ssl.SSLContext] = {}
         self.exchanges: set[Exchange] = set()
-        self.rr = 0
+        self.endpoint_sets: dict[tuple[str, str], tuple[Deployment, EndpointSet]] = {}
+        self.budget = RetryBudget()
+        self.resolver = Resolver(state.table.gateway.dns_nameservers, metrics=metrics)
+        self.resolver_nameservers = state.table.gateway.dns_nameservers
         self.background: set[asyncio.Task] = set()
         self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
         state.on_swap.append(self._table_swapped)
@@ -46,9 +66,15 @@ class PublicHandler:
     def _table_swapped(self, table: Table) -> None:
         # New dicts, not clear(): a call in flight keeps the decisions of its own table.
         self.routes, self.identity, self.ssl_contexts = {}, {}, {}
+        self.pool.close_idle()  # planes may have moved, or their region's networks changed
+        if table.gateway.dns_nameservers != self.resolver_nameservers:
+            self.resolver.close()
+            self.resolver = Resolver(table.gateway.dns_nameservers, metrics=self.metrics)
+            self.resolver_nameservers = table.gateway.dns_nameservers
 
     def close(self) -> None:
         self.sweeper.cancel()
+        self.resolver.close()
 
     @property
     def inflight(self) -> int:
@@ -73,14 +99,21 @@ class PublicHandler:
             self._observe(labels, 202, started)
             req.conn.finish(req)
             return
+        endpoints = self._endpoints(route)
+        ep = endpoints.pick()
+        if ep is None:
+            ejected = ModelUnavailable(f"every replica of deployment '{dep.id}' is ejected after failures; retry later")
+            self._answer(req, ejected, request_id, labels, started)
+            return
         self.metrics.inflight.inc(labels)
-        up = self._upstream(dep)
-        conn = self.pool.take_idle(up, dep.plane.tls)
-        context = (route, labels, started)
+        endpoints.started(ep)
+        self.budget.record_request()
+        context = Context(route, labels, started, endpoints, ep, self.state.table)
+        conn = self.pool.take_idle(ep.upstream, dep.plane.tls)
         if conn is not None:
-            self._start(req, route, up, conn, request_id, context)
+            self._start(req, route, ep.upstream, conn, request_id, context)
         else:
-            req.conn.spawn(req, self._connect_and_start(req, route, up, request_id, context), finish=False)
+            req.conn.spawn(req, self._connect_and_start(req, route, request_id, context), finish=False)
 
     def _route(self, req: Request) -> Route:
         key = (req.method, req.host, req.target, req.authorization, req.routing_key)
@@ -106,26 +139,47 @@ class PublicHandler:
             raise error
         req.body.limit = MAX_BODY_BYTES
 
-    async def _connect_and_start(
-        self, req: Request, route: Route, up: Upstream, request_id: str, context: tuple
-    ) -> None:
+    async def _connect_and_start(self, req: Request, route: Route, request_id: str, context: Context) -> None:
         dep = route.deployment
-        try:
-            conn = await self._connect(dep, up)
-        except GatewayError as error:
-            self.metrics.upstream_errors.inc(context[1] + ("connect",))
-            self._end(req, context, error.status)
-            req.conn.send_error(error, (("x-baseten-request-id", request_id),))
-            req.conn.finish(req)
-            return
+        tried: set[Endpoint] = set()
+        attempt = 1
+        while True:
+            try:
+                conn = await self._connect(dep, context.endpoint.upstream, context.table)
+                break
+            except GatewayError as error:
+                self.metrics.upstream_errors.inc(context.labels + ("connect",))
+                context.endpoints.finished(context.endpoint, "connect_failure")
+                tried.add(context.endpoint)
+                retry = self._retry_endpoint(context, tried, attempt)
+                if retry is None:
+                    self._end(req, context, error.status)
+                    req.conn.send_error(error, (("x-baseten-request-id", request_id),))
+                    req.conn.finish(req)
+                    return
+                # Nothing of the request was sent: safe to try another replica (issue 5).
+                attempt += 1
+                context = context._replace(endpoint=retry)
         if req.conn.closed:
             self.pool.put_idle(conn)  # unused and clean: keep it for the next call
+            context.endpoints.finished(context.endpoint, "cancelled")
             self._end(req, context, 499)
             return
-        self._start(req, route, up, conn, request_id, context)  # its callbacks finish the request
+        self._start(req, route, context.endpoint.upstream, conn, request_id, context)  # callbacks finish it
+
+    def _retry_endpoint(self, context: Context, tried: set[Endpoint], attempt: int) -> Endpoint | None:
+        if not should_retry(
+            bytes_sent=0, streaming=False, protocol="http", attempt=attempt, max_attempts=2, outcome="connect_failure"
+        ) or not self.budget.can_retry():  # fmt: skip
+            return None
+        ep = context.endpoints.pick(exclude=frozenset(tried))
+        if ep is not None:
+            self.budget.record_retry()
+            context.endpoints.started(ep)
+        return ep
 
     def _start(
-        self, req: Request, route: Route, up: Upstream, conn: UpstreamConnection, request_id: str, context: tuple
+        self, req: Request, route: Route, up: Upstream, conn: UpstreamConnection, request_id: str, context: Context
     ) -> None:  # fmt: skip
         kind = TunnelExchange if route.endpoint == "websocket" else Exchange
         exchange = kind(req, conn, request_id, route.deployment.timeouts, self._done, context)
@@ -136,15 +190,22 @@ class PublicHandler:
     def _done(self, exchange: Exchange) -> None:
         self.exchanges.discard(exchange)
         req = exchange.req
+        context: Context = exchange.context
         if exchange.error is not None:
-            self.metrics.upstream_errors.inc(exchange.context[1] + (exchange.error.error_code,))
-        self._end(req, exchange.context, exchange.status)
+            self.metrics.upstream_errors.inc(context.labels + (exchange.error.error_code,))
+        status = exchange.status
+        outcome: Outcome = "ok"
+        if exchange.error is not None or status >= 500:
+            outcome = "failure"  # broken, timed out, or a 5xx from the plane: counts towards ejection
+        elif status == 499:
+            outcome = "cancelled"
+        context.endpoints.finished(context.endpoint, outcome)
+        self._end(req, context, status)
         req.conn.finish(req)
 
-    def _end(self, req: Request, context: tuple, status: int) -> None:
-        _, labels, started = context
-        self.metrics.inflight.dec(labels)
-        self._observe(labels, status, started)
+    def _end(self, req: Request, context: Context, status: int) -> None:
+        self.metrics.inflight.dec(context.labels)
+        self._observe(context.labels, status, context.started)
 
     def _answer(self, req: Request, error: GatewayError, request_id: str, labels: tuple, started: float) -> None:
         req.conn.send_error(error, (("x-baseten-request-id", request_id),))
@@ -163,11 +224,21 @@ class PublicHandler:
 
     # -- upstream selection and connections ---------------------------------------------------
 
-    def _upstream(self, dep: Deployment) -> Upstream:
-        if dep.endpoints:
-            self.rr += 1
-            return dep.endpoints[self.rr % len(dep.endpoints)]
-        return dep.plane.url
+    def _endpoints(self, route: Route) -> EndpointSet:
+        """The deployment's replica set, carried over (with its health state) across table swaps."""
+        dep = route.deployment
+        key = (route.model.id, dep.id)
+        entry = self.endpoint_sets.get(key)
+        if entry is not None and entry[0] is dep:
+            return entry[1]
+        env = route.model.environments.get(route.environment)
+        target = env.autoscaling.concurrency_target if env is not None else None
+        if entry is None:
+            endpoints = EndpointSet.for_deployment(dep, target)
+        else:
+            endpoints = entry[1].updated(*replica_layout(dep, target))
+        self.endpoint_sets[key] = (dep, endpoints)
+        return endpoints
 
     def _identity(self, route: Route, up: Upstream) -> bytes:
         key = (route.model.id, route.environment, route.deployment.id, up)
@@ -191,13 +262,22 @@ class PublicHandler:
             self.ssl_contexts[plane.name] = ctx
         return ctx
 
-    async def _connect(self, dep: Deployment, up: Upstream) -> UpstreamConnection:
+    async def _connect(self, dep: Deployment, up: Upstream, table: Table) -> UpstreamConnection:
+        """A connection to `up`; a new one only to an address inside the plane's region (SPEC §8)."""
         tls = dep.plane.tls
         conn = self.pool.take_idle(up, tls)
         if conn is not None:
             return conn
+        region = table.regions[dep.plane.region]
+        addresses = await self.resolver.resolve_in_region(up.host, region.name, region.networks)
         ctx = self._ssl(dep.plane) if up.scheme == "https" else None
-        return await self.pool.connect(up, dep.timeouts.connect_seconds, ctx, tls)
+        error: GatewayError | None = None
+        for address in addresses[:MAX_ADDRESSES_TRIED]:
+            try:
+                return await self.pool.connect(up, dep.timeouts.connect_seconds, ctx, tls, address)
+            except GatewayError as exc:
+                error = exc
+        raise error or ModelUnavailable(f"no address to connect to for '{up.host}'")
 
     # -- wake ------------------------------------------------------------------------------
 
@@ -221,7 +301,7 @@ class PublicHandler:
             b"x-baseten-request-id: %s\r\ncontent-length: 0\r\n\r\n" % request_id.encode(),
         ]  # fmt: skip
         try:
-            conn = await self._connect(dep, up)
+            conn = await self._connect(dep, up, self.state.table)
         except GatewayError as error:
             log.warning("wake of %s/%s failed: %s", route.model.id, dep.id, error.message)
             return

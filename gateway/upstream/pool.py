@@ -23,6 +23,7 @@ from gateway.errors import GatewayError, ModelUnavailable, UpstreamBroken
 from gateway.routing.model import Upstream
 
 IDLE_EXPIRY_SECONDS = 4.0  # below the usual 5 s keep-alive timeout of Python plane servers
+MAX_AGE_SECONDS = 30.0  # then a new connection, so a DNS change reaches even a busy pool
 MAX_IDLE_PER_HOST = 256
 
 
@@ -55,6 +56,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.upgrade_requested = False
         self.upgraded = False  # the plane answered 101: raw bytes from here on
         self.idle_since = 0.0
+        self.born = time.monotonic()
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -250,23 +252,30 @@ class Pool:
         now = time.monotonic()
         while conns:
             conn = conns.pop()  # most recently used first: warmest, least likely to be expired
-            if not conn.closed and now - conn.idle_since < IDLE_EXPIRY_SECONDS:
+            if not conn.closed and now - conn.idle_since < IDLE_EXPIRY_SECONDS and now - conn.born < MAX_AGE_SECONDS:
                 return conn
             conn.close()
         return None
 
     async def connect(
-        self, up: Upstream, timeout: float, ssl_context: ssl_module.SSLContext | None = None, tls: Hashable = None
-    ) -> UpstreamConnection:
+        self, up: Upstream, timeout: float, ssl_context: ssl_module.SSLContext | None = None, tls: Hashable = None,
+        address: str | None = None,
+    ) -> UpstreamConnection:  # fmt: skip
+        """A new connection to `up`, at `address` (already resolved and checked) if given.
+
+        TLS still verifies the plane's own host name, whatever address it was reached at.
+        """
         key = self.key(up, tls)
         loop = asyncio.get_running_loop()
+        tls_context = ssl_context if up.scheme == "https" else None
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self, key),
-                    up.host,
+                    address or up.host,
                     up.port,
-                    ssl=ssl_context if up.scheme == "https" else None,
+                    ssl=tls_context,
+                    server_hostname=up.host if tls_context is not None else None,
                 )
         except TimeoutError:
             raise ModelUnavailable(f"could not connect to the plane within {timeout:g} s") from None
@@ -287,6 +296,10 @@ class Pool:
         conns = self.idle.get(conn.key)
         if conns and conn in conns:
             conns.remove(conn)
+
+    def close_idle(self) -> None:
+        """Drop every idle connection (a new table may have moved planes or changed networks)."""
+        self.close()
 
     def close(self) -> None:
         for conns in self.idle.values():
