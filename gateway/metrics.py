@@ -126,3 +126,26 @@ class Metrics:
             lines.append(f"# TYPE {metric.name} {metric.kind}")
             lines.extend(metric.samples())
         return ("\n".join(lines) + "\n").encode()
+
+
+def snapshot(metrics: Metrics) -> dict:
+    """Every metric's values, as JSON-able data (a worker publishes this for its supervisor)."""
+    return {m.name: [[list(labels), value] for labels, value in m.values.items()] for m in metrics.all}
+
+
+def merge(into: Metrics, snapshots: list[dict], *, gauges: bool = True) -> None:
+    """Add workers' snapshots into `into`: counters and histograms sum; gauges sum when `gauges`."""
+    by_name = {m.name: m for m in into.all}
+    for snap in snapshots:
+        for name, rows in snap.items():
+            metric = by_name.get(name)
+            if metric is None or (isinstance(metric, Gauge) and not gauges):
+                continue
+            for labels, value in rows:
+                key = tuple(labels)
+                if isinstance(metric, Histogram):
+                    row = metric.values.setdefault(key, [0] * (len(metric.buckets) + 1) + [0.0])
+                    for i, v in enumerate(value):
+                        row[i] += v
+                else:
+                    metric.values[key] = metric.values.get(key, 0.0) + value

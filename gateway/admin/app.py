@@ -25,6 +25,7 @@ class AdminHandler:
         self.metrics = metrics
         self.token = token
         self.ready = ready
+        self.describe_extra: Callable[[], dict] | None = None  # e.g. the supervisor's per-worker view
         self.routes: dict[str, dict[str, Callable[[Request], Awaitable[tuple[int, object]]]]] = {
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
@@ -69,10 +70,16 @@ class AdminHandler:
         return 503, {"status": "starting"}
 
     async def _routing(self, req: Request) -> tuple[int, object]:
-        return 200, self.state.describe()
+        return 200, self.describe()
+
+    def describe(self) -> dict:
+        body = self.state.describe()
+        if self.describe_extra is not None:
+            body.update(self.describe_extra())
+        return body
 
     async def _reload(self, req: Request) -> tuple[int, object]:
         result = await self.state.reload("admin call")
         body = {"ok": result.ok, "changed": result.changed, "problems": list(result.problems)}
-        body.update(self.state.describe())
+        body.update(self.describe())
         return (200 if result.ok else 422), body
