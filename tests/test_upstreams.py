@@ -201,3 +201,23 @@ def test_outlier_ejection_and_recovery(tmp_path: Path) -> None:
         await b.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_restarted_replica_is_used_while_still_ejected_when_the_other_dies(tmp_path: Path) -> None:
+    """Found by the soak run: a rolling restart must not leave a deployment with no replica to try."""
+
+    async def scenario() -> list[tuple[int, dict]]:
+        a, b = await Replica("a").start(), await Replica("b").start()
+        with running_gateway(two_replica_table(tmp_path, a, b)) as gw:
+            async with aiohttp.ClientSession() as session:
+                await a.stop()
+                for _ in range(12):  # a's connect failures eject it; every call retried on b
+                    assert (await post(session, gw.url))[0] == 200
+                a = await Replica("a", port=a.port).start()  # back, but still inside its ejection back-off
+                await b.stop()
+                results = [await post(session, gw.url) for _ in range(5)]
+        await a.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == [(200, {"replica": "a"})] * 5

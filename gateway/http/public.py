@@ -100,7 +100,7 @@ class PublicHandler:
             req.conn.finish(req)
             return
         endpoints = self._endpoints(route)
-        ep = endpoints.pick()
+        ep = endpoints.pick() or _least_loaded(endpoints, frozenset())
         if ep is None:
             ejected = ModelUnavailable(f"every replica of deployment '{dep.id}' is ejected after failures; retry later")
             self._answer(req, ejected, request_id, labels, started)
@@ -172,7 +172,7 @@ class PublicHandler:
             bytes_sent=0, streaming=False, protocol="http", attempt=attempt, max_attempts=2, outcome="connect_failure"
         ) or not self.budget.can_retry():  # fmt: skip
             return None
-        ep = context.endpoints.pick(exclude=frozenset(tried))
+        ep = context.endpoints.pick(exclude=frozenset(tried)) or _least_loaded(context.endpoints, frozenset(tried))
         if ep is not None:
             self.budget.record_retry()
             context.endpoints.started(ep)
@@ -316,6 +316,13 @@ class PublicHandler:
             return
         conn.release()
         log.info("wake of %s/%s answered %s", route.model.id, dep.id, status)
+
+
+def _least_loaded(endpoints: EndpointSet, exclude: frozenset[Endpoint]) -> Endpoint | None:
+    """When every candidate is ejected, try the least loaded anyway rather than fail the call
+    (Envoy's panic mode): an ejected replica may be back before its back-off ends, as after a restart."""
+    candidates = [ep for ep in endpoints.endpoints if ep not in exclude]
+    return min(candidates, key=lambda ep: ep.in_flight, default=None)
 
 
 class _Discard:

@@ -57,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.upgraded = False  # the plane answered 101: raw bytes from here on
         self.idle_since = 0.0
         self.born = time.monotonic()
+        self.eof = False
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -98,6 +99,10 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.flush()
 
     def eof_received(self) -> bool | None:
+        # The plane closed its side: never lend this connection again, even in this loop turn
+        # (connection_lost, which sets `closed`, only runs on the next one).
+        self.eof = True
+        self.pool.forget(self)
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -252,7 +257,12 @@ class Pool:
         now = time.monotonic()
         while conns:
             conn = conns.pop()  # most recently used first: warmest, least likely to be expired
-            if not conn.closed and now - conn.idle_since < IDLE_EXPIRY_SECONDS and now - conn.born < MAX_AGE_SECONDS:
+            if (
+                not conn.closed
+                and not conn.eof
+                and now - conn.idle_since < IDLE_EXPIRY_SECONDS
+                and now - conn.born < MAX_AGE_SECONDS
+            ):
                 return conn
             conn.close()
         return None
