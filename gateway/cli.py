@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0)
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
+    s.add_argument("--grpc-tls-cert", help="TLS on the gRPC listener: certificate chain (PEM)")
+    s.add_argument("--grpc-tls-key", help="TLS on the gRPC listener: private key (PEM)")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("check", help="validate a routing table and list every problem")
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start sample planes and a gateway, print calls to try")
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--admin-port", type=int, default=9090)
+    d.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC listener")
     d.add_argument("--config", default=None, help="table to use (default: routing_config/example.yaml)")
     d.add_argument("--print-only", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(func=_demo)
@@ -79,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         config=args.config, host=args.host, port=args.port, admin_host=args.admin_host,
         admin_port=args.admin_port, admin_token=args.admin_token, grpc_port=args.grpc_port,
         workers=args.workers, drain_timeout=args.drain_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        grpc_tls_cert=args.grpc_tls_cert, grpc_tls_key=args.grpc_tls_key,
     )  # fmt: skip
     return run_serve(opts)
 

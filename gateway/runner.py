@@ -10,6 +10,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from gateway.admin.app import AdminHandler
+from gateway.grpc.listener import GrpcListener, tls_context
 from gateway.http.public import PublicHandler
 from gateway.http.server import HttpConnection, async_handler, serve
 from gateway.metrics import Metrics
@@ -25,13 +26,16 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     admin_host: str = "127.0.0.1"
-    admin_port: int = 9090
+    admin_port: int | None = 9090  # None: no admin listener (a worker under the supervisor)
     admin_token: str | None = None
     grpc_port: int | None = None
     workers: int = 1
+    reuse_port: bool = False  # SO_REUSEPORT: several workers share the public and gRPC ports
     drain_timeout: float = 30.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
     watch_interval: float = 1.0
     extra: dict = field(default_factory=dict)
 
@@ -48,10 +52,12 @@ def check_options(opts: ServeOptions) -> None:
         )
     if bool(opts.tls_cert) != bool(opts.tls_key):
         raise OptionsError("--tls-cert and --tls-key go together")
-    if opts.workers != 1:
-        raise OptionsError("--workers other than 1 is not supported yet")
-    if opts.grpc_port is not None:
-        raise OptionsError("--grpc-port: the gRPC relay is not supported yet")
+    if opts.workers < 1:
+        raise OptionsError("--workers must be at least 1")
+    if bool(opts.grpc_tls_cert) != bool(opts.grpc_tls_key):
+        raise OptionsError("--grpc-tls-cert and --grpc-tls-key go together")
+    if opts.grpc_tls_cert and opts.grpc_port is None:
+        raise OptionsError("--grpc-tls-cert needs --grpc-port")
 
 
 def _is_loopback(host: str) -> bool:
@@ -64,7 +70,7 @@ def _is_loopback(host: str) -> bool:
 
 
 class Gateway:
-    """One worker: public and admin listeners over one `TableState`."""
+    """One worker: public, admin and (with --grpc-port) gRPC listeners over one `TableState`."""
 
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
@@ -75,6 +81,7 @@ class Gateway:
         self.admin = AdminHandler(self.state, self.metrics, opts.admin_token, lambda: self.ready)
         self.connections: set[HttpConnection] = set()
         self.servers: list[asyncio.base_events.Server] = []
+        self.grpc: GrpcListener | None = None
         self.ready = False
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
@@ -84,8 +91,12 @@ class Gateway:
         return self.servers[0].sockets[0].getsockname()[1]
 
     @property
-    def admin_port(self) -> int:
-        return self.servers[1].sockets[0].getsockname()[1]
+    def admin_port(self) -> int | None:
+        return self.servers[1].sockets[0].getsockname()[1] if len(self.servers) > 1 else None
+
+    @property
+    def grpc_port(self) -> int | None:
+        return self.grpc.port if self.grpc is not None else None
 
     async def start(self) -> None:
         opts = self.opts
@@ -95,12 +106,19 @@ class Gateway:
             ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
         self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http")
         public = await serve(
-            self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections
-        )
-        admin = await serve(async_handler(self.admin), opts.admin_host, opts.admin_port)
-        self.servers = [public, admin]
+            self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,
+            reuse_port=opts.reuse_port,
+        )  # fmt: skip
+        self.servers = [public]
+        if opts.admin_port is not None:
+            self.servers.append(await serve(async_handler(self.admin), opts.admin_host, opts.admin_port))
+        if opts.grpc_port is not None:
+            cert, key = opts.grpc_tls_cert, opts.grpc_tls_key
+            self.grpc = GrpcListener(self.state, self.metrics, tls_context(cert, key) if cert and key else None)
+            await self.grpc.start(opts.host, opts.grpc_port, reuse_port=opts.reuse_port)
         loop = asyncio.get_running_loop()
-        self.tasks.append(loop.create_task(self.state.watch(opts.watch_interval)))
+        if opts.watch_interval > 0:  # a worker under the supervisor is told when to reload instead
+            self.tasks.append(loop.create_task(self.state.watch(opts.watch_interval)))
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.state.reload("SIGHUP")))
             loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
@@ -109,22 +127,30 @@ class Gateway:
             pass  # not the main thread (tests run gateways in threads)
         self.ready = True
         log.info(
-            "gateway serving %s on %s:%d, admin on %s:%d",
+            "gateway serving %s on %s:%d, admin on %s:%s",
             self.state.table,
             opts.host,
             self.public_port,
             opts.admin_host,
             self.admin_port,
         )
+        if self.grpc is not None:
+            log.info("gRPC (%s) on %s:%d", "TLS" if self.grpc.tls else "h2c", opts.host, self.grpc_port)
 
     async def drain(self) -> None:
         """Stop accepting, let calls in flight finish (up to the drain timeout), then close."""
         self.ready = False
         self.servers[0].close()
+        if self.grpc is not None:
+            self.grpc.stop_accepting()  # GOAWAY: clients open no new streams; open ones go on
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.drain_timeout
-        while any(c.current is not None for c in self.connections) and loop.time() < deadline:
+        while loop.time() < deadline and (
+            any(c.current is not None for c in self.connections) or (self.grpc is not None and self.grpc.busy)
+        ):
             await asyncio.sleep(0.05)
+        if self.grpc is not None:
+            await self.grpc.close()
         for conn in list(self.connections):
             conn.close()
         for server in self.servers:
@@ -152,6 +178,10 @@ def install_uvloop() -> None:
 
 def run_serve(opts: ServeOptions) -> int:
     check_options(opts)
+    if opts.workers > 1:
+        from gateway.supervisor import run_supervisor
+
+        return run_supervisor(opts)
     install_uvloop()
     asyncio.run(Gateway(opts).run())
     return 0

@@ -52,8 +52,9 @@ def write_table(path: Path, doc: dict) -> Path:
 class GatewayProcess:
     """`python -m gateway serve` as a child process on free loopback ports."""
 
-    def __init__(self, config: Path, *extra: str, env: dict | None = None) -> None:
+    def __init__(self, config: Path, *extra: str, env: dict | None = None, grpc_port: int | None = None) -> None:
         self.config = config
+        self.grpc_port = grpc_port  # with a port: `--grpc-port` (the gRPC listener, SPEC §9)
         self.port = free_port()
         self.admin_port = free_port()
         self.extra = extra
@@ -72,6 +73,8 @@ class GatewayProcess:
     def start(self) -> GatewayProcess:
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config), "--port", str(self.port),
                "--admin-port", str(self.admin_port), *self.extra]  # fmt: skip
+        if self.grpc_port is not None:
+            cmd += ["--grpc-port", str(self.grpc_port)]
         self.log = open(self.log_path, "wb")
         env = {**os.environ, **(self.env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -88,7 +91,8 @@ class GatewayProcess:
         raise RuntimeError(f"gateway not ready after 30 s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
@@ -123,8 +127,10 @@ class GatewayProcess:
 
 
 @contextlib.contextmanager
-def running_gateway(config: Path, *extra: str, env: dict | None = None) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(config, *extra, env=env).start()
+def running_gateway(
+    config: Path, *extra: str, env: dict | None = None, grpc_port: int | None = None
+) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(config, *extra, env=env, grpc_port=grpc_port).start()
     try:
         yield gw
     finally:

@@ -226,6 +226,13 @@ def test_explain_with_an_invalid_table_is_usage_error(tmp_path: Path) -> None:
 
 
 EXPECTED_DEMO_STATUS = [200, 200, 200, 200, 421, 400, 401, 403, 200, 200, 200, 202]
+# The gRPC calls the demo prints (gateway.demo.grpc_client): exit status and what the output shows.
+EXPECTED_DEMO_GRPC = [
+    (0, ["from plane us-east-1 (region us)", "environment production, deployment v1", "status OK"]),
+    (0, ["Chat <- [us-east-1/us] hello 1", "Chat <- [us-east-1/us] hello 3", "status OK"]),
+    (0, ["from plane eu-west-1 (region eu)", "environment prod-eu, deployment v3", "status OK"]),
+    (1, ["status UNAVAILABLE: this gateway does not serve region 'eu'", "x-baseten-request-id "]),
+]
 
 
 def test_demo_prints_calls_that_answer_as_printed(tmp_path: Path) -> None:
@@ -233,12 +240,14 @@ def test_demo_prints_calls_that_answer_as_printed(tmp_path: Path) -> None:
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["planes"]["us-east-1"]["url"] = f"http://127.0.0.1:{free_port()}"
     doc["planes"]["eu-west-1"]["url"] = f"http://127.0.0.1:{free_port()}"
+    doc["planes"]["us-east-1"]["grpc"] = f"127.0.0.1:{free_port()}"
+    doc["planes"]["eu-west-1"]["grpc"] = f"127.0.0.1:{free_port()}"
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump(doc))
     port, admin = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "demo", "--config", str(config), "--port", str(port),
-         "--admin-port", str(admin)],
+         "--admin-port", str(admin), "--grpc-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
     )  # fmt: skip
     try:
@@ -258,11 +267,21 @@ def test_demo_prints_calls_that_answer_as_printed(tmp_path: Path) -> None:
                 assert out.stdout.count("data: ") == 9 and "[DONE]" in out.stdout
             if "regional host: prod-us" in title:
                 assert '"region": "us"' in out.stdout
-        others = [cmd for _, cmd in commands if "[HTTP" not in cmd]
-        explain = subprocess.run(shlex.split(others[0]), capture_output=True, text=True, timeout=30)
+        grpc_calls = [(title, cmd) for title, cmd in commands if "gateway.demo.grpc_client" in cmd]
+        assert len(grpc_calls) == len(EXPECTED_DEMO_GRPC)
+        for (title, cmd), (code, texts) in zip(grpc_calls, EXPECTED_DEMO_GRPC):
+            out = subprocess.run(shlex.split(cmd), capture_output=True, text=True, timeout=30)
+            assert out.returncode == code, f"{title}: {cmd}\n{out.stdout}{out.stderr}"
+            for text in texts:
+                assert text in out.stdout, f"{title}: {cmd}\n{out.stdout}{out.stderr}"
+        others = [cmd for _, cmd in commands if "[HTTP" not in cmd and "gateway.demo.grpc_client" not in cmd]
+        explain_cmd = next(cmd for cmd in others if " explain " in cmd)
+        explain = subprocess.run(shlex.split(explain_cmd), capture_output=True, text=True, timeout=30)
         assert explain.returncode == 0 and "pinned to us" in explain.stdout
-        metrics = subprocess.run(others[1], shell=True, capture_output=True, text=True, timeout=30)
+        metrics_cmd = next(cmd for cmd in others if "/metrics" in cmd)
+        metrics = subprocess.run(metrics_cmd, shell=True, capture_output=True, text=True, timeout=30)
         assert 'code="421"' in metrics.stdout and 'model="llm7"' in metrics.stdout
+        assert 'protocol="grpc",code="OK"' in metrics.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         try:

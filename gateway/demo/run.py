@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from gateway.demo.grpc_plane import GrpcSamplePlane
 from gateway.demo.planes import SamplePlane
 from gateway.routing.loader import TableInvalid, load_table
 from gateway.runner import Gateway, ServeOptions, install_uvloop
@@ -37,7 +38,26 @@ def curl(url: str, *, key: str | None = DEMO_KEY, data: str | None = None, strea
     return " ".join(parts)
 
 
-def calls(port: int, admin_port: int, config: str) -> list[tuple[str, str]]:
+def grpc_client(grpc_port: int, authority: str, *args: str) -> str:
+    return shlex.join([sys.executable, "-m", "gateway.demo.grpc_client", "--target", f"127.0.0.1:{grpc_port}",
+                       "--authority", authority, *args])  # fmt: skip
+
+
+def grpc_calls(grpc_port: int) -> list[tuple[str, str]]:
+    """The gRPC model (demo.Echo) through the gateway's gRPC listener (SPEC §9)."""
+    return [
+        ("gRPC unary call demo.Echo/Say on the standard gRPC host (production)",
+         grpc_client(grpc_port, "model-abc123.grpc.localhost")),
+        ("gRPC bidirectional stream demo.Echo/Chat on the regional gRPC host prod-us",
+         grpc_client(grpc_port, "model-abc123-prod-us.grpc.localhost", "--chat", "3")),
+        ("gRPC: the environment from metadata on the standard gRPC host (prod-eu, plane in eu)",
+         grpc_client(grpc_port, "model-abc123.grpc.localhost", "-H", "x-baseten-environment:prod-eu")),
+        ("rejected gRPC call: this gateway serves region us only, so the eu regional gRPC host gets UNAVAILABLE",
+         grpc_client(grpc_port, "model-abc123-prod-eu.grpc.localhost")),
+    ]  # fmt: skip
+
+
+def calls(port: int, admin_port: int, config: str, grpc_port: int | None = None) -> list[tuple[str, str]]:
     """(what it shows, command) pairs printed by the demo; tests run each one."""
     g = f"localhost:{port}"
     body = '{"model_input": {"prompt": "hello"}}'
@@ -61,6 +81,7 @@ def calls(port: int, admin_port: int, config: str) -> list[tuple[str, str]]:
         ("sync pass-through to the model server's own route", curl(f"http://model-abc123.{g}/production/sync/v1/models")),
         ("chain run_remote", curl(f"http://chain-pipeline1.{g}/production/run_remote", data=body)),
         ("wake a deployment (202)", curl(f"http://model-abc123.{g}/deployment/v0/wake", data="")),
+        *(grpc_calls(grpc_port) if grpc_port is not None else []),
         ("the routing decision, without sending anything",
          f"{shlex.quote(sys.executable)} -m gateway explain --config {shlex.quote(config)} -H 'Authorization: Api-Key {DEMO_KEY}' "
          f"http://model-abc123-prod-us.api.example.com/predict"),
@@ -72,16 +93,26 @@ def calls(port: int, admin_port: int, config: str) -> list[tuple[str, str]]:
 async def _run(args: argparse.Namespace, config: str) -> None:
     table = load_table(config)
     planes = []
+    grpc_planes = []
     for plane in table.planes.values():
         sample = SamplePlane(plane.name, plane.region)
         await sample.start(plane.url.host, plane.url.port)
         planes.append(sample)
-    gateway = Gateway(ServeOptions(config=config, port=args.port, admin_port=args.admin_port))
+        if plane.grpc is not None:
+            grpc_sample = GrpcSamplePlane(plane.name, plane.region)
+            await grpc_sample.start(plane.grpc)
+            grpc_planes.append(grpc_sample)
+    gateway = Gateway(ServeOptions(config=config, port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port))
     await gateway.start()
-    print(f"\nDemo gateway on http://127.0.0.1:{gateway.public_port} (admin on 127.0.0.1:{gateway.admin_port}),")
+    print(
+        f"\nDemo gateway on http://127.0.0.1:{gateway.public_port} (admin on 127.0.0.1:{gateway.admin_port}, "
+        f"gRPC on 127.0.0.1:{gateway.grpc_port}),"
+    )
     print("planes: " + ", ".join(f"{p.name} ({p.region}) at {table.planes[p.name].url.base_url}" for p in planes))
+    if grpc_planes:
+        print("gRPC planes (demo.Echo): " + ", ".join(f"{p.name} at {table.planes[p.name].grpc}" for p in grpc_planes))
     print(f"table: {config}. Try these (Ctrl-C stops the demo):\n")
-    for title, command in calls(gateway.public_port, gateway.admin_port, config):
+    for title, command in calls(gateway.public_port, gateway.admin_port or args.admin_port, config, gateway.grpc_port):
         print(f"# {title}\n{command}\n")
     sys.stdout.flush()
     try:
@@ -90,6 +121,8 @@ async def _run(args: argparse.Namespace, config: str) -> None:
         await gateway.drain()
         for sample in planes:
             sample.close()
+        for grpc_sample in grpc_planes:
+            await grpc_sample.stop()
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,48 @@
+"""The gRPC listener of a gateway worker: the relay app on its HTTP/2 server, started and drained by the runner."""
+
+from __future__ import annotations
+
+import ssl
+
+from gateway.grpc.h2server import H2Server
+from gateway.grpc.relay import GrpcRelay
+from gateway.grpc.upstream import Channels
+from gateway.metrics import Metrics
+from gateway.state import TableState
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["h2"])  # gRPC is HTTP/2 only
+    return ctx
+
+
+class GrpcListener:
+    def __init__(self, state: TableState, metrics: Metrics, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.channels = Channels()
+        state.on_swap.append(self.channels.table_swapped)
+        self.relay = GrpcRelay(state, metrics, self.channels)
+        self.server = H2Server(self.relay, ssl_context)
+        self.tls = ssl_context is not None
+
+    def __repr__(self) -> str:
+        return f"<GrpcListener {self.server!r} {self.channels!r}>"
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        await self.server.start(host, port, reuse_port=reuse_port)
+
+    @property
+    def port(self) -> int | None:
+        return self.server.port
+
+    @property
+    def busy(self) -> bool:
+        return self.server.busy
+
+    def stop_accepting(self) -> None:
+        self.server.stop_accepting()
+
+    async def close(self) -> None:
+        await self.server.close()
+        await self.channels.close()
