@@ -274,7 +274,18 @@ def test_demo_prints_calls_that_answer_as_printed(tmp_path: Path) -> None:
             assert out.returncode == code, f"{title}: {cmd}\n{out.stdout}{out.stderr}"
             for text in texts:
                 assert text in out.stdout, f"{title}: {cmd}\n{out.stdout}{out.stderr}"
-        others = [cmd for _, cmd in commands if "[HTTP" not in cmd and "gateway.demo.grpc_client" not in cmd]
+        ws_calls = [(title, cmd) for title, cmd in commands if "gateway.demo.ws_client" in cmd]
+        assert len(ws_calls) == 2
+        ok = subprocess.run(shlex.split(ws_calls[0][1]), capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "received: echo from v1 on us-east-1 (us): hello over WebSocket" in ok.stdout
+        assert "closed: 1000" in ok.stdout
+        refused = subprocess.run(shlex.split(ws_calls[1][1]), capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1 and "421 Misdirected Request" in refused.stdout
+        others = [
+            cmd for _, cmd in commands if "[HTTP" not in cmd and "gateway.demo.grpc_client" not in cmd
+            and "gateway.demo.ws_client" not in cmd
+        ]  # fmt: skip
         explain_cmd = next(cmd for cmd in others if " explain " in cmd)
         explain = subprocess.run(shlex.split(explain_cmd), capture_output=True, text=True, timeout=30)
         assert explain.returncode == 0 and "pinned to us" in explain.stdout
@@ -282,6 +293,7 @@ def test_demo_prints_calls_that_answer_as_printed(tmp_path: Path) -> None:
         metrics = subprocess.run(metrics_cmd, shell=True, capture_output=True, text=True, timeout=30)
         assert 'code="421"' in metrics.stdout and 'model="llm7"' in metrics.stdout
         assert 'protocol="grpc",code="OK"' in metrics.stdout
+        assert 'protocol="websocket",code="101"' in metrics.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         try:

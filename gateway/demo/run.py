@@ -57,6 +57,11 @@ def grpc_calls(grpc_port: int) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
+def ws_client(url: str) -> str:
+    return shlex.join([sys.executable, "-m", "gateway.demo.ws_client", url, "--key", DEMO_KEY,
+                       "--message", "hello over WebSocket"])  # fmt: skip
+
+
 def calls(port: int, admin_port: int, config: str, grpc_port: int | None = None) -> list[tuple[str, str]]:
     """(what it shows, command) pairs printed by the demo; tests run each one."""
     g = f"localhost:{port}"
@@ -81,6 +86,10 @@ def calls(port: int, admin_port: int, config: str, grpc_port: int | None = None)
         ("sync pass-through to the model server's own route", curl(f"http://model-abc123.{g}/production/sync/v1/models")),
         ("chain run_remote", curl(f"http://chain-pipeline1.{g}/production/run_remote", data=body)),
         ("wake a deployment (202)", curl(f"http://model-abc123.{g}/deployment/v0/wake", data="")),
+        ("WebSocket echo model through the regional host (frames relayed both ways)",
+         ws_client(f"ws://model-abc123-prod-us.{g}/websocket")),
+        ("WebSocket: refused before the upgrade (421: region eu is not served here)",
+         ws_client(f"ws://model-abc123-prod-eu.{g}/websocket")),
         *(grpc_calls(grpc_port) if grpc_port is not None else []),
         ("the routing decision, without sending anything",
          f"{shlex.quote(sys.executable)} -m gateway explain --config {shlex.quote(config)} -H 'Authorization: Api-Key {DEMO_KEY}' "
