@@ -670,3 +670,17 @@ def test_budget_matches_a_reference_with_every_timestamp(ratio, floor, steps) ->
             if expected:
                 budget.record_retry()
                 retries.append(clock())
+
+
+def test_pick_or_least_loaded_tries_an_ejected_endpoint_rather_than_none() -> None:
+    a, b = ups(2)
+    s = EndpointSet("k", [a, b], clock=FakeClock(), rng=random.Random(1))
+    ep_a = next(e for e in s.endpoints if e.upstream == a)
+    for _ in range(5):  # eject a (the 50% cap allows one of two)
+        s.started(ep_a)
+        s.finished(ep_a, "connect_failure")
+    assert ep_a.state is Health.EJECTED
+    assert s.pick(exclude=frozenset({b})) is None
+    assert s.pick_or_least_loaded(exclude=frozenset({b})) is ep_a  # panic mode: try it anyway
+    assert s.pick_or_least_loaded(exclude=frozenset({a, b})) is None
+    assert s.pick_or_least_loaded().upstream == b  # a healthy choice still wins

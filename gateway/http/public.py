@@ -32,7 +32,6 @@ MAX_ADDRESSES_TRIED = 2  # of a host's resolved addresses, per connection attemp
 class Context(NamedTuple):
     """What a call carries from its start to `_done`."""
 
-    route: Route
     labels: tuple
     started: float
     endpoints: EndpointSet
@@ -76,10 +75,6 @@ class PublicHandler:
         self.sweeper.cancel()
         self.resolver.close()
 
-    @property
-    def inflight(self) -> int:
-        return len(self.exchanges)
-
     # -- the request path -------------------------------------------------------------------
 
     def __call__(self, req: Request) -> None:
@@ -100,15 +95,14 @@ class PublicHandler:
             req.conn.finish(req)
             return
         endpoints = self._endpoints(route)
-        ep = endpoints.pick() or _least_loaded(endpoints, frozenset())
-        if ep is None:
-            ejected = ModelUnavailable(f"every replica of deployment '{dep.id}' is ejected after failures; retry later")
-            self._answer(req, ejected, request_id, labels, started)
+        ep = endpoints.pick_or_least_loaded()
+        if ep is None:  # a deployment always has an address; kept so a bug answers 503, not a crash
+            self._answer(req, ModelUnavailable(f"deployment '{dep.id}' has no address"), request_id, labels, started)
             return
         self.metrics.inflight.inc(labels)
         endpoints.started(ep)
         self.budget.record_request()
-        context = Context(route, labels, started, endpoints, ep, self.state.table)
+        context = Context(labels, started, endpoints, ep, self.state.table)
         conn = self.pool.take_idle(ep.upstream, dep.plane.tls)
         if conn is not None:
             self._start(req, route, ep.upstream, conn, request_id, context)
@@ -172,7 +166,7 @@ class PublicHandler:
             bytes_sent=0, streaming=False, protocol="http", attempt=attempt, max_attempts=2, outcome="connect_failure"
         ) or not self.budget.can_retry():  # fmt: skip
             return None
-        ep = context.endpoints.pick(exclude=frozenset(tried)) or _least_loaded(context.endpoints, frozenset(tried))
+        ep = context.endpoints.pick_or_least_loaded(exclude=frozenset(tried))
         if ep is not None:
             self.budget.record_retry()
             context.endpoints.started(ep)
@@ -316,13 +310,6 @@ class PublicHandler:
             return
         conn.release()
         log.info("wake of %s/%s answered %s", route.model.id, dep.id, status)
-
-
-def _least_loaded(endpoints: EndpointSet, exclude: frozenset[Endpoint]) -> Endpoint | None:
-    """When every candidate is ejected, try the least loaded anyway rather than fail the call
-    (Envoy's panic mode): an ejected replica may be back before its back-off ends, as after a restart."""
-    candidates = [ep for ep in endpoints.endpoints if ep not in exclude]
-    return min(candidates, key=lambda ep: ep.in_flight, default=None)
 
 
 class _Discard:

@@ -289,6 +289,16 @@ class EndpointSet:
         # a.in_flight / a.capacity <= b.in_flight / b.capacity, in integers
         return a if a.in_flight * (b.capacity or 1) <= b.in_flight * (a.capacity or 1) else b
 
+    def pick_or_least_loaded(self, exclude: frozenset[Endpoint | Upstream] = frozenset()) -> Endpoint | None:
+        """`pick`, or when every candidate is ejected, the least loaded of them anyway (Envoy's panic
+        mode): an ejected replica may be back before its back-off ends, as after a restart, and
+        trying it beats failing the call. None only when `exclude` leaves nothing at all."""
+        ep = self.pick(exclude)
+        if ep is not None:
+            return ep
+        candidates = [e for e in self._newest()._endpoints if e not in exclude and e.upstream not in exclude]
+        return min(candidates, key=lambda e: e.in_flight, default=None)
+
     # -- outcomes -------------------------------------------------------------------------------
 
     def started(self, ep: Endpoint) -> None:
