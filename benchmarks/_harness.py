@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -474,3 +475,22 @@ def noise_cell(noise: dict | None, threshold: float = 5.0) -> str:
     if noise.get("steal_pct", 0) >= threshold:
         parts.append(f"steal {noise['steal_pct']:.0f}%")
     return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def versions(commands: dict[str, list[str]]) -> dict:
+    """The first output line of each version command (or why it failed), plus kernel and CPUs."""
+
+    def out(cmd: list[str]) -> str:
+        try:
+            r = subprocess.run(cmd, capture_output=True, timeout=10, check=False)
+            return (r.stdout + r.stderr).decode(errors="replace").strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired, IndexError) as e:
+            return f"unavailable: {e}"
+
+    info: dict = {name: out(cmd) for name, cmd in commands.items()}
+    info["kernel"] = platform.release()
+    info["cpus"] = os.cpu_count()
+    return info

@@ -25,7 +25,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -262,20 +261,13 @@ def print_goals(goals: list[dict]) -> None:
 
 
 def versions(python: str) -> dict:
-    def out(cmd: list[str]) -> str:
-        try:
-            r = subprocess.run(cmd, capture_output=True, timeout=10, check=False)
-            return (r.stdout + r.stderr).decode(errors="replace").strip().splitlines()[0]
-        except (OSError, subprocess.TimeoutExpired, IndexError) as e:
-            return f"unavailable: {e}"
-
-    return {
-        "python": out([python, "-V"]),
-        "grpcio": out([python, "-c", "import grpc; print(grpc.__version__)"]),
-        "nginx": out(["nginx", "-v"]),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-    }
+    return H.versions(
+        {
+            "python": [python, "-V"],
+            "grpcio": [python, "-c", "import grpc; print(grpc.__version__)"],
+            "nginx": ["nginx", "-v"],
+        }
+    )
 
 
 # --------------------------------------------------------------------------- main

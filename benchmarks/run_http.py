@@ -24,7 +24,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -363,20 +362,7 @@ def print_goals(goals: list[dict]) -> None:
 
 
 def versions(python: str) -> dict:
-    def out(cmd):
-        try:
-            r = subprocess.run(cmd, capture_output=True, timeout=10)
-            return (r.stdout + r.stderr).decode(errors="replace").strip().splitlines()[0]
-        except Exception as e:  # noqa: BLE001
-            return f"unavailable: {e}"
-
-    return {
-        "python": out([python, "-V"]),
-        "nginx": out(["nginx", "-v"]),
-        "wrk": out(["wrk", "-v"]),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-    }
+    return H.versions({"python": [python, "-V"], "nginx": ["nginx", "-v"], "wrk": ["wrk", "-v"]})
 
 
 # --------------------------------------------------------------------------- main
