@@ -137,14 +137,17 @@ def describe_route(route: Route, method: str) -> str:
     lines = [
         f"model:        {route.model.id} ({route.model.kind}, team {route.model.team})",
         f"environment:  {route.environment or '(none: deployment target)'}",
-        f"deployment:   {dep.id} (status {dep.status}{', canary' if route.canary else ''})",
+        f"deployment:   {dep.id} (status {dep.status}{'' if route.side == 'primary' else ', ' + route.side})",
         f"plane:        {dep.plane.name}",
         f"region:       {dep.region}" + (f" (regional host: pinned to {route.region})" if route.region else ""),
-        f"action:       {route.action}",
-        f"upstream:     {method if route.action == 'proxy' else 'POST'} "
-        + (route.upstream_url if route.action == "proxy" else dep.plane.url.base_url + "/wake"),
+        f"action:       {route.action}"
+        + (" (held while the plane wakes the deployment, then forwarded)" if route.action == "hold" else ""),
+        f"upstream:     {'POST' if route.action == 'wake' else method} "
+        + (dep.plane.url.base_url + "/wake" if route.action == "wake" else route.upstream_url),
     ]
     env = route.model.environments.get(route.environment)
+    if env is not None and env.candidate is not None:
+        lines.append(f"promotion:    {env.candidate.deployment.id} at {env.candidate.percent:g}% (sticky per caller)")
     if env is not None and env.canary is not None:
         lines.append(f"canary:       {env.canary.deployment.id} at {env.canary.percent:g}% (sticky per caller)")
     if env is not None and env.shadow is not None:

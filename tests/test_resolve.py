@@ -79,7 +79,6 @@ def test_routes(host: str, path: str, env: str, deployment: str, upstream: str, 
         ("model-abc123.api.example.com", "/production/async_predict", {}, 501, "client_error", "not supported"),
         ("model-abc123.api.example.com", "/production/async_queue_status", {"method": "GET"}, 501, "client_error", "not supported"),
         ("model-abc123.api.example.com", "/async_request/abc", {"method": "GET"}, 501, "client_error", "not supported"),
-        ("model-abc123.api.example.com", "/deployment/v0/predict", {}, 503, "model_not_ready", "scaled to zero"),
     ],
 )  # fmt: skip
 def test_errors(host: str, path: str, kw: dict, status: int, code: str, text: str) -> None:
@@ -104,6 +103,11 @@ def test_another_teams_model_looks_like_no_model_at_all() -> None:
     other = error("model-abc123.api.example.com", "/production/predict", auth="Api-Key demo-key-globex")
     missing = error("model-zzz999.api.example.com", "/production/predict", auth="Api-Key demo-key-globex")
     assert (other.status, other.error_code) == (missing.status, missing.error_code) == (404, "model_does_not_exist")
+
+
+def test_a_scaled_to_zero_deployment_is_held_not_failed() -> None:
+    r = route("model-abc123.api.example.com", "/deployment/v0/predict")
+    assert r.action == "hold" and r.deployment.id == "v0" and r.deployment.status == "scaled_to_zero"
 
 
 def test_wake_routes_even_a_scaled_to_zero_deployment() -> None:

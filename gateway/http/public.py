@@ -14,7 +14,14 @@ import ssl
 from typing import NamedTuple
 
 from gateway.dns import Resolver
-from gateway.errors import ClientError, GatewayError, ModelUnavailable, UpgradeRequired, UpstreamBroken
+from gateway.errors import (
+    ClientError,
+    GatewayError,
+    ModelNotReady,
+    ModelUnavailable,
+    UpgradeRequired,
+    UpstreamBroken,
+)
 from gateway.http.proxy import MAX_BODY_BYTES, Exchange, TunnelExchange, body_limit_error, new_request_id, request_head
 from gateway.http.server import Request
 from gateway.metrics import Metrics
@@ -83,6 +90,11 @@ class PublicHandler:
         try:
             route = self._route(req)
             self._admit(req, route)
+            if route.action == "hold":
+                raise ModelNotReady(
+                    f"deployment '{route.deployment.id}' is scaled to zero; POST .../wake to wake it and retry",
+                    headers=(("retry-after", "30"),),
+                )
         except GatewayError as error:
             self._answer(req, error, request_id, UNROUTED, started)
             return

@@ -116,6 +116,9 @@ class Environment:
     shadow: Shadow | None = None
     autoscaling: Autoscaling = field(default_factory=Autoscaling)
     backpressure: BackpressurePolicy = "QUEUE_ON_FULL"
+    # A promotion in progress (SPEC §6): the candidate and its current share of the traffic.
+    # Set only by the admin overlay (gateway/environments), never by the table file.
+    candidate: Canary | None = None
 
 
 @dataclass(frozen=True, slots=True)

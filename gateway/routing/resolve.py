@@ -4,7 +4,8 @@ Order of checks (each raises a typed `GatewayError`):
 host form (404) -> path form (400/404) -> method (405) -> API key (401) ->
 model and team (404, other teams' models are not revealed) -> regional mapping (404)
 -> gateway region (421) -> key scope (403) -> environment/deployment (404) ->
-deployment status (503) -> regional guarantee (503, never another region).
+regional guarantee (503, never another region) -> deployment status (503 inactive;
+a scaled-to-zero deployment gives action "hold").
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Call(NamedTuple):
 
 
 class Route(NamedTuple):
-    action: str  # "proxy" | "wake"
+    action: str  # "proxy" | "hold" (scaled to zero) | "wake" | "grpc"
     model: Model
     environment: str  # "" for deployment/ and development targets (SPEC §4)
     deployment: Deployment
@@ -54,7 +55,11 @@ class Route(NamedTuple):
     upstream_target: str  # path + query the plane receives
     region: str | None  # the region a regional call is pinned to; None on standard hosts
     api_key: ApiKey
-    canary: bool = False
+    side: str = "primary"  # which part of the environment's split answers: primary, canary or candidate
+
+    @property
+    def canary(self) -> bool:
+        return self.side == "canary"
 
     @property
     def upstream_url(self) -> str:
@@ -92,16 +97,18 @@ def resolve(table: Table, call: Call) -> Route:
         raise Forbidden(f"this API key may not call {model.kind} '{model.id}'")
     if path.endpoint in ASYNC_ENDPOINTS:
         raise NotImplementedYet(f"'{path.endpoint}' (async inference) is not supported by this gateway yet")
-    env_name, deployment, canary = _target(model, host, path, key, call.routing_key)
+    env_name, deployment, side = _target(model, host, path, key, call.routing_key)
     if region is not None and deployment.region != region:
         # Validated in the table already; checked again so no code path can leave the region.
         raise ModelUnavailable(f"no deployment of environment '{env_name}' is available in region '{region}'")
-    action = "wake" if path.endpoint == "wake" else "proxy"
-    if action == "proxy":
+    if path.endpoint == "wake":
+        action = "wake"
+    elif deployment.status == "scaled_to_zero":
+        action = "hold"  # held while the plane wakes it (SPEC §6); the caller re-resolves on release
+    else:
         _check_status(deployment)
-    return Route(
-        action, model, env_name, deployment, path.endpoint, path.upstream_path + path.query, region, key, canary
-    )
+        action = "proxy"
+    return Route(action, model, env_name, deployment, path.endpoint, path.upstream_path + path.query, region, key, side)
 
 
 def resolve_grpc(table: Table, call: GrpcCall) -> Route:
@@ -134,13 +141,13 @@ def resolve_grpc(table: Table, call: GrpcCall) -> Route:
         if not is_env_name(env):
             raise ClientError(f"invalid environment name '{env[:64]}' in x-baseten-environment")
         path = PathTarget("environment", env, "grpc", call.method, "")
-    env_name, deployment, canary = _target(model, host, path, key, call.routing_key)
+    env_name, deployment, side = _target(model, host, path, key, call.routing_key)
     if region is not None and deployment.region != region:
         raise ModelUnavailable(f"no deployment of environment '{env_name}' is available in region '{region}'")
     _check_status(deployment)
     if deployment.plane.grpc is None:
         raise ModelUnavailable(f"plane '{deployment.plane.name}' has no gRPC address")
-    return Route("grpc", model, env_name, deployment, "grpc", call.method, region, key, canary)
+    return Route("grpc", model, env_name, deployment, "grpc", call.method, region, key, side)
 
 
 def _pinned_region(table: Table, model: Model, host: HostTarget) -> str | None:
@@ -158,7 +165,7 @@ def _pinned_region(table: Table, model: Model, host: HostTarget) -> str | None:
 
 def _target(
     model: Model, host: HostTarget, path: PathTarget, key: ApiKey, routing_key: str | None
-) -> tuple[str, Deployment, bool]:
+) -> tuple[str, Deployment, str]:
     if path.target in ("deployment", "development"):
         if key.environments is not None:
             raise Forbidden("this API key is limited to environments and may not call deployments directly")
@@ -166,7 +173,7 @@ def _target(
         if dep is None:
             what = "development deployment" if path.target == "development" else f"deployment '{path.name}'"
             raise ModelNotFound(f"{model.kind} '{model.id}' has no {what}")
-        return "", dep, False
+        return "", dep, "primary"
     env_name = host.env if host.env is not None else path.name
     if key.environments is not None and env_name not in key.environments:
         raise Forbidden(f"this API key may not call environment '{env_name}'")
@@ -175,19 +182,27 @@ def _target(
         raise ModelNotFound(f"environment '{env_name}' of {model.kind} '{model.id}' not found")
     if env.deployment is None:
         raise ModelNotFound(f"environment '{env_name}' of {model.kind} '{model.id}' has no deployment yet")
-    if env.canary is not None and in_canary(env.canary.percent, model.id, env_name, routing_key or key.name):
-        return env_name, env.canary.deployment, True
-    return env_name, env.deployment, False
+    caller = routing_key or key.name
+    candidate = env.candidate
+    if candidate is not None and in_canary(candidate.percent, model.id, env_name, caller, salt="promotion"):
+        return env_name, candidate.deployment, "candidate"
+    if env.canary is not None and in_canary(env.canary.percent, model.id, env_name, caller):
+        return env_name, env.canary.deployment, "canary"
+    return env_name, env.deployment, "primary"
 
 
-def canary_bucket(model_id: str, env: str, caller: str) -> int:
-    """A stable bucket in [0, 10000) for a caller: same caller, same side (SPEC §6)."""
-    h = hashlib.blake2b(f"{model_id}\0{env}\0{caller}".encode(), digest_size=8).digest()
+def canary_bucket(model_id: str, env: str, caller: str, salt: str = "") -> int:
+    """A stable bucket in [0, 10000) for a caller: same caller, same side (SPEC §6).
+
+    A promotion's ramp uses its own salt, so its split is independent of a canary's.
+    """
+    h = hashlib.blake2b(f"{model_id}\0{env}\0{caller}".encode(), digest_size=8, salt=salt.encode()[:16]).digest()
     return int.from_bytes(h, "big") % 10000
 
 
-def in_canary(percent: float, model_id: str, env: str, caller: str) -> bool:
-    return canary_bucket(model_id, env, caller) < round(percent * 100)
+def in_canary(percent: float, model_id: str, env: str, caller: str, salt: str = "") -> bool:
+    """Whether a caller falls in the first `percent` of the buckets (a growing ramp keeps its callers)."""
+    return canary_bucket(model_id, env, caller, salt) < round(percent * 100)
 
 
 def _check_status(dep: Deployment) -> None:
