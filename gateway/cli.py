@@ -12,6 +12,7 @@ from gateway.errors import GatewayError
 from gateway.routing.loader import TableInvalid, load_table
 from gateway.routing.resolve import Call, Route, resolve
 from gateway.runner import OptionsError, ServeOptions, run_serve
+from gateway.state import load_serving_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve a routing table")
     s.add_argument("--config", required=True, help="routing table (YAML or JSON)")
+    s.add_argument("--store", default=None, help="admin store for §6 changes (default: <config>.admin.json)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--grpc-port", type=int, default=None)
@@ -57,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("explain", help="print the routing decision for a call")
     e.add_argument("--config", required=True)
+    e.add_argument("--store", default=None, help="admin store to apply (default: <config>.admin.json, if any)")
     e.add_argument("url", help="e.g. http://model-abc123.api.example.com/production/predict")
     e.add_argument("-X", "--method", default=None, help="HTTP method (default: GET for status calls, else POST)")
     e.add_argument("-H", "--header", action="append", default=[], metavar="K:V")
@@ -74,12 +77,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        load_table(args.config)  # fail fast, with every problem, before binding anything
+        load_serving_table(args.config, args.store)  # fail fast, with every problem, before binding anything
     except TableInvalid as exc:
         print(f"gateway: {args.config} is not a valid routing table:\n{exc}", file=sys.stderr)
         return 2
     opts = ServeOptions(
-        config=args.config, host=args.host, port=args.port, admin_host=args.admin_host,
+        config=args.config, store=args.store, host=args.host, port=args.port, admin_host=args.admin_host,
         admin_port=args.admin_port, admin_token=args.admin_token, grpc_port=args.grpc_port,
         workers=args.workers, drain_timeout=args.drain_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key,
         grpc_tls_cert=args.grpc_tls_cert, grpc_tls_key=args.grpc_tls_key,
@@ -101,7 +104,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     try:
-        table = load_table(args.config)
+        table = load_serving_table(args.config, args.store)
     except TableInvalid as exc:
         print(f"{args.config} is not a valid routing table:\n{exc}", file=sys.stderr)
         return 2

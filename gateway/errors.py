@@ -62,6 +62,23 @@ class MethodNotAllowed(ClientError):
         self.allow = allow
 
 
+class Conflict(ClientError):
+    """The admin call conflicts with the current state (an environment that exists, a running promotion)."""
+
+    status = 409
+
+
+class InvalidChange(ClientError):
+    """An admin change the routing table's rules refuse; every problem is listed, by its path."""
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+    def body(self) -> bytes:
+        return json.dumps({"error": self.message, "error_code": self.error_code, "problems": self.problems}).encode()
+
+
 class UpgradeRequired(ClientError):
     """A plain request on the websocket endpoint (RFC 9110 §15.5.22)."""
 

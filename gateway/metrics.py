@@ -101,10 +101,15 @@ class Metrics:
         self.promotion = Gauge(
             "gateway_promotion_traffic_percent", "Traffic share of a promotion's candidate.", ROUTE[:3]
         )
+        self.promotion_state = Gauge(
+            "gateway_promotion_state",
+            "A promotion's state: 1 for the state it is in, 0 for the others.",
+            ("model", "environment", "state"),
+        )
         self.table_info = Gauge("gateway_table_info", "The serving routing table.", ("digest", "generation"))
         self.all: tuple[Counter | Histogram, ...] = (
             self.requests, self.duration, self.inflight, self.upstream_errors, self.shadow, self.held,
-            self.reloads, self.promotion, self.table_info,
+            self.reloads, self.promotion, self.promotion_state, self.table_info,
         )  # fmt: skip
         # DNS of plane hosts (SPEC §8, issue 5)
         self.dns_lookups = Counter(

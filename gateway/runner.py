@@ -10,6 +10,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from gateway.admin.app import AdminHandler
+from gateway.environments.api import EnvironmentsApi
 from gateway.grpc.listener import GrpcListener, tls_context
 from gateway.http.public import PublicHandler
 from gateway.http.server import HttpConnection, async_handler, serve
@@ -23,6 +24,7 @@ log = logging.getLogger("gateway")
 @dataclass
 class ServeOptions:
     config: str
+    store: str | None = None  # the admin store (SPEC §6 changes); None: next to the config file
     host: str = "127.0.0.1"
     port: int = 8080
     admin_host: str = "127.0.0.1"
@@ -75,10 +77,15 @@ class Gateway:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         self.metrics = Metrics()
-        self.state = TableState(opts.config, self.metrics)
+        self.state = TableState(opts.config, self.metrics, opts.store)
         self.pool = Pool()
         self.public: PublicHandler | None = None  # needs the running loop: made in start()
-        self.admin = AdminHandler(self.state, self.metrics, opts.admin_token, lambda: self.ready)
+        self.environments = (
+            EnvironmentsApi(self.state, self.metrics, lambda: self.metrics.requests.values)
+            if opts.admin_port is not None
+            else None  # a worker: the supervisor owns the admin API and runs the promotions
+        )
+        self.admin = AdminHandler(self.state, self.metrics, opts.admin_token, lambda: self.ready, self.environments)
         self.connections: set[HttpConnection] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.grpc: GrpcListener | None = None
@@ -125,6 +132,8 @@ class Gateway:
             loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         except (NotImplementedError, RuntimeError):
             pass  # not the main thread (tests run gateways in threads)
+        if self.environments is not None:
+            self.environments.promotions.start()
         self.ready = True
         log.info(
             "gateway serving %s on %s:%d, admin on %s:%s",
@@ -157,6 +166,8 @@ class Gateway:
             server.close()
         for task in self.tasks:
             task.cancel()
+        if self.environments is not None:
+            await self.environments.promotions.close()
         if self.public is not None:
             self.public.close()
         self.pool.close()

@@ -1,4 +1,9 @@
-"""The serving routing table: loaded, validated on the side, swapped by one assignment."""
+"""The serving routing table: loaded, validated on the side, swapped by one assignment.
+
+What serves is the table file composed with the admin API's changes (the overlay in the admin
+store, `gateway.environments`). A reload reads both again; an admin change composes the new
+overlay with the file already loaded. Either way the result is validated whole before the swap.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from gateway.environments.overlay import Base, compose, default_store_path, orphans, read_base
+from gateway.environments.store import Store
 from gateway.metrics import Metrics
-from gateway.routing.loader import TableInvalid, load_table
+from gateway.routing.loader import TableInvalid
 from gateway.routing.model import Table
 
 log = logging.getLogger("gateway.table")
@@ -23,13 +31,21 @@ class ReloadResult:
     problems: tuple[str, ...] = ()
 
 
+def load_serving_table(path: str, store_path: str | None = None) -> Table:
+    """What a gateway would serve: the table file composed with its admin store. Raises TableInvalid."""
+    return compose(read_base(path), Store(store_path or default_store_path(path)).load())
+
+
 class TableState:
     """Holds the current `Table`. Readers take `state.table` once per call and keep it."""
 
-    def __init__(self, path: str, metrics: Metrics, table: Table | None = None) -> None:
+    def __init__(self, path: str, metrics: Metrics, store_path: str | None = None) -> None:
         self.path = path
         self.metrics = metrics
-        self.table: Table = table if table is not None else load_table(path)
+        self.store = Store(store_path or default_store_path(path))
+        self.base: Base = read_base(path)
+        self.overlay: dict[str, Any] = self.store.load()
+        self.table: Table = compose(self.base, self.overlay)
         self.generation = 1
         self.loaded_at = time.time()
         self.last_error: tuple[str, ...] = ()
@@ -54,12 +70,12 @@ class TableState:
         self.metrics.table_info.set((self.table.digest, str(self.generation)), 1)
 
     async def reload(self, reason: str) -> ReloadResult:
-        """Load the file again; swap on success, keep serving the old table on failure."""
+        """Load the file and the admin store again; swap on success, keep serving the old table on failure."""
         async with self._lock:
             self._stat = self._file_stat()
             loop = asyncio.get_running_loop()
             try:
-                table = await loop.run_in_executor(None, load_table, self.path)
+                base, overlay, table = await loop.run_in_executor(None, self._load)
             except TableInvalid as exc:
                 self.last_error = tuple(exc.problems)
                 self.metrics.reloads.inc(("failure",))
@@ -68,17 +84,41 @@ class TableState:
                 )
                 return ReloadResult(False, False, self.last_error)
             self.last_error = ()
-            changed = table.digest != self.table.digest
-            if changed:
-                self.table = table  # the swap: one reference, calls in flight keep their snapshot
-                self.generation += 1
-                self.loaded_at = time.time()
-                for callback in self.on_swap:
-                    callback(table)
-                self._publish()
+            self.base, self.overlay = base, overlay
+            changed = self._swap(table)
             self.metrics.reloads.inc(("success",))
             log.info("routing table reload (%s): %s", reason, "swapped" if changed else "unchanged")
             return ReloadResult(True, changed)
+
+    def _load(self) -> tuple[Base, dict[str, Any], Table]:
+        base = read_base(self.path, self.base)  # the compiled file is reused when its bytes did not change
+        overlay = self.store.load()
+        return base, overlay, compose(base, overlay)
+
+    async def apply(self, overlay: dict[str, Any], reason: str) -> Table:
+        """Serve the file with a new overlay: validate, persist, then swap (the admin API's changes).
+
+        Raises TableInvalid (nothing changes) or StoreError (not persisted, nothing changes).
+        """
+        async with self._lock:
+            base = self.base
+            table = await asyncio.get_running_loop().run_in_executor(None, compose, base, overlay)
+            self.store.save(overlay)
+            self.overlay = overlay
+            if self._swap(table):
+                log.info("admin change (%s): serving %s", reason, table.digest[:12])
+            return table
+
+    def _swap(self, table: Table) -> bool:
+        if table.digest == self.table.digest:
+            return False
+        self.table = table  # the swap: one reference, calls in flight keep their snapshot
+        self.generation += 1
+        self.loaded_at = time.time()
+        for callback in self.on_swap:
+            callback(table)
+        self._publish()
+        return True
 
     async def watch(self, interval: float = 1.0) -> None:
         """Reload when the file changes (mtime, size or inode: editors replace files)."""
@@ -93,6 +133,10 @@ class TableState:
         return {
             "version": t.version,
             "digest": t.digest,
+            "file_digest": self.base.digest,
+            "admin_store": str(self.store.path),
+            "admin_revision": self.overlay.get("revision", 0),
+            "admin_changes_waiting": orphans(self.base, self.overlay) or None,
             "generation": self.generation,
             "source": t.source,
             "loaded_at": self.loaded_at,

@@ -28,6 +28,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from gateway.admin.app import AdminHandler
+from gateway.environments.api import EnvironmentsApi
 from gateway.http.server import async_handler, serve
 from gateway.metrics import Metrics, merge, snapshot
 from gateway.state import TableState
@@ -81,7 +82,7 @@ class Supervisor:
     def __init__(self, opts) -> None:  # noqa: ANN001 - ServeOptions
         self.opts = opts
         self.metrics = Metrics()  # the supervisor's own: table reloads
-        self.state = TableState(opts.config, self.metrics)
+        self.state = TableState(opts.config, self.metrics, opts.store)
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-workers-"))
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, BaseProcess] = {}
@@ -125,7 +126,8 @@ class Supervisor:
     async def run(self) -> None:
         for index in range(self.opts.workers):
             self.start_worker(index)
-        admin = AdminHandler(self.state, _MergedMetrics(self), self.opts.admin_token, self.ready)
+        environments = EnvironmentsApi(self.state, self.metrics, self.request_counts)
+        admin = AdminHandler(self.state, _MergedMetrics(self), self.opts.admin_token, self.ready, environments)
         admin.describe_extra = self.describe_workers
         server = await serve(async_handler(admin), self.opts.admin_host, self.opts.admin_port)
         loop = asyncio.get_running_loop()
@@ -133,7 +135,9 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.state.reload("SIGHUP")))
         tasks = [loop.create_task(self.monitor()), loop.create_task(self.state.watch(self.opts.watch_interval))]
+        environments.promotions.start()
         await self.stopping.wait()
+        await environments.promotions.close()
         log.info("draining %d workers (up to %gs)", len(self.workers), self.opts.drain_timeout)
         self.signal_workers(signal.SIGTERM)
         deadline = time.monotonic() + self.opts.drain_timeout + 5
@@ -145,6 +149,13 @@ class Supervisor:
             task.cancel()
         server.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def request_counts(self) -> dict[tuple, float]:
+        """`gateway_requests_total` summed over every worker (what promotions' rollback rules watch)."""
+        merged = Metrics()
+        merge(merged, [{"gateway_requests_total": s["metrics"].get("gateway_requests_total", [])}
+                       for s in self.snapshots()], gauges=False)  # fmt: skip
+        return merged.requests.values
 
     def describe_workers(self) -> dict:
         live = self.live(self.snapshots())
@@ -173,6 +184,8 @@ class _MergedMetrics(Metrics):
             merge(merged, [{name: m.get(name, [])} for m in live])  # gauges: the living workers only
         merged.reloads.values = dict(self.supervisor.metrics.reloads.values)  # validated here, once
         merged.table_info.values = dict(self.supervisor.metrics.table_info.values)
+        merged.promotion.values = dict(self.supervisor.metrics.promotion.values)  # promotions run here
+        merged.promotion_state.values = dict(self.supervisor.metrics.promotion_state.values)
         return merged.render()
 
 

@@ -1,4 +1,4 @@
-"""The admin listener (SPEC §11): health, readiness, metrics, routing table."""
+"""The admin listener (SPEC §11): health, readiness, metrics, routing table, and the §6 environments API."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 
+from gateway.environments.api import EnvironmentsApi
 from gateway.errors import EndpointNotFound, GatewayError, MethodNotAllowed, Unauthorized
 from gateway.http.server import Request
 from gateway.metrics import Metrics
@@ -20,8 +21,16 @@ def json_body(obj: object) -> bytes:
 
 
 class AdminHandler:
-    def __init__(self, state: TableState, metrics: Metrics, token: str | None, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        state: TableState,
+        metrics: Metrics,
+        token: str | None,
+        ready: Callable[[], bool],
+        environments: EnvironmentsApi | None = None,
+    ) -> None:
         self.state = state
+        self.environments = environments
         self.metrics = metrics
         self.token = token
         self.ready = ready
@@ -40,6 +49,10 @@ class AdminHandler:
                 self._authorize(req)
             if path == "/metrics" and req.method == "GET":
                 req.conn.send_simple(200, self.metrics.render(), content_type=PROMETHEUS_TEXT)
+                return
+            if self.environments is not None and self.environments.handles(path):
+                status, body = await self.environments(req, path)
+                req.conn.send_simple(status, json_body(body))
                 return
             methods = self.routes.get(path)
             if methods is None:

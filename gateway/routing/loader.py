@@ -103,15 +103,26 @@ class TableInvalid(Exception):
 
 def load_table(path: str | os.PathLike[str]) -> Table:
     """Read, validate and compile the table at `path`; raise TableInvalid listing every problem."""
+    data, digest = read_table_file(path)
+    source = os.fspath(path)
+    with _gc_paused():
+        doc = parse_document(data, source)
+        return compile_table(doc, digest=digest, source=source, base_dir=table_dir(source))
+
+
+def read_table_file(path: str | os.PathLike[str]) -> tuple[bytes, str]:
+    """The file's bytes and their sha256 hex digest (the table's `digest`)."""
     source = os.fspath(path)
     try:
         data = Path(source).read_bytes()
     except OSError as exc:
         raise TableInvalid([f"{source}: cannot read the file: {exc.strerror or exc}"]) from None
-    base_dir = Path(os.path.abspath(source)).parent
-    with _gc_paused():
-        doc = parse_document(data, source)
-        return compile_table(doc, digest=hashlib.sha256(data).hexdigest(), source=source, base_dir=base_dir)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def table_dir(source: str) -> Path:
+    """Where relative file names in a table (plane `tls` files) are looked up: the table's directory."""
+    return Path(os.path.abspath(source)).parent
 
 
 def parse_document(data: bytes, source: str) -> Any:

@@ -1,0 +1,140 @@
+"""One-off calls from the admin side to a plane: a promotion's wake and smoke-check requests.
+
+Not the hot path (that is `gateway.http` with its pool): one connection per call, closed after
+it. The address goes through the same in-region resolution as every call (SPEC §8), so a
+promotion's requests never leave the deployment's region either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import NamedTuple
+
+import httptools
+
+from gateway.dns import Resolver
+from gateway.errors import GatewayError, ModelUnavailable, UpstreamBroken, UpstreamTimeout
+from gateway.http.proxy import new_request_id
+from gateway.metrics import Metrics
+from gateway.routing.model import Deployment, Table, Upstream
+
+MAX_ANSWER_BYTES = 1024 * 1024  # kept of an answer's body (for the error message); the rest is read and dropped
+
+
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    request_id: str
+
+
+class PlaneCaller:
+    """Makes single HTTP/1.1 calls to a deployment, keeping a resolver for the table's nameservers."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+        self.resolver: Resolver | None = None
+        self.nameservers: tuple[str, ...] | None = None
+
+    def close(self) -> None:
+        if self.resolver is not None:
+            self.resolver.close()
+            self.resolver = None
+
+    def _resolver(self, table: Table) -> Resolver:
+        if self.resolver is None or self.nameservers != table.gateway.dns_nameservers:
+            self.close()
+            self.nameservers = table.gateway.dns_nameservers
+            self.resolver = Resolver(self.nameservers, metrics=self.metrics)
+        return self.resolver
+
+    async def call(
+        self,
+        table: Table,
+        dep: Deployment,
+        environment: str,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        *,
+        to_plane: bool = False,
+        timeout: float = 30.0,
+    ) -> Answer:
+        """`method path` on the deployment (its first replica, or its plane's url with `to_plane`).
+
+        Carries the identity headers of SPEC §4. Raises a GatewayError when the plane cannot be
+        reached, breaks the call or does not answer within `timeout`.
+        """
+        up: Upstream = dep.plane.url if to_plane or not dep.endpoints else dep.endpoints[0]
+        region = table.regions[dep.plane.region]
+        request_id = new_request_id()
+        head = (
+            f"{method} {path} HTTP/1.1\r\nhost: {up.authority}\r\nx-baseten-model-id: {dep.model_id}\r\n"
+            f"x-baseten-environment: {environment}\r\nx-baseten-deployment-id: {dep.id}\r\n"
+            f"x-baseten-request-id: {request_id}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode()
+        try:
+            async with asyncio.timeout(timeout):
+                addresses = await self._resolver(table).resolve_in_region(up.host, region.name, region.networks)
+                ctx = _tls(dep) if up.scheme == "https" else None
+                try:
+                    reader, writer = await asyncio.open_connection(
+                        addresses[0], up.port, ssl=ctx, server_hostname=up.host if ctx else None
+                    )
+                except OSError as exc:
+                    raise ModelUnavailable(f"cannot connect to {up.authority}: {exc.strerror or exc}") from None
+                try:
+                    writer.write(head + body)
+                    status, answer = await _read_answer(reader)
+                finally:
+                    writer.close()
+                    with contextlib.suppress(Exception):
+                        await writer.wait_closed()
+        except TimeoutError:
+            raise UpstreamTimeout(f"{up.authority} did not answer {method} {path} within {timeout:g}s") from None
+        return Answer(status, answer, request_id)
+
+
+def _tls(dep: Deployment) -> ssl.SSLContext:
+    tls = dep.plane.tls
+    ctx = ssl.create_default_context(cafile=tls.ca if tls else None)
+    if tls and tls.cert:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    return ctx
+
+
+class _Response:
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.complete = False
+
+    def on_body(self, data: bytes) -> None:
+        room = MAX_ANSWER_BYTES - len(self.body)
+        if room > 0:
+            self.body += data[:room]
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    response = _Response()
+    parser = httptools.HttpResponseParser(response)
+    try:
+        while not response.complete:
+            data = await reader.read(65536)
+            if not data:
+                parser.feed_data(b"")  # EOF ends a body without a length; otherwise it's a broken answer
+                if not response.complete:
+                    raise UpstreamBroken("the plane closed the connection before answering completely")
+                break
+            parser.feed_data(data)
+    except httptools.HttpParserError as exc:
+        raise UpstreamBroken(f"the plane broke the HTTP protocol: {exc}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise UpstreamBroken(f"the connection to the plane failed: {exc}") from None
+    except GatewayError:
+        raise
+    return parser.get_status_code(), bytes(response.body)

@@ -1,0 +1,484 @@
+"""Promotions (SPEC §6): wake, smoke check, ramp in 10 stages, pause/resume/cancel, automatic rollback.
+
+A promotion is a record in the overlay (so it survives a restart) and, while it runs, one task
+in the process that owns the admin listener. Its states:
+
+    RELEASING    the candidate is woken (if scaled to zero) and smoke-checked; no traffic yet
+    RAMPING_UP   the candidate's share grows 10, 20, ... 100 %, one stage per duration/10
+    PAUSED       the share holds; resume continues the stage where it stopped
+    RAMPING_DOWN after a cancel: the share walks back down the same stages to 0
+    SUCCEEDED    the candidate is the environment's deployment; the previous one is demoted
+    FAILED       wake timeout, smoke check, or rollback: the candidate's share is 0 at once
+    CANCELED     cancelled (after ramping down)
+
+Each state change goes through `EnvironmentsApi.change` (validated, persisted, swapped). The
+ramp's split is sticky per caller (`Environment.candidate`, resolved like a canary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeGuard
+
+from gateway.environments.changes import deployment_users, env_change, read_json, running_promotion, set_status
+from gateway.environments.overlay import RUNNING
+from gateway.environments.planecall import PlaneCaller
+from gateway.errors import ClientError, Conflict, GatewayError
+from gateway.http.server import Request
+from gateway.metrics import Metrics
+from gateway.routing.model import Deployment, Table
+
+if TYPE_CHECKING:
+    from gateway.environments.api import EnvironmentsApi
+
+log = logging.getLogger("gateway.promotion")
+
+STAGES = 10
+MAX_RAMP_SECONDS = 7 * 24 * 3600
+WAKE_REPEAT_SECONDS = 30.0
+SMOKE_TIMEOUT_SECONDS = 60.0
+ROLLBACK_SAMPLE_SECONDS = 0.25
+STATES = ("RELEASING", "RAMPING_UP", "PAUSED", "RAMPING_DOWN", "SUCCEEDED", "FAILED", "CANCELED")
+
+
+class PromotionFailed(Exception):
+    """Ends a promotion as FAILED with this message (traffic returns to the previous deployment)."""
+
+
+class PromotionEnded(Exception):
+    """The promotion ended meanwhile (cancelled before any traffic moved, or its environment is gone)."""
+
+
+class Promotions:
+    """Runs the promotions of every environment; owned by the admin side (one per gateway)."""
+
+    def __init__(
+        self, api: EnvironmentsApi, metrics: Metrics, request_counts: Callable[[], dict[tuple, float]]
+    ) -> None:
+        self.api = api
+        self.state = api.state
+        self.metrics = metrics
+        self.request_counts = request_counts
+        self.lock = asyncio.Lock()  # every admin change of environments and deployments
+        self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.kicks: dict[tuple[str, str], asyncio.Event] = {}
+        self.caller = PlaneCaller(metrics)
+        self.actions = {
+            "promote": self.promote,
+            "pause_promotion": self.pause,
+            "resume_promotion": self.resume,
+            "cancel_promotion": self.cancel,
+        }
+
+    def start(self) -> None:
+        """Continue the promotions that were running when the gateway stopped."""
+        for model_id, changes in self.state.overlay.get("models", {}).items():
+            for env, change in changes.get("environments", {}).items():
+                promotion = change.get("promotion")
+                if promotion is not None and promotion["status"] in RUNNING:
+                    log.info("continuing the promotion of %s/%s (%s)", model_id, env, promotion["status"])
+                    self._publish(model_id, env, promotion)
+                    self._launch((model_id, env))
+
+    async def close(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        for task in list(self.tasks.values()):
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - cancelled or crashed; the record stays as persisted
+                pass
+        self.caller.close()
+
+    # -- admin calls --------------------------------------------------------------------------
+
+    async def promote(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
+        body = await read_json(req, {"deployment_id", "ramp_up_duration_seconds", "smoke_check", "rollback"})
+        options = promote_options(body)
+        async with self.lock:
+            model = self.api.model(model_id)
+            environment = self.api.environment(model, env)
+            dep = self.api.deployment(model, options["deployment_id"])
+            if running_promotion(self.state.overlay, model_id, env) is not None:
+                raise Conflict(f"environment '{env}' already has a promotion in progress")
+            if dep.status == "inactive":
+                raise ClientError(f"deployment '{dep.id}' is inactive; activate it before promoting it")
+            if environment.deployment is not None and environment.deployment.id == dep.id:
+                raise ClientError(f"deployment '{dep.id}' already serves environment '{env}'")
+            if environment.region is not None and dep.region != environment.region:
+                raise ClientError(
+                    f"deployment '{dep.id}' runs in region '{dep.region}', but environment '{env}' is pinned "
+                    f"to region '{environment.region}': a regional environment never leaves its region"
+                )
+            now = time.time()
+            record = {
+                **options,
+                "status": "RELEASING",
+                "percent": 0,
+                "previous_deployment_id": environment.deployment.id if environment.deployment else None,
+                "error_message": None,
+                "started_at": now,
+                "updated_at": now,
+                "stage_started_at": None,
+                "paused_remaining": None,
+            }
+            table = await self._write(model_id, env, record, "promote")
+            self._launch((model_id, env))
+        model = table.models[model_id]
+        return 202, self.api.view(model, model.environments[env])
+
+    async def pause(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
+        def change(p: dict[str, Any]) -> None:
+            interval = stage_seconds(p)
+            p["paused_remaining"] = max(0.0, interval - (time.time() - p["stage_started_at"]))
+            p["status"] = "PAUSED"
+
+        return await self._control(req, model_id, env, ("RAMPING_UP",), change, "pause")
+
+    async def resume(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
+        def change(p: dict[str, Any]) -> None:
+            p["stage_started_at"] = time.time() - (stage_seconds(p) - (p.get("paused_remaining") or 0.0))
+            p["paused_remaining"] = None
+            p["status"] = "RAMPING_UP"
+
+        return await self._control(req, model_id, env, ("PAUSED",), change, "resume")
+
+    async def cancel(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
+        def change(p: dict[str, Any]) -> None:
+            if p["percent"] > 0:
+                p["status"] = "RAMPING_DOWN"  # traffic walks back down the stages
+                p["stage_started_at"] = time.time()
+            else:
+                p["status"] = "CANCELED"
+                task = self.tasks.get((model_id, env))
+                if task is not None:
+                    task.cancel()
+
+        return await self._control(req, model_id, env, ("RELEASING", "RAMPING_UP", "PAUSED"), change, "cancel")
+
+    async def _control(
+        self, req: Request, model_id: str, env: str, allowed: tuple[str, ...],
+        change: Callable[[dict[str, Any]], None], what: str,
+    ) -> tuple[int, object]:  # fmt: skip
+        await read_json(req, set())
+        async with self.lock:
+            model = self.api.model(model_id)
+            self.api.environment(model, env)
+            promotion = running_promotion(self.state.overlay, model_id, env)
+            if promotion is None or promotion["status"] not in allowed:
+                state = promotion["status"] if promotion else "no promotion in progress"
+                raise Conflict(f"cannot {what} the promotion of environment '{env}': {state}")
+            record = dict(promotion)
+            change(record)
+            table = await self._write(model_id, env, record, what)
+        self._kick((model_id, env))
+        model = table.models[model_id]
+        return 200, self.api.view(model, model.environments[env])
+
+    # -- the running promotion ----------------------------------------------------------------
+
+    def _launch(self, key: tuple[str, str]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(key), name=f"promotion {key[0]}/{key[1]}")
+        self.tasks[key] = task
+        task.add_done_callback(lambda t: self._ended(key, t))
+
+    def _ended(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        if self.tasks.get(key) is task:
+            del self.tasks[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("promotion %s/%s crashed", *key, exc_info=task.exception())
+
+    def _kick(self, key: tuple[str, str]) -> None:
+        event = self.kicks.get(key)
+        if event is not None:
+            event.set()
+
+    def record(self, key: tuple[str, str]) -> dict[str, Any]:
+        promotion = running_promotion(self.state.overlay, *key)
+        if promotion is None:
+            raise PromotionEnded
+        return promotion
+
+    async def _run(self, key: tuple[str, str]) -> None:
+        self.kicks[key] = asyncio.Event()
+        try:
+            if self.record(key)["status"] == "RELEASING":
+                await self._release(key)
+                if not self.record(key).get("ramp_up_duration_seconds"):
+                    await self._finish(key)
+                    return
+                await self._update(key, "stage 1", status="RAMPING_UP", percent=100 // STAGES,
+                                   stage_started_at=time.time())  # fmt: skip
+            record = self.record(key)
+            window = RollbackWindow(record.get("rollback"))
+            window.check(self._candidate_counts(key, record["deployment_id"]))  # the baseline
+            while True:
+                record = self.record(key)
+                if record["status"] == "PAUSED":
+                    await self._wait(key, None, window)
+                    continue
+                remaining = stage_seconds(record) - (time.time() - record["stage_started_at"])
+                if remaining > 0:
+                    await self._wait(key, remaining, window)
+                    continue
+                if record["status"] == "RAMPING_DOWN":
+                    percent = max(0, record["percent"] - 100 // STAGES)
+                    if percent == 0:
+                        await self._update(key, "ramped down", status="CANCELED", percent=0)
+                        return
+                    await self._update(key, "ramping down", percent=percent, stage_started_at=time.time())
+                elif record["percent"] >= 100:
+                    await self._finish(key)
+                    return
+                else:
+                    percent = min(100, record["percent"] + 100 // STAGES)
+                    await self._update(key, f"stage {percent // 10}", percent=percent, stage_started_at=time.time())
+        except PromotionFailed as failure:
+            log.warning("promotion of %s/%s failed: %s", *key, failure)
+            try:
+                await self._update(key, "failed", status="FAILED", percent=0, error_message=str(failure))
+            except PromotionEnded:
+                pass
+        except PromotionEnded:
+            pass
+        finally:
+            self.kicks.pop(key, None)
+
+    async def _wait(self, key: tuple[str, str], seconds: float | None, window: RollbackWindow) -> None:
+        """Sleep up to `seconds` (None: until kicked), checking the rollback rule while the candidate serves."""
+        event = self.kicks[key]
+        loop = asyncio.get_running_loop()
+        end = None if seconds is None else loop.time() + seconds
+        while not event.is_set():
+            step = ROLLBACK_SAMPLE_SECONDS if window.enabled else None
+            if end is not None:
+                left = end - loop.time()
+                if left <= 0:
+                    break
+                step = left if step is None else min(step, left)
+            try:
+                await asyncio.wait_for(event.wait(), step)
+            except TimeoutError:
+                pass
+            record = self.record(key)
+            if window.enabled and record["status"] in ("RAMPING_UP", "PAUSED"):
+                reason = window.check(self._candidate_counts(key, record["deployment_id"]))
+                if reason is not None:
+                    raise PromotionFailed(reason)
+        event.clear()
+
+    def _candidate_counts(self, key: tuple[str, str], dep_id: str) -> tuple[float, float]:
+        """(calls answered, 5xx answers) of the candidate in this environment so far (every protocol)."""
+        calls = errors = 0.0
+        for labels, value in self.request_counts().items():
+            if labels[0] == key[0] and labels[1] == key[1] and labels[2] == dep_id:
+                calls += value
+                if labels[-1].startswith("5"):
+                    errors += value
+        return calls, errors
+
+    async def _release(self, key: tuple[str, str]) -> None:
+        """Wake the candidate if it is scaled to zero and wait for it; then the smoke check."""
+        record = self.record(key)
+        loop = asyncio.get_running_loop()
+        table = self.state.table
+        deadline = loop.time() + table.gateway.hold_timeout_seconds
+        woken_at: float | None = None
+        while True:
+            table = self.state.table
+            dep = table.models[key[0]].deployments.get(record["deployment_id"])
+            if dep is None:
+                raise PromotionFailed(f"candidate deployment '{record['deployment_id']}' no longer exists")
+            if dep.status == "active":
+                break
+            if dep.status == "inactive":
+                raise PromotionFailed(f"candidate deployment '{dep.id}' was deactivated")
+            if loop.time() >= deadline:
+                raise PromotionFailed(
+                    f"candidate deployment '{dep.id}' did not become active within "
+                    f"{table.gateway.hold_timeout_seconds:g}s of being woken"
+                )
+            if woken_at is None or loop.time() - woken_at >= WAKE_REPEAT_SECONDS:
+                woken_at = loop.time()
+                self._spawn_wake(table, dep, key[1])
+            await self._wait_for_swap(min(1.0, max(0.0, deadline - loop.time())))
+        smoke = record.get("smoke_check")
+        if smoke:
+            await self._smoke(table, dep, key[1], smoke)
+
+    async def _wait_for_swap(self, seconds: float) -> None:
+        swapped = asyncio.Event()
+        callback = lambda table: swapped.set()  # noqa: E731
+        self.state.on_swap.append(callback)
+        try:
+            await asyncio.wait_for(swapped.wait(), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self.state.on_swap.remove(callback)
+
+    def _spawn_wake(self, table: Table, dep: Deployment, env: str) -> None:
+        async def wake() -> None:
+            try:
+                answer = await self.caller.call(table, dep, env, "POST", "/wake", to_plane=True,
+                                                timeout=dep.timeouts.connect_seconds + 10)  # fmt: skip
+                log.info("wake of %s/%s for a promotion answered %d", dep.model_id, dep.id, answer.status)
+            except GatewayError as error:
+                log.warning("wake of %s/%s for a promotion failed: %s", dep.model_id, dep.id, error.message)
+
+        asyncio.get_running_loop().create_task(wake())
+
+    async def _smoke(self, table: Table, dep: Deployment, env: str, smoke: dict[str, Any]) -> None:
+        body = smoke.get("body")
+        data = b"" if body is None else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        what = f"smoke check POST {smoke['path']}"
+        try:
+            answer = await self.caller.call(
+                table, dep, env, "POST", smoke["path"], data,
+                timeout=min(SMOKE_TIMEOUT_SECONDS, dep.timeouts.total_seconds),
+            )  # fmt: skip
+        except GatewayError as error:
+            raise PromotionFailed(f"{what} to candidate '{dep.id}' failed: {error.message}") from None
+        expected = smoke.get("expected_status", 200)
+        if answer.status != expected:
+            excerpt = answer.body[:200].decode("utf-8", "replace")
+            raise PromotionFailed(
+                f"{what} to candidate '{dep.id}' answered {answer.status}, expected {expected}: {excerpt}"
+            )
+        log.info("%s to candidate %s/%s passed (%d)", what, dep.model_id, dep.id, answer.status)
+
+    async def _finish(self, key: tuple[str, str]) -> None:
+        """The candidate becomes the environment's deployment; the previous one is demoted if unused."""
+        model_id, env = key
+        async with self.lock:
+            record = dict(self.record(key))
+            candidate, previous = record["deployment_id"], record.get("previous_deployment_id")
+            record.update(status="SUCCEEDED", percent=100, updated_at=time.time())
+            model = self.state.table.models[model_id]
+            demote: str | None = None
+            if previous is not None and previous != candidate and previous in model.deployments:
+                # Only when nothing else uses it: another environment, a canary, a shadow, a promotion.
+                users = deployment_users(model, previous, self.state.overlay, leaving=env)
+                if users:
+                    log.info("previous deployment %s/%s still serves %s: not demoted", model_id, previous, users)
+                else:
+                    demote = previous
+
+            def mutate(overlay: dict[str, Any]) -> None:
+                change = env_change(overlay, model_id, env)
+                change["set"]["deployment"] = candidate
+                change["promotion"] = record
+                if demote is not None:
+                    set_status(overlay, model_id, demote, "scaled_to_zero")
+
+            await self.api.change(f"promotion of {model_id}/{env} succeeded", mutate)
+        self._publish(model_id, env, record)
+        log.info("promotion of %s/%s succeeded: %s serves 100%%", model_id, env, candidate)
+
+    async def _update(self, key: tuple[str, str], what: str, **fields: Any) -> None:
+        async with self.lock:
+            record = dict(self.record(key))
+            record.update(fields, updated_at=time.time())
+            await self._write(key[0], key[1], record, what)
+
+    async def _write(self, model_id: str, env: str, record: dict[str, Any], what: str) -> Table:
+        """Persist and serve a promotion record (caller holds the lock)."""
+
+        def mutate(overlay: dict[str, Any]) -> None:
+            env_change(overlay, model_id, env)["promotion"] = record
+
+        table = await self.api.change(f"promotion of {model_id}/{env}: {what}", mutate)
+        self._publish(model_id, env, record)
+        return table
+
+    def _publish(self, model_id: str, env: str, record: dict[str, Any]) -> None:
+        self.metrics.promotion.set((model_id, env, record["deployment_id"]), record["percent"])
+        for state in STATES:
+            self.metrics.promotion_state.set((model_id, env, state), 1 if record["status"] == state else 0)
+
+
+class RollbackWindow:
+    """The candidate's 5xx share over a sliding window, from cumulative request counts."""
+
+    def __init__(self, rule: dict[str, Any] | None) -> None:
+        self.rule = rule
+        self.enabled = rule is not None
+        self.samples: collections.deque[tuple[float, float, float]] = collections.deque()
+
+    def check(self, counts: tuple[float, float], now: float | None = None) -> str | None:
+        """A failure message when the rule is broken, else None."""
+        if self.rule is None:
+            return None
+        now = time.monotonic() if now is None else now
+        calls, errors = counts
+        self.samples.append((now, calls, errors))
+        window = float(self.rule["window_seconds"])
+        while len(self.samples) > 1 and self.samples[1][0] <= now - window:
+            self.samples.popleft()  # keep one sample at or before the window's start as the baseline
+        _, base_calls, base_errors = self.samples[0]
+        delta_calls, delta_errors = calls - base_calls, errors - base_errors
+        if delta_calls < self.rule.get("min_calls", 10) or delta_calls <= 0:
+            return None
+        share = 100.0 * delta_errors / delta_calls
+        if share > float(self.rule["max_5xx_percent"]):
+            return (
+                f"automatic rollback: the candidate answered {share:.1f}% 5xx over the last {window:g}s "
+                f"({int(delta_errors)} of {int(delta_calls)} calls), above the limit of {self.rule['max_5xx_percent']}%"
+            )
+        return None
+
+
+def stage_seconds(record: dict[str, Any]) -> float:
+    return float(record.get("ramp_up_duration_seconds") or 0) / STAGES
+
+
+def promote_options(body: dict[str, Any]) -> dict[str, Any]:
+    """The promote call's options, checked; a clear 400 for each kind of mistake."""
+    dep = body.get("deployment_id")
+    if not isinstance(dep, str) or not dep:
+        raise ClientError("'deployment_id' (a string) is required")
+    ramp = body.get("ramp_up_duration_seconds")
+    if ramp is not None and (not _number(ramp) or not 0 <= ramp <= MAX_RAMP_SECONDS):
+        raise ClientError(f"'ramp_up_duration_seconds' must be a number from 0 to {MAX_RAMP_SECONDS}")
+    smoke = body.get("smoke_check")
+    if smoke is not None:
+        smoke = _object(smoke, "smoke_check", {"path", "body", "expected_status"})
+        path = smoke.get("path")
+        if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in " \r\n\t"):
+            raise ClientError("'smoke_check.path' must be a path starting with '/' (no spaces)")
+        status = smoke.get("expected_status", 200)
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise ClientError("'smoke_check.expected_status' must be an HTTP status (100-599)")
+    rollback = body.get("rollback")
+    if rollback is not None:
+        rollback = _object(rollback, "rollback", {"max_5xx_percent", "window_seconds", "min_calls"})
+        share, window = rollback.get("max_5xx_percent"), rollback.get("window_seconds")
+        if not _number(share) or not 0 <= share <= 100:
+            raise ClientError("'rollback.max_5xx_percent' (0-100) is required")
+        if not _number(window) or not 0 < window <= 3600:
+            raise ClientError("'rollback.window_seconds' (above 0, at most 3600) is required")
+        calls = rollback.get("min_calls", 10)
+        if not isinstance(calls, int) or isinstance(calls, bool) or calls < 1:
+            raise ClientError("'rollback.min_calls' must be a whole number of at least 1")
+        if not ramp:
+            raise ClientError("'rollback' watches the ramp: it needs 'ramp_up_duration_seconds' above 0")
+    return {"deployment_id": dep, "ramp_up_duration_seconds": ramp or 0, "smoke_check": smoke, "rollback": rollback}
+
+
+def _number(x: Any) -> TypeGuard[float]:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _object(x: Any, name: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise ClientError(f"'{name}' must be an object")
+    unknown = sorted(set(x) - allowed)
+    if unknown:
+        raise ClientError(f"unknown field '{name}.{unknown[0][:64]}' (expected: {', '.join(sorted(allowed))})")
+    return x
