@@ -571,3 +571,27 @@ def test_explain_and_serve_use_the_admin_store(gateway: GatewayProcess) -> None:
     assert out.returncode == 0 and "deployment:   v2" in out.stdout, out.stdout + out.stderr
     store = Path(str(gateway.config) + ".admin.json")
     assert json.loads(store.read_text())["models"]["m1"]["environments"]["staging"]["set"] == {"deployment": "v2"}
+
+
+def test_with_workers_the_supervisor_runs_the_api_and_every_worker_follows(
+    tmp_path: Path, planes: tuple[TestPlane, TestPlane]
+) -> None:
+    us, eu = planes
+    config = write_table(tmp_path / "table.yaml", table_doc(us.url, eu.url))
+    gw = GatewayProcess(config, "--admin-token", TOKEN, "--workers", "2").start()
+    try:
+        status, _ = admin(gw, "POST", env_path("staging", "promote"),
+                          {"deployment_id": "v2", "ramp_up_duration_seconds": 1})  # fmt: skip
+        assert status == 202
+        wait_status(gw, "staging", "SUCCEEDED")
+        # Both workers serve the promoted deployment (each connection may land on either worker).
+        wait_for(lambda: set(split(gw, "staging", [f"w{i}" for i in range(60)]).values()) == {"v2"},
+                 "every worker to serve v2")  # fmt: skip
+        routing = admin(gw, "GET", "/v1/routing")[1]
+        wait_for(lambda: {w["digest"] for w in admin(gw, "GET", "/v1/routing")[1]["workers"]} == {routing["digest"]},
+                 "both workers to report the composed table")  # fmt: skip
+        metrics = urllib.request.urlopen(gw.admin_url + "/metrics").read().decode()
+        assert 'gateway_promotion_state{model="m1",environment="staging",state="SUCCEEDED"} 1' in metrics
+        assert 'gateway_promotion_traffic_percent{model="m1",environment="staging",deployment="v2"} 100' in metrics
+    finally:
+        assert gw.stop() == 0

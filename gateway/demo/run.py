@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from gateway.demo.grpc_plane import GrpcSamplePlane
@@ -65,6 +66,7 @@ def ws_client(url: str) -> str:
 def calls(port: int, admin_port: int, config: str, grpc_port: int | None = None) -> list[tuple[str, str]]:
     """(what it shows, command) pairs printed by the demo; tests run each one."""
     g = f"localhost:{port}"
+    admin = f"http://127.0.0.1:{admin_port}"
     body = '{"model_input": {"prompt": "hello"}}'
     return [
         ("JSON predict on the standard host (production)", curl(f"http://model-abc123.{g}/production/predict", data=body)),
@@ -86,6 +88,11 @@ def calls(port: int, admin_port: int, config: str, grpc_port: int | None = None)
         ("sync pass-through to the model server's own route", curl(f"http://model-abc123.{g}/production/sync/v1/models")),
         ("chain run_remote", curl(f"http://chain-pipeline1.{g}/production/run_remote", data=body)),
         ("wake a deployment (202)", curl(f"http://model-abc123.{g}/deployment/v0/wake", data="")),
+        ("admin API: promote v2 into staging, ramping its share up in 10 stages over 30 s (202)",
+         curl(f"{admin}/v1/models/abc123/environments/staging/promote", key=None,
+              data='{"deployment_id": "v2", "ramp_up_duration_seconds": 30}')),
+        ("admin API: the environment and its promotion (status, percent_traffic_to_new_version)",
+         curl(f"{admin}/v1/models/abc123/environments/staging", key=None)),
         ("WebSocket echo model through the regional host (frames relayed both ways)",
          ws_client(f"ws://model-abc123-prod-us.{g}/websocket")),
         ("WebSocket: refused before the upgrade (421: region eu is not served here)",
@@ -111,7 +118,10 @@ async def _run(args: argparse.Namespace, config: str) -> None:
             grpc_sample = GrpcSamplePlane(plane.name, plane.region)
             await grpc_sample.start(plane.grpc)
             grpc_planes.append(grpc_sample)
-    gateway = Gateway(ServeOptions(config=config, port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port))
+    # The demo's admin changes go to a fresh store that disappears with the demo, not next to the example table.
+    store = tempfile.TemporaryDirectory(prefix="gateway-demo-")
+    gateway = Gateway(ServeOptions(config=config, store=str(Path(store.name) / "demo.admin.json"), port=args.port,
+                                   admin_port=args.admin_port, grpc_port=args.grpc_port))  # fmt: skip
     await gateway.start()
     print(
         f"\nDemo gateway on http://127.0.0.1:{gateway.public_port} (admin on 127.0.0.1:{gateway.admin_port}, "
@@ -132,6 +142,7 @@ async def _run(args: argparse.Namespace, config: str) -> None:
             sample.close()
         for grpc_sample in grpc_planes:
             await grpc_sample.stop()
+        store.cleanup()
 
 
 def run_demo(args: argparse.Namespace) -> int:
