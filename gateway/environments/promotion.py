@@ -292,7 +292,8 @@ class Promotions:
         woken_at: float | None = None
         while True:
             table = self.state.table
-            dep = table.models[key[0]].deployments.get(record["deployment_id"])
+            model = table.models.get(key[0])
+            dep = model.deployments.get(record["deployment_id"]) if model is not None else None
             if dep is None:
                 raise PromotionFailed(f"candidate deployment '{record['deployment_id']}' no longer exists")
             if dep.status == "active":
@@ -360,7 +361,9 @@ class Promotions:
             record = dict(self.record(key))
             candidate, previous = record["deployment_id"], record.get("previous_deployment_id")
             record.update(status="SUCCEEDED", percent=100, updated_at=time.time())
-            model = self.state.table.models[model_id]
+            model = self.state.table.models.get(model_id)
+            if model is None:
+                raise PromotionFailed(f"model '{model_id}' is no longer in the routing table")
             demote: str | None = None
             if previous is not None and previous != candidate and previous in model.deployments:
                 # Only when nothing else uses it: another environment, a canary, a shadow, a promotion.
