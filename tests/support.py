@@ -13,8 +13,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -111,8 +112,10 @@ class GatewayProcess:
         self.log.close()
         return self.proc.returncode
 
-    def admin(self, method: str, path: str, token: str | None = None) -> tuple[int, dict | str]:
-        req = urllib.request.Request(self.admin_url + path, method=method)
+    def admin(self, method: str, path: str, token: str | None = None, body: object = None) -> tuple[int, dict | str]:
+        """An admin call (`body`: sent as JSON); the status and the decoded answer."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.admin_url + path, data=data, method=method)
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         try:
@@ -124,6 +127,17 @@ class GatewayProcess:
             return status, json.loads(body)
         except ValueError:
             return status, body.decode()
+
+
+def wait_for(predicate: Callable[[], Any], what: str = "the condition", timeout: float = 30.0) -> Any:
+    """Poll until `predicate()` is truthy and return its value; fail after `timeout` (a bound, not a timing assert)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @contextlib.contextmanager

@@ -15,14 +15,14 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support import GatewayProcess, free_port, sha, write_table
+from tests.support import GatewayProcess, free_port, sha, wait_for, write_table
 
 KEY = "env-test-key"
 AUTH = {"Authorization": f"Api-Key {KEY}"}
@@ -132,16 +132,7 @@ def gateway(tmp_path: Path, planes: tuple[TestPlane, TestPlane]) -> Iterator[Gat
 
 
 def admin(gw: GatewayProcess, method: str, path: str, body: object = None, token: str | None = TOKEN) -> tuple:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(gw.admin_url + path, data=data, method=method)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    return status, json.loads(raw)
+    return gw.admin(method, path, token, body)
 
 
 def env_path(env: str = "", action: str = "") -> str:
@@ -181,16 +172,6 @@ async def _split(gw: GatewayProcess, env: str, keys: list[str]) -> dict[str, str
 
 def split(gw: GatewayProcess, env: str, keys: list[str]) -> dict[str, str]:
     return asyncio.run(_split(gw, env, keys))
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def promotion(gw: GatewayProcess, env: str) -> dict:

@@ -6,25 +6,14 @@ import asyncio
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from tests.support import DEMO_KEY, GatewayProcess, example_doc, write_table
+from tests.support import DEMO_KEY, GatewayProcess, example_doc, wait_for, write_table
 
 HOST = {"Host": "model-abc123.api.example.com", "Authorization": f"Api-Key {DEMO_KEY}"}
-
-
-def wait_for(predicate, timeout: float = 15.0):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not reached in time")
 
 
 def test_workers_share_a_port_report_together_and_reload_together(tmp_path: Path) -> None:
@@ -70,7 +59,7 @@ def test_workers_share_a_port_report_together_and_reload_together(tmp_path: Path
                 _, r = gw.admin("GET", "/v1/routing")
                 return all(w["digest"] == new_digest for w in r["workers"]) and len(r["workers"]) == 2
 
-            await asyncio.to_thread(wait_for, reloaded, 10)
+            await asyncio.to_thread(wait_for, reloaded, "both workers to reload", 10)
 
             victim = sorted(first_pids)[0]
             os.kill(victim, signal.SIGKILL)
@@ -79,7 +68,7 @@ def test_workers_share_a_port_report_together_and_reload_together(tmp_path: Path
                 r = _workers_ready(gw, 2)
                 return r if r and victim not in {w["pid"] for w in r["workers"]} else None
 
-            await asyncio.to_thread(wait_for, restarted, 30)
+            await asyncio.to_thread(wait_for, restarted, "the killed worker to be restarted", 30)
             async with aiohttp.ClientSession() as session:
                 async with session.post(gw.url + "/production/predict", headers=HOST, data=b"{}") as r:
                     assert r.status == 200
