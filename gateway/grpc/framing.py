@@ -44,6 +44,7 @@ RESPONSE_DROPPED = frozenset(
 )  # fmt: skip
 METADATA_KEY = re.compile(rb"[0-9a-z_.\-]+\Z")
 PRINTABLE = re.compile(rb"[\x20-\x7e]*\Z")
+PATH = re.compile(rb"/[\x21-\x7e]*\Z")
 TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])\Z")
 TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
@@ -172,12 +173,16 @@ def read_head(headers: Iterable[tuple[bytes, bytes]]) -> CallHead:
             if raw_name == b":path":
                 path = raw_value
             elif raw_name == b":authority":
+                if not PRINTABLE.match(raw_value):
+                    raise ClientError(":authority must be printable ASCII")
                 authority = raw_value.decode("latin-1")
             elif raw_name == b":method":
                 method = raw_value
             continue
         name = raw_name.decode("latin-1")
         if name in TRANSPORT:
+            if not PRINTABLE.match(raw_value):
+                raise ClientError(f"'{name}' must be printable ASCII")
             transport.append((raw_name, raw_value))
             if name == "content-type":
                 content_type = raw_value
@@ -202,6 +207,8 @@ def read_head(headers: Iterable[tuple[bytes, bytes]]) -> CallHead:
         forwarded.append((raw_name, raw_value))
     if method != b"POST":
         raise ClientError(f"gRPC calls are POST requests, not {method[:16].decode('latin-1')}")
+    if not PATH.match(path):
+        raise ClientError("the :path of a gRPC call is /<service>/<method> in printable ASCII")
     if content_type is None or not (content_type == b"application/grpc" or content_type.startswith(b"application/grpc+")
                                     or content_type.startswith(b"application/grpc;")):  # fmt: skip
         raise ClientError("content-type must be application/grpc")

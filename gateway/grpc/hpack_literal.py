@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from hpack.table import HeaderTable
 
 MAX_NAMES = 512  # distinct encoded names kept; names come from clients' metadata keys
+MAX_FIELDS = 1024  # encoded fields kept: those that repeat (content-type, identity, grpc-status: 0)
+VOLATILE = frozenset({b"x-baseten-request-id", b"grpc-timeout"})  # new on every call: never kept
 TABLE_SIZE_ZERO = b"\x20"  # Dynamic Table Size Update to 0 (RFC 7541 §6.3)
 
 
@@ -53,10 +55,11 @@ STATIC_FIELDS, STATIC_NAMES = _static_tables()
 class LiteralEncoder:
     """Drop-in for `hpack.Encoder` as h2 uses it: `encode(headers)` and the `header_table_size` setter."""
 
-    __slots__ = ("names", "update")
+    __slots__ = ("names", "fields", "update")
 
     def __init__(self) -> None:
         self.names = dict(STATIC_NAMES)
+        self.fields = dict(STATIC_FIELDS)
         self.update = TABLE_SIZE_ZERO
 
     @property
@@ -71,16 +74,21 @@ class LiteralEncoder:
         parts = [self.update]
         self.update = b""
         names = self.names
-        for name, value in headers:
-            field = STATIC_FIELDS.get((name, value))
+        fields = self.fields
+        for pair in headers:
+            field = fields.get(pair)
             if field is not None:
                 parts.append(field)
                 continue
+            name, value = pair
             prefix = names.get(name)
             if prefix is None:
                 prefix = b"\x00" + encode_string(name)
                 if len(names) < MAX_NAMES:
                     names[name] = prefix
             n = len(value)
-            parts.append(prefix + (bytes((n,)) if n < 0x7F else encode_integer(n, 7, 0)) + value)
+            field = prefix + (bytes((n,)) if n < 0x7F else encode_integer(n, 7, 0)) + value
+            if len(fields) < MAX_FIELDS and name not in VOLATILE:
+                fields[pair] = field
+            parts.append(field)
         return b"".join(parts)
