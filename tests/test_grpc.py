@@ -7,7 +7,6 @@ a plane records a call's end in a `threading.Event` the test waits on (bounded, 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -25,7 +24,6 @@ import grpc
 import pytest
 import yaml
 
-from gateway.grpc.upstream import Channels, PlaneCall
 from tests.support import EXAMPLE, GatewayProcess, free_port, running_gateway, write_table
 
 KEY = "demo-key-acme"
@@ -504,26 +502,3 @@ def test_grpc_over_tls(planes, tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 unary(plain, "Echo")(b"x", metadata=AUTH, timeout=WAIT)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-
-
-def test_plane_call_keeps_the_plane_status_when_a_write_races_the_end_of_the_call(planes) -> None:
-    """At the grpc boundary: the plane ends the call while messages are still being written to it."""
-    us, _ = planes
-
-    async def scenario() -> list[tuple[int, str]]:
-        channels = Channels()
-        channel = channels.acquire(us.address)
-        outcomes = []
-        for _ in range(20):
-            call = PlaneCall(channel, "/t.Plane/Refuse", (), WAIT, None, None)
-            for _ in range(500):
-                if not await call.write(b"w" * 1000):
-                    break
-            code, details, _ = await call.status()
-            outcomes.append((code, details))
-        channels.release(channel)
-        await channels.close()
-        return outcomes
-
-    outcomes = asyncio.run(scenario())
-    assert set(outcomes) == {(grpc.StatusCode.FAILED_PRECONDITION.value[0], "refused after the first message")}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import struct
 import urllib.parse
-import zlib
 
 import pytest
 from hypothesis import given
@@ -14,13 +13,14 @@ from hypothesis import strategies as st
 from gateway.errors import ClientError, PayloadTooLarge
 from gateway.grpc.framing import (
     GrpcFramingError,
-    MessageReader,
-    UnsupportedEncoding,
+    MessageScanner,
     encode_message,
+    format_timeout,
     frame,
-    metadata_headers,
+    grpc_status,
     parse_timeout,
     read_head,
+    response_fields,
     trailers,
 )
 
@@ -34,65 +34,54 @@ def splits(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
 
 
+def scan(scanner: MessageScanner, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        scanner.scan(chunk)
+    scanner.end()
+
+
 @given(st.lists(st.binary(max_size=300), max_size=8), st.lists(st.integers(min_value=0), max_size=12))
-def test_messages_come_out_whole_however_the_stream_is_cut(messages: list[bytes], cuts: list[int]) -> None:
+def test_a_stream_of_messages_passes_however_it_is_cut(messages: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(frame(m) for m in messages)
-    reader = MessageReader(None)
-    out = [m for chunk in splits(stream, cuts) for m in reader.feed(chunk)]
-    reader.end()
-    assert out == messages
+    scan(MessageScanner(None), splits(stream, cuts))
 
 
 @given(st.lists(st.binary(max_size=200), min_size=1, max_size=5), st.lists(st.integers(min_value=0), max_size=8),
-       st.sampled_from(["gzip", "deflate"]))  # fmt: skip
-def test_compressed_messages_are_decompressed(messages: list[bytes], cuts: list[int], encoding: str) -> None:
-    compress = gzip.compress if encoding == "gzip" else zlib.compress
-    stream = b"".join(prefixed(compress(m), compressed=True) for m in messages)
-    reader = MessageReader(encoding)
-    assert [m for chunk in splits(stream, cuts) for m in reader.feed(chunk)] == messages
+       st.sampled_from(["gzip", "deflate", "snappy"]))  # fmt: skip
+def test_compressed_messages_pass_unchanged(messages: list[bytes], cuts: list[int], encoding: str) -> None:
+    """The plane decompresses them: the gateway only follows the prefixes (any grpc-encoding)."""
+    stream = b"".join(prefixed(gzip.compress(m), compressed=True) for m in messages)
+    scan(MessageScanner(encoding), splits(stream, cuts))
 
 
-def test_a_message_over_the_limit_is_refused_from_its_prefix_alone() -> None:
-    reader = MessageReader(None, limit=1000)
+@given(st.integers(min_value=0, max_value=4))
+def test_a_message_over_the_limit_is_refused_from_its_prefix_alone(cut: int) -> None:
+    scanner = MessageScanner(None, limit=1000)
+    prefix = struct.pack(">BI", 0, 1001)  # nothing of the message itself has arrived
     with pytest.raises(PayloadTooLarge):
-        reader.feed(struct.pack(">BI", 0, 1001))  # nothing of the message itself has arrived
-    assert MessageReader(None, limit=1000).feed(prefixed(b"x" * 1000)) == [b"x" * 1000]
-
-
-def test_decompression_is_bounded() -> None:
-    bomb = gzip.compress(b"\0" * 10_000_000)  # about 10 KB that inflate to 10 MB
-    with pytest.raises(PayloadTooLarge):
-        MessageReader("gzip", limit=1_000_000).feed(prefixed(bomb, compressed=True))
+        scan(scanner, [prefix[:cut], prefix[cut:]])
+    scan(MessageScanner(None, limit=1000), [prefixed(b"x" * 1000)])
 
 
 @pytest.mark.parametrize(
-    ("encoding", "data", "error"),
+    ("encoding", "data"),
     [
-        (None, prefixed(b"abc", compressed=True), GrpcFramingError),  # compressed flag without grpc-encoding
-        ("snappy", prefixed(b"abc", compressed=True), UnsupportedEncoding),
-        ("gzip", prefixed(b"not gzip", compressed=True), GrpcFramingError),
-        ("gzip", prefixed(gzip.compress(b"abcdef")[:-6], compressed=True), GrpcFramingError),  # truncated
-        (None, b"\x02\x00\x00\x00\x01x", GrpcFramingError),  # flag is 0 or 1
+        (None, prefixed(b"abc", compressed=True)),  # compressed flag without grpc-encoding
+        (None, b"\x02\x00\x00\x00\x01x"),  # flag is 0 or 1
+        ("gzip", b"\x02\x00\x00\x00\x01x"),
     ],
 )
-def test_malformed_messages(encoding: str | None, data: bytes, error: type) -> None:
-    with pytest.raises(error):
-        MessageReader(encoding).feed(data)
-
-
-def test_unsupported_encoding_is_unimplemented_and_uncompressed_messages_still_pass() -> None:
-    assert MessageReader("snappy").feed(prefixed(b"plain")) == [b"plain"]
-    with pytest.raises(UnsupportedEncoding) as info:
-        MessageReader("snappy").feed(prefixed(b"x", compressed=True))
-    assert info.value.grpc_status == 12  # UNIMPLEMENTED
+def test_malformed_prefixes(encoding: str | None, data: bytes) -> None:
+    with pytest.raises(GrpcFramingError):
+        MessageScanner(encoding).scan(data)
 
 
 @pytest.mark.parametrize("tail", [b"\x00", b"\x00\x00\x00\x00\x05abc"])
 def test_a_stream_ending_inside_a_message_is_an_error(tail: bytes) -> None:
-    reader = MessageReader(None)
-    assert reader.feed(frame(b"ok") + tail) == [b"ok"]
+    scanner = MessageScanner(None)
+    scanner.scan(frame(b"ok") + tail)
     with pytest.raises(GrpcFramingError):
-        reader.end()
+        scanner.end()
 
 
 @pytest.mark.parametrize(
@@ -123,14 +112,23 @@ def test_grpc_message_examples() -> None:
     assert encode_message("100% ünï\n") == b"100%25 %C3%BCn%C3%AF%0A"
 
 
+@pytest.mark.parametrize("seconds", [1e-9, 0.25, 1.5, 99.9, 1200.0, 259200.0, 5e7])
+def test_format_timeout_round_trips_never_shorter(seconds: float) -> None:
+    assert seconds - 1e-9 <= parse_timeout(format_timeout(seconds).decode()) <= seconds * 1.001 + 1e-6
+
+
 HEADERS = [
-    (b"host", b"model-abc123.grpc.api.example.com"),
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/demo.Echo/Say"),
+    (b":authority", b"model-abc123.grpc.api.example.com"),
     (b"content-type", b"application/grpc"),
     (b"te", b"trailers"),
     (b"user-agent", b"grpc-python/1.85"),
     (b"grpc-timeout", b"250m"),
     (b"grpc-encoding", b"gzip"),
     (b"grpc-accept-encoding", b"identity,gzip"),
+    (b"grpc-trace-bin", b"AAA"),
     (b"authorization", b"Api-Key k1"),
     (b"baseten-authorization", b"Api-Key k2"),
     (b"x-baseten-environment", b"staging"),
@@ -140,51 +138,75 @@ HEADERS = [
     (b"x-blob-bin", b"AP8"),  # b"\x00\xff", unpadded
     (b"x-custom", b"second"),
 ]
+GRPC = [(b":method", b"POST"), (b":path", b"/a.B/C"), (b"content-type", b"application/grpc")]
 
 
-def test_read_head_takes_routing_inputs_and_forwards_the_rest() -> None:
-    head = read_head(b"/demo.Echo/Say", HEADERS)
+def test_read_head_takes_routing_inputs_and_forwards_the_rest_as_sent() -> None:
+    head = read_head(HEADERS)
     call = head.call
-    assert (call.authority, call.method, call.authorization) == (HEADERS[0][1].decode(), "/demo.Echo/Say", "Api-Key k1")
+    assert (call.authority, call.method, call.authorization) == (HEADERS[3][1].decode(), "/demo.Echo/Say", "Api-Key k1")
     assert (call.environment, call.deployment, call.routing_key) == ("staging", None, "user-42")
+    assert head.path == b"/demo.Echo/Say" and head.authority == call.authority
     assert head.timeout == pytest.approx(0.25) and head.encoding == "gzip"
+    assert head.transport == (
+        (b"content-type", b"application/grpc"),
+        (b"user-agent", b"grpc-python/1.85"),
+        (b"grpc-encoding", b"gzip"),
+        (b"grpc-accept-encoding", b"identity,gzip"),
+    )
     assert head.metadata == (
-        ("x-baseten-routing-key", "user-42"),
-        ("x-custom", "v"),
-        ("x-blob-bin", b"\x00\xff"),
-        ("x-custom", "second"),
+        (b"x-baseten-routing-key", b"user-42"),
+        (b"x-custom", b"v"),
+        (b"x-blob-bin", b"AP8"),
+        (b"x-custom", b"second"),
     )
 
 
 def test_baseten_authorization_is_used_when_authorization_is_absent() -> None:
-    head = read_head(b"/a.B/C", [(b"content-type", b"application/grpc+proto"), (b"baseten-authorization", b"Bearer k")])
+    head = read_head([*GRPC[:2], (b"content-type", b"application/grpc+proto"), (b"baseten-authorization", b"Bearer k")])
     assert head.call.authorization == "Bearer k" and head.encoding is None
+    assert read_head([*GRPC, (b"grpc-encoding", b"identity")]).encoding is None
 
 
 @pytest.mark.parametrize(
-    ("headers", "method", "message"),
+    ("headers", "message"),
     [
-        ([(b"content-type", b"application/json")], "POST", "application/grpc"),
-        ([], "POST", "application/grpc"),
-        ([(b"content-type", b"application/grpc")], "GET", "POST"),
-        ([(b"content-type", b"application/grpc"), (b"x-bad", b"caf\xc3\xa9")], "POST", "printable ASCII"),
-        ([(b"content-type", b"application/grpc"), (b"x-bad-bin", b"!!!")], "POST", "base64"),
-        ([(b"content-type", b"application/grpc"), (b"grpc-timeout", b"soon")], "POST", "grpc-timeout"),
+        ([*GRPC[:2], (b"content-type", b"application/json")], "application/grpc"),
+        (GRPC[:2], "application/grpc"),
+        ([(b":method", b"GET"), *GRPC[1:]], "POST"),
+        ([*GRPC, (b"x-bad", b"caf\xc3\xa9")], "printable ASCII"),
+        ([*GRPC, (b"x-bad-bin", b"!!!")], "base64"),
+        ([*GRPC, (b"X-Upper", b"v")], "invalid metadata key"),
+        ([*GRPC, (b"grpc-timeout", b"soon")], "grpc-timeout"),
     ],
 )
-def test_read_head_refuses_malformed_calls(headers: list, method: str, message: str) -> None:
+def test_read_head_refuses_malformed_calls(headers: list, message: str) -> None:
     with pytest.raises(ClientError) as info:
-        read_head(b"/a.B/C", headers, method)
+        read_head(headers)
     assert message in info.value.message
 
 
-def test_response_metadata_and_trailers() -> None:
-    fields = metadata_headers([("x-a", "1"), ("x-b-bin", b"\x00\xff\x01"), ("content-type", "x"), ("grpc-status", "0")])
-    assert fields == [(b"x-a", b"1"), (b"x-b-bin", b"AP8B")]
-    assert trailers(9, "no 100%", [("x-t", "v"), ("x-baseten-request-id", "plane's")], "f" * 32) == [
+def test_plane_response_fields_pass_but_connection_specific_ones_and_the_request_id_is_the_gateways() -> None:
+    plane = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-encoding", b"gzip"),
+             (b"x-a", b"1"), (b"connection", b"x"), (b"date", b"now"), (b"x-baseten-request-id", b"plane's")]  # fmt: skip
+    status, fields = response_fields(plane, None)
+    assert status == b"200"
+    assert fields == ((b"content-type", b"application/grpc"), (b"grpc-encoding", b"gzip"), (b"x-a", b"1"))
+    trailer = [(b"grpc-status", b"9"), (b"grpc-message", b"no%20"), (b"x-t-bin", b"AP8B")]
+    status, fields = response_fields(trailer, b"f" * 32)
+    assert status == b"" and fields == (*trailer, (b"x-baseten-request-id", b"f" * 32))
+    assert grpc_status(fields) == 9
+
+
+@pytest.mark.parametrize(("fields", "code"), [([], 2), ([(b"grpc-status", b"x")], 2), ([(b"grpc-status", b"16")], 16)])
+def test_grpc_status_is_unknown_when_missing_or_malformed(fields: list, code: int) -> None:
+    assert grpc_status(fields) == code
+
+
+def test_gateway_trailers() -> None:
+    assert trailers(9, "no 100%", "f" * 32) == [
         (b"grpc-status", b"9"),
         (b"grpc-message", b"no 100%25"),
-        (b"x-t", b"v"),
         (b"x-baseten-request-id", b"f" * 32),
     ]
-    assert trailers(0, "", [], "a" * 32) == [(b"grpc-status", b"0"), (b"x-baseten-request-id", b"a" * 32)]
+    assert trailers(0, "", "a" * 32) == [(b"grpc-status", b"0"), (b"x-baseten-request-id", b"a" * 32)]

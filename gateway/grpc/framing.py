@@ -1,7 +1,8 @@
-"""gRPC over HTTP/2, the wire details, pure: message framing, grpc-timeout, grpc-message, metadata.
+"""gRPC over HTTP/2, the wire details, pure: message prefixes, grpc-timeout, grpc-message, which fields pass.
 
 Everything here follows https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md and is
-unit-tested without sockets (tests/test_grpc_framing.py).
+unit-tested without sockets (tests/test_grpc_framing.py). The relay forwards messages and
+metadata as the bytes they are: nothing here decodes a message.
 """
 
 from __future__ import annotations
@@ -10,23 +11,18 @@ import base64
 import binascii
 import re
 import struct
-import zlib
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from gateway.errors import GRPC_INTERNAL, GRPC_UNIMPLEMENTED, ClientError, GatewayError, PayloadTooLarge
+from gateway.errors import GRPC_INTERNAL, ClientError, GatewayError, PayloadTooLarge
 from gateway.routing.resolve import GrpcCall
 
 MAX_MESSAGE_BYTES = 100 * 1024 * 1024  # per message, both ways (as WebSocket messages, SPEC §7)
 PREFIX = struct.Struct(">BI")  # Length-Prefixed-Message: Compressed-Flag, Message-Length (big-endian)
 
-# grpc-encoding values the gateway can decompress; the plane call is made with the same one.
-ENCODINGS = {"gzip": 31, "deflate": 15}  # zlib wbits: gzip wrapper, zlib wrapper (RFC 1950)
-ACCEPT_ENCODING = b"identity,deflate,gzip"
-
-# Request fields never forwarded as metadata: HTTP/2 and gRPC transport fields (grpc core sets its
-# own), credentials, and what the gateway sets itself (SPEC §4, §9). `grpc-*` keys are reserved for
-# gRPC and dropped too (grpc core would drop `grpc-trace-bin` anyway).
+# Request fields never forwarded as metadata: HTTP/2 fields, credentials, and what the gateway sets
+# itself (SPEC §4, §9). `grpc-*` keys are reserved for gRPC: grpc-timeout is set by the gateway
+# (capped), grpc-encoding and grpc-accept-encoding go with the transport fields, the others are dropped.
 DROPPED = frozenset(
     {
         "host", "te", "content-type", "content-length", "user-agent", "connection", "keep-alive",
@@ -36,46 +32,47 @@ DROPPED = frozenset(
         "x-baseten-deployment", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
     }
 )  # fmt: skip
-# Plane metadata the gateway does not copy into the client's headers / trailers: the transport's own.
+# Request fields forwarded to the plane unchanged, next to the metadata: what the messages are.
+TRANSPORT = frozenset({"content-type", "grpc-encoding", "grpc-accept-encoding", "user-agent"})
+# Plane response fields the gateway does not copy to the client: connection-specific ones (RFC 9113
+# §8.2.2), the plane's own server identity, and the request id the gateway sets itself.
 RESPONSE_DROPPED = frozenset(
     {
-        "content-type",
-        "content-length",
-        "te",
-        "connection",
-        "transfer-encoding",
-        "date",
-        "server",
-        "x-baseten-request-id",
+        b"content-length", b"te", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+        b"upgrade", b"date", b"server", b"x-baseten-request-id",
     }
-)
+)  # fmt: skip
 METADATA_KEY = re.compile(rb"[0-9a-z_.\-]+\Z")
+PRINTABLE = re.compile(rb"[\x20-\x7e]*\Z")
+PATH = re.compile(rb"/[\x21-\x7e]*\Z")
 TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])\Z")
 TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
-Metadata = tuple[tuple[str, str | bytes], ...]
+# gRPC status codes of what a plane does instead of answering with a status (PROTOCOL-HTTP2.md
+# "Errors", http-grpc-status-mapping.md): RST_STREAM error codes, and HTTP statuses other than 200.
+OK, CANCELLED, UNKNOWN, INTERNAL, UNAVAILABLE = 0, 1, 2, 13, 14
+RST_STATUS = {0: INTERNAL, 7: UNAVAILABLE, 8: CANCELLED, 11: 8, 12: 7}  # NO_ERROR before a status is INTERNAL
+HTTP_STATUS = {400: INTERNAL, 401: 16, 403: 7, 404: 12, 429: UNAVAILABLE, 502: UNAVAILABLE, 503: UNAVAILABLE,
+               504: UNAVAILABLE}  # fmt: skip
+
+Fields = tuple[tuple[bytes, bytes], ...]
 
 
 class GrpcFramingError(ClientError):
-    """A request stream that is not a sequence of gRPC messages (truncated, bad compression)."""
+    """A request stream that is not a sequence of gRPC messages (truncated, bad compressed flag)."""
 
     grpc_status = GRPC_INTERNAL  # what grpc servers answer for malformed framing
-
-
-class UnsupportedEncoding(ClientError):
-    """A compressed message in an encoding the gateway cannot read (the spec says UNIMPLEMENTED)."""
-
-    status = 415
-    grpc_status = GRPC_UNIMPLEMENTED
 
 
 class CallHead(NamedTuple):
     """What the request headers of a gRPC call say."""
 
     call: GrpcCall  # the routing inputs
+    path: bytes
     timeout: float | None  # grpc-timeout, seconds
     encoding: str | None  # grpc-encoding, None for identity
-    metadata: Metadata  # forwarded to the plane (before the gateway's identity keys are added)
+    transport: Fields  # content-type, grpc-encoding, grpc-accept-encoding, user-agent: for the plane, as sent
+    metadata: Fields  # forwarded to the plane as sent (before the gateway's identity keys are added)
     authority: str
 
 
@@ -84,71 +81,56 @@ def frame(message: bytes) -> bytes:
     return PREFIX.pack(0, len(message)) + message
 
 
-class MessageReader:
-    """Splits a request body stream into gRPC messages, decompressing compressed ones.
+class MessageScanner:
+    """Follows the message prefixes of a request stream passing through, without copying or decoding it.
 
-    `feed` returns the messages completed by a chunk; a message is buffered only until it is
-    complete, and one whose length prefix says more than `limit` bytes is refused before any of
-    it is buffered.
+    Messages are forwarded as they are (compressed ones too: the plane decompresses them); the
+    gateway only refuses a message whose prefix says more than `limit` bytes, before any of it is
+    forwarded, a prefix that is not one, and a stream that ends inside a message.
     """
 
-    __slots__ = ("encoding", "limit", "buffer", "need")
+    __slots__ = ("encoding", "limit", "remaining", "partial")
 
     def __init__(self, encoding: str | None, limit: int = MAX_MESSAGE_BYTES) -> None:
         self.encoding = encoding
         self.limit = limit
-        self.buffer = bytearray()
-        self.need = PREFIX.size  # bytes the next step needs: a prefix, or prefix + message
+        self.remaining = 0  # bytes of the current message still to come
+        self.partial = b""  # the start of a prefix cut by a chunk boundary
 
-    def feed(self, data: bytes) -> list[bytes]:
-        if not self.buffer and len(data) >= PREFIX.size and len(data) == PREFIX.size + PREFIX.unpack_from(data)[1]:
-            return [self._message(data)]  # the common case: a chunk that is exactly one message
-        self.buffer += data
-        messages = []
-        while len(self.buffer) >= self.need:
-            flag, length = PREFIX.unpack_from(self.buffer)
+    def scan(self, data: bytes | memoryview) -> None:
+        pos, size = 0, len(data)
+        while True:
+            if self.remaining:
+                step = min(self.remaining, size - pos)
+                self.remaining -= step
+                pos += step
+            if pos >= size:
+                return
+            if self.partial or size - pos < PREFIX.size:
+                take = PREFIX.size - len(self.partial)
+                self.partial += bytes(data[pos : pos + take])
+                pos += take
+                if len(self.partial) < PREFIX.size:
+                    return
+                flag, length = PREFIX.unpack(self.partial)
+                self.partial = b""
+            else:
+                flag, length = PREFIX.unpack_from(data, pos)
+                pos += PREFIX.size
             if length > self.limit:
                 raise PayloadTooLarge(f"request message of {length} bytes is over the {self.limit} byte limit")
-            self.need = PREFIX.size + length
-            if len(self.buffer) < self.need:
-                break
-            messages.append(self._message(bytes(self.buffer[: self.need])))
-            del self.buffer[: self.need]
-            self.need = PREFIX.size
-        return messages
+            if flag != 0:
+                if flag != 1:
+                    raise GrpcFramingError(f"invalid compressed flag {flag} in a message prefix")
+                if self.encoding is None:
+                    raise GrpcFramingError("compressed message without a grpc-encoding header")
+            self.remaining = length
 
     def end(self) -> None:
         """The request stream ended: anything left over is a truncated message."""
-        if self.buffer:
-            raise GrpcFramingError(f"request stream ended inside a message ({len(self.buffer)} bytes left over)")
-
-    def _message(self, data: bytes) -> bytes:
-        flag, length = PREFIX.unpack_from(data)
-        if length > self.limit:
-            raise PayloadTooLarge(f"request message of {length} bytes is over the {self.limit} byte limit")
-        if flag == 0:
-            return data[PREFIX.size :]
-        if flag != 1:
-            raise GrpcFramingError(f"invalid compressed flag {flag} in a message prefix")
-        return decompress(data[PREFIX.size :], self.encoding, self.limit)
-
-
-def decompress(data: bytes, encoding: str | None, limit: int) -> bytes:
-    if encoding is None:
-        raise GrpcFramingError("compressed message without a grpc-encoding header")
-    wbits = ENCODINGS.get(encoding)
-    if wbits is None:
-        raise UnsupportedEncoding(f"grpc-encoding '{encoding[:32]}' is not supported (identity, deflate, gzip)")
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(data, limit + 1)  # bounded: a small bomb never inflates past the limit
-    except zlib.error as exc:
-        raise GrpcFramingError(f"message is not valid {encoding}: {exc}") from None
-    if len(out) > limit:
-        raise PayloadTooLarge(f"decompressed request message is over the {limit} byte limit")
-    if not inflater.eof:
-        raise GrpcFramingError(f"message is truncated {encoding} data")
-    return out
+        if self.remaining or self.partial:
+            left = self.remaining or PREFIX.size - len(self.partial)
+            raise GrpcFramingError(f"request stream ended inside a message ({left} bytes missing)")
 
 
 def parse_timeout(value: str) -> float:
@@ -159,6 +141,17 @@ def parse_timeout(value: str) -> float:
     return int(m.group(1)) * TIMEOUT_UNITS[m.group(2)]
 
 
+def format_timeout(seconds: float) -> bytes:
+    """Seconds -> `grpc-timeout`, in the finest unit that fits 8 digits (rounded up: never shorter)."""
+    micros = -int(-seconds * 1_000_000 // 1)
+    if micros < 100_000_000:
+        return b"%du" % max(micros, 1)
+    millis = -(-micros // 1000)
+    if millis < 100_000_000:
+        return b"%dm" % millis
+    return b"%dS" % min(-(-millis // 1000), 99_999_999)
+
+
 def encode_message(text: str) -> bytes:
     """`grpc-message`: UTF-8, then percent-encoding of everything outside 0x20-0x7E and of '%'."""
     raw = text.encode("utf-8", "replace")
@@ -167,19 +160,37 @@ def encode_message(text: str) -> bytes:
     return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
 
 
-def read_head(path: bytes, headers: Iterable[tuple[bytes, bytes]], method: str = "POST") -> CallHead:
-    """The routing inputs, deadline, encoding and forwardable metadata of a call; ClientError if malformed."""
-    if method != "POST":
-        raise ClientError(f"gRPC calls are POST requests, not {method[:16]}")
+def read_head(headers: Iterable[tuple[bytes, bytes]]) -> CallHead:
+    """The routing inputs, deadline, encoding and forwardable fields of a call's HTTP/2 request header
+    fields (pseudo-fields included); ClientError if malformed."""
     authority = content_type = authorization = environment = deployment = routing_key = None
     timeout = encoding = None
-    forwarded: list[tuple[str, str | bytes]] = []
+    method = path = b""
+    transport: list[tuple[bytes, bytes]] = []
+    forwarded: list[tuple[bytes, bytes]] = []
     for raw_name, raw_value in headers:
+        if raw_name[:1] == b":":
+            if raw_name == b":path":
+                path = raw_value
+            elif raw_name == b":authority":
+                if not PRINTABLE.match(raw_value):
+                    raise ClientError(":authority must be printable ASCII")
+                authority = raw_value.decode("latin-1")
+            elif raw_name == b":method":
+                method = raw_value
+            continue
         name = raw_name.decode("latin-1")
+        if name in TRANSPORT:
+            if not PRINTABLE.match(raw_value):
+                raise ClientError(f"'{name}' must be printable ASCII")
+            transport.append((raw_name, raw_value))
+            if name == "content-type":
+                content_type = raw_value
+            elif name == "grpc-encoding":
+                encoding = raw_value.decode("latin-1").strip().lower()
+            continue
         if name == "host":
-            authority = raw_value.decode("latin-1")
-        elif name == "content-type":
-            content_type = raw_value
+            authority = authority or raw_value.decode("latin-1")
         elif name in ("authorization", "baseten-authorization"):
             authorization = authorization or raw_value.decode("latin-1")
         elif name == "x-baseten-environment":
@@ -188,56 +199,76 @@ def read_head(path: bytes, headers: Iterable[tuple[bytes, bytes]], method: str =
             deployment = raw_value.decode("latin-1")
         elif name == "grpc-timeout":
             timeout = parse_timeout(raw_value.decode("latin-1"))
-        elif name == "grpc-encoding":
-            encoding = raw_value.decode("latin-1").strip().lower()
-        if name == "x-baseten-routing-key":
+        elif name == "x-baseten-routing-key":
             routing_key = raw_value.decode("latin-1")
         if name in DROPPED or name.startswith("grpc-"):
             continue
-        forwarded.append((name, _metadata_value(raw_name, raw_value)))
+        _check_metadata(raw_name, raw_value)
+        forwarded.append((raw_name, raw_value))
+    if method != b"POST":
+        raise ClientError(f"gRPC calls are POST requests, not {method[:16].decode('latin-1')}")
+    if not PATH.match(path):
+        raise ClientError("the :path of a gRPC call is /<service>/<method> in printable ASCII")
     if content_type is None or not (content_type == b"application/grpc" or content_type.startswith(b"application/grpc+")
                                     or content_type.startswith(b"application/grpc;")):  # fmt: skip
         raise ClientError("content-type must be application/grpc")
     call = GrpcCall(authority, path.decode("latin-1"), authorization, environment, deployment, routing_key)
     return CallHead(
-        call, timeout, None if encoding in (None, "identity") else encoding, tuple(forwarded), authority or ""
+        call,
+        path,
+        timeout,
+        None if encoding in (None, "identity") else encoding,
+        tuple(transport),
+        tuple(forwarded),
+        authority or "",
     )
 
 
-def _metadata_value(name: bytes, value: bytes) -> str | bytes:
+def _check_metadata(name: bytes, value: bytes) -> None:
     if not METADATA_KEY.match(name):
         raise ClientError(f"invalid metadata key {name[:64].decode('latin-1')!r}")
     if name.endswith(b"-bin"):
         try:  # binary metadata travels base64-encoded, padded or not
-            return base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+            base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
         except binascii.Error:
             raise ClientError(f"metadata '{name.decode()}' is not valid base64") from None
-    if not all(0x20 <= b <= 0x7E for b in value):
+    elif not PRINTABLE.match(value):
         raise ClientError(f"metadata '{name.decode()}' must be printable ASCII (or use a -bin key)")
-    return value.decode("ascii")
 
 
-def metadata_headers(metadata: Iterable[tuple[str, str | bytes]]) -> list[tuple[bytes, bytes]]:
-    """Plane metadata as HTTP/2 fields: `-bin` values base64-encoded (unpadded, as grpc does)."""
-    out = []
-    for key, value in metadata:
-        if key in RESPONSE_DROPPED or key in ("grpc-status", "grpc-message") or key.startswith(":"):
-            continue
-        if isinstance(value, bytes):
-            out.append((key.encode("ascii"), base64.b64encode(value).rstrip(b"=")))
-        else:
-            out.append((key.encode("ascii"), value.encode("latin-1")))
-    return out
+def response_fields(headers: Iterable[tuple[bytes, bytes]], request_id: bytes | None) -> tuple[bytes, Fields]:
+    """A plane's response header or trailer fields for the client: (its :status, the fields to send).
+
+    Everything passes as sent (metadata, grpc-status, grpc-message, grpc-encoding, ...) but the
+    connection-specific fields; with `request_id`, x-baseten-request-id is set to it.
+    """
+    status = b""
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name == b":status":
+            status = value
+        elif name not in RESPONSE_DROPPED and name[:1] != b":":
+            out.append((name, value))
+    if request_id is not None:
+        out.append((b"x-baseten-request-id", request_id))
+    return status, tuple(out)
 
 
-def trailers(code: int, message: str, metadata: Iterable[tuple[str, str | bytes]], request_id: str) -> list:
+def grpc_status(fields: Iterable[tuple[bytes, bytes]]) -> int:
+    """The grpc-status in trailer fields (UNKNOWN when missing or malformed)."""
+    for name, value in fields:
+        if name == b"grpc-status":
+            return int(value) if value.isdigit() and len(value) < 4 else UNKNOWN
+    return UNKNOWN
+
+
+def trailers(code: int, message: str, request_id: str) -> list[tuple[bytes, bytes]]:
     fields = [(b"grpc-status", b"%d" % code)]
     if message:
         fields.append((b"grpc-message", encode_message(message)))
-    fields.extend(metadata_headers(metadata))
     fields.append((b"x-baseten-request-id", request_id.encode("ascii")))
     return fields
 
 
-def error_trailers(error: GatewayError, request_id: str) -> list:
-    return trailers(error.grpc_status, error.message, (), request_id)
+def error_trailers(error: GatewayError, request_id: str) -> list[tuple[bytes, bytes]]:
+    return trailers(error.grpc_status, error.message, request_id)

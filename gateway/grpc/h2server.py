@@ -1,4 +1,4 @@
-"""A small HTTP/2 server for the gRPC listener: the `h2` state machine on asyncio protocols, serving ASGI.
+"""A small HTTP/2 server for the gRPC listener: the `h2` state machine on an asyncio protocol, driven by callbacks.
 
 Hypercorn (which is built on the same `h2` library) was measured first and set aside:
 - DATA that arrives on a stream after its response has completed (a client still uploading when
@@ -9,17 +9,18 @@ Hypercorn (which is built on the same `h2` library) was measured first and set a
   connection stops being read (head-of-line blocking across calls of one gRPC channel);
 - in a trivial echo it served 1,491 calls/s, a bare asyncio protocol on `h2` 3,320 (32 calls in flight).
 
-What this server does, and no more: prior-knowledge h2c and TLS (ALPN `h2`); one ASGI `http`
-scope per stream, with the `http.response.trailers` extension; per-stream flow control as the
-backpressure: received DATA is acknowledged (WINDOW_UPDATE) only when the app takes it with
-`receive()`, so a slow plane slows its own client stream and nothing else, and the connection is
-always read; `http.disconnect` as soon as the client resets a stream, ahead of body data not yet
-taken; after the trailers, a stream whose request is still open is reset with NO_ERROR, as gRPC
-servers do (RFC 9113 §8.1), so the client stops sending; GOAWAY when draining.
+An ASGI app per stream (a task, a scope, receive/send coroutines) was this server's first shape;
+the relay now forwards frames as they come, like nginx's grpc_pass, so the server hands each
+stream's events straight to a handler object and takes its frames back through `ServerStream`:
+no task and no future per call.
 
-Server extension in the scope, `scope["extensions"]["gateway.stream"]`:
-`closed` (a Future resolved once the stream is over: answered, reset, or its connection lost) and
-`body_complete()` (True when the whole request body has already arrived).
+What this server does, and no more: prior-knowledge h2c and TLS (ALPN `h2`); per-stream flow
+control as the backpressure: received DATA is acknowledged (WINDOW_UPDATE) only when the handler
+says it has passed it on (`ServerStream.ack`), so a slow plane slows its own client stream and
+nothing else, and the connection is always read; `client_reset` as soon as the client resets a
+stream or the connection is lost; after the response's END_STREAM, a stream whose request is
+still open is reset with NO_ERROR, as gRPC servers do (RFC 9113 §8.1), so the client stops
+sending; GOAWAY when draining.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Protocol
 
 import h2.config
 import h2.connection
@@ -39,11 +39,13 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
+from gateway.grpc.h2conn import H2Connection as H2State
+
 log = logging.getLogger("gateway.grpc")
 
-App = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
 
-STREAM_WINDOW = 1 << 20  # bytes a client may send on one stream before the app takes them
+STREAM_WINDOW = 1 << 20  # bytes a client may send on one stream before the relay passes them on
 CONNECTION_WINDOW = 16 << 20  # ... and on all streams of a connection
 MAX_FRAME = 1 << 20
 MAX_STREAMS = 1000
@@ -55,189 +57,234 @@ SETTINGS = {
     h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
     h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
 }
+# Request fields are not validated by h2 (a sixth of the relay's CPU per call): what is forwarded
+# to the plane is checked by `framing.read_head` (names, printable values, :path), and the rest is
+# never used.
 CONFIG = h2.config.H2Configuration(
-    client_side=False, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+    client_side=False,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
 )
-DISCONNECT = {"type": "http.disconnect"}
 NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
+INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
 H2_STREAM_GONE = (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError)
+DataReceived = h2.events.DataReceived
+RequestReceived = h2.events.RequestReceived
+StreamEnded = h2.events.StreamEnded
+WindowUpdated = h2.events.WindowUpdated
+StreamReset = h2.events.StreamReset
 
 
-class Stream:
-    """One request/response exchange: the ASGI `receive` and `send` of its app."""
+class Handler(Protocol):
+    """What the app returns for a stream; the server calls it with the client's side of the exchange."""
 
-    __slots__ = (
-        "conn", "id", "chunks", "ended", "body_done", "reset", "finished", "started", "trailers",
-        "waiter", "window_waiter", "closed",
-    )  # fmt: skip
+    def client_data(self, data: bytes, flow: int) -> None: ...  # `flow` bytes to `ack` once passed on
+
+    def client_end(self) -> None: ...  # the request is complete (END_STREAM)
+
+    def client_reset(self) -> None: ...  # the client reset the stream or its connection is gone
+
+    def client_drained(self) -> None: ...  # all data queued by `send_data` is written
+
+
+class App(Protocol):
+    def open(self, stream: ServerStream, headers: Headers) -> Handler: ...
+
+
+class ServerStream:
+    """One request/response exchange; the handler answers through it."""
+
+    __slots__ = ("conn", "id", "handler", "ended", "finished", "reset", "owed", "pending", "trailers", "blocked")
 
     def __init__(self, conn: H2Connection, stream_id: int) -> None:
         self.conn = conn
         self.id = stream_id
-        self.chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length) not yet taken
+        self.handler: Handler = DISCARD
         self.ended = False  # the client sent END_STREAM
-        self.body_done = False  # the app was told more_body=False
-        self.reset = False  # the client reset the stream, or the connection is gone
         self.finished = False  # the response is complete (END_STREAM sent)
-        self.started = False
-        self.trailers = False
-        self.waiter: asyncio.Future | None = None
-        self.window_waiter: asyncio.Future | None = None
-        self.closed: asyncio.Future = conn.loop.create_future()
+        self.reset = False  # the client reset the stream, or the connection is gone
+        self.owed = 0  # flow-controlled bytes received and not yet acknowledged
+        self.pending: deque[bytes | memoryview] = deque()  # response data waiting for window
+        self.trailers: Headers | None = None  # trailers to send once `pending` is written
+        self.blocked = False  # send_data returned False: the handler waits for client_drained
 
     def __repr__(self) -> str:
         state = "reset" if self.reset else "finished" if self.finished else "open"
-        return f"<Stream {self.id} {state} queued={len(self.chunks)} ended={self.ended}>"
+        return f"<ServerStream {self.id} {state} pending={len(self.pending)} ended={self.ended}>"
 
-    def body_complete(self) -> bool:
-        return self.ended
+    @property
+    def client(self) -> tuple | None:
+        return self.conn.client
 
-    # -- events from the connection
+    @property
+    def scheme(self) -> str:
+        return self.conn.scheme
 
-    def on_data(self, data: bytes, flow_length: int) -> None:
-        self.chunks.append((data, flow_length))
-        _wake(self.waiter)
+    @property
+    def done(self) -> bool:
+        return self.reset or self.finished
 
-    def on_end(self) -> None:
-        self.ended = True
-        _wake(self.waiter)
+    # -- the handler's side
 
-    def on_reset(self) -> None:
-        """The client reset the stream or the connection is gone: the app sees http.disconnect."""
-        if self.reset:
+    def respond(self, headers: Headers, end: bool = False) -> None:
+        """Response HEADERS (`end`: a trailers-only response)."""
+        if self.reset or self.finished:
             return
+        try:
+            self.conn.h2.send_headers(self.id, headers, end_stream=end)
+        except h2.exceptions.ProtocolError:
+            self._on_reset()
+            return
+        self.conn.flush_soon()
+        if end:
+            self._finish()
+
+    def send_data(self, data: bytes | memoryview) -> bool:
+        """Queue response data; True when it is all written (else `client_drained` follows once it is)."""
+        if self.reset or self.finished or not data:
+            return True  # nobody to send it to, or nothing to send: the handler need not wait
+        self.pending.append(data)
+        if self._drain() and not self.conn.write_paused:
+            return True
+        self.blocked = True
+        self.conn.blocked.add(self)
+        return False
+
+    def send_trailers(self, headers: Headers) -> None:
+        """End the response with trailers, after the data still queued."""
+        if self.reset or self.finished:
+            return
+        self.trailers = headers
+        self._drain()
+
+    def ack(self, length: int) -> None:
+        """Return `length` bytes of flow-control credit to the client (data passed on)."""
+        if self.reset or self.finished:
+            return  # its credit was returned when it closed
+        self.owed -= length
+        self.conn.acknowledge(self.id, length)
+
+    def abort(self, code: int = INTERNAL_ERROR) -> None:
+        """End the exchange with RST_STREAM (the handler will not complete the response)."""
+        if self.reset or self.finished:
+            return
+        self.conn.reset_stream(self.id, code)
         self.reset = True
-        self._return_window()
         self._close()
 
-    # -- ASGI
+    # -- the connection's side
 
-    async def receive(self) -> dict:
-        while True:
-            if self.reset or self.finished:
-                return DISCONNECT
-            if self.chunks:
-                body = self.chunks[0][0] if len(self.chunks) == 1 else b"".join(c[0] for c in self.chunks)
-                self._return_window()
-                self.body_done = self.ended
-                return {"type": "http.request", "body": body, "more_body": not self.ended}
-            if self.ended and not self.body_done:
-                self.body_done = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            self.waiter = self.conn.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-
-    async def send(self, message: dict) -> None:
-        if self.reset or self.finished:
-            return  # the client is gone or the response is complete: nothing more reaches it
+    def _drain(self) -> bool:
+        """Write what the windows allow, then the trailers; True when nothing is left queued."""
+        conn = self.conn
+        h2c = conn.h2
+        pending = self.pending
         try:
-            await self._send(message)
-        except h2.exceptions.ProtocolError:  # includes a stream h2 already closed
-            self.on_reset()
-
-    async def _send(self, message: dict) -> None:
-        kind = message["type"]
-        conn = self.conn
-        if kind == "http.response.start":
-            self.started = True
-            self.trailers = bool(message.get("trailers", False))
-            conn.h2.send_headers(self.id, [(b":status", b"%d" % message["status"]), *message.get("headers", ())])
-            conn.flush_soon()
-        elif kind == "http.response.body":
-            body = message.get("body", b"")
-            if body:
-                await self._send_data(body)
-            if not message.get("more_body", False) and not self.trailers and not (self.reset or self.finished):
-                conn.h2.end_stream(self.id)
-                self._finish()
-        elif kind == "http.response.trailers":
-            conn.h2.send_headers(self.id, list(message.get("headers", ())), end_stream=True)
-            self._finish()
-        else:
-            raise RuntimeError(f"unexpected ASGI message {kind!r}")
-
-    async def _send_data(self, data: bytes) -> None:
-        view = memoryview(data)
-        conn = self.conn
-        while view:
-            if self.reset:
-                return
-            try:
-                size = min(len(view), conn.h2.local_flow_control_window(self.id), conn.h2.max_outbound_frame_size)
-            except H2_STREAM_GONE:
-                return
-            if size <= 0:
-                conn.flush()
-                self.window_waiter = conn.loop.create_future()
-                try:
-                    await self.window_waiter
-                finally:
-                    self.window_waiter = None
-                continue
-            conn.h2.send_data(self.id, view[:size])
-            view = view[size:]
-            if view:
-                conn.flush()
-                await conn.writable()
-            else:
+            while pending:
+                chunk = pending[0]
+                size = min(len(chunk), h2c.local_flow_control_window(self.id), h2c.max_outbound_frame_size)
+                if size <= 0:
+                    return False
+                if size == len(chunk):
+                    pending.popleft()
+                    h2c.send_data(self.id, chunk)
+                else:
+                    view = memoryview(chunk)
+                    pending[0] = view[size:]
+                    h2c.send_data(self.id, view[:size])
+            if self.trailers is not None:
+                h2c.send_headers(self.id, self.trailers, end_stream=True)
+                self.trailers = None
                 conn.flush_soon()
+                self._finish()
+                return True
+        except h2.exceptions.ProtocolError:  # includes a stream h2 already closed
+            self._on_reset()
+            return True
+        conn.flush_soon()
+        return True
 
-    # -- ending
+    def _window_opened(self) -> None:
+        if (self.pending or self.trailers is not None) and not self._drain():
+            return
+        if self.conn.write_paused or self.reset or self.finished:
+            return
+        self.conn.blocked.discard(self)
+        if self.blocked:
+            self.blocked = False
+            self.handler.client_drained()
 
-    def abort(self) -> None:
-        """The app ended without completing its response: reset the stream (INTERNAL_ERROR)."""
+    def _on_data(self, data: bytes, flow: int) -> None:
+        self.owed += flow
+        self.handler.client_data(data, flow)
+
+    def _on_end(self) -> None:
+        self.ended = True
+        self.handler.client_end()
+
+    def _on_reset(self) -> None:
         if self.reset or self.finished:
             return
-        self.conn.reset_stream(self.id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-        self.on_reset()
+        self.reset = True
+        self._close()
+        self.handler.client_reset()
 
     def _finish(self) -> None:
         self.finished = True
         if not self.ended:
             # The answer is complete while the client is still sending: tell it to stop (gRPC servers do).
             self.conn.reset_stream(self.id, NO_ERROR)
-        self._return_window()
-        self.conn.flush_soon()
         self._close()
 
-    def _return_window(self) -> None:
-        """Hand the flow-control credit of data taken (or dropped) back to the client."""
-        if self.chunks:
-            self.conn.acknowledge(self.id, sum(c[1] for c in self.chunks))
-            self.chunks.clear()
-
     def _close(self) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-        _wake(self.waiter)
-        _wake(self.window_waiter)
-        self.conn.stream_closed(self)
+        conn = self.conn
+        if self.owed:
+            conn.acknowledge(self.id, self.owed)  # the stream is over: its data no longer holds the connection window
+            self.owed = 0
+        self.pending.clear()
+        self.trailers = None
+        conn.blocked.discard(self)
+        conn.stream_closed(self)
 
 
-def _wake(fut: asyncio.Future | None) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
+class Discard:
+    """The handler of a stream already answered: what still arrives is dropped."""
+
+    def client_data(self, data: bytes, flow: int) -> None:
+        pass
+
+    def client_end(self) -> None:
+        pass
+
+    def client_reset(self) -> None:
+        pass
+
+    def client_drained(self) -> None:
+        pass
+
+
+DISCARD = Discard()
 
 
 class H2Connection(asyncio.Protocol):
     def __init__(self, server: H2Server) -> None:
         self.server = server
         self.loop = server.loop
-        self.h2 = h2.connection.H2Connection(CONFIG)
-        self.streams: dict[int, Stream] = {}
+        self.h2 = H2State(CONFIG)
+        self.streams: dict[int, ServerStream] = {}
+        self.blocked: set[ServerStream] = set()  # streams with response data waiting for window or the socket
         self.transport: asyncio.Transport | None = None
         self.closing = False
         self.draining = False
-        self.write_paused: asyncio.Future | None = None
+        self.write_paused = False
         self.flush_handle: asyncio.Handle | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_read = self.loop.time()
         self.scheme = "http"
         self.client: tuple | None = None
-        self.sockname: tuple | None = None
 
     def __repr__(self) -> str:
         return f"<H2Connection {self.client} streams={len(self.streams)}{' draining' if self.draining else ''}>"
@@ -248,7 +295,6 @@ class H2Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
         self.client = transport.get_extra_info("peername")
-        self.sockname = transport.get_extra_info("sockname")
         if transport.get_extra_info("ssl_object") is not None:
             self.scheme = "https"
         conn = self.h2
@@ -273,16 +319,36 @@ class H2Connection(asyncio.Protocol):
             log.info("gRPC client %s broke HTTP/2: %r", self.client, exc)
             self._terminate(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
             return
+        streams = self.streams
         for event in events:
-            self._dispatch(event)
+            kind = type(event)
+            try:
+                if kind is DataReceived:
+                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
+                    if stream is None:
+                        self.acknowledge(event.stream_id, event.flow_controlled_length)  # type: ignore[attr-defined]
+                    else:
+                        stream._on_data(event.data, event.flow_controlled_length)  # type: ignore[attr-defined]
+                elif kind is RequestReceived:
+                    self._open(event)  # type: ignore[arg-type]
+                elif kind is StreamEnded:
+                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
+                    if stream is not None:
+                        stream._on_end()
+                else:
+                    self._dispatch(event)
+            except Exception:
+                log.exception("gRPC stream handler failed")
+                stream = streams.get(getattr(event, "stream_id", 0) or 0)
+                if stream is not None:
+                    stream.abort()
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.connections.discard(self)
         for stream in list(self.streams.values()):
-            stream.on_reset()
-        _wake(self.write_paused)
+            stream._on_reset()
         for handle in (self.flush_handle, self.idle_handle):
             if handle is not None:
                 handle.cancel()
@@ -298,91 +364,46 @@ class H2Connection(asyncio.Protocol):
             self.close()
 
     def pause_writing(self) -> None:
-        if self.write_paused is None:
-            self.write_paused = self.loop.create_future()
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        _wake(self.write_paused)
-        self.write_paused = None
-
-    async def writable(self) -> None:
-        if self.write_paused is not None:
-            await self.write_paused
+        self.write_paused = False
+        self._window_opened()
 
     # -- HTTP/2 events
 
     def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
-            if stream is None:
-                self.acknowledge(event.stream_id, event.flow_controlled_length)  # type: ignore[arg-type]
-            else:
-                stream.on_data(event.data, event.flow_controlled_length)  # type: ignore[arg-type]
-        elif isinstance(event, h2.events.RequestReceived):
-            self._open(event)
-        elif isinstance(event, h2.events.StreamEnded):
-            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
-            if stream is not None:
-                stream.on_end()
-        elif isinstance(event, h2.events.WindowUpdated):
+        if isinstance(event, h2.events.WindowUpdated):
             if event.stream_id:
                 stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    _wake(stream.window_waiter)
+                if stream is not None and stream in self.blocked:
+                    stream._window_opened()
             else:
-                self._wake_senders()
+                self._window_opened()
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
             if stream is not None:
-                stream.on_reset()
+                stream._on_reset()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                self._wake_senders()
+                self._window_opened()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._terminate(None)  # the client sent GOAWAY: h2 takes no more frames on this connection
 
+    def _window_opened(self) -> None:
+        for stream in list(self.blocked):
+            stream._window_opened()
+
     def _open(self, event: h2.events.RequestReceived) -> None:
         stream_id: int = event.stream_id  # type: ignore[assignment]
-        if self.draining:
+        if self.draining or len(self.streams) >= MAX_STREAMS:
             self.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)  # safe for the client to retry
             return
-        method = path = b""
-        headers: list[tuple[bytes, bytes]] = [(b"host", b"")]
-        for name, value in event.headers or ():
-            if name[:1] != b":":
-                headers.append((name, value))  # type: ignore[arg-type]
-            elif name == b":authority":
-                headers[0] = (b"host", value)  # type: ignore[assignment]
-            elif name == b":path":
-                path = value  # type: ignore[assignment]
-            elif name == b":method":
-                method = value  # type: ignore[assignment]
-        raw_path, _, query = path.partition(b"?")
-        stream = Stream(self, stream_id)
+        stream = ServerStream(self, stream_id)
         self.streams[stream_id] = stream
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "2",
-            "method": method.decode("latin-1"),
-            "scheme": self.scheme,
-            "path": raw_path.decode("latin-1"),
-            "raw_path": raw_path,
-            "query_string": query,
-            "root_path": "",
-            "headers": headers,
-            "client": self.client,
-            "server": self.sockname,
-            "extensions": {
-                "http.response.trailers": {},
-                "gateway.stream": {"closed": stream.closed, "body_complete": stream.body_complete},
-            },
-        }
-        self.server.spawn(stream, scope)
-
-    def _wake_senders(self) -> None:
-        for stream in self.streams.values():
-            _wake(stream.window_waiter)
+        handler = self.server.app.open(stream, event.headers)  # type: ignore[arg-type]
+        if not (stream.reset or stream.finished):
+            stream.handler = handler
 
     # -- output
 
@@ -392,7 +413,7 @@ class H2Connection(asyncio.Protocol):
             self.transport.write(data)
 
     def flush_soon(self) -> None:
-        """Coalesce the frames written in one event-loop turn (headers, message, trailers) into one send."""
+        """Coalesce the frames written in one event-loop turn (many streams' headers, messages, trailers)."""
         if self.flush_handle is None:
             self.flush_handle = self.loop.call_soon(self._scheduled_flush)
 
@@ -412,7 +433,7 @@ class H2Connection(asyncio.Protocol):
             pass  # already closed by the client
         self.flush_soon()
 
-    def stream_closed(self, stream: Stream) -> None:
+    def stream_closed(self, stream: ServerStream) -> None:
         self.streams.pop(stream.id, None)
         if self.draining and not self.streams:
             self.close()
@@ -451,6 +472,8 @@ class H2Connection(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
+        for stream in list(self.streams.values()):
+            stream._on_reset()
 
     def _terminate(self, error_code: int | None) -> None:
         if error_code is not None:
@@ -463,26 +486,23 @@ class H2Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         for stream in list(self.streams.values()):
-            stream.on_reset()
+            stream._on_reset()
 
 
 class H2Server:
-    """The gRPC listener: accepts HTTP/2 connections and runs the app once per stream."""
+    """The gRPC listener: accepts HTTP/2 connections and hands each stream to the app."""
 
     def __init__(self, app: App, ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
         self.ssl = ssl_context
         self.loop = asyncio.get_running_loop()
         self.connections: set[H2Connection] = set()
-        self.tasks: set[asyncio.Task] = set()
         self.server: asyncio.base_events.Server | None = None
         self.draining = False
 
     def __repr__(self) -> str:
         streams = sum(len(c.streams) for c in self.connections)
-        return (
-            f"<H2Server port={self.port} connections={len(self.connections)} streams={streams} tasks={len(self.tasks)}>"
-        )
+        return f"<H2Server port={self.port} connections={len(self.connections)} streams={streams}>"
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         self.server = await self.loop.create_server(
@@ -501,21 +521,8 @@ class H2Server:
 
     @property
     def busy(self) -> bool:
-        """Calls in flight: a stream not yet answered, or an app still running."""
-        return bool(self.tasks) or any(c.streams for c in self.connections)
-
-    def spawn(self, stream: Stream, scope: dict) -> None:
-        task = self.loop.create_task(self._run(stream, scope))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _run(self, stream: Stream, scope: dict) -> None:
-        try:
-            await self.app(scope, stream.receive, stream.send)
-        except Exception:
-            log.exception("gRPC call handler failed")
-        finally:
-            stream.abort()  # a no-op when the response is complete
+        """Calls in flight: a stream not yet answered."""
+        return any(c.streams for c in self.connections)
 
     def stop_accepting(self) -> None:
         """Close the listening socket and send GOAWAY on every connection (idle ones close at once)."""
@@ -525,10 +532,9 @@ class H2Server:
         for conn in list(self.connections):
             conn.goaway()
 
-    async def close(self, grace: float = 1.0) -> None:
-        """Drop every connection (calls still in flight see http.disconnect), then let their apps end."""
+    async def close(self) -> None:
+        """Drop every connection: the calls still in flight see `client_reset` and cancel their plane calls."""
         self.stop_accepting()
         for conn in list(self.connections):
             conn.abort()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=grace)
+        await asyncio.sleep(0)  # let the transports report connection_lost

@@ -6,7 +6,7 @@ import ssl
 
 from gateway.grpc.h2server import H2Server
 from gateway.grpc.relay import GrpcRelay
-from gateway.grpc.upstream import Channels
+from gateway.grpc.upstream import Planes
 from gateway.metrics import Metrics
 from gateway.state import TableState
 
@@ -20,14 +20,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 class GrpcListener:
     def __init__(self, state: TableState, metrics: Metrics, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.channels = Channels()
-        state.on_swap.append(self.channels.table_swapped)
-        self.relay = GrpcRelay(state, metrics, self.channels)
+        self.planes = Planes()
+        state.on_swap.append(self.planes.table_swapped)
+        self.relay = GrpcRelay(state, metrics, self.planes)
         self.server = H2Server(self.relay, ssl_context)
         self.tls = ssl_context is not None
 
     def __repr__(self) -> str:
-        return f"<GrpcListener {self.server!r} {self.channels!r}>"
+        return f"<GrpcListener {self.server!r} {self.planes!r}>"
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         await self.server.start(host, port, reuse_port=reuse_port)
@@ -45,4 +45,4 @@ class GrpcListener:
 
     async def close(self) -> None:
         await self.server.close()
-        await self.channels.close()
+        await self.planes.close()

@@ -1,9 +1,12 @@
-"""The gRPC listener's ASGI app: route each call by its `:authority` and metadata, relay it to the plane.
+"""The gRPC listener's app: route each call by its `:authority` and metadata, relay its frames to the plane.
 
-Per call: the table is taken once (`state.table`), `resolve_grpc` decides, and the call is relayed
-message by message in both directions, without the protobuf schema (SPEC §9). Request messages
-are streamed to the plane as they arrive; response messages are written to the client as they
-arrive. A call keeps its route and its channel to the end, whatever reloads happen meanwhile.
+Per call: the table is taken once (`state.table`), `resolve_grpc` decides, and a stream is opened
+to the plane. From then on the call only forwards: request DATA to the plane as it arrives, the
+plane's response HEADERS, DATA and trailers back, unchanged but for the fields SPEC §4/§9 set or
+drop, without decoding a message (no protobuf, no decompression). Data is acknowledged to its
+sender only once the other side has taken it, so both directions keep HTTP/2 backpressure. A call
+keeps its route and its plane connection to the end, whatever reloads happen meanwhile.
+Everything runs in the HTTP/2 protocols' callbacks: no task per call.
 """
 
 from __future__ import annotations
@@ -11,10 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from gateway.errors import GatewayError, ModelUnavailable, UpstreamTimeout
-from gateway.grpc.framing import ACCEPT_ENCODING, CallHead, MessageReader, error_trailers, frame, read_head, trailers
-from gateway.grpc.framing import metadata_headers as plane_headers
-from gateway.grpc.upstream import Channels, PlaneCall
+from gateway.errors import GatewayError, UpstreamBroken, UpstreamTimeout
+from gateway.grpc.framing import (
+    CANCELLED,
+    HTTP_STATUS,
+    INTERNAL,
+    RST_STATUS,
+    UNKNOWN,
+    CallHead,
+    MessageScanner,
+    error_trailers,
+    format_timeout,
+    grpc_status,
+    read_head,
+    response_fields,
+    trailers,
+)
+from gateway.grpc.h2server import DISCARD, Handler, Headers, ServerStream
+from gateway.grpc.upstream import PlaneAddress, PlaneConnection, Planes, PlaneStream
 from gateway.http.proxy import new_request_id
 from gateway.metrics import Metrics
 from gateway.routing.resolve import Route, resolve_grpc
@@ -23,14 +40,14 @@ from gateway.state import TableState
 log = logging.getLogger("gateway.grpc")
 
 UNROUTED = ("", "", "", "", "grpc")
-GRPC_HEADERS = [(b"content-type", b"application/grpc"), (b"grpc-accept-encoding", ACCEPT_ENCODING)]
+ERROR_HEAD = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 # gRPC status names (grpc/status.h), for the `code` label of gateway_requests_total.
 STATUS_NAMES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
     "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 )  # fmt: skip
-CANCELLED = 1
+MAX_CACHED = 4096
 
 
 def status_name(code: int) -> str:
@@ -38,196 +55,248 @@ def status_name(code: int) -> str:
 
 
 class GrpcRelay:
-    """ASGI app: one call per `http` scope."""
+    """The app of the gRPC listener's HTTP/2 server: one `RelayedCall` per stream."""
 
-    def __init__(self, state: TableState, metrics: Metrics, channels: Channels) -> None:
+    def __init__(self, state: TableState, metrics: Metrics, planes: Planes) -> None:
         self.state = state
         self.metrics = metrics
-        self.channels = channels
+        self.planes = planes
         self.loop = asyncio.get_running_loop()
+        self.identities: dict[tuple, tuple] = {}  # (model, environment, deployment) -> identity fields
 
-    async def __call__(self, scope: dict, receive, send) -> None:
-        if scope["type"] != "http":
-            return
+    def open(self, stream: ServerStream, headers: Headers) -> Handler:
         started = self.loop.time()
         request_id = new_request_id()
         try:
-            head = read_head(scope["raw_path"], scope["headers"], scope["method"])
+            head = read_head(headers)
             route = resolve_grpc(self.state.table, head.call)
         except GatewayError as error:
-            await answer(send, error_trailers(error, request_id))
+            stream.respond(ERROR_HEAD + error_trailers(error, request_id), end=True)
             self._observe(UNROUTED, error.grpc_status, started)
-            return
-        dep = route.deployment
-        labels = (route.model.id, route.environment, dep.id, dep.region, "grpc")
-        self.metrics.inflight.inc(labels)
-        code = CANCELLED
-        try:
-            code = await RelayedCall(self, scope, receive, send, head, route, request_id, labels).run()
-        finally:
-            self.metrics.inflight.dec(labels)
-            self._observe(labels, code, started)
+            return DISCARD
+        return RelayedCall(self, stream, head, route, request_id, started)
+
+    def identity(self, route: Route) -> tuple:
+        key = (route.model.id, route.environment, route.deployment.id)
+        fields = self.identities.get(key)
+        if fields is None:
+            if len(self.identities) >= MAX_CACHED:
+                self.identities.clear()
+            fields = self.identities[key] = (
+                (b"x-baseten-model-id", key[0].encode()),
+                (b"x-baseten-environment", key[1].encode()),
+                (b"x-baseten-deployment-id", key[2].encode()),
+            )
+        return fields
 
     def _observe(self, labels: tuple, code: int, started: float) -> None:
         self.metrics.requests.inc(labels + (status_name(code),))
         self.metrics.duration.observe(labels, self.loop.time() - started)
 
 
-async def answer(send, fields: list, started: bool = False) -> None:
-    """End a call with trailers (after a response head, or with a head of its own)."""
-    if not started:
-        await send({"type": "http.response.start", "status": 200, "headers": GRPC_HEADERS, "trailers": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
-    await send({"type": "http.response.trailers", "headers": fields, "more_trailers": False})
-
-
 class RelayedCall:
-    """One call between a client stream and a plane call."""
+    """One call: the handler of its client stream (client_*) and of its plane stream (plane_*)."""
 
     __slots__ = (
-        "relay", "scope", "receive", "send", "head", "route", "request_id", "labels", "plane", "failure", "gone",
-        "answered", "started",
+        "relay", "stream", "head", "route", "request_id", "labels", "started", "timeout", "timer", "group",
+        "plane", "scanner", "early", "early_flow", "client_ended", "up_owed", "down_owed", "responded", "done",
     )  # fmt: skip
 
     def __init__(
-        self, relay: GrpcRelay, scope: dict, receive, send, head: CallHead, route: Route, request_id: str, labels: tuple
+        self, relay: GrpcRelay, stream: ServerStream, head: CallHead, route: Route, request_id: str, started: float
     ) -> None:
         self.relay = relay
-        self.scope = scope
-        self.receive = receive
-        self.send = send
+        self.stream = stream
         self.head = head
         self.route = route
         self.request_id = request_id
-        self.labels = labels
-        self.plane: PlaneCall | None = None
-        self.failure: GatewayError | None = None  # a request stream the gateway refused mid-call
-        self.gone = False  # the client went away
-        self.answered = False
-        self.started = False
+        self.started = started
+        dep = route.deployment
+        self.labels = (route.model.id, route.environment, dep.id, dep.region, "grpc")
+        self.plane: PlaneStream | None = None
+        self.scanner = MessageScanner(head.encoding)
+        self.early: list[bytes] = []  # request data that came before the plane stream was open
+        self.early_flow = 0
+        self.client_ended = False
+        self.up_owed = 0  # request bytes given to the plane stream but not yet written: not yet acknowledged
+        self.down_owed = 0  # response bytes given to the client stream but not yet written
+        self.responded = False  # response HEADERS sent to the client
+        self.done = False
+        relay.metrics.inflight.inc(self.labels)
+        # The client's grpc-timeout, capped by the deployment's total call limit (SPEC §12 timeouts).
+        total = dep.timeouts.total_seconds
+        self.timeout = total if head.timeout is None else min(head.timeout, total)
+        self.timer: asyncio.TimerHandle | None = relay.loop.call_at(started + self.timeout, self._deadline)
+        self.group: PlaneAddress = relay.planes.acquire(dep.plane.grpc or "")
+        self.group.connect(self, dep.timeouts.connect_seconds)
 
-    async def run(self) -> int:
-        stream = self.scope["extensions"].get("gateway.stream") or {}
-        closed: asyncio.Future | None = stream.get("closed")
-        reader = MessageReader(self.head.encoding)
-        pending: list[bytes] = []
-        more_body = True
-        if stream and stream["body_complete"]():
-            # The whole request is here (unary and server-streaming calls, usually): read it now, and
-            # when it is one message, send it with the call itself.
-            event = await self.receive()
-            if event["type"] == "http.disconnect":
-                return CANCELLED
-            more_body = event.get("more_body", False)
-            try:
-                pending = reader.feed(event.get("body", b""))
-                if not more_body:
-                    reader.end()
-            except GatewayError as error:
-                await answer(self.send, error_trailers(error, self.request_id))
-                return error.grpc_status
-        first = pending[0] if not more_body and len(pending) == 1 else None
-        relay = self.relay
-        channel = relay.channels.acquire(self.route.deployment.plane.grpc or "")
-        pump: asyncio.Task | None = None
+    def __repr__(self) -> str:
+        return f"<RelayedCall {self.head.call.method} {self.request_id}{' done' if self.done else ''} {self.plane}>"
+
+    # -- the plane connection
+
+    def plane_connected(self, conn: PlaneConnection) -> None:
+        if self.done:
+            return
         try:
-            plane = self.plane = PlaneCall(
-                channel, self.route.upstream_target, self._metadata(), self._timeout(), self.head.encoding, first
-            )
-            if closed is not None:  # the client resetting the stream cancels the plane call, whatever is pending
-                closed.add_done_callback(self._stream_closed)
-            if first is None:  # the request goes on streaming, or came as several messages: relay it as it comes
-                pump = relay.loop.create_task(self._pump(reader, pending, more_body, watch=closed is None))
-            return await self._respond(plane)
+            plane = self.plane = conn.open_stream(self._plane_headers(), self, False)
+        except Exception as exc:  # h2 refused the stream (the connection just failed)
+            log.warning("gRPC plane %s refused a new stream: %r", self.group.address, exc)
+            self.plane_failed(UpstreamBroken(f"could not open a stream to the plane: {exc}"))
+            return
+        if self.early:
+            early, self.early = self.early, []
+            for data in early:
+                plane.send_data(data)
+            if self.client_ended:
+                plane.end()
+            if plane.blocked:
+                self.up_owed += self.early_flow
+            else:
+                self.stream.ack(self.early_flow)
+        elif self.client_ended:
+            plane.end()
+
+    def _plane_headers(self) -> Headers:
+        head = self.head
+        stream = self.stream
+        client = stream.client
+        return [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", head.path),
+            (b":authority", self.group.authority),
+            (b"te", b"trailers"),
+            (b"grpc-timeout", format_timeout(self.timeout - (self.relay.loop.time() - self.started))),
+            *head.transport,
+            *head.metadata,
+            *self.relay.identity(self.route),
+            (b"x-baseten-request-id", self.request_id.encode()),
+            (b"x-forwarded-for", client[0].encode() if client else b""),
+            (b"x-forwarded-proto", stream.scheme.encode()),
+            (b"x-forwarded-host", head.authority.encode()),
+        ]
+
+    # -- client -> plane
+
+    def client_data(self, data: bytes, flow: int) -> None:
+        if self.done:
+            self.stream.ack(flow)
+            return
+        try:
+            self.scanner.scan(data)
         except GatewayError as error:
-            if isinstance(error, ModelUnavailable | UpstreamTimeout):  # raised by PlaneCall.status()
-                kind = "timeout" if isinstance(error, UpstreamTimeout) else "connect"
-                relay.metrics.upstream_errors.inc(self.labels + (kind,))
-            self.answered = True
-            await answer(self.send, error_trailers(error, self.request_id), self.started)
-            return error.grpc_status
-        finally:
-            if pump is not None and not pump.done():
-                pump.cancel()
-            relay.channels.release(channel)
-
-    async def _respond(self, plane: PlaneCall) -> int:
-        send = self.send
-        metadata = await plane.initial_metadata()
-        if self.gone:
-            return CANCELLED
-        if self.failure is None:
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": GRPC_HEADERS + plane_headers(metadata),
-                 "trailers": True}
-            )  # fmt: skip
-            self.started = True
-            while (message := await plane.read()) is not None:
-                await send({"type": "http.response.body", "body": frame(message), "more_body": True})
-        if self.gone:
-            return CANCELLED
-        if self.failure is not None:
-            raise self.failure
-        code, details, trailing = await plane.status()
-        self.answered = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        await send({"type": "http.response.trailers", "headers": trailers(code, details, trailing, self.request_id)})
-        return code
-
-    async def _pump(self, reader: MessageReader, pending: list[bytes], more_body: bool, watch: bool) -> None:
-        """Client -> plane: messages as they complete, then half-close; refuse a malformed stream."""
+            self.fail(error)
+            return
         plane = self.plane
         if plane is None:
+            self.early.append(data)
+            self.early_flow += flow
+        elif plane.send_data(data):
+            self.stream.ack(flow)
+        else:
+            self.up_owed += flow
+
+    def client_end(self) -> None:
+        if self.done:
             return
         try:
-            for message in pending:
-                if not await plane.write(message):
-                    return
-            while more_body:
-                event = await self.receive()
-                if event["type"] == "http.disconnect":
-                    self._client_gone()
-                    return
-                more_body = event.get("more_body", False)
-                for message in reader.feed(event.get("body", b"")):
-                    if not await plane.write(message):
-                        return
-            reader.end()
-            await plane.done_writing()
+            self.scanner.end()
         except GatewayError as error:
-            self.failure = error
-            plane.cancel()
+            self.fail(error)
             return
-        # Without the server's `closed` future, a client that goes away is seen as http.disconnect.
-        while watch:
-            if (await self.receive())["type"] == "http.disconnect":
-                self._client_gone()
-                return
+        self.client_ended = True
+        if self.plane is not None:
+            self.plane.end()
 
-    def _stream_closed(self, _: asyncio.Future) -> None:
-        self._client_gone()
+    def plane_drained(self) -> None:
+        if self.up_owed:
+            owed, self.up_owed = self.up_owed, 0
+            self.stream.ack(owed)
 
-    def _client_gone(self) -> None:
-        if not self.answered:
-            self.gone = True
+    def client_reset(self) -> None:
+        self._finish(CANCELLED)  # the plane stream is reset with CANCEL: the plane sees the call cancelled
+
+    # -- plane -> client
+
+    def plane_headers(self, headers: Headers, end: bool) -> None:
+        if self.done:
+            return
+        status, fields = response_fields(headers, self.request_id.encode() if end else None)
+        if status != b"200":
+            code = HTTP_STATUS.get(int(status) if status.isdigit() else 0, UNKNOWN)
+            self._answer(code, f"the plane answered HTTP status {status.decode('latin-1')[:3]}")
+            return
+        self.stream.respond([(b":status", status), *fields], end)
+        if end:  # trailers-only: the whole answer
+            self._finish(grpc_status(fields))
+        else:
+            self.responded = True
+
+    def plane_data(self, data: bytes, flow: int) -> None:
+        if self.done or self.stream.send_data(data):
             if self.plane is not None:
-                self.plane.cancel()
+                self.plane.ack(flow)
+        else:
+            self.down_owed += flow
 
-    def _metadata(self) -> tuple:
-        route = self.route
-        scope = self.scope
-        client = scope.get("client")
-        return self.head.metadata + (
-            ("x-baseten-model-id", route.model.id),
-            ("x-baseten-environment", route.environment),
-            ("x-baseten-deployment-id", route.deployment.id),
-            ("x-baseten-request-id", self.request_id),
-            ("x-forwarded-for", client[0] if client else ""),
-            ("x-forwarded-proto", scope.get("scheme", "http")),
-            ("x-forwarded-host", self.head.authority),
-        )
+    def client_drained(self) -> None:
+        if self.down_owed and self.plane is not None:
+            owed, self.down_owed = self.down_owed, 0
+            self.plane.ack(owed)
 
-    def _timeout(self) -> float:
-        """The client's grpc-timeout, capped by the deployment's total call limit (SPEC §12 timeouts)."""
-        total = self.route.deployment.timeouts.total_seconds
-        return total if self.head.timeout is None else min(self.head.timeout, total)
+    def plane_trailers(self, headers: Headers | None) -> None:
+        if self.done:
+            return
+        if headers is None:
+            self._answer(INTERNAL, "the plane ended the response without a gRPC status")
+            return
+        _, fields = response_fields(headers, self.request_id.encode())
+        self.stream.send_trailers(list(fields))
+        self._finish(grpc_status(fields))
+
+    def plane_reset(self, code: int) -> None:
+        if not self.done:
+            self._answer(RST_STATUS.get(code, INTERNAL), f"the plane reset the stream (HTTP/2 error code {code})")
+
+    def plane_failed(self, error: GatewayError) -> None:
+        if self.done:
+            return
+        kind = "broken" if isinstance(error, UpstreamBroken) else "connect"
+        self.relay.metrics.upstream_errors.inc(self.labels + (kind,))
+        self.fail(error)
+
+    # -- the end
+
+    def _deadline(self) -> None:
+        self.timer = None
+        if not self.done:
+            self.relay.metrics.upstream_errors.inc(self.labels + ("timeout",))
+            self.fail(UpstreamTimeout(f"the call did not finish within its deadline ({self.timeout:g} s)"))
+
+    def fail(self, error: GatewayError) -> None:
+        """Answer the client with the gateway's error; the plane stream, if any, is cancelled."""
+        self._answer(error.grpc_status, error.message)
+
+    def _answer(self, code: int, message: str) -> None:
+        fields = trailers(code, message, self.request_id)
+        if self.responded:
+            self.stream.send_trailers(fields)
+        else:
+            self.stream.respond(ERROR_HEAD + fields, end=True)
+        self._finish(code)
+
+    def _finish(self, code: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.plane is not None:
+            self.plane.cancel()  # a no-op once the plane stream is over
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.early = []
+        relay = self.relay
+        relay.planes.release(self.group)
+        relay.metrics.inflight.dec(self.labels)
+        relay._observe(self.labels, code, self.started)

@@ -1,217 +1,545 @@
-"""Calls to the planes' gRPC addresses, and the one boundary for grpc's exceptions.
+"""The HTTP/2 client towards the planes' gRPC addresses: pooled h2c connections, streams driven by callbacks.
 
-One `grpc.aio` channel per plane address is shared by every call to it. A table swap retires the
-channels whose address left the table; a retired channel is closed once its last call has
-finished, so a reload never cuts a stream in flight (SPEC §3). Nothing outside this module
-catches an exception from grpc.
+Frames are forwarded, not messages: a call opens a stream on a connection to its plane, and
+its request DATA, the response HEADERS, DATA and trailers pass through unchanged (grpc_pass
+does the same in nginx). Per plane address, streams are multiplexed on one connection up to the
+plane's SETTINGS_MAX_CONCURRENT_STREAMS; another connection is opened when it is full. A stream
+is opened only once the plane's SETTINGS have arrived, so that limit is known.
+
+Flow control both ways is the backpressure: response data is acknowledged to the plane (and
+request data to the client) only once the other side has taken it; `send_data` returns False
+while data waits for window or for the socket, and `plane_drained` follows.
+
+A GOAWAY from the plane stops new streams on that connection; the streams it has seen go on and
+the later ones fail with UNAVAILABLE (RFC 9113 §6.8). A lost connection fails its streams with
+UNAVAILABLE. A table swap retires the addresses that left the table; their connections close once
+their last call has finished, so a reload never cuts a stream in flight (SPEC §3).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections import deque
+from typing import Protocol
 
-import grpc
-from grpc import aio
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from hyperframe.frame import GoAwayFrame
 
-try:  # raised by grpc core when an operation is refused because the call is over
-    from grpc._cython.cygrpc import ExecuteBatchError
-except ImportError:  # pragma: no cover - grpcio moved it
-    ExecuteBatchError = aio.UsageError  # type: ignore[assignment,misc]
-
-from gateway.errors import ModelUnavailable, UpstreamTimeout
-from gateway.grpc.framing import MAX_MESSAGE_BYTES, Metadata
+from gateway.errors import GatewayError, ModelUnavailable, UpstreamBroken
+from gateway.grpc.h2conn import H2Connection
 from gateway.routing.model import Table
 
 log = logging.getLogger("gateway.grpc")
 
-CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # The client owns retries: the gateway sends each call once, and buffers no copies for retrying.
-    ("grpc.enable_retries", 0),
-    # A plane that was down is tried again within a second, not after grpc's default of up to 120 s.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+Headers = list[tuple[bytes, bytes]]
+
+STREAM_WINDOW = 1 << 20  # response bytes a plane may send on one stream before the client takes them
+CONNECTION_WINDOW = 16 << 20
+MAX_FRAME = 1 << 20
+MAX_HEADER_LIST = 64 * 1024
+LAST_STREAM_ID = (1 << 31) - 1
+SETTINGS = {
+    h2.settings.SettingCodes.ENABLE_PUSH: 0,
+    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,  # for pushed streams: none
+    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+    h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+    h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+}
+# The plane's response fields are not validated by h2: they are forwarded to the client as they are
+# (as nginx's grpc_pass does), and what the client needs checked its own HTTP/2 stack checks.
+CONFIG = h2.config.H2Configuration(
+    client_side=True,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
 )
-COMPRESSION = {"gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}
-MAX_CACHED_METHODS = 1024
-UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+CANCEL = h2.errors.ErrorCodes.CANCEL
+DataReceived = h2.events.DataReceived
+ResponseReceived = h2.events.ResponseReceived
+TrailersReceived = h2.events.TrailersReceived
+StreamEnded = h2.events.StreamEnded
 
 
-class PlaneChannel:
-    """A shared channel to one plane address, with the calls using it counted."""
+class Handler(Protocol):
+    """The call a plane stream reports to."""
 
-    __slots__ = ("address", "channel", "users", "retired", "methods")
+    def plane_headers(self, headers: Headers, end: bool) -> None: ...  # response HEADERS (end: trailers-only)
 
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.users = 0
-        self.retired = False
-        self.methods: dict[str, tuple] = {}  # method path -> (unary_stream, stream_stream) callables
+    def plane_data(self, data: bytes, flow: int) -> None: ...  # `flow` bytes to `ack` once passed on
+
+    def plane_trailers(self, headers: Headers | None) -> None: ...  # None: END_STREAM without trailers
+
+    def plane_reset(self, code: int) -> None: ...  # the plane reset the stream
+
+    def plane_failed(self, error: GatewayError) -> None: ...  # no connection, or it was lost
+
+    def plane_drained(self) -> None: ...  # all data queued by `send_data` is written
+
+
+class ClientH2(H2Connection):
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list, list]:
+        """h2 closes the whole connection on GOAWAY; RFC 9113 §6.8 lets the streams it names finish."""
+        event = h2.events.ConnectionTerminated()
+        event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+class PlaneStream:
+    """One call's stream to the plane."""
+
+    __slots__ = ("conn", "id", "handler", "owed", "pending", "end_pending", "blocked", "sent_end", "got_end", "closed")
+
+    def __init__(self, conn: PlaneConnection, stream_id: int, handler: Handler) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.handler = handler
+        self.owed = 0  # flow-controlled response bytes received and not yet acknowledged
+        self.pending: deque[bytes | memoryview] = deque()  # request data waiting for window
+        self.end_pending = False  # END_STREAM to send once `pending` is written
+        self.blocked = False
+        self.sent_end = False
+        self.got_end = False
+        self.closed = False
 
     def __repr__(self) -> str:
-        return f"<PlaneChannel {self.address} users={self.users}{' retired' if self.retired else ''}>"
+        return f"<PlaneStream {self.id} pending={len(self.pending)}{' closed' if self.closed else ''}>"
 
-    def callables(self, method: str) -> tuple:
-        pair = self.methods.get(method)
-        if pair is None:
-            if len(self.methods) >= MAX_CACHED_METHODS:
-                self.methods.clear()  # method paths come from clients: keep the cache bounded
-            # No (de)serializers: messages are relayed as the bytes they are, whatever their schema.
-            pair = self.methods[method] = (self.channel.unary_stream(method), self.channel.stream_stream(method))
-        return pair
+    # -- the call's side
 
+    def send_data(self, data: bytes | memoryview) -> bool:
+        """Queue request data; True when it is all written (else `plane_drained` follows once it is)."""
+        if self.closed or self.sent_end or not data:
+            return True
+        self.pending.append(data)
+        if self._drain() and not self.conn.write_paused:
+            return True
+        self.blocked = True
+        self.conn.blocked.add(self)
+        return False
 
-class Channels:
-    """The gateway's plane channels, by address."""
+    def end(self) -> None:
+        """Half-close the request (END_STREAM), after the data still queued."""
+        if self.closed or self.sent_end:
+            return
+        self.end_pending = True
+        self._drain()
 
-    def __init__(self) -> None:
-        self.open: dict[str, PlaneChannel] = {}
-        self.closing: set[asyncio.Task] = set()
-
-    def __repr__(self) -> str:
-        return f"<Channels {sorted(self.open)} closing={len(self.closing)}>"
-
-    def acquire(self, address: str) -> PlaneChannel:
-        channel = self.open.get(address)
-        if channel is None:
-            channel = self.open[address] = PlaneChannel(address)
-        channel.users += 1
-        return channel
-
-    def release(self, channel: PlaneChannel) -> None:
-        channel.users -= 1
-        if channel.users == 0 and channel.retired:
-            self._close(channel)
-
-    def table_swapped(self, table: Table) -> None:
-        """Retire the channels whose address is in no plane of the new table."""
-        keep = {plane.grpc for plane in table.planes.values() if plane.grpc}
-        for address in [a for a in self.open if a not in keep]:
-            channel = self.open.pop(address)
-            channel.retired = True
-            if channel.users == 0:
-                self._close(channel)
-
-    def _close(self, channel: PlaneChannel) -> None:
-        task = asyncio.get_running_loop().create_task(channel.channel.close())
-        self.closing.add(task)
-        task.add_done_callback(self.closing.discard)
-
-    async def close(self) -> None:
-        for channel in self.open.values():
-            self._close(channel)
-        self.open.clear()
-        if self.closing:
-            await asyncio.wait(list(self.closing), timeout=2)
-
-
-class PlaneCall:
-    """One relayed call: a stream-stream call, or unary-stream when the one request message is known at start.
-
-    Both are the same on the wire (HEADERS, DATA..., END_STREAM), so every call shape is relayed
-    without knowing it. Methods return plain values; the call's end is read from `status()`.
-    """
-
-    __slots__ = ("call", "deadline", "timeout", "loop")
-
-    def __init__(
-        self,
-        channel: PlaneChannel,
-        method: str,
-        metadata: Metadata,
-        timeout: float | None,
-        encoding: str | None,
-        request: bytes | None,
-    ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.timeout = timeout
-        self.deadline = None if timeout is None else self.loop.time() + timeout
-        unary_stream, stream_stream = channel.callables(method)
-        compression = COMPRESSION.get(encoding or "")
-        if request is not None:
-            self.call = unary_stream(request, timeout=timeout, metadata=metadata, compression=compression)
-        else:
-            self.call = stream_stream(timeout=timeout, metadata=metadata, compression=compression)
+    def ack(self, length: int) -> None:
+        if self.closed:
+            return  # its credit was returned when it closed
+        self.owed -= length
+        self.conn.acknowledge(self.id, length)
 
     def cancel(self) -> None:
-        self.call.cancel()  # the plane gets RST_STREAM(CANCEL); a no-op once the call is over
+        """RST_STREAM(CANCEL): the plane sees the call cancelled. A no-op once the stream is over."""
+        if self.closed or (self.got_end and self.sent_end):
+            return
+        self.conn.reset_stream(self.id, CANCEL)
+        self._close()
 
-    async def write(self, message: bytes) -> bool:
-        """Send one message; False when the call is already over (its status says why)."""
-        call = self.call
-        if call.done():
-            return False
-        send = getattr(getattr(call, "_cython_call", None), "send_serialized_message", None)
+    # -- the connection's side
+
+    def _drain(self) -> bool:
+        conn = self.conn
+        h2c = conn.h2
+        pending = self.pending
         try:
-            if send is None:  # pragma: no cover - grpcio changed its internals
-                await call.write(message)
-            else:
-                # Not `call.write()`: when the plane ends the call while a message is being sent,
-                # grpc.aio 1.85's write() replaces the plane's status with INTERNAL "Internal error
-                # from Core" for good (`_StreamRequestMixin._write` calls `set_internal_error`), so a
-                # plane refusing an upload mid-stream would reach the client as INTERNAL. The send
-                # underneath fails alone, and the plane's status stays (tests/test_grpc.py).
-                await call.wait_for_connection()
-                await send(message)
-        except (ExecuteBatchError, aio.AioRpcError, asyncio.InvalidStateError, aio.UsageError):
-            return False
-        except asyncio.CancelledError:
-            if _cancelling():
-                call.cancel()
-                raise
-            return False
+            while pending:
+                chunk = pending[0]
+                size = min(len(chunk), h2c.local_flow_control_window(self.id), h2c.max_outbound_frame_size)
+                if size <= 0:
+                    return False
+                if size == len(chunk):
+                    pending.popleft()
+                    last = self.end_pending and not pending
+                    h2c.send_data(self.id, chunk, end_stream=last)
+                    self.sent_end = last
+                else:
+                    view = memoryview(chunk)
+                    pending[0] = view[size:]
+                    h2c.send_data(self.id, view[:size])
+            if self.end_pending:
+                self.end_pending = False
+                if not self.sent_end:
+                    self.sent_end = True
+                    h2c.end_stream(self.id)
+                if self.got_end:
+                    self._close()
+        except (h2.exceptions.ProtocolError, KeyError):  # the stream is already closed in h2
+            pending.clear()
+        conn.flush_soon()
         return True
 
-    async def done_writing(self) -> None:
+    def _window_opened(self) -> None:
+        if (self.pending or self.end_pending) and not self._drain():
+            return
+        if self.conn.write_paused or self.closed:
+            return
+        self.conn.blocked.discard(self)
+        if self.blocked:
+            self.blocked = False
+            self.handler.plane_drained()
+
+    def _ended(self) -> None:
+        """The response is complete (`got_end`): the call is over, whatever of the request is still unsent."""
+        if self.closed:
+            return
+        if self.sent_end:
+            self._close()
+        else:
+            self.cancel()  # the plane answered before the request ended: stop sending (RFC 9113 §8.1)
+
+    def _on_reset(self, code: int) -> None:
+        if self.closed:
+            return
+        self._close()
+        self.handler.plane_reset(code)
+
+    def _on_failed(self, error: GatewayError) -> None:
+        if self.closed:
+            return
+        self._close()
+        self.handler.plane_failed(error)
+
+    def _close(self) -> None:
+        self.closed = True
+        conn = self.conn
+        if self.owed:
+            conn.acknowledge(self.id, self.owed)  # returns the connection window the stream still held
+            self.owed = 0
+        self.pending.clear()
+        conn.blocked.discard(self)
+        conn.stream_closed(self)
+
+
+class PlaneConnection(asyncio.Protocol):
+    """One h2c connection to a plane address."""
+
+    def __init__(self, group: PlaneAddress) -> None:
+        self.group = group
+        self.loop = group.loop
+        self.h2 = ClientH2(CONFIG)
+        self.streams: dict[int, PlaneStream] = {}
+        self.blocked: set[PlaneStream] = set()
+        self.waiters: list = []  # calls waiting for this connection to be ready
+        self.transport: asyncio.Transport | None = None
+        self.ready = False
+        self.settled: asyncio.Future = self.loop.create_future()  # the plane's first SETTINGS, or the failure
+        self.max_streams = 100
+        self.last_stream_id = LAST_STREAM_ID  # lowered by a GOAWAY
+        self.goaway = False
+        self.closing = False
+        self.write_paused = False
+        self.flush_handle: asyncio.Handle | None = None
+
+    def __repr__(self) -> str:
+        state = "closing" if self.closing else "goaway" if self.goaway else "ready" if self.ready else "connecting"
+        return f"<PlaneConnection {self.group.address} {state} streams={len(self.streams)}/{self.max_streams}>"
+
+    @property
+    def has_room(self) -> bool:
+        return self.ready and not self.goaway and len(self.streams) < self.max_streams
+
+    def open_stream(self, headers: Headers, handler: Handler, end: bool) -> PlaneStream:
+        h2c = self.h2
+        stream_id = h2c.get_next_available_stream_id()
+        h2c.send_headers(stream_id, headers, end_stream=end)
+        stream = self.streams[stream_id] = PlaneStream(self, stream_id, handler)
+        stream.sent_end = end
+        if stream_id >= LAST_STREAM_ID - 2:
+            self.goaway = True  # stream ids are used up: this connection takes no more calls
+            self.group.discard(self)
+        self.flush_soon()
+        return stream
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        conn = self.h2
+        conn.local_settings = h2.settings.Settings(client=True, initial_values=SETTINGS)
+        conn.max_inbound_frame_size = conn.incoming_buffer.max_frame_size = MAX_FRAME
+        conn.decoder.max_header_list_size = MAX_HEADER_LIST
+        conn.initiate_connection()
+        conn.increment_flow_control_window(CONNECTION_WINDOW - conn.inbound_flow_control_window)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
         try:
-            await self.call.done_writing()
-        except (ExecuteBatchError, aio.AioRpcError, asyncio.InvalidStateError, aio.UsageError):
-            pass
-        except asyncio.CancelledError:
-            if _cancelling():
-                raise
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.warning("gRPC plane %s broke HTTP/2: %r", self.group.address, exc)
+            self.flush()
+            self._lost(UpstreamBroken(f"the plane broke the HTTP/2 protocol: {exc}"))
+            return
+        streams = self.streams
+        for event in events:
+            kind = type(event)
+            try:
+                if kind is DataReceived:
+                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
+                    if stream is None:
+                        self.acknowledge(event.stream_id, event.flow_controlled_length)  # type: ignore[attr-defined]
+                    else:
+                        stream.owed += event.flow_controlled_length  # type: ignore[attr-defined]
+                        stream.handler.plane_data(event.data, event.flow_controlled_length)  # type: ignore[attr-defined]
+                elif kind is ResponseReceived:
+                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
+                    if stream is not None:
+                        end = stream.got_end = event.stream_ended is not None  # type: ignore[attr-defined]
+                        stream.handler.plane_headers(event.headers, end)  # type: ignore[attr-defined]
+                        if end:
+                            stream._ended()
+                elif kind is TrailersReceived:
+                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
+                    if stream is not None:
+                        stream.got_end = True
+                        stream.handler.plane_trailers(event.headers)  # type: ignore[attr-defined]
+                        stream._ended()
+                elif kind is StreamEnded:
+                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
+                    if stream is not None and not stream.got_end:  # DATA with END_STREAM, no trailers
+                        stream.got_end = True
+                        stream.handler.plane_trailers(None)
+                        stream._ended()
+                else:
+                    self._dispatch(event)
+            except Exception:
+                log.exception("gRPC plane stream handler failed")
+                stream = streams.get(getattr(event, "stream_id", 0) or 0)
+                if stream is not None:
+                    stream.cancel()
+        self.flush()
 
-    async def initial_metadata(self) -> Metadata:
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(UpstreamBroken("the plane closed the connection"))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._window_opened()
+
+    # -- HTTP/2 events
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and stream in self.blocked:
+                    stream._window_opened()
+            else:
+                self._window_opened()
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
+            if stream is not None:
+                stream._on_reset(int(event.error_code))  # type: ignore[arg-type]
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self.max_streams = min(self.h2.remote_settings.max_concurrent_streams, 1 << 16)
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                self._window_opened()
+            if not self.ready and not self.closing:
+                self.ready = True
+                if not self.settled.done():
+                    self.settled.set_result(None)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._goaway(event.last_stream_id or 0, event.error_code)  # type: ignore[arg-type]
+
+    def _window_opened(self) -> None:
+        for stream in list(self.blocked):
+            stream._window_opened()
+
+    def _goaway(self, last_stream_id: int, code: int | None) -> None:
+        """No new streams here; those the plane did not take fail (they were not processed: UNAVAILABLE)."""
+        log.info("gRPC plane %s sent GOAWAY (last stream %d, code %s)", self.group.address, last_stream_id, code)
+        self.goaway = True
+        self.group.discard(self)
+        self.last_stream_id = min(self.last_stream_id, last_stream_id)
+        error = ModelUnavailable("the plane is going away (GOAWAY) and did not take the call")
+        for stream in [s for s in self.streams.values() if s.id > self.last_stream_id]:
+            stream._on_failed(error)
+        if not self.streams:
+            self.close()
+
+    # -- output
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.closing and self.transport is not None:
+            self.transport.write(data)
+
+    def flush_soon(self) -> None:
+        if self.flush_handle is None:
+            self.flush_handle = self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self.flush_handle = None
+        self.flush()
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        if length and not self.closing:
+            self.h2.acknowledge_received_data(length, stream_id)
+            self.flush_soon()
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
         try:
-            metadata = await self.call.initial_metadata()
-        except aio.AioRpcError:
-            return ()
-        except asyncio.CancelledError:
-            if _cancelling():
-                raise
-            return ()
-        return tuple(metadata or ())
+            self.h2.reset_stream(stream_id, code)
+        except (h2.exceptions.ProtocolError, KeyError):
+            pass  # already closed
+        self.flush_soon()
 
-    async def read(self) -> bytes | None:
-        """The next response message, or None at the end of the response stream."""
+    def stream_closed(self, stream: PlaneStream) -> None:
+        self.streams.pop(stream.id, None)
+        if not self.streams and (self.goaway or self.group.retired):
+            self.close()
+
+    # -- ending
+
+    def close(self) -> None:
+        """Close after a GOAWAY (a graceful end for the plane); streams still open fail."""
+        if self.closing:
+            return
+        if self.transport is not None:
+            try:
+                self.h2.close_connection()
+            except h2.exceptions.ProtocolError:
+                pass
+            self.flush()
+            self.transport.close()
+        self._lost(UpstreamBroken("the gateway closed the plane connection"))
+
+    def _lost(self, error: GatewayError) -> None:
+        self.closing = True
+        self.ready = False
+        self.group.discard(self)
+        if not self.settled.done():
+            self.settled.set_result(None)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        for stream in list(self.streams.values()):
+            stream._on_failed(error)
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
+
+
+class PlaneAddress:
+    """The connections to one plane `host:port`, and the calls using them."""
+
+    def __init__(self, address: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.address = address
+        self.authority = address.encode()
+        host, _, port = address.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.loop = loop
+        self.conns: list[PlaneConnection] = []  # ready or connecting, taking new streams
+        self.connecting: PlaneConnection | None = None
+        self.users = 0
+        self.retired = False
+        self.tasks: set[asyncio.Task] = set()
+
+    def __repr__(self) -> str:
+        return f"<PlaneAddress {self.address} users={self.users} {self.conns}{' retired' if self.retired else ''}>"
+
+    def connect(self, call, timeout: float) -> None:
+        """`call.plane_connected(conn)` now or once a connection is ready; `call.plane_failed(error)` if none can be."""
+        for conn in self.conns:
+            if conn.has_room:
+                call.plane_connected(conn)
+                return
+        pending = self.connecting
+        if pending is not None and len(pending.waiters) < pending.max_streams:
+            conn = pending
+        else:
+            conn = self.connecting = PlaneConnection(self)
+            self.conns.append(conn)
+            task = self.loop.create_task(self._connect(conn, timeout))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        conn.waiters.append(call)
+
+    async def _connect(self, conn: PlaneConnection, timeout: float) -> None:
+        error: GatewayError | None = None
         try:
-            message = await self.call.read()
-        except aio.AioRpcError:
-            return None
-        except asyncio.CancelledError:
-            if _cancelling():
-                raise
-            return None
-        return None if message is aio.EOF else message
+            async with asyncio.timeout(timeout):
+                await self.loop.create_connection(lambda: conn, self.host, self.port)
+                await conn.settled
+        except TimeoutError:
+            error = ModelUnavailable(f"could not connect to the plane's gRPC address: timed out after {timeout:g} s")
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+            error = ModelUnavailable(f"could not connect to the plane's gRPC address: {reason}")
+        if error is None and not conn.ready:
+            error = ModelUnavailable("could not connect to the plane's gRPC address: the connection was closed")
+        if self.connecting is conn:
+            self.connecting = None
+        waiters, conn.waiters = conn.waiters, []
+        if error is not None:
+            conn._lost(error)
+            for call in waiters:
+                call.plane_failed(error)
+            return
+        for call in waiters:
+            self.connect(call, timeout)  # this connection, or another one when the plane allows fewer streams
 
-    async def status(self) -> tuple[int, str, Metadata]:
-        """(code, details, trailing metadata) of the plane; GatewayError when the plane never answered."""
-        code = await self.call.code()
-        details = await self.call.details() or ""
-        if code == UNAVAILABLE and details.startswith("failed to connect to all addresses"):
-            reason = details.rpartition(": ")[2]
-            raise ModelUnavailable(f"could not connect to the plane's gRPC address: {reason}")
-        if code == DEADLINE_EXCEEDED and self.deadline is not None and self.loop.time() >= self.deadline - 0.01:
-            raise UpstreamTimeout(f"the call did not finish within its deadline ({self.timeout:g} s)")
-        trailing = await self.call.trailing_metadata()
-        return code.value[0], details, tuple(trailing or ())
+    def discard(self, conn: PlaneConnection) -> None:
+        """The connection takes no more streams."""
+        if conn in self.conns:
+            self.conns.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self.conns):
+            if not conn.streams:
+                conn.close()
 
 
-def _cancelling() -> bool:
-    """grpc raises CancelledError from a call cancelled locally; only a cancelled *task* propagates it."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+class Planes:
+    """The gateway's plane connections, by address."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.open: dict[str, PlaneAddress] = {}
+
+    def __repr__(self) -> str:
+        return f"<Planes {sorted(self.open)}>"
+
+    def acquire(self, address: str) -> PlaneAddress:
+        group = self.open.get(address)
+        if group is None:
+            group = self.open[address] = PlaneAddress(address, self.loop)
+        group.users += 1
+        return group
+
+    def release(self, group: PlaneAddress) -> None:
+        group.users -= 1
+        if group.users == 0 and group.retired:
+            group.close()
+
+    def table_swapped(self, table: Table) -> None:
+        """Retire the addresses in no plane of the new table; their connections close once their calls end."""
+        keep = {plane.grpc for plane in table.planes.values() if plane.grpc}
+        for address in [a for a in self.open if a not in keep]:
+            group = self.open.pop(address)
+            group.retired = True
+            if group.users == 0:
+                group.close()
+
+    async def close(self) -> None:
+        for group in self.open.values():
+            group.retired = True
+            group.close()
+        self.open.clear()
+        await asyncio.sleep(0)
