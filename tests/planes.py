@@ -25,7 +25,7 @@ visible (`/production/sync/v1/models` reaches the plane as `/v1/models` and is e
 Every request's method, raw path and lowercased headers are appended to `plane.seen`. Options:
 `Plane(blocking=True)` makes every request but /wake wait, after setting `plane.arrived`, until the
 test sets `plane.release` or `block_seconds` pass; `Plane(fixed_status=500)` answers every request
-but /wake with that status (after blocking, if both).
+but /wake with that status (after blocking, if both), keeping the bodies in `plane.bodies`.
 
 `RawPlane` is a bare TCP server driven by one coroutine per connection, for planes that misbehave
 at the byte level (accept and close, close mid-body).
@@ -57,6 +57,7 @@ class Plane:
 
     def __init__(self, *, blocking: bool = False, block_seconds: float = 2.0, fixed_status: int | None = None) -> None:
         self.requests: list[tuple[str, str]] = []  # (method, raw path) of every request received
+        self.bodies: list[bytes] = []  # request bodies read by a `fixed_status` plane
         self.seen: list[dict] = []  # {"method", "path", "headers": {lowercased name: value}} per request
         self.wakes: list[dict[str, str]] = []  # headers of each POST /wake
         self.woken = asyncio.Event()
@@ -140,7 +141,7 @@ class Plane:
             except TimeoutError:
                 pass
         if self.fixed_status is not None:
-            await request.read()
+            self.bodies.append(await request.read())
             return web.Response(status=self.fixed_status, text=f"plane status {self.fixed_status}")
         if headers.get("upgrade", "").lower() == "websocket":
             return await self.websocket(request)

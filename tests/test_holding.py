@@ -265,3 +265,18 @@ def test_reject_on_full_answers_429_at_once(gw: GatewayProcess) -> None:
             assert len(plane.seen) == 1
 
     asyncio.run(scenario())
+
+
+def test_many_queued_calls_all_get_through_a_small_limit(gw: GatewayProcess) -> None:
+    """Each freed slot goes to the longest-waiting call, which is not sent back behind the others."""
+
+    async def scenario() -> None:
+        connector = aiohttp.TCPConnector(limit=40)
+        async with Plane() as plane, aiohttp.ClientSession(connector=connector) as session:
+            configure(gw, limited_doc(plane, "QUEUE_ON_FULL", replicas=2))
+            calls = [call(session, gw, f"/production/predict?i={i}") for i in range(200)]
+            results = await asyncio.wait_for(asyncio.gather(*calls), 60)
+            assert [r[0] for r in results] == [200] * 200
+            assert await held(session, gw) == 0
+
+    asyncio.run(scenario())

@@ -133,10 +133,11 @@ class PublicHandler:
         tee = None
         if env is not None:  # an environment's call: backpressure, shadow and split apply
             if env.autoscaling.concurrency_target is not None:
+                # A released call is at the head of the queue; a new one waits behind those queued.
+                waiting = 0 if held is not None else self.holds.waiting((route.model.id, dep.id))
                 decision = admission(
-                    endpoints.in_flight_total(), concurrency_limit(env, dep), self.holds.waiting((route.model.id, dep.id)),
-                    env.backpressure,
-                )  # fmt: skip
+                    endpoints.in_flight_total(), concurrency_limit(env, dep), waiting, env.backpressure
+                )
                 if decision != "go":
                     if decision == "queue":
                         return self._hold(req, route, request_id, started, held, labels, "full")
