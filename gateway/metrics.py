@@ -123,6 +123,13 @@ class Metrics:
             ("region", "host"),
         )
         self.all += (self.dns_lookups, self.dns_region_violations)
+        # Which side of an environment's split took a call sent to a plane (SPEC §6 canary, promotion)
+        self.split = Counter(
+            "gateway_split_requests_total",
+            "Calls of an environment sent to a plane, by the side of its split (primary, canary, candidate).",
+            ("model", "environment", "deployment", "side"),
+        )
+        self.all += (self.split,)
 
     def render(self) -> bytes:
         lines: list[str] = []

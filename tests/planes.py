@@ -19,6 +19,13 @@ visible (`/production/sync/v1/models` reaches the plane as `/v1/models` and is e
                      `plane.huge_sha256`; `plane.huge_done` is set when everything was written
     /status/<code>   answers <code> with `x-plane: yes` and body `plane body <code>` (text/plain)
     /slow            answers 200 after 3 s (or at shutdown)
+    /wake            answers 202; the request's headers are appended to `plane.wakes` and `plane.woken` is set
+    (Upgrade: websocket on any path) a WebSocket echo (text and binary)
+
+Every request's method, raw path and lowercased headers are appended to `plane.seen`. Options:
+`Plane(blocking=True)` makes every request but /wake wait, after setting `plane.arrived`, until the
+test sets `plane.release` or `block_seconds` pass; `Plane(fixed_status=500)` answers every request
+but /wake with that status (after blocking, if both), keeping the bodies in `plane.bodies`.
 
 `RawPlane` is a bare TCP server driven by one coroutine per connection, for planes that misbehave
 at the byte level (accept and close, close mid-body).
@@ -48,8 +55,17 @@ def huge_chunk(i: int, size: int) -> bytes:
 class Plane:
     """An aiohttp.web plane on 127.0.0.1:0 in the running loop; `await start()`, `await close()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, blocking: bool = False, block_seconds: float = 2.0, fixed_status: int | None = None) -> None:
         self.requests: list[tuple[str, str]] = []  # (method, raw path) of every request received
+        self.bodies: list[bytes] = []  # request bodies read by a `fixed_status` plane
+        self.seen: list[dict] = []  # {"method", "path", "headers": {lowercased name: value}} per request
+        self.wakes: list[dict[str, str]] = []  # headers of each POST /wake
+        self.woken = asyncio.Event()
+        self.blocking = blocking
+        self.block_seconds = block_seconds
+        self.fixed_status = fixed_status
+        self.arrived = asyncio.Event()  # a request reached a blocking plane
+        self.release = asyncio.Event()  # lets a blocking plane's requests go on
         self.gates: dict[str, list[asyncio.Event]] = {}
         self.progress_events: list[tuple[int, asyncio.Event]] = []
         self.stopping = asyncio.Event()
@@ -111,7 +127,24 @@ class Plane:
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.raw_path))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.seen.append({"method": request.method, "path": request.raw_path, "headers": headers})
         path = request.path
+        if path == "/wake":
+            self.wakes.append(headers)
+            self.woken.set()
+            return web.Response(status=202, text="waking")
+        if self.blocking:
+            self.arrived.set()
+            try:
+                await asyncio.wait_for(self.release.wait(), self.block_seconds)
+            except TimeoutError:
+                pass
+        if self.fixed_status is not None:
+            self.bodies.append(await request.read())
+            return web.Response(status=self.fixed_status, text=f"plane status {self.fixed_status}")
+        if headers.get("upgrade", "").lower() == "websocket":
+            return await self.websocket(request)
         if path.startswith("/status/"):
             code = int(path.rsplit("/", 1)[1])
             return web.Response(status=code, text=f"plane body {code}", headers={"x-plane": "yes"})
@@ -125,6 +158,16 @@ class Plane:
             "/slow": self.slow,
         }.get(path, self.echo)
         return await handler(request)
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == web.WSMsgType.TEXT:
+                await ws.send_str(message.data)
+            elif message.type == web.WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+        return ws
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await request.content.read()

@@ -196,7 +196,6 @@ def test_the_plane_vanishing_tears_down_the_client_side(gw: GatewayProcess) -> N
         ("model-abc123-prod-eu.api.example.com", "/websocket", AUTH, 421, "client_error"),
         ("model-abc123-staging.api.example.com", "/websocket", AUTH, 404, "model_does_not_exist"),
         ("model-abc123.api.example.com", "/production/predict", AUTH, 405, "client_error"),
-        ("model-abc123.api.example.com", "/deployment/v0/websocket", AUTH, 503, "model_not_ready"),
     ],
 )  # fmt: skip
 def test_failures_are_answered_before_the_upgrade(gw, host, path, headers, status, code) -> None:
@@ -212,6 +211,37 @@ def test_failures_are_answered_before_the_upgrade(gw, host, path, headers, statu
             assert json.loads(response.body)["error_code"] == code
             assert b"demo-key" not in response.body
             assert plane.connections == []  # nothing reached the plane
+
+    asyncio.run(scenario())
+
+
+def test_a_scaled_to_zero_target_holds_the_upgrade_until_it_is_active(gw: GatewayProcess) -> None:
+    """SPEC §6: the upgrade is held (not refused) while v0 wakes, and goes through once it is active."""
+    import aiohttp
+
+    from tests.dataplane import metric, until
+
+    async def session() -> tuple[dict, str, str | None]:
+        async with ws_client(gw, "model-abc123.api.example.com", "/deployment/v0/websocket") as ws:
+            first = json.loads(await ws.recv())
+            await ws.send("hello after waking")
+            return first, await ws.recv(), ws.response.headers.get("x-baseten-deployment-id")  # type: ignore[union-attr]
+
+    async def scenario() -> None:
+        async with WsPlane("us") as plane, aiohttp.ClientSession() as client:
+            point(gw, plane.url)
+            opening = asyncio.create_task(session())
+            held = {"deployment": "v0", "protocol": "websocket"}
+            await until(lambda: metric(client, gw, "gateway_held_requests", **held), "the upgrade to be held")
+            assert plane.connections == [] and not opening.done()
+            doc = example_doc(plane.url, plane.url)
+            doc["models"]["abc123"]["deployments"]["v0"]["status"] = "active"
+            write_table(gw.config, doc)
+            assert gw.admin("POST", "/v1/routing/reload")[0] == 200
+            first, echo, answered_by = await asyncio.wait_for(opening, 10)
+            assert (first["deployment"], echo, answered_by) == ("v0", "hello after waking", "v0")
+            assert await metric(client, gw, "gateway_held_requests") == 0
+            point(gw, plane.url)  # v0 back to scaled to zero for the other tests
 
     asyncio.run(scenario())
 

@@ -28,7 +28,7 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"baseten-authorization", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
     b"x-baseten-model-id", b"x-baseten-environment", b"x-baseten-deployment-id", b"x-baseten-request-id",
 }  # fmt: skip
-RESPONSE_DROP = HOP_BY_HOP | {b"x-baseten-request-id"}
+RESPONSE_DROP = HOP_BY_HOP | {b"x-baseten-request-id", b"x-baseten-deployment-id"}  # both set by the gateway
 PAUSE_UPSTREAM = 8  # client reading paused because the plane is not reading our writes
 
 
@@ -36,8 +36,14 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
-def request_head(req: Request, target: str, identity: bytes, request_id: str, scheme: str) -> list[bytes]:
-    """The head sent to the plane, as parts to write; `identity` holds host and x-baseten-* lines."""
+def request_head(
+    req: Request, target: str, identity: bytes, request_id: str, scheme: str, body_length: int | None = None
+) -> list[bytes]:
+    """The head sent to the plane, as parts to write; `identity` holds host and x-baseten-* lines.
+
+    With `body_length`, the body is framed by that Content-Length whatever the client sent (a
+    shadow copy is sent whole).
+    """
     parts = [
         b"%s %s HTTP/1.1\r\n" % (req.method.encode(), target.encode("latin-1")),
         identity,
@@ -50,7 +56,9 @@ def request_head(req: Request, target: str, identity: bytes, request_id: str, sc
     for name, value in req.headers:
         if name not in drop:
             parts.append(b"%s: %s\r\n" % (name, value))
-    if req.chunked:
+    if body_length is not None:
+        parts.append(b"content-length: %d\r\n\r\n" % body_length)
+    elif req.chunked:
         parts.append(b"transfer-encoding: chunked\r\n\r\n")
     elif req.content_length is not None:
         parts.append(b"content-length: %d\r\n\r\n" % req.content_length)
@@ -69,12 +77,12 @@ class Exchange:
     __slots__ = (
         "req", "client", "upstream", "request_id", "loop", "on_done", "finished", "out", "head_sent", "status",
         "chunked_out", "request_sent", "error", "timeouts", "started", "last_activity", "head_only",
-        "context",
+        "context", "answered_by",
     )  # fmt: skip
 
     def __init__(
         self, req: Request, upstream: UpstreamConnection, request_id: str, timeouts: Timeouts,
-        on_done: Callable[[Exchange], None], context: Any = None,
+        on_done: Callable[[Exchange], None], context: Any = None, deployment_id: str = "",
     ) -> None:  # fmt: skip
         self.req = req
         self.client: HttpConnection = req.conn
@@ -93,6 +101,10 @@ class Exchange:
         self.timeouts = timeouts
         self.started = self.last_activity = self.loop.time()
         self.head_only = req.method == "HEAD"
+        # The gateway's own response fields: the request id (SPEC §4) and the deployment that answered (§6).
+        self.answered_by = b"x-baseten-request-id: %s\r\n" % request_id.encode()
+        if deployment_id:
+            self.answered_by += b"x-baseten-deployment-id: %s\r\n" % deployment_id.encode()
 
     def __repr__(self) -> str:
         return f"<Exchange {self.request_id[:8]} status={self.status} head_sent={self.head_sent}>"
@@ -155,7 +167,7 @@ class Exchange:
             if name == b"content-length":
                 has_length = True
             out.append(b"%s: %s\r\n" % (name, value))
-        out.append(b"x-baseten-request-id: %s\r\n" % self.request_id.encode())
+        out.append(self.answered_by)
         if not (has_length or self.head_only or status in (204, 304)):
             if req.version == "1.1":
                 self.chunked_out = True
@@ -289,7 +301,7 @@ class TunnelExchange(Exchange):
         for name, value in headers:
             if name not in UPGRADE_DROP:
                 out.append(b"%s: %s\r\n" % (name, value))
-        out.append(b"x-baseten-request-id: %s\r\n\r\n" % self.request_id.encode())
+        out += (self.answered_by, b"\r\n")
         self.head_sent = True
         self.client.response_started = True
 

@@ -19,11 +19,22 @@ from gateway.errors import (
     GatewayError,
     ModelNotReady,
     ModelUnavailable,
+    RateLimited,
     UpgradeRequired,
-    UpstreamBroken,
+)
+from gateway.http.hold import (
+    RETRY_AFTER_FULL,
+    RETRY_AFTER_NOT_READY,
+    RETRY_AFTER_REJECT,
+    Held,
+    Holds,
+    Reason,
+    admission,
+    concurrency_limit,
 )
 from gateway.http.proxy import MAX_BODY_BYTES, Exchange, TunnelExchange, body_limit_error, new_request_id, request_head
 from gateway.http.server import Request
+from gateway.http.shadow import Discard, ShadowExchange, Shadows, Tee, sampled
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Plane, Table, Upstream
 from gateway.routing.resolve import Call, Route, resolve
@@ -44,6 +55,7 @@ class Context(NamedTuple):
     endpoints: EndpointSet
     endpoint: Endpoint
     table: Table
+    tee: Tee | None = None  # a sampled call's shadow copy in the making (SPEC §6)
 
 
 ROUTE_CACHE_SIZE = 8192
@@ -68,6 +80,9 @@ class PublicHandler:
         self.background: set[asyncio.Task] = set()
         self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
         state.on_swap.append(self._table_swapped)
+        self.holds = Holds(self.loop, metrics, self._hold_expired, self._hold_dropped, self._hold_wake)
+        self.shadows = Shadows(self.loop, metrics, self._connect, scheme)
+        state.on_swap.append(self._table_swapped_release)
 
     def _table_swapped(self, table: Table) -> None:
         # New dicts, not clear(): a call in flight keeps the decisions of its own table.
@@ -80,6 +95,8 @@ class PublicHandler:
 
     def close(self) -> None:
         self.sweeper.cancel()
+        self.holds.close()
+        self.shadows.close()
         self.resolver.close()
 
     # -- the request path -------------------------------------------------------------------
@@ -90,36 +107,64 @@ class PublicHandler:
         try:
             route = self._route(req)
             self._admit(req, route)
-            if route.action == "hold":
-                raise ModelNotReady(
-                    f"deployment '{route.deployment.id}' is scaled to zero; POST .../wake to wake it and retry",
-                    headers=(("retry-after", "30"),),
-                )
         except GatewayError as error:
             self._answer(req, error, request_id, UNROUTED, started)
             return
+        if route.action == "wake":
+            dep = route.deployment
+            self._wake(req, route, request_id)
+            self._observe((route.model.id, route.environment, dep.id, dep.region, "http"), 202, started)
+            req.conn.finish(req)
+            return
+        self._dispatch(req, route, request_id, started, None)
+
+    def _dispatch(self, req: Request, route: Route, request_id: str, started: float, held: Held | None) -> str:
+        """Send the call to its deployment, or hold it (scaled to zero, backpressure), or refuse it (SPEC §6).
+
+        Returns what became of it: "sent", "held" or "answered".
+        """
         dep = route.deployment
         protocol = "websocket" if route.endpoint == "websocket" else "http"
         labels = (route.model.id, route.environment, dep.id, dep.region, protocol)
-        if route.action == "wake":
-            self._wake(req, route, request_id)
-            self._observe(labels, 202, started)
-            req.conn.finish(req)
-            return
+        if route.action == "hold":
+            return self._hold(req, route, request_id, started, held, labels, "wake")
         endpoints = self._endpoints(route)
+        env = route.model.environments.get(route.environment)
+        tee = None
+        if env is not None:  # an environment's call: backpressure, shadow and split apply
+            if env.autoscaling.concurrency_target is not None:
+                # A released call is at the head of the queue; a new one waits behind those queued.
+                waiting = 0 if held is not None else self.holds.waiting((route.model.id, dep.id))
+                decision = admission(
+                    endpoints.in_flight_total(), concurrency_limit(env, dep), waiting, env.backpressure
+                )
+                if decision != "go":
+                    if decision == "queue":
+                        return self._hold(req, route, request_id, started, held, labels, "full")
+                    error = RateLimited(
+                        f"deployment '{dep.id}' is at its concurrency limit; retry later",
+                        headers=(("retry-after", RETRY_AFTER_REJECT),),
+                    )
+                    self._answer(req, error, request_id, labels, started)
+                    return "answered"
+            shadow = env.shadow
+            if shadow is not None and protocol == "http" and sampled(shadow):
+                tee = self.shadows.tee(req, route, shadow, self.state.table)
+            self.metrics.split.inc((route.model.id, route.environment, dep.id, route.side))
         ep = endpoints.pick_or_least_loaded()
         if ep is None:  # a deployment always has an address; kept so a bug answers 503, not a crash
             self._answer(req, ModelUnavailable(f"deployment '{dep.id}' has no address"), request_id, labels, started)
-            return
+            return "answered"
         self.metrics.inflight.inc(labels)
         endpoints.started(ep)
         self.budget.record_request()
-        context = Context(labels, started, endpoints, ep, self.state.table)
+        context = Context(labels, started, endpoints, ep, self.state.table, tee)
         conn = self.pool.take_idle(ep.upstream, dep.plane.tls)
         if conn is not None:
             self._start(req, route, ep.upstream, conn, request_id, context)
         else:
             req.conn.spawn(req, self._connect_and_start(req, route, request_id, context), finish=False)
+        return "sent"
 
     def _route(self, req: Request) -> Route:
         key = (req.method, req.host, req.target, req.authorization, req.routing_key)
@@ -187,8 +232,13 @@ class PublicHandler:
     def _start(
         self, req: Request, route: Route, up: Upstream, conn: UpstreamConnection, request_id: str, context: Context
     ) -> None:  # fmt: skip
-        kind = TunnelExchange if route.endpoint == "websocket" else Exchange
-        exchange = kind(req, conn, request_id, route.deployment.timeouts, self._done, context)
+        args = (req, conn, request_id, route.deployment.timeouts, self._done, context, route.deployment.id)
+        if route.endpoint == "websocket":
+            exchange: Exchange = TunnelExchange(*args)
+        elif context.tee is not None:
+            exchange = ShadowExchange(*args, tee=context.tee)
+        else:
+            exchange = Exchange(*args)
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(route, up), request_id, self.scheme)
         exchange.start(head)
@@ -212,6 +262,8 @@ class PublicHandler:
     def _end(self, req: Request, context: Context, status: int) -> None:
         self.metrics.inflight.dec(context.labels)
         self._observe(context.labels, status, context.started)
+        if self.holds.full_waiting:  # a slot freed: the longest-waiting call of that deployment may go
+            self._slot_freed((context.labels[0], context.labels[2]))
 
     def _answer(self, req: Request, error: GatewayError, request_id: str, labels: tuple, started: float) -> None:
         req.conn.send_error(error, (("x-baseten-request-id", request_id),))
@@ -285,6 +337,73 @@ class PublicHandler:
                 error = exc
         raise error or ModelUnavailable(f"no address to connect to for '{up.host}'")
 
+    # -- held calls (SPEC §6) ------------------------------------------------------------------
+
+    def _hold(
+        self, req: Request, route: Route, request_id: str, started: float, held: Held | None, labels: tuple,
+        reason: Reason,
+    ) -> str:  # fmt: skip
+        settings = self.state.table.gateway
+        if held is None:
+            held = Held(req, request_id, started)
+        if not self.holds.add(held, route, labels, reason, settings.hold_timeout_seconds,
+                              settings.max_held_calls_per_deployment):  # fmt: skip
+            self.holds.finish(held)
+            error = RateLimited(
+                f"too many calls are waiting for deployment '{route.deployment.id}'; retry later",
+                headers=(("retry-after", RETRY_AFTER_FULL),),
+            )
+            self._answer(req, error, request_id, labels, started)
+            return "answered"
+        return "held"
+
+    def _release(self, held: Held) -> str:
+        """Go on with a call taken out of the hold, re-resolved against the current table."""
+        req = held.req
+        try:
+            route = self._route(req)
+        except GatewayError as error:  # the table changed under it: removed, inactive, ...
+            self.holds.finish(held)
+            self._answer(req, error, held.request_id, held.labels, held.started)
+            return "answered"
+        outcome = self._dispatch(req, route, held.request_id, held.started, held)
+        if outcome != "held":
+            self.holds.finish(held)  # its hold deadline no longer applies
+        return outcome
+
+    def _table_swapped_release(self, table: Table) -> None:
+        if self.holds.total:
+            self.loop.call_soon(self._release_all)  # after every swap callback has seen the new table
+
+    def _release_all(self) -> None:
+        for held in self.holds.take_all():
+            self._release(held)
+
+    def _slot_freed(self, key: tuple[str, str]) -> None:
+        # One slot freed: the longest-waiting call takes it; one answered without a slot passes it on.
+        while (held := self.holds.next_for_slot(key)) is not None:
+            if self._release(held) != "answered":
+                return
+
+    def _hold_expired(self, held: Held) -> None:
+        dep_id = held.key[1]
+        if held.reason == "wake":
+            error = ModelNotReady(
+                f"deployment '{dep_id}' did not become ready within the hold timeout; retry later",
+                headers=(("retry-after", RETRY_AFTER_NOT_READY),),
+            )
+        else:
+            error = ModelNotReady(
+                f"deployment '{dep_id}' had no free slot within the hold timeout; retry later",
+                headers=(("retry-after", RETRY_AFTER_FULL),),
+            )
+        self._answer(held.req, error, held.request_id, held.labels, held.started)
+
+    def _hold_dropped(self, held: Held) -> None:
+        """The client went away while held: nothing was sent anywhere."""
+        self._observe(held.labels, 499, held.started)
+        held.req.conn.finish(held.req)
+
     # -- wake ------------------------------------------------------------------------------
 
     def _wake(self, req: Request, route: Route, request_id: str) -> None:
@@ -299,7 +418,10 @@ class PublicHandler:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _send_wake(self, route: Route, request_id: str) -> None:
+    async def _hold_wake(self, route: Route, timeout: float) -> None:
+        await self._send_wake(route, new_request_id(), timeout)
+
+    async def _send_wake(self, route: Route, request_id: str, timeout: float | None = None) -> None:
         dep = route.deployment
         up = dep.plane.url
         head = [
@@ -311,10 +433,10 @@ class PublicHandler:
         except GatewayError as error:
             log.warning("wake of %s/%s failed: %s", route.model.id, dep.id, error.message)
             return
-        sink = _Discard(self.loop)
+        sink = Discard(self.loop)
         conn.start(sink, head)
         try:
-            async with asyncio.timeout(dep.timeouts.response_start_seconds):
+            async with asyncio.timeout(timeout or dep.timeouts.response_start_seconds):
                 status = await sink.done
         except (TimeoutError, GatewayError) as error:
             conn.close()
@@ -322,40 +444,3 @@ class PublicHandler:
             return
         conn.release()
         log.info("wake of %s/%s answered %s", route.model.id, dep.id, status)
-
-
-class _Discard:
-    """An exchange that reads and drops a plane's answer (wake calls, later shadows)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.done: asyncio.Future = loop.create_future()
-        self.status = 0
-
-    def on_response_head(self, status: int, reason: bytes, headers: list) -> None:
-        self.status = status
-
-    def on_response_body(self, data: bytes) -> None:
-        pass
-
-    def on_response_complete(self) -> None:
-        if not self.done.done():
-            self.done.set_result(self.status)
-
-    def on_upstream_lost(self, error: GatewayError) -> None:
-        if not self.done.done():
-            self.done.set_exception(error)
-
-    def flush(self) -> None:
-        pass
-
-    def upstream_write_paused(self, paused: bool) -> None:
-        pass
-
-    def on_upgrade(self, tail: bytes) -> None:
-        self.on_upstream_lost(UpstreamBroken("plane switched protocols"))
-
-    def on_tunnel_data(self, data: bytes) -> None:
-        pass
-
-    def on_tunnel_closed(self) -> None:
-        pass
