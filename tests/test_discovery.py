@@ -15,7 +15,7 @@ import uvloop
 
 from gateway.dns import Resolver
 from gateway.metrics import Metrics
-from gateway.routing.loader import compile_table
+from gateway.routing.loader import TableInvalid, compile_table, load_table
 from gateway.routing.model import Plane, Table, Upstream
 from gateway.routing.resolve import Call, Route, resolve
 from gateway.upstream.balance import Health, replica_count
@@ -262,3 +262,49 @@ def test_close_stops_discovery() -> None:
             resolver.close()
 
     asyncio.run(scenario())
+
+
+# -- the table ------------------------------------------------------------------------------------------
+
+
+def loader_problems(doc: dict) -> list[str]:
+    try:
+        compile_table(doc)
+    except TableInvalid as error:
+        return list(error.problems)
+    return []
+
+
+def test_endpoints_srv_in_the_table() -> None:
+    doc = example_doc("https://plane.test:8443", "http://127.0.0.1:9")
+    deps = doc["models"]["abc123"]["deployments"]
+    deps["v1"]["endpoints_srv"] = "_HTTPS._tcp.V1.Models.Internal."
+    table = compile_table(doc)
+    v1 = table.models["abc123"].deployments["v1"]
+    assert v1.endpoints_srv == "_https._tcp.v1.models.internal" and v1.endpoints == ()
+
+    deps["v1"]["endpoints"] = ["http://10.0.0.1:8000"]
+    deps["v1"]["replicas"] = 2
+    deps["v2"]["endpoints_srv"] = "not a name!"
+    deps["v3"]["endpoints_srv"] = "10.0.0.1"
+    deps["dev"]["endpoints_srv"] = 7
+    assert loader_problems(doc) == [
+        "models.abc123.deployments.dev.endpoints_srv: expected a string, got the integer 7 (YAML read it as a "
+        "number or boolean; quote it)",
+        "models.abc123.deployments.v1.endpoints_srv: endpoints and endpoints_srv exclude each other: list the "
+        "replicas or discover them, not both",
+        "models.abc123.deployments.v1.replicas: with endpoints_srv the replica count is the number of SRV targets "
+        "discovered; remove replicas",
+        "models.abc123.deployments.v2.endpoints_srv: 'not a name!' is not a valid SRV name (like "
+        "_http._tcp.v1.models.internal)",
+        "models.abc123.deployments.v3.endpoints_srv: '10.0.0.1' is an address, not an SRV name; list addresses "
+        "under endpoints",
+    ]
+
+
+def test_the_replicas_example_table_compiles() -> None:
+    table = load_table(Path(__file__).resolve().parents[1] / "routing_config" / "replicas.yaml")
+    deps = table.models["abc123"].deployments
+    assert deps["v1"].endpoints_srv == "_https._tcp.v1.abc123.models.internal"
+    assert deps["v2"].health_check is not None and deps["v2"].health_check.interval_seconds == 2
+    assert deps["v3"].health_check is None

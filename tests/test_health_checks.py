@@ -17,7 +17,7 @@ import pytest
 from gateway.dns import Resolver
 from gateway.errors import ModelUnavailable
 from gateway.metrics import Metrics
-from gateway.routing.loader import compile_table
+from gateway.routing.loader import TableInvalid, compile_table
 from gateway.routing.model import HealthCheck, Plane, Upstream
 from gateway.upstream.balance import EndpointSet, Health
 from gateway.upstream.health import FRESH, RULES, HealthProber, ProbeView, View, classify, observe, probe, probe_head
@@ -310,3 +310,49 @@ def test_never_more_than_half_of_a_deployment_is_ejected_by_health_checks(tmp_pa
             await r.stop()
 
     asyncio.run(scenario())
+
+
+# -- the table ----------------------------------------------------------------------------------------------
+
+
+def loader_problems(doc: dict) -> list[str]:
+    try:
+        compile_table(doc)
+    except TableInvalid as error:
+        return list(error.problems)
+    return []
+
+
+def test_health_check_in_the_table_most_specific_wins_field_by_field() -> None:
+    doc = example_doc("http://127.0.0.1:9001", "http://127.0.0.1:9002")
+    doc["planes"]["us-east-1"]["health_check"] = {"path": "/ready", "interval_seconds": 2}
+    deps = doc["models"]["abc123"]["deployments"]
+    deps["v1"]["health_check"] = {"timeout_seconds": 0.5, "unhealthy_threshold": 3}
+    deps["v2"]["health_check"] = {"enabled": False}
+    deps["v3"]["health_check"] = {}
+    table = compile_table(doc)
+    plane_check = HealthCheck(path="/ready", interval_seconds=2.0)
+    assert table.planes["us-east-1"].health_check == plane_check
+    assert table.planes["eu-west-1"].health_check is None
+    model = table.models["abc123"]
+    assert model.deployments["v1"].health_check == HealthCheck("/ready", 2.0, 0.5, 3, 1)
+    assert model.deployments["v2"].health_check is None  # switched off under a plane that has it
+    assert model.deployments["v3"].health_check == HealthCheck()  # defaults: GET /healthz every 5 s
+    assert model.deployments["dev"].health_check == plane_check  # inherited
+
+    doc["planes"]["us-east-1"]["health_check"] = {"path": "healthz", "interval_seconds": 0, "color": "red"}
+    deps["v1"]["health_check"] = {"timeout_seconds": -1, "unhealthy_threshold": 0, "healthy_threshold": 1.5,
+                                  "path": "/a b", "enabled": "yes"}  # fmt: skip
+    assert loader_problems(doc) == [
+        "models.abc123.deployments.v1.health_check.enabled: expected true or false, got the string 'yes'",
+        "models.abc123.deployments.v1.health_check.healthy_threshold: expected an integer, got the number 1.5",
+        "models.abc123.deployments.v1.health_check.path: '/a b' is not a request path starting with '/' (visible "
+        "ASCII, no spaces)",
+        "models.abc123.deployments.v1.health_check.timeout_seconds: must be greater than 0, got -1",
+        "models.abc123.deployments.v1.health_check.unhealthy_threshold: must be at least 1, got 0",
+        "planes.us-east-1.health_check.color: unknown key 'color' (allowed: enabled, path, interval_seconds, "
+        "timeout_seconds, unhealthy_threshold, healthy_threshold)",
+        "planes.us-east-1.health_check.interval_seconds: must be greater than 0, got 0",
+        "planes.us-east-1.health_check.path: 'healthz' is not a request path starting with '/' (visible ASCII, no "
+        "spaces)",
+    ]
