@@ -185,7 +185,7 @@ def no_tls(plane: Plane) -> ssl.SSLContext:
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -209,18 +209,21 @@ def test_discovery_keeps_the_health_of_replicas_that_stay_and_stops_with_the_dep
             a, b = endpoints.endpoints
             assert (a.upstream, b.upstream) == (Upstream("http", "ra.test", 8001), Upstream("http", "rb.test", 8002))
             endpoints.health_result(a, healthy=False)
-            assert a.state is Health.EJECTED
+            assert (a.state, a.ejections) == (Health.EJECTED, 1)
+            # Below, a stays the same object with its ejection level; its state is EJECTED, or PROBING
+            # if its 5 s back-off ran out on a slow machine (`updated` notices expiries) - never HEALTHY.
+            out = (Health.EJECTED, Health.PROBING)
 
             dns.set(SRV, "SRV", *srv(("ra.test", 8001), ("rb.test", 8002), ("rc.test", 8003)), ttl=1)
             await until(lambda: len(sets.get(route).endpoints) == 3, "the added replica")
             grown = sets.get(route)
-            assert grown.endpoints[:2] == (a, b) and a.state is Health.EJECTED  # the same objects, still out
+            assert grown.endpoints[:2] == (a, b) and a.state in out and a.ejections == 1  # the same objects
             assert grown.replica_count() == 3 and replica_count(route.deployment, 3) == 3
             assert first.replica_count() == 3  # an old reference forwards to the newest set
 
             dns.set(SRV, "SRV", *srv(("ra.test", 8001), ("rc.test", 8003)), ttl=1)
             await until(lambda: len(sets.get(route).endpoints) == 2, "the removed replica")
-            assert sets.get(route).endpoints[0] is a and a.state is Health.EJECTED
+            assert sets.get(route).endpoints[0] is a and a.state in out and a.ejections == 1
 
             dns.remove(SRV)  # NXDOMAIN: nothing left to call, with the reason
             await until(lambda: not sets.get(route).endpoints, "the replicas to go")
@@ -236,7 +239,7 @@ def test_discovery_keeps_the_health_of_replicas_that_stay_and_stops_with_the_dep
             del doc["models"]["abc123"]["deployments"]["v1"]["endpoints_srv"]
             sets.sync(compile_table(doc))
             assert not discovery.running and sets.discovery("abc123", "v1") is None
-            await asyncio.sleep(0)
+            await resolver.wait_idle()  # a query the stopped discovery had started may still be sent
             asked = dns.queries[SRV.lower()]
             await asyncio.sleep(2.5)  # more than two TTLs and negative TTLs
             assert dns.queries[SRV.lower()] == asked
