@@ -148,6 +148,10 @@ def describe_route(route: Route, method: str) -> str:
         f"upstream:     {'POST' if route.action == 'wake' else method} "
         + (dep.plane.url.base_url + "/wake" if route.action == "wake" else route.upstream_url),
     ]
+    if dep.endpoints_srv is not None:
+        lines.append(f"replicas:     the targets of SRV {dep.endpoints_srv} (resolved when called; the path above)")
+    elif len(dep.endpoints) > 1:
+        lines.append(f"replicas:     {', '.join(e.base_url for e in dep.endpoints)} (least loaded of two picked)")
     env = route.model.environments.get(route.environment)
     if env is not None and env.candidate is not None:
         lines.append(f"promotion:    {env.candidate.deployment.id} at {env.candidate.percent:g}% (sticky per caller)")

@@ -130,6 +130,13 @@ class Metrics:
             ("model", "environment", "deployment", "side"),
         )
         self.all += (self.split,)
+        # Active health checks of replicas (issue 5, table key `health_check`)
+        self.health_checks = Counter(
+            "gateway_health_checks_total",
+            "Active health checks of replicas by result (healthy, bad_status, timeout, connection_error, no_address).",
+            ("model", "deployment", "result"),
+        )
+        self.all += (self.health_checks,)
 
     def render(self) -> bytes:
         lines: list[str] = []

@@ -23,6 +23,7 @@ from gateway.upstream.balance import (
     InvalidTransition,
     RetryBudget,
     deployment_key,
+    replica_count,
     replica_layout,
     should_retry,
     transition,
@@ -684,3 +685,32 @@ def test_pick_or_least_loaded_tries_an_ejected_endpoint_rather_than_none() -> No
     assert s.pick_or_least_loaded(exclude=frozenset({b})) is ep_a  # panic mode: try it anyway
     assert s.pick_or_least_loaded(exclude=frozenset({a, b})) is None
     assert s.pick_or_least_loaded().upstream == b  # a healthy choice still wins
+
+
+# -- discovered (SRV) deployments: empty sets and replica counts ------------------------------------------
+
+
+def test_an_srv_deployment_starts_empty_with_a_reason_and_counts_discovered_replicas() -> None:
+    dep = Deployment("v1", "abc123", PLANE, endpoints_srv="_http._tcp.v1.test")
+    assert replica_layout(dep, 4) == ((), 4)
+    s = EndpointSet.for_deployment(dep, 4, clock=FakeClock(), rng=NoRandom())
+    assert s.pick() is None and s.pick_or_least_loaded() is None
+    assert s.replica_count() == 0 and s.capacity() == 0 and replica_count(dep) == 0
+    assert s.unavailable == "replicas of deployment 'v1' not discovered yet (SRV '_http._tcp.v1.test')"
+    assert repr(s) == f"<EndpointSet no endpoints | unavailable: {s.unavailable}>"
+    found = s.updated(ups(3), replicas=3)
+    assert found.unavailable is None and found.replica_count() == 3 and found.capacity() == 12
+    gone = found.updated((), unavailable="no replicas: NXDOMAIN")
+    assert gone.replica_count() == 0 and gone.capacity() == 0 and gone.pick() is None
+    assert s.replica_count() == 0 and s.superseded  # the first reference forwards to the newest set
+    with pytest.raises(ValueError, match="at least one address"):
+        gone.updated(())  # empty needs a reason
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "replicas", "expected"), [(ups(3), None, 3), (ups(2), 7, 2), ((), 3, 3), ((), None, 1)]
+)
+def test_replica_count_for_listed_and_plane_deployments(endpoints, replicas, expected) -> None:
+    dep = Deployment("v1", "abc123", PLANE, endpoints=endpoints, replicas=replicas)
+    assert replica_count(dep) == expected
+    assert EndpointSet.for_deployment(dep, None).replica_count() == expected

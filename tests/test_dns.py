@@ -474,6 +474,24 @@ def test_srv_served_stale_while_the_resolver_fails() -> None:
     run(scenario)
 
 
+def test_srv_recheck_follows_the_ttl_and_the_retry_pace() -> None:
+    async def scenario() -> None:
+        async with dns_setup(retry_seconds=3.0) as s:
+            service = "_http._tcp.plane.test"
+            assert s.resolver.srv_recheck_in(service) == 3.0  # nothing known: ask at the retry pace
+            s.server.set(service, "SRV", "10 10 8000 a.test.", ttl=20)
+            await s.resolver.resolve_srv(service)
+            assert s.resolver.srv_recheck_in(service.upper() + ".") == 20.0  # the whole TTL
+            s.clock.advance(19.5)
+            assert s.resolver.srv_recheck_in(service) == 1.0  # never below min_ttl
+            s.server.mode = "servfail"
+            s.clock.advance(1)
+            assert await s.resolver.resolve_srv(service) == (("a.test", 8000),)  # stale
+            assert s.resolver.srv_recheck_in(service) == 3.0  # failing: the retry pace
+
+    run(scenario)
+
+
 @pytest.mark.parametrize(
     ("records", "message"),
     [

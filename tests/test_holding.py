@@ -17,9 +17,10 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from gateway.http.hold import admission, concurrency_limit, replica_count
+from gateway.http.hold import admission, concurrency_limit
 from gateway.routing.model import Autoscaling, Deployment, Environment, Upstream
 from gateway.routing.model import Plane as PlaneModel
+from gateway.upstream.balance import replica_count
 from tests.dataplane import STD, call, configure, metric, until
 from tests.planes import Plane
 from tests.support import GatewayProcess, example_doc, running_gateway, write_table
@@ -89,9 +90,9 @@ def test_the_limit_is_target_times_replicas() -> None:
     listed = Deployment("d", "m", plane, endpoints=(Upstream("http", "a", 1), Upstream("http", "b", 1)), replicas=9)
     assert [replica_count(d) for d in (one, three, listed)] == [1, 3, 2]
     env = Environment("e", one, autoscaling=Autoscaling(concurrency_target=4))
-    assert concurrency_limit(env, three) == 12
-    assert concurrency_limit(Environment("e", one), three) is None
-    assert concurrency_limit(None, three) is None
+    assert concurrency_limit(env, replica_count(three)) == 12
+    assert concurrency_limit(Environment("e", one), 3) is None
+    assert concurrency_limit(None, 3) is None
 
 
 # -- scale from zero -----------------------------------------------------------------------------

@@ -18,13 +18,22 @@ HOST = {"Host": "model-abc123.api.example.com", "Authorization": f"Api-Key {DEMO
 
 
 class Replica:
-    """A plane replica on a given address; answers with its name; can fail on demand; counts calls."""
+    """A plane replica on a given address; answers with its name; can fail on demand; counts calls.
+
+    `GET /healthz` answers 200, or 503 while `healthy` is False; its request headers are kept.
+    """
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0, *, close: bool = False) -> None:
         self.name, self.host, self.port, self.close = name, host, port, close
         self.calls = 0
         self.failing = False
+        self.healthy = True
+        self.health_checks: list[dict[str, str]] = []  # headers of each /healthz request
         self.runner: web.AppRunner | None = None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        self.health_checks.append({k.lower(): v for k, v in request.headers.items()})
+        return web.Response(text="ok" if self.healthy else "unhealthy", status=200 if self.healthy else 503)
 
     async def predict(self, request: web.Request) -> web.Response:
         self.calls += 1
@@ -37,6 +46,7 @@ class Replica:
     async def start(self) -> Replica:
         app = web.Application()
         app.router.add_post("/predict", self.predict)
+        app.router.add_get("/healthz", self.healthz)
         self.runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)

@@ -126,6 +126,18 @@ class Resolver:
         value: tuple[tuple[str, int], ...] = await self._answer("srv", name.lower().removesuffix("."))
         return value
 
+    def srv_recheck_in(self, name: str) -> float:
+        """Seconds until asking `resolve_srv(name)` again may give another answer (replica discovery).
+
+        The rest of the answer's TTL (positive or negative), or `retry_seconds` after a failure, so a
+        discovery loop follows TTLs and retries a failing resolver at the resolver's own pace; never
+        less than `min_ttl`.
+        """
+        entry = self._cache["srv"].get(name.lower().removesuffix("."))
+        if entry is None or entry.failure is not None:
+            return max(self._retry_seconds, self._min_ttl)
+        return max(entry.expires - self._clock(), self._min_ttl)
+
     async def resolve_in_region(self, host: str, region: str, networks: tuple[str, ...]) -> tuple[str, ...]:
         """The addresses of `host` that lie inside `networks` (empty = no restriction), never another.
 

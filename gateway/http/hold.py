@@ -15,7 +15,7 @@ and the environment's policy is QUEUE_ON_FULL. A held call costs a record and a 
 While calls are held for a wake, one `Waker` task per deployment sends `POST <plane>/wake` (one
 in flight at a time) and repeats it every WAKE_REPEAT_SECONDS until no call is held for it.
 
-The decisions (`admission`, `replica_count`, `concurrency_limit`) are pure functions.
+The decisions (`admission`, `concurrency_limit`) are pure functions.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Literal
 
 from gateway.http.server import Request
 from gateway.metrics import Metrics
-from gateway.routing.model import Deployment, Environment
+from gateway.routing.model import Environment
 from gateway.routing.resolve import Route
 
 log = logging.getLogger("gateway.hold")
@@ -46,20 +46,16 @@ Admission = Literal["go", "queue", "reject"]
 # -- pure decisions ------------------------------------------------------------------------------
 
 
-def replica_count(dep: Deployment) -> int:
-    """Replicas a deployment's backpressure limit is multiplied by (SPEC §6, §12).
+def concurrency_limit(env: Environment | None, replicas: int) -> int | None:
+    """Calls a deployment of `replicas` replicas may have in flight for `env` before backpressure
+    applies (SPEC §6: `concurrency_target` x replicas); None = no limit.
 
-    The number of listed `endpoints`, else the `replicas` field, else 1. One function so a
-    live count (SRV-discovered replicas) can take its place.
+    `replicas` is the live count, `EndpointSet.replica_count()`: listed endpoints, discovered SRV
+    targets, else the deployment's `replicas` field (see `gateway.upstream.balance.replica_count`).
     """
-    return len(dep.endpoints) or dep.replicas or 1
-
-
-def concurrency_limit(env: Environment | None, dep: Deployment) -> int | None:
-    """Calls `dep` may have in flight for `env` before backpressure applies; None = no limit."""
     if env is None or env.autoscaling.concurrency_target is None:
         return None
-    return env.autoscaling.concurrency_target * replica_count(dep)
+    return env.autoscaling.concurrency_target * replicas
 
 
 def admission(in_flight: int, limit: int | None, waiting: int, policy: str) -> Admission:

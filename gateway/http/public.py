@@ -39,8 +39,9 @@ from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Plane, Table, Upstream
 from gateway.routing.resolve import Call, Route, resolve
 from gateway.state import TableState
-from gateway.upstream.balance import Endpoint, EndpointSet, Outcome, RetryBudget, replica_layout, should_retry
+from gateway.upstream.balance import Endpoint, EndpointSet, Outcome, RetryBudget, should_retry
 from gateway.upstream.pool import Pool, UpstreamConnection
+from gateway.upstream.replicas import ReplicaSets
 
 log = logging.getLogger("gateway.public")
 UNROUTED = ("", "", "", "", "http")
@@ -73,10 +74,12 @@ class PublicHandler:
         self.identity: dict[tuple, bytes] = {}  # identity header blocks of the current table
         self.ssl_contexts: dict[str, ssl.SSLContext] = {}
         self.exchanges: set[Exchange] = set()
-        self.endpoint_sets: dict[tuple[str, str], tuple[Deployment, EndpointSet]] = {}
         self.budget = RetryBudget()
         self.resolver = Resolver(state.table.gateway.dns_nameservers, metrics=metrics)
         self.resolver_nameservers = state.table.gateway.dns_nameservers
+        # Replica sets per deployment, with SRV discovery and active health checks (issue 5).
+        self.replicas = ReplicaSets(lambda: self.resolver, self._ssl, metrics)
+        self.replicas.sync(state.table)
         self.background: set[asyncio.Task] = set()
         self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
         state.on_swap.append(self._table_swapped)
@@ -92,11 +95,13 @@ class PublicHandler:
             self.resolver.close()
             self.resolver = Resolver(table.gateway.dns_nameservers, metrics=self.metrics)
             self.resolver_nameservers = table.gateway.dns_nameservers
+        self.replicas.sync(table)  # after the resolver: discovery asks the new one
 
     def close(self) -> None:
         self.sweeper.cancel()
         self.holds.close()
         self.shadows.close()
+        self.replicas.close()
         self.resolver.close()
 
     # -- the request path -------------------------------------------------------------------
@@ -136,7 +141,10 @@ class PublicHandler:
                 # A released call is at the head of the queue; a new one waits behind those queued.
                 waiting = 0 if held is not None else self.holds.waiting((route.model.id, dep.id))
                 decision = admission(
-                    endpoints.in_flight_total(), concurrency_limit(env, dep), waiting, env.backpressure
+                    endpoints.in_flight_total(),
+                    concurrency_limit(env, endpoints.replica_count()),
+                    waiting,
+                    env.backpressure,
                 )
                 if decision != "go":
                     if decision == "queue":
@@ -152,8 +160,9 @@ class PublicHandler:
                 tee = self.shadows.tee(req, route, shadow, self.state.table)
             self.metrics.split.inc((route.model.id, route.environment, dep.id, route.side))
         ep = endpoints.pick_or_least_loaded()
-        if ep is None:  # a deployment always has an address; kept so a bug answers 503, not a crash
-            self._answer(req, ModelUnavailable(f"deployment '{dep.id}' has no address"), request_id, labels, started)
+        if ep is None:  # no replica: SRV discovery found none (yet), or a bug; 503, never a crash
+            reason = endpoints.unavailable or f"deployment '{dep.id}' has no address"
+            self._answer(req, ModelUnavailable(reason), request_id, labels, started)
             return "answered"
         self.metrics.inflight.inc(labels)
         endpoints.started(ep)
@@ -283,20 +292,9 @@ class PublicHandler:
     # -- upstream selection and connections ---------------------------------------------------
 
     def _endpoints(self, route: Route) -> EndpointSet:
-        """The deployment's replica set, carried over (with its health state) across table swaps."""
-        dep = route.deployment
-        key = (route.model.id, dep.id)
-        entry = self.endpoint_sets.get(key)
-        if entry is not None and entry[0] is dep:
-            return entry[1]
-        env = route.model.environments.get(route.environment)
-        target = env.autoscaling.concurrency_target if env is not None else None
-        if entry is None:
-            endpoints = EndpointSet.for_deployment(dep, target)
-        else:
-            endpoints = entry[1].updated(*replica_layout(dep, target))
-        self.endpoint_sets[key] = (dep, endpoints)
-        return endpoints
+        """The deployment's replica set, carried over (with its health state) across table swaps and
+        SRV changes. Empty while an `endpoints_srv` deployment has no replicas (`unavailable` says why)."""
+        return self.replicas.get(route)
 
     def _identity(self, route: Route, up: Upstream) -> bytes:
         key = (route.model.id, route.environment, route.deployment.id, up)

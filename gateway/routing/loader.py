@@ -49,6 +49,7 @@ from gateway.routing.model import (
     Deployment,
     Environment,
     GatewaySettings,
+    HealthCheck,
     Model,
     Plane,
     PlaneTLS,
@@ -868,6 +869,21 @@ def parse_nameserver(text: str) -> str:
     return f"{address}:{_port(port)}" if port is not None else address
 
 
+_SRV_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+
+
+def parse_srv_name(text: str) -> str:
+    """An SRV owner name (`_service._proto.name`, RFC 2782: labels may start with '_') -> lowercased,
+    without a trailing dot."""
+    name = text[:-1] if text.endswith(".") else text
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_SRV_LABEL.match(label) for label in labels):
+        raise _SyntaxProblem(f"{_q(text)} is not a valid SRV name (like _http._tcp.v1.models.internal)")
+    if _IPV4_LIKE.match(name):
+        raise _SyntaxProblem(f"{_q(text)} is an address, not an SRV name; list addresses under endpoints")
+    return name.lower()
+
+
 def parse_network(text: str) -> str:
     try:
         return str(ipaddress.ip_network(text, strict=False))
@@ -1057,6 +1073,7 @@ class _Semantics:
             dep_path = path + ("deployments", dep_id)
             self.ref(dep_path + ("plane",), dep.get("plane"), self.planes, "plane")
             self.check_endpoints(dep_path + ("endpoints",), _list(dep.get("endpoints")))
+            self.check_srv(dep_path, dep)
             if dep.get("development") is True:
                 if development is not None:
                     self.add(
@@ -1082,6 +1099,17 @@ class _Semantics:
             if upstream in first:
                 self.add(path + (i,), f"the same endpoint is already listed at endpoints[{first[upstream]}]")
             first.setdefault(upstream, i)
+
+    def check_srv(self, path: DocPath, dep: dict[Any, Any]) -> None:
+        if "endpoints_srv" not in dep:
+            return
+        self.syntax(path + ("endpoints_srv",), dep["endpoints_srv"], parse_srv_name)
+        if "endpoints" in dep:
+            self.add(path + ("endpoints_srv",), "endpoints and endpoints_srv exclude each other: list the "
+                     "replicas or discover them, not both")  # fmt: skip
+        if "replicas" in dep:
+            self.add(path + ("replicas",), "with endpoints_srv the replica count is the number of SRV targets "
+                     "discovered; remove replicas")  # fmt: skip
 
     def check_environment(
         self,
@@ -1163,6 +1191,24 @@ def _frozen(mapping: dict[Any, Any]) -> MappingProxyType[Any, Any]:
     return MappingProxyType(mapping)
 
 
+def _health_check(*levels: Any) -> HealthCheck | None:
+    """`health_check` of a plane, then of a deployment: field by field, the more specific wins.
+
+    None when no level sets it, or when the most specific `enabled` is false.
+    """
+    given = [_d(level) for level in levels if level is not None]
+    if not given:
+        return None
+    merged: dict[str, Any] = {}
+    for level in given:
+        merged.update(level)
+    if not merged.pop("enabled", True):
+        return None
+    kinds = {"interval_seconds": float, "timeout_seconds": float, "unhealthy_threshold": int,
+             "healthy_threshold": int, "path": str}  # fmt: skip
+    return HealthCheck(**{k: kinds[k](v) for k, v in merged.items()})
+
+
 def _timeouts(base: Timeouts, overrides: Any) -> Timeouts:
     """Field by field, the more specific level wins (SPEC §12)."""
     given = {k: float(v) for k, v in _d(overrides).items() if k in _TIMEOUT_FIELDS}
@@ -1228,6 +1274,7 @@ class _Builder:
             # Otherwise the full merge (plane > gateway > defaults), so readers never merge again.
             timeouts=_timeouts(self.gateway.timeouts, p["timeouts"]) if p.get("timeouts") else None,
             tls=PlaneTLS(**{k: str(_resolve_file(self.base_dir, v)) for k, v in tls.items()}) if tls else None,
+            health_check=_health_check(p.get("health_check")),
         )
 
     def build_team(self, name: str, t: dict[str, Any]) -> Team:
@@ -1262,6 +1309,8 @@ class _Builder:
             endpoints=tuple(self.upstream(u) for u in d.get("endpoints", ())),
             replicas=int(replicas) if replicas is not None else None,
             timeouts=self.deployment_timeouts(plane, d.get("timeouts")),
+            endpoints_srv=parse_srv_name(d["endpoints_srv"]) if "endpoints_srv" in d else None,
+            health_check=_health_check(self.doc["planes"][plane].get("health_check"), d.get("health_check")),
         )
 
     def deployment_timeouts(self, plane: str, overrides: Any) -> Timeouts:

@@ -62,6 +62,22 @@ class PlaneTLS:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health checks of a deployment's replicas (`health_check` on a plane or a deployment).
+
+    Every `interval_seconds` each replica gets `GET path`; a 2xx within `timeout_seconds` passes,
+    anything else fails. `unhealthy_threshold` failures in a row eject it (never more than half of a
+    deployment), `healthy_threshold` passes in a row return it (`gateway.upstream.health`).
+    """
+
+    path: str = "/healthz"
+    interval_seconds: float = 5.0
+    timeout_seconds: float = 1.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Plane:
     name: str
     region: str
@@ -69,6 +85,7 @@ class Plane:
     grpc: str | None = None  # "host:port" for h2c
     timeouts: Timeouts | None = None  # plane-level override; None = inherit
     tls: PlaneTLS | None = None
+    health_check: HealthCheck | None = None  # the plane's own setting; deployments hold the merged one
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +98,8 @@ class Deployment:
     endpoints: tuple[Upstream, ...] = ()  # replica addresses; empty = plane.url
     replicas: int | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)  # fully resolved (deployment > plane > gateway)
+    endpoints_srv: str | None = None  # SRV name whose targets are the replicas (exclusive with endpoints)
+    health_check: HealthCheck | None = None  # fully resolved (deployment > plane); None = no active checks
 
     @property
     def region(self) -> str:

@@ -163,6 +163,20 @@ class Endpoint:
         )
 
 
+def replica_count(deployment: Deployment, discovered: int = 0) -> int:
+    """How many replicas a deployment has, for backpressure (SPEC §6, §12 `replicas`).
+
+    Listed `endpoints`: one replica each. `endpoints_srv`: the `discovered` SRV targets (0 until the
+    first answer). Otherwise the plane's `url` stands for `replicas` (default 1).
+    `EndpointSet.replica_count()` answers the same for a live set.
+    """
+    if deployment.endpoints_srv is not None:
+        return discovered
+    if deployment.endpoints:
+        return len(deployment.endpoints)
+    return deployment.replicas or 1
+
+
 def deployment_key(deployment: Deployment) -> tuple[str, str]:
     """The identity an `EndpointSet` is kept under: (model id, deployment id), stable across table swaps."""
     return (deployment.model_id, deployment.id)
@@ -174,9 +188,13 @@ def replica_layout(deployment: Deployment, concurrency_target: int | None) -> tu
     Listed `endpoints` are one replica each, so each takes `concurrency_target` calls. Without
     them the plane's `url` stands for all `replicas` (default 1) and takes target x replicas.
     A `replicas` field next to listed endpoints is not used for capacity. None = unbounded.
+    With `endpoints_srv` the addresses are discovered at run time (`gateway.upstream.discovery`):
+    none here, and each discovered target is one replica taking `concurrency_target` calls.
     """
     if concurrency_target is not None and concurrency_target < 1:
         raise ValueError(f"concurrency_target must be at least 1, not {concurrency_target}")
+    if deployment.endpoints_srv is not None:
+        return (), concurrency_target
     if deployment.endpoints:
         return deployment.endpoints, concurrency_target
     per_url = None if concurrency_target is None else concurrency_target * (deployment.replicas or 1)
@@ -200,6 +218,9 @@ class EndpointSet:
 
     After `updated()` this set is superseded: every method then acts on the newest set, so a
     caller that kept a reference across a table swap still balances and counts correctly.
+
+    A set may be empty while an SRV-discovered deployment has no replicas (not yet discovered, or
+    the SRV name stopped resolving): `pick` then returns None and `unavailable` says why.
     """
 
     def __init__(
@@ -211,14 +232,22 @@ class EndpointSet:
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
         policy: EjectionPolicy = DEFAULT_POLICY,
+        replicas: int | None = None,
+        unavailable: str | None = None,
     ) -> None:
-        """`capacity` is per address (see `replica_layout`). Raises ValueError for no or duplicate addresses."""
+        """`capacity` is per address (see `replica_layout`); `replicas` defaults to one per address.
+
+        Raises ValueError for duplicate addresses, and for no address unless `unavailable` says why.
+        """
         self.key = key
         self.clock = clock
         self.rng = rng if rng is not None else random.Random()
         self.policy = policy
-        self._endpoints = tuple(Endpoint(u, _check_capacity(capacity)) for u in _check_upstreams(upstreams))
+        self._capacity = _check_capacity(capacity)
+        self._endpoints = tuple(Endpoint(u, self._capacity) for u in _check_upstreams(upstreams, unavailable))
         self._members = frozenset(self._endpoints)
+        self._replicas = len(self._endpoints) if replicas is None else replicas
+        self.unavailable = unavailable if not self._endpoints else None
         self._successor: EndpointSet | None = None
         self._refused = 0
 
@@ -232,17 +261,34 @@ class EndpointSet:
         rng: random.Random | None = None,
         policy: EjectionPolicy = DEFAULT_POLICY,
     ) -> EndpointSet:
-        """A new set for `deployment`, keyed by `deployment_key`, laid out by `replica_layout`."""
-        upstreams, capacity = replica_layout(deployment, concurrency_target)
-        return cls(deployment_key(deployment), upstreams, capacity, clock=clock, rng=rng, policy=policy)
+        """A new set for `deployment`, keyed by `deployment_key`, laid out by `replica_layout`.
 
-    def updated(self, upstreams: Sequence[Upstream], capacity: int | None | _Unchanged = UNCHANGED) -> EndpointSet:
+        An `endpoints_srv` deployment starts empty (`unavailable` says so) until discovery fills it.
+        """
+        upstreams, capacity = replica_layout(deployment, concurrency_target)
+        unavailable = None
+        if deployment.endpoints_srv is not None:
+            unavailable = (
+                f"replicas of deployment '{deployment.id}' not discovered yet (SRV {deployment.endpoints_srv!r})"
+            )
+        return cls(deployment_key(deployment), upstreams, capacity, clock=clock, rng=rng, policy=policy,
+                   replicas=replica_count(deployment, len(upstreams)), unavailable=unavailable)  # fmt: skip
+
+    def updated(
+        self,
+        upstreams: Sequence[Upstream],
+        capacity: int | None | _Unchanged = UNCHANGED,
+        *,
+        replicas: int | None = None,
+        unavailable: str | None = None,
+    ) -> EndpointSet:
         """The set for a new address list; this one is superseded and forwards to it.
 
         Addresses that remain keep their Endpoint object (state, failures, back-off, calls in
         flight); new ones start HEALTHY. Calls still in flight on a removed address finish without
         effect. If the remaining ejected endpoints exceed the cap of the new size, those whose
-        back-off ends first return early (CAP_RELEASE). `capacity` defaults to the current one.
+        back-off ends first return early (CAP_RELEASE). `capacity` defaults to the current one;
+        `replicas` to one per address. An empty list needs `unavailable`, the reason calls get.
         """
         current = self._newest()
         new = EndpointSet.__new__(EndpointSet)
@@ -250,11 +296,13 @@ class EndpointSet:
         new._refused = current._refused
         new._successor = None
         if capacity is UNCHANGED:
-            capacity = current._endpoints[0].capacity
-        capacity = _check_capacity(capacity)
+            capacity = current._capacity
+        new._capacity = capacity = _check_capacity(capacity)
         old = {ep.upstream: ep for ep in current._endpoints}
-        new._endpoints = tuple(old.get(u) or Endpoint(u, capacity) for u in _check_upstreams(upstreams))
+        new._endpoints = tuple(old.get(u) or Endpoint(u, capacity) for u in _check_upstreams(upstreams, unavailable))
         new._members = frozenset(new._endpoints)
+        new._replicas = len(new._endpoints) if replicas is None else replicas
+        new.unavailable = unavailable if not new._endpoints else None
         for ep in new._endpoints:
             ep.capacity = capacity
         new._release_over_cap(new.clock())
@@ -357,9 +405,17 @@ class EndpointSet:
         return sum(ep.in_flight for ep in self._newest()._endpoints)
 
     def capacity(self) -> int | None:
-        """The deployment's concurrency: the sum of per-address capacities, or None when unbounded."""
-        caps = [ep.capacity for ep in self._newest()._endpoints]
-        return None if any(c is None for c in caps) else sum(c for c in caps if c is not None)
+        """The deployment's concurrency: the sum of per-address capacities, or None when unbounded.
+
+        0 for an empty (SRV, nothing discovered) set with a concurrency target.
+        """
+        s = self._newest()
+        return None if s._capacity is None else s._capacity * len(s._endpoints)
+
+    def replica_count(self) -> int:
+        """The deployment's replicas for backpressure (SPEC §6): listed endpoints, discovered SRV
+        targets (0 while none), or the plane url's `replicas` (see `replica_count()` the function)."""
+        return self._newest()._replicas
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -387,6 +443,8 @@ class EndpointSet:
         flights = "/".join(str(ep.in_flight) for ep in s._endpoints)
         prefix = "superseded -> " if s is not self else ""
         noun = "endpoint" if n == 1 else "endpoints"
+        if not n:
+            return f"<EndpointSet {prefix}no endpoints | unavailable: {s.unavailable}>"
         return f"<EndpointSet {prefix}{n} {noun} | {s.ejected_count()} ejected | in-flight {flights}>"
 
     # -- internals ------------------------------------------------------------------------------
@@ -434,10 +492,10 @@ class EndpointSet:
             self._apply(ep, Event.CAP_RELEASE, now)
 
 
-def _check_upstreams(upstreams: Iterable[Upstream]) -> tuple[Upstream, ...]:
+def _check_upstreams(upstreams: Iterable[Upstream], unavailable: str | None = None) -> tuple[Upstream, ...]:
     result = tuple(upstreams)
-    if not result:
-        raise ValueError("an endpoint set needs at least one address")
+    if not result and not unavailable:
+        raise ValueError("an endpoint set needs at least one address (or the reason it has none)")
     if len(set(result)) != len(result):
         raise ValueError(f"duplicate addresses in {[u.base_url for u in result]}")
     return result
