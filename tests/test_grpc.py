@@ -337,10 +337,9 @@ def test_a_plane_refusing_a_call_mid_upload_keeps_its_status(gateway, messages) 
         ("model-abc123.localhost", AUTH, grpc.StatusCode.NOT_FOUND, "not a gRPC host"),
         (HOST, AUTH + (("x-baseten-environment", "nope"),), grpc.StatusCode.NOT_FOUND, "'nope'"),
         (HOST, AUTH + (("x-baseten-deployment", "vdead"),), grpc.StatusCode.UNAVAILABLE, "could not connect"),
-        (HOST, AUTH + (("x-baseten-deployment", "v0"),), grpc.StatusCode.UNAVAILABLE, "scaled to zero"),
     ],
     ids=["no-key", "unknown-key", "other-teams-model", "other-teams-key", "key-scope", "env-metadata-on-regional-host",
-         "421-region", "unmapped-regional-env", "http-host", "unknown-env", "plane-unreachable", "scaled-to-zero"],
+         "421-region", "unmapped-regional-env", "http-host", "unknown-env", "plane-unreachable"],
 )  # fmt: skip
 def test_gateway_errors_map_to_grpc_status(gateway, authority, metadata, code, message) -> None:
     with channel(gateway, authority) as ch, pytest.raises(grpc.RpcError) as info:

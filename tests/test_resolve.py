@@ -280,7 +280,6 @@ def test_grpc_routes(authority, env, dep, expected_env, expected_dep, region) ->
         ("model-abc123.grpc.api.example.com", "/a.B/C", "Api-Key demo-key-globex", None, None, 404, 5),
         ("model-abc123.grpc.api.example.com", "/a.B/C", "Api-Key demo-key-staging", None, None, 403, 7),
         ("model-abc123-prod-eu.grpc.api.example.com", "/a.B/C", KEY, None, None, 421, 14),  # UNAVAILABLE
-        ("model-abc123.grpc.api.example.com", "/a.B/C", KEY, None, "v0", 503, 14),  # scaled to zero
         ("model-abc123.grpc.api.example.com", "/a.B/C", KEY, "nosuch", None, 404, 5),
     ],
 )
@@ -288,6 +287,13 @@ def test_grpc_errors_map_to_grpc_codes(authority, method, auth, env, dep, status
     with pytest.raises(GatewayError) as info:
         resolve_grpc(TABLE, GrpcCall(authority, method, auth, env, dep))
     assert (info.value.status, info.value.grpc_status) == (status, grpc_status)
+
+
+def test_a_grpc_call_to_a_scaled_to_zero_deployment_is_held() -> None:
+    r = resolve_grpc(TABLE, GrpcCall("model-abc123.grpc.api.example.com", "/a.B/C", KEY, None, "v0"))
+    assert (r.action, r.deployment.id) == ("hold", "v0")
+    active = resolve_grpc(TABLE, GrpcCall("model-abc123.grpc.api.example.com", "/a.B/C", KEY, None, "v1"))
+    assert active.action == "grpc"
 
 
 def test_grpc_host_on_the_http_listener_is_not_found() -> None:

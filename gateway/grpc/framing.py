@@ -39,7 +39,7 @@ TRANSPORT = frozenset({"content-type", "grpc-encoding", "grpc-accept-encoding", 
 RESPONSE_DROPPED = frozenset(
     {
         b"content-length", b"te", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-        b"upgrade", b"date", b"server", b"x-baseten-request-id",
+        b"upgrade", b"date", b"server", b"x-baseten-request-id", b"x-baseten-deployment-id",
     }
 )  # fmt: skip
 METADATA_KEY = re.compile(rb"[0-9a-z_.\-]+\Z")

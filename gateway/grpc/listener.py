@@ -44,5 +44,6 @@ class GrpcListener:
         self.server.stop_accepting()
 
     async def close(self) -> None:
+        self.relay.holds.close()
         await self.server.close()
         await self.planes.close()

@@ -31,6 +31,7 @@ from gateway.grpc.framing import (
     trailers,
 )
 from gateway.grpc.h2server import DISCARD, Handler, Headers, ServerStream
+from gateway.grpc.hold import GrpcHolds
 from gateway.grpc.upstream import PlaneAddress, PlaneConnection, Planes, PlaneStream
 from gateway.http.proxy import new_request_id
 from gateway.metrics import Metrics
@@ -63,6 +64,7 @@ class GrpcRelay:
         self.planes = planes
         self.loop = asyncio.get_running_loop()
         self.identities: dict[tuple, tuple] = {}  # (model, environment, deployment) -> identity fields
+        self.holds = GrpcHolds(self)
 
     def open(self, stream: ServerStream, headers: Headers) -> Handler:
         started = self.loop.time()
@@ -74,6 +76,8 @@ class GrpcRelay:
             stream.respond(ERROR_HEAD + error_trailers(error, request_id), end=True)
             self._observe(UNROUTED, error.grpc_status, started)
             return DISCARD
+        if route.action == "hold":
+            return self.holds.hold(stream, head, route, request_id, started)
         return RelayedCall(self, stream, head, route, request_id, started)
 
     def identity(self, route: Route) -> tuple:
@@ -227,7 +231,8 @@ class RelayedCall:
             code = HTTP_STATUS.get(int(status) if status.isdigit() else 0, UNKNOWN)
             self._answer(code, f"the plane answered HTTP status {status.decode('latin-1')[:3]}")
             return
-        self.stream.respond([(b":status", status), *fields], end)
+        # The deployment that answered (SPEC §6: canary and promotion callers see their side).
+        self.stream.respond([(b":status", status), *fields, self.relay.identity(self.route)[2]], end)
         if end:  # trailers-only: the whole answer
             self._finish(grpc_status(fields))
         else:

@@ -144,10 +144,14 @@ def resolve_grpc(table: Table, call: GrpcCall) -> Route:
     env_name, deployment, side = _target(model, host, path, key, call.routing_key)
     if region is not None and deployment.region != region:
         raise ModelUnavailable(f"no deployment of environment '{env_name}' is available in region '{region}'")
-    _check_status(deployment)
     if deployment.plane.grpc is None:
         raise ModelUnavailable(f"plane '{deployment.plane.name}' has no gRPC address")
-    return Route("grpc", model, env_name, deployment, "grpc", call.method, region, key, side)
+    if deployment.status == "scaled_to_zero":
+        action = "hold"  # held while the plane wakes it (SPEC §6), like an HTTP call
+    else:
+        _check_status(deployment)
+        action = "grpc"
+    return Route(action, model, env_name, deployment, "grpc", call.method, region, key, side)
 
 
 def _pinned_region(table: Table, model: Model, host: HostTarget) -> str | None:
