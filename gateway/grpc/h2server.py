@@ -165,6 +165,7 @@ class ServerStream:
             chunk = pending[0]
             size = min(len(chunk), conn.window_for(self))
             if size <= 0:
+                conn.flush_soon()  # what did fit is written now
                 return False
             if size == len(chunk):
                 pending.popleft()
