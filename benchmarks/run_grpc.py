@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -142,8 +143,74 @@ http {{
 # --------------------------------------------------------------------------- load
 
 
+def session_pids(sid: int) -> list[int]:
+    """The processes of a session (a target started by `Procs` leads its own: workers included)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                data = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            if int(data[data.rfind(b")") + 2 :].split()[3]) == sid:
+                pids.append(int(entry))
+    return pids
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    """utime+stime of these processes, all their threads (clock ticks)."""
+    total = 0
+    for pid in pids:
+        try:
+            data = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2 :].split()
+        total += int(rest[11]) + int(rest[12])
+    return total
+
+
+class CpuSampler:
+    """CPU time of some processes sampled every 20 ms, so that the CPU of any past window can be read.
+
+    The CPU per call of the gateway and of the plane is what the gateway's code changes; unlike
+    calls/s it hardly moves with hypervisor steal or with the other processes on the machine.
+    """
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.sample()
+        self.thread.start()
+
+    def sample(self) -> None:
+        self.samples.append((time.monotonic(), {k: cpu_ticks(v) for k, v in self.groups.items()}))
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.02):
+            self.sample()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.sample()
+
+    def at(self, t: float, key: str) -> float:
+        samples = self.samples
+        for (t0, a), (t1, b) in zip(samples, samples[1:], strict=False):
+            if t0 <= t <= t1:
+                return a[key] + (b[key] - a[key]) * ((t - t0) / (t1 - t0) if t1 > t0 else 0.0)
+        return float(samples[0][1][key] if t < samples[0][0] else samples[-1][1][key])
+
+    def seconds(self, start: float, end: float, key: str) -> float:
+        return (self.at(end, key) - self.at(start, key)) / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(python: str, port: int, authority: str | None, key: str | None, mode: str, concurrency: int,
-             duration: float, cpus: set[int] | None) -> dict:  # fmt: skip
+             duration: float, cpus: set[int] | None, watch: dict[str, int]) -> dict:  # fmt: skip
+    """One load run; `watch` names the sessions (target, plane) whose CPU per call is reported as `cpu_ms`."""
     argv = [python, str(H.PEERS_DIR / "grpc_load.py"), "--target", f"127.0.0.1:{port}", "--mode", mode,
             "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", "1",
             "--stream-count", str(STREAM_COUNT), "--stream-size", str(STREAM_SIZE)]  # fmt: skip
@@ -152,16 +219,39 @@ def run_load(python: str, port: int, authority: str | None, key: str | None, mod
     if key:
         argv += ["--key", key]
     pre = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=pre)
+    groups = {name: session_pids(sid) for name, sid in watch.items()} | {"load": [popen.pid]}
+    sampler = CpuSampler(groups)
+    # The load generator prints its result as soon as its measured window is over (and its channel
+    # closed): that moment, less the window's length, places the window on this clock. The channel's
+    # close shifts both ends by the same few ms, from a busy warm-up to a quiet end, which cancel out.
+    printed = None
+    lines: list[bytes] = []
+    timer = threading.Timer(duration + 60, popen.kill)
+    timer.start()
     try:
-        out = subprocess.run(argv, capture_output=True, timeout=duration + 60, preexec_fn=pre, check=False)
-    except subprocess.TimeoutExpired:
-        return {"failed": "load generator did not finish in time"}
-    if out.returncode != 0:
-        return {"failed": f"load generator exit {out.returncode}: {out.stderr.decode(errors='replace')[-500:]}"}
-    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+        for line in popen.stdout:  # type: ignore[union-attr]
+            printed = time.monotonic()
+            lines.append(line)
+        stderr = popen.stderr.read()  # type: ignore[union-attr]
+        popen.wait()
+    finally:
+        timer.cancel()
+        sampler.stop()
+    if popen.returncode != 0:
+        if popen.returncode < 0:
+            return {"failed": "load generator did not finish in time"}
+        return {"failed": f"load generator exit {popen.returncode}: {stderr.decode(errors='replace')[-500:]}"}
+    result = json.loads(lines[-1].decode().strip())
+    calls, elapsed = result.get("calls"), result.get("elapsed_s")
+    if printed is not None and calls and elapsed:
+        start = printed - elapsed
+        result["cpu_ms"] = {k: round(1000 * sampler.seconds(start, printed, k) / calls, 3) for k in groups}
+    return result
 
 
-def measure(procs: H.Procs, name: str, port: int, args, results: list, cpus, loads=LOADS) -> None:
+def measure(procs: H.Procs, name: str, port: int, args, results: list, cpus, watch: dict[str, int],
+            loads=LOADS) -> None:  # fmt: skip
     authority = AUTHORITY if name != "direct" else None
     key = H.API_KEY if name == "gateway" else None
     for mode, concurrency in loads:
@@ -172,7 +262,7 @@ def measure(procs: H.Procs, name: str, port: int, args, results: list, cpus, loa
                 + (f", run {i + 1}" if args.repeat > 1 else "")
             )
             noise = H.CpuNoise({p.pid for p in procs.procs})
-            r = run_load(args.python, port, authority, key, mode, concurrency, args.duration, cpus)
+            r = run_load(args.python, port, authority, key, mode, concurrency, args.duration, cpus, watch)
             r["noise"] = noise.stop()
             runs.append(r)
         clean = [r for r in runs if "failed" not in r]
@@ -194,16 +284,20 @@ def _fmt(v, spec: str) -> str:
 
 def print_table(results: list) -> None:
     hdr = (f"{'target':<8} | {'call shape':<18} | {'in flight':>9} | {'calls/s':>8} | {'messages/s':>10} | "
-           f"{'p50 ms':>7} | {'p99 ms':>7} | {'errors':<8} | noise")  # fmt: skip
+           f"{'p50 ms':>7} | {'p99 ms':>7} | {'cpu ms/call: self':>17} {'plane':>6} {'load':>6} | {'errors':<8} | noise")  # fmt: skip
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         shape = "unary" if r["mode"] == "unary" else f"server stream {STREAM_COUNT}"
         errors = "FAILED" if r.get("failed") else (" ".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0")
+        cpu = r.get("cpu_ms") or {}
+        own = cpu.get("plane") if r["target"] == "direct" else cpu.get("target")
+        plane = None if r["target"] == "direct" else cpu.get("plane")
         print(
             f"{r['target']:<8} | {shape:<18} | {r['concurrency']:>9} | {_fmt(r.get('calls_per_s'), ',.0f'):>8} | "
             f"{_fmt(r.get('messages_per_s'), ',.0f'):>10} | {_fmt(r.get('p50_ms'), '.2f'):>7} | "
-            f"{_fmt(r.get('p99_ms'), '.2f'):>7} | {errors:<8} | {H.noise_cell(r.get('noise'))}"
+            f"{_fmt(r.get('p99_ms'), '.2f'):>7} | {_fmt(own, '.3f'):>17} {_fmt(plane, '.3f'):>6} "
+            f"{_fmt(cpu.get('load'), '.3f'):>6} | {errors:<8} | {H.noise_cell(r.get('noise'))}"
         )
     for r in results:
         if r.get("failed"):
@@ -238,6 +332,15 @@ def compute_goals(results: list) -> list[dict]:
                   "ok": ok, "note": errors})  # fmt: skip
     goals.append({"label": "gateway / nginx grpc_pass unary calls/s @32", "value": ratio(gw, nginx, "calls_per_s"),
                   "goal": "(for reference)", "ok": None, "note": ""})  # fmt: skip
+    # CPU per call: what the gateway's code sets, and what steal barely moves (calls/s above stays the goal).
+    cpu = (gw or {}).get("cpu_ms") or {}
+    goals.append({"label": "gateway CPU ms per unary call @32", "value": cpu.get("target"), "goal": "(for reference)",
+                  "ok": None, "note": ""})  # fmt: skip
+    goals.append({"label": "plane CPU ms per unary call @32 (via gateway)", "value": cpu.get("plane"),
+                  "goal": "(for reference)", "ok": None, "note": ""})  # fmt: skip
+    direct_cpu = ((direct or {}).get("cpu_ms") or {}).get("plane")
+    goals.append({"label": "plane CPU ms per unary call @32 (direct)", "value": direct_cpu, "goal": "(for reference)",
+                  "ok": None, "note": ""})  # fmt: skip
     gw1, d1 = _row(results, "gateway", "unary", 1), _row(results, "direct", "unary", 1)
     added = gw1["p50_ms"] - d1["p50_ms"] if gw1 and d1 else None
     goals.append({"label": "gateway added p50 @1 (ms)", "value": added, "goal": "(for reference)", "ok": None,
@@ -257,7 +360,7 @@ def print_goals(goals: list[dict]) -> None:
         else:
             verdict = "" if g["goal"].startswith("(") else "no verdict"
         note = f"  ({g['note']})" if g["note"] else ""
-        print(f"{g['label']:<44} {value:>8}   {g['goal']:<16} {verdict}{note}")
+        print(f"{g['label']:<46} {value:>8}   {g['goal']:<16} {verdict}{note}")
 
 
 def versions(python: str) -> dict:
@@ -306,7 +409,7 @@ def main() -> int:
             return 1
         H.log(f"gRPC plane on 127.0.0.1:{plane_port}")
         if not wanted or "direct" in wanted:
-            measure(procs, "direct", plane_port, args, results, load_cpus)
+            measure(procs, "direct", plane_port, args, results, load_cpus, {"plane": plane.pid})
         plan = [
             ("gateway", lambda: start_gateway(procs, args.python, plane_port, args.gateway_arg)),
             ("nginx", lambda: start_nginx(procs, plane_port)),
@@ -322,7 +425,7 @@ def main() -> int:
                                for m, c in LOADS)  # fmt: skip
                 continue
             try:
-                measure(procs, name, port, args, results, load_cpus)
+                measure(procs, name, port, args, results, load_cpus, {"target": proc.pid, "plane": plane.pid})
                 if not proc.alive():
                     proc.dump_log("(exited during the run) ")
             finally:

@@ -4,7 +4,7 @@ framing.py        the wire details, pure: message prefixes, grpc-timeout, grpc-m
 h2server.py       the HTTP/2 server (h2c and TLS), handing each stream to the relay
 relay.py          the app: resolve, then forward one call's frames both ways
 upstream.py       the HTTP/2 client to the planes: pooled h2c connections, frames forwarded unchanged
-h2conn.py         the `h2` connection both sides use, with its per-frame costs trimmed
+wire.py           the HTTP/2 frame layer both sides use (RFC 9113 for gRPC's needs: frames, flow control, HPACK)
 hpack_literal.py  the HPACK encoder both sides use (static table and literals, no Huffman)
 listener.py       the listener a gateway worker starts and drains
 """

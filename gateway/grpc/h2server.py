@@ -1,4 +1,4 @@
-"""A small HTTP/2 server for the gRPC listener: the `h2` state machine on an asyncio protocol, driven by callbacks.
+"""A small HTTP/2 server for the gRPC listener: the frame layer of wire.py on an asyncio protocol, driven by callbacks.
 
 Hypercorn (which is built on the same `h2` library) was measured first and set aside:
 - DATA that arrives on a stream after its response has completed (a client still uploading when
@@ -31,15 +31,8 @@ import ssl
 from collections import deque
 from typing import Protocol
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-from hyperframe.frame import GoAwayFrame
-
-from gateway.grpc.h2conn import H2Connection as H2State
+from gateway.grpc import wire
+from gateway.grpc.wire import H2Error
 
 log = logging.getLogger("gateway.grpc")
 
@@ -52,30 +45,15 @@ MAX_STREAMS = 1000
 MAX_HEADER_LIST = 64 * 1024  # as the public listener's request head limit
 IDLE_SECONDS = 300.0  # a connection with no stream and no bytes for this long is closed (clients reconnect)
 SETTINGS = {
-    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-    h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-    h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+    wire.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+    wire.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+    wire.MAX_FRAME_SIZE: MAX_FRAME,
+    wire.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
 }
-# Request fields are not validated by h2 (a sixth of the relay's CPU per call): what is forwarded
-# to the plane is checked by `framing.read_head` (names, printable values, :path), and the rest is
-# never used.
-CONFIG = h2.config.H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-)
-NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
-INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
-H2_STREAM_GONE = (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError)
-DataReceived = h2.events.DataReceived
-RequestReceived = h2.events.RequestReceived
-StreamEnded = h2.events.StreamEnded
-WindowUpdated = h2.events.WindowUpdated
-StreamReset = h2.events.StreamReset
+# Request fields are not validated here: what is forwarded to the plane is checked by
+# `framing.read_head` (names, printable values, :path), and the rest is never used.
+NO_ERROR = wire.NO_ERROR
+INTERNAL_ERROR = wire.INTERNAL_ERROR
 
 
 class Handler(Protocol):
@@ -97,11 +75,17 @@ class App(Protocol):
 class ServerStream:
     """One request/response exchange; the handler answers through it."""
 
-    __slots__ = ("conn", "id", "handler", "ended", "finished", "reset", "owed", "pending", "trailers", "blocked")
+    __slots__ = (
+        "conn", "id", "handler", "ended", "finished", "reset", "owed", "pending", "trailers", "blocked",
+        "send_window", "recv_window", "credit",
+    )  # fmt: skip
 
     def __init__(self, conn: H2Connection, stream_id: int) -> None:
         self.conn = conn
         self.id = stream_id
+        self.send_window = conn.peer_initial_window  # the client's window for our response data
+        self.recv_window = STREAM_WINDOW  # ours for its request data
+        self.credit = 0  # acknowledged bytes not yet returned with WINDOW_UPDATE
         self.handler: Handler = DISCARD
         self.ended = False  # the client sent END_STREAM
         self.finished = False  # the response is complete (END_STREAM sent)
@@ -133,11 +117,7 @@ class ServerStream:
         """Response HEADERS (`end`: a trailers-only response)."""
         if self.reset or self.finished:
             return
-        try:
-            self.conn.h2.send_headers(self.id, headers, end_stream=end)
-        except h2.exceptions.ProtocolError:
-            self._on_reset()
-            return
+        self.conn.send_headers(self.id, headers, end)
         self.conn.flush_soon()
         if end:
             self._finish()
@@ -165,7 +145,7 @@ class ServerStream:
         if self.reset or self.finished:
             return  # its credit was returned when it closed
         self.owed -= length
-        self.conn.acknowledge(self.id, length)
+        self.conn.acknowledge(self, length)
 
     def abort(self, code: int = INTERNAL_ERROR) -> None:
         """End the exchange with RST_STREAM (the handler will not complete the response)."""
@@ -180,29 +160,25 @@ class ServerStream:
     def _drain(self) -> bool:
         """Write what the windows allow, then the trailers; True when nothing is left queued."""
         conn = self.conn
-        h2c = conn.h2
         pending = self.pending
-        try:
-            while pending:
-                chunk = pending[0]
-                size = min(len(chunk), h2c.local_flow_control_window(self.id), h2c.max_outbound_frame_size)
-                if size <= 0:
-                    return False
-                if size == len(chunk):
-                    pending.popleft()
-                    h2c.send_data(self.id, chunk)
-                else:
-                    view = memoryview(chunk)
-                    pending[0] = view[size:]
-                    h2c.send_data(self.id, view[:size])
-            if self.trailers is not None:
-                h2c.send_headers(self.id, self.trailers, end_stream=True)
-                self.trailers = None
-                conn.flush_soon()
-                self._finish()
-                return True
-        except h2.exceptions.ProtocolError:  # includes a stream h2 already closed
-            self._on_reset()
+        while pending:
+            chunk = pending[0]
+            size = min(len(chunk), conn.window_for(self))
+            if size <= 0:
+                conn.flush_soon()  # what did fit is written now
+                return False
+            if size == len(chunk):
+                pending.popleft()
+                conn.send_data(self, chunk, False)
+            else:
+                view = memoryview(chunk)
+                pending[0] = view[size:]
+                conn.send_data(self, view[:size], False)
+        if self.trailers is not None:
+            conn.send_headers(self.id, self.trailers, True)
+            self.trailers = None
+            conn.flush_soon()
+            self._finish()
             return True
         conn.flush_soon()
         return True
@@ -242,7 +218,7 @@ class ServerStream:
     def _close(self) -> None:
         conn = self.conn
         if self.owed:
-            conn.acknowledge(self.id, self.owed)  # the stream is over: its data no longer holds the connection window
+            conn.acknowledge(None, self.owed)  # the stream is over: its data no longer holds the connection window
             self.owed = 0
         self.pending.clear()
         self.trailers = None
@@ -269,15 +245,18 @@ class Discard:
 DISCARD = Discard()
 
 
-class H2Connection(asyncio.Protocol):
+class H2Connection(wire.FrameConnection):
+    stream_window = STREAM_WINDOW
+    connection_window = CONNECTION_WINDOW
+    max_frame = MAX_FRAME
+
     def __init__(self, server: H2Server) -> None:
+        super().__init__(MAX_HEADER_LIST)
         self.server = server
         self.loop = server.loop
-        self.h2 = H2State(CONFIG)
         self.streams: dict[int, ServerStream] = {}
         self.blocked: set[ServerStream] = set()  # streams with response data waiting for window or the socket
-        self.transport: asyncio.Transport | None = None
-        self.closing = False
+        self.highest = 0  # the highest stream id the client has opened
         self.draining = False
         self.write_paused = False
         self.flush_handle: asyncio.Handle | None = None
@@ -297,15 +276,10 @@ class H2Connection(asyncio.Protocol):
         self.client = transport.get_extra_info("peername")
         if transport.get_extra_info("ssl_object") is not None:
             self.scheme = "https"
-        conn = self.h2
         # The settings are in force from the first byte, not from the client's ACK: a client may use
         # the larger frame size and windows as soon as it has read them (RFC 9113 §6.5.3), and grpc
         # core does, in the same write as its ACK.
-        conn.local_settings = h2.settings.Settings(client=False, initial_values=SETTINGS)
-        conn.max_inbound_frame_size = conn.incoming_buffer.max_frame_size = MAX_FRAME
-        conn.decoder.max_header_list_size = MAX_HEADER_LIST
-        conn.initiate_connection()
-        conn.increment_flow_control_window(CONNECTION_WINDOW - conn.inbound_flow_control_window)
+        self.start(SETTINGS)
         self.flush()
         self.idle_handle = self.loop.call_later(IDLE_SECONDS, self._idle_check)
         if self.server.draining:
@@ -313,36 +287,7 @@ class H2Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            log.info("gRPC client %s broke HTTP/2: %r", self.client, exc)
-            self._terminate(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
-            return
-        streams = self.streams
-        for event in events:
-            kind = type(event)
-            try:
-                if kind is DataReceived:
-                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
-                    if stream is None:
-                        self.acknowledge(event.stream_id, event.flow_controlled_length)  # type: ignore[attr-defined]
-                    else:
-                        stream._on_data(event.data, event.flow_controlled_length)  # type: ignore[attr-defined]
-                elif kind is RequestReceived:
-                    self._open(event)  # type: ignore[arg-type]
-                elif kind is StreamEnded:
-                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
-                    if stream is not None:
-                        stream._on_end()
-                else:
-                    self._dispatch(event)
-            except Exception:
-                log.exception("gRPC stream handler failed")
-                stream = streams.get(getattr(event, "stream_id", 0) or 0)
-                if stream is not None:
-                    stream.abort()
-        self.flush()
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -370,47 +315,86 @@ class H2Connection(asyncio.Protocol):
         self.write_paused = False
         self._window_opened()
 
-    # -- HTTP/2 events
+    # -- HTTP/2 frames (wire.FrameConnection)
 
-    def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.WindowUpdated):
-            if event.stream_id:
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and stream in self.blocked:
-                    stream._window_opened()
-            else:
-                self._window_opened()
-        elif isinstance(event, h2.events.StreamReset):
-            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
+    def on_headers(self, stream_id: int, fields: Headers, end: bool) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:  # trailers from the client: they end its request (gRPC sends none)
+            if not end:
+                raise H2Error(wire.PROTOCOL_ERROR, "request trailers without END_STREAM")
+            if not stream.ended:
+                stream._on_end()
+            return
+        if stream_id <= self.highest:
+            return  # a stream already closed (reset or answered): its fields were decoded, nothing more
+        if not stream_id & 1:
+            raise H2Error(wire.PROTOCOL_ERROR, "a client opened an even-numbered stream")
+        self.highest = stream_id
+        self._open(stream_id, fields)
+        if end:
+            stream = self.streams.get(stream_id)
             if stream is not None:
-                stream._on_reset()
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
-            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                self._window_opened()
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._terminate(None)  # the client sent GOAWAY: h2 takes no more frames on this connection
+                stream._on_end()
+
+    def on_data(self, stream_id: int, data: bytes, flow: int, end: bool) -> None:
+        stream = self.streams[stream_id]
+        if stream.ended:  # half-closed (remote): a stream error (RFC 9113 §5.1)
+            self.acknowledge(None, flow)
+            self.reset_stream(stream_id, wire.STREAM_CLOSED)
+            stream._on_reset()
+            return
+        stream.owed += flow
+        stream.handler.client_data(data, flow)
+        if end and not (stream.reset or stream.finished):
+            stream._on_end()
+        elif end:
+            stream.ended = True
+
+    def on_reset(self, stream_id: int, code: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream._on_reset()
+
+    def on_window(self, stream: ServerStream | None) -> None:
+        if stream is None:
+            self._window_opened()
+        elif stream in self.blocked:
+            stream._window_opened()
+
+    def on_settings(self, window_changed: bool) -> None:
+        if window_changed:
+            self._window_opened()
+
+    def on_goaway(self, last_stream_id: int, code: int) -> None:
+        self._terminate(None)  # the client is going away: its calls end with it
+
+    def is_idle(self, stream_id: int) -> bool:
+        return stream_id > self.highest
+
+    def handler_failed(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.abort()
+
+    def protocol_error(self, error: H2Error) -> None:
+        log.info("gRPC client %s broke HTTP/2: %s", self.client, error)
+        self._terminate(error.code)
 
     def _window_opened(self) -> None:
         for stream in list(self.blocked):
             stream._window_opened()
 
-    def _open(self, event: h2.events.RequestReceived) -> None:
-        stream_id: int = event.stream_id  # type: ignore[assignment]
+    def _open(self, stream_id: int, headers: Headers) -> None:
         if self.draining or len(self.streams) >= MAX_STREAMS:
-            self.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)  # safe for the client to retry
+            self.reset_stream(stream_id, wire.REFUSED_STREAM)  # safe for the client to retry
             return
         stream = ServerStream(self, stream_id)
         self.streams[stream_id] = stream
-        handler = self.server.app.open(stream, event.headers)  # type: ignore[arg-type]
+        handler = self.server.app.open(stream, headers)
         if not (stream.reset or stream.finished):
             stream.handler = handler
 
     # -- output
-
-    def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and not self.closing and self.transport is not None:
-            self.transport.write(data)
 
     def flush_soon(self) -> None:
         """Coalesce the frames written in one event-loop turn (many streams' headers, messages, trailers)."""
@@ -421,17 +405,10 @@ class H2Connection(asyncio.Protocol):
         self.flush_handle = None
         self.flush()
 
-    def acknowledge(self, stream_id: int, length: int) -> None:
-        if length and not self.closing:
-            self.h2.acknowledge_received_data(length, stream_id)  # closed streams: connection window only
-            self.flush_soon()
-
     def reset_stream(self, stream_id: int, code: int) -> None:
-        try:
-            self.h2.reset_stream(stream_id, code)
-        except H2_STREAM_GONE:
-            pass  # already closed by the client
-        self.flush_soon()
+        if not self.closing:
+            self.send_reset(stream_id, code)
+            self.flush_soon()
 
     def stream_closed(self, stream: ServerStream) -> None:
         self.streams.pop(stream.id, None)
@@ -441,29 +418,20 @@ class H2Connection(asyncio.Protocol):
     # -- ending
 
     def goaway(self) -> None:
-        """Drain: refuse new streams, let the open ones finish, then close.
-
-        The GOAWAY frame is written directly: h2 takes no frames at all after its own
-        close_connection(), and the streams in flight still need theirs.
-        """
+        """Drain: refuse new streams, let the open ones finish, then close."""
         if self.draining or self.closing:
             return
         self.draining = True
         if not self.streams:
             self.close()
             return
+        self.send_goaway(self.highest, NO_ERROR)
         self.flush()
-        frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=NO_ERROR)
-        if self.transport is not None:
-            self.transport.write(frame.serialize())
 
     def close(self) -> None:
         if self.closing or self.transport is None:
             return
-        try:
-            self.h2.close_connection()
-        except h2.exceptions.ProtocolError:
-            pass  # the connection already received or sent its GOAWAY
+        self.send_goaway(self.highest, NO_ERROR)
         self.flush()
         self.closing = True
         self.transport.close()
@@ -476,11 +444,8 @@ class H2Connection(asyncio.Protocol):
             stream._on_reset()
 
     def _terminate(self, error_code: int | None) -> None:
-        if error_code is not None:
-            try:
-                self.h2.close_connection(error_code)
-            except h2.exceptions.ProtocolError:
-                pass
+        if error_code is not None and not self.closing:
+            self.send_goaway(self.highest, error_code)
         self.flush()
         self.closing = True
         if self.transport is not None:

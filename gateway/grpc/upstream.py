@@ -24,16 +24,9 @@ import os
 from collections import deque
 from typing import Protocol
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-from hyperframe.frame import GoAwayFrame
-
 from gateway.errors import GatewayError, ModelUnavailable, UpstreamBroken
-from gateway.grpc.h2conn import H2Connection
+from gateway.grpc import wire
+from gateway.grpc.wire import H2Error
 from gateway.routing.model import Table
 
 log = logging.getLogger("gateway.grpc")
@@ -46,27 +39,15 @@ MAX_FRAME = 1 << 20
 MAX_HEADER_LIST = 64 * 1024
 LAST_STREAM_ID = (1 << 31) - 1
 SETTINGS = {
-    h2.settings.SettingCodes.ENABLE_PUSH: 0,
-    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,  # for pushed streams: none
-    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-    h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-    h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+    wire.ENABLE_PUSH: 0,
+    wire.MAX_CONCURRENT_STREAMS: 0,  # for pushed streams: none
+    wire.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+    wire.MAX_FRAME_SIZE: MAX_FRAME,
+    wire.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
 }
-# The plane's response fields are not validated by h2: they are forwarded to the client as they are
+# The plane's response fields are not validated: they are forwarded to the client as they are
 # (as nginx's grpc_pass does), and what the client needs checked its own HTTP/2 stack checks.
-CONFIG = h2.config.H2Configuration(
-    client_side=True,
-    header_encoding=None,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-)
-CANCEL = h2.errors.ErrorCodes.CANCEL
-DataReceived = h2.events.DataReceived
-ResponseReceived = h2.events.ResponseReceived
-TrailersReceived = h2.events.TrailersReceived
-StreamEnded = h2.events.StreamEnded
+CANCEL = wire.CANCEL
 
 
 class Handler(Protocol):
@@ -85,24 +66,21 @@ class Handler(Protocol):
     def plane_drained(self) -> None: ...  # all data queued by `send_data` is written
 
 
-class ClientH2(H2Connection):
-    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list, list]:
-        """h2 closes the whole connection on GOAWAY; RFC 9113 §6.8 lets the streams it names finish."""
-        event = h2.events.ConnectionTerminated()
-        event.error_code = frame.error_code
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-
 class PlaneStream:
     """One call's stream to the plane."""
 
-    __slots__ = ("conn", "id", "handler", "owed", "pending", "end_pending", "blocked", "sent_end", "got_end", "closed")
+    __slots__ = (
+        "conn", "id", "handler", "owed", "pending", "end_pending", "blocked", "sent_end", "got_end", "closed",
+        "responded", "send_window", "recv_window", "credit",
+    )  # fmt: skip
 
     def __init__(self, conn: PlaneConnection, stream_id: int, handler: Handler) -> None:
         self.conn = conn
         self.id = stream_id
+        self.responded = False  # the response HEADERS arrived: the next HEADERS are trailers
+        self.send_window = conn.peer_initial_window
+        self.recv_window = STREAM_WINDOW
+        self.credit = 0
         self.handler = handler
         self.owed = 0  # flow-controlled response bytes received and not yet acknowledged
         self.pending: deque[bytes | memoryview] = deque()  # request data waiting for window
@@ -139,7 +117,7 @@ class PlaneStream:
         if self.closed:
             return  # its credit was returned when it closed
         self.owed -= length
-        self.conn.acknowledge(self.id, length)
+        self.conn.acknowledge(self, length)
 
     def cancel(self) -> None:
         """RST_STREAM(CANCEL): the plane sees the call cancelled. A no-op once the stream is over."""
@@ -152,32 +130,32 @@ class PlaneStream:
 
     def _drain(self) -> bool:
         conn = self.conn
-        h2c = conn.h2
         pending = self.pending
-        try:
-            while pending:
-                chunk = pending[0]
-                size = min(len(chunk), h2c.local_flow_control_window(self.id), h2c.max_outbound_frame_size)
-                if size <= 0:
-                    return False
-                if size == len(chunk):
-                    pending.popleft()
-                    last = self.end_pending and not pending
-                    h2c.send_data(self.id, chunk, end_stream=last)
-                    self.sent_end = last
-                else:
-                    view = memoryview(chunk)
-                    pending[0] = view[size:]
-                    h2c.send_data(self.id, view[:size])
-            if self.end_pending:
-                self.end_pending = False
-                if not self.sent_end:
-                    self.sent_end = True
-                    h2c.end_stream(self.id)
-                if self.got_end:
-                    self._close()
-        except (h2.exceptions.ProtocolError, KeyError):  # the stream is already closed in h2
+        if self.closed:
             pending.clear()
+            return True
+        while pending:
+            chunk = pending[0]
+            size = min(len(chunk), conn.window_for(self))
+            if size <= 0:
+                conn.flush_soon()  # what did fit is written now
+                return False
+            if size == len(chunk):
+                pending.popleft()
+                last = self.end_pending and not pending
+                conn.send_data(self, chunk, last)
+                self.sent_end = last
+            else:
+                view = memoryview(chunk)
+                pending[0] = view[size:]
+                conn.send_data(self, view[:size], False)
+        if self.end_pending:
+            self.end_pending = False
+            if not self.sent_end:
+                self.sent_end = True
+                conn.send_end(self.id)
+            if self.got_end:
+                self._close()
         conn.flush_soon()
         return True
 
@@ -216,30 +194,34 @@ class PlaneStream:
         self.closed = True
         conn = self.conn
         if self.owed:
-            conn.acknowledge(self.id, self.owed)  # returns the connection window the stream still held
+            conn.acknowledge(None, self.owed)  # returns the connection window the stream still held
             self.owed = 0
         self.pending.clear()
         conn.blocked.discard(self)
         conn.stream_closed(self)
 
 
-class PlaneConnection(asyncio.Protocol):
+class PlaneConnection(wire.FrameConnection):
     """One h2c connection to a plane address."""
 
+    client_side = True
+    stream_window = STREAM_WINDOW
+    connection_window = CONNECTION_WINDOW
+    max_frame = MAX_FRAME
+
     def __init__(self, group: PlaneAddress) -> None:
+        super().__init__(MAX_HEADER_LIST)
         self.group = group
         self.loop = group.loop
-        self.h2 = ClientH2(CONFIG)
         self.streams: dict[int, PlaneStream] = {}
         self.blocked: set[PlaneStream] = set()
         self.waiters: list = []  # calls waiting for this connection to be ready
-        self.transport: asyncio.Transport | None = None
+        self.next_id = 1
         self.ready = False
         self.settled: asyncio.Future = self.loop.create_future()  # the plane's first SETTINGS, or the failure
         self.max_streams = 100
         self.last_stream_id = LAST_STREAM_ID  # lowered by a GOAWAY
         self.goaway = False
-        self.closing = False
         self.write_paused = False
         self.flush_handle: asyncio.Handle | None = None
 
@@ -252,9 +234,11 @@ class PlaneConnection(asyncio.Protocol):
         return self.ready and not self.goaway and len(self.streams) < self.max_streams
 
     def open_stream(self, headers: Headers, handler: Handler, end: bool) -> PlaneStream:
-        h2c = self.h2
-        stream_id = h2c.get_next_available_stream_id()
-        h2c.send_headers(stream_id, headers, end_stream=end)
+        if self.closing or self.goaway:
+            raise UpstreamBroken("the plane connection takes no new streams")
+        stream_id = self.next_id
+        self.next_id += 2
+        self.send_headers(stream_id, headers, end)
         stream = self.streams[stream_id] = PlaneStream(self, stream_id, handler)
         stream.sent_end = end
         if stream_id >= LAST_STREAM_ID - 2:
@@ -267,59 +251,7 @@ class PlaneConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        conn = self.h2
-        conn.local_settings = h2.settings.Settings(client=True, initial_values=SETTINGS)
-        conn.max_inbound_frame_size = conn.incoming_buffer.max_frame_size = MAX_FRAME
-        conn.decoder.max_header_list_size = MAX_HEADER_LIST
-        conn.initiate_connection()
-        conn.increment_flow_control_window(CONNECTION_WINDOW - conn.inbound_flow_control_window)
-        self.flush()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            log.warning("gRPC plane %s broke HTTP/2: %r", self.group.address, exc)
-            self.flush()
-            self._lost(UpstreamBroken(f"the plane broke the HTTP/2 protocol: {exc}"))
-            return
-        streams = self.streams
-        for event in events:
-            kind = type(event)
-            try:
-                if kind is DataReceived:
-                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
-                    if stream is None:
-                        self.acknowledge(event.stream_id, event.flow_controlled_length)  # type: ignore[attr-defined]
-                    else:
-                        stream.owed += event.flow_controlled_length  # type: ignore[attr-defined]
-                        stream.handler.plane_data(event.data, event.flow_controlled_length)  # type: ignore[attr-defined]
-                elif kind is ResponseReceived:
-                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
-                    if stream is not None:
-                        end = stream.got_end = event.stream_ended is not None  # type: ignore[attr-defined]
-                        stream.handler.plane_headers(event.headers, end)  # type: ignore[attr-defined]
-                        if end:
-                            stream._ended()
-                elif kind is TrailersReceived:
-                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
-                    if stream is not None:
-                        stream.got_end = True
-                        stream.handler.plane_trailers(event.headers)  # type: ignore[attr-defined]
-                        stream._ended()
-                elif kind is StreamEnded:
-                    stream = streams.get(event.stream_id)  # type: ignore[attr-defined]
-                    if stream is not None and not stream.got_end:  # DATA with END_STREAM, no trailers
-                        stream.got_end = True
-                        stream.handler.plane_trailers(None)
-                        stream._ended()
-                else:
-                    self._dispatch(event)
-            except Exception:
-                log.exception("gRPC plane stream handler failed")
-                stream = streams.get(getattr(event, "stream_id", 0) or 0)
-                if stream is not None:
-                    stream.cancel()
+        self.start(SETTINGS)
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -332,30 +264,76 @@ class PlaneConnection(asyncio.Protocol):
         self.write_paused = False
         self._window_opened()
 
-    # -- HTTP/2 events
+    # -- HTTP/2 frames (wire.FrameConnection)
 
-    def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.WindowUpdated):
-            if event.stream_id:
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and stream in self.blocked:
-                    stream._window_opened()
-            else:
-                self._window_opened()
-        elif isinstance(event, h2.events.StreamReset):
-            stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
-            if stream is not None:
-                stream._on_reset(int(event.error_code))  # type: ignore[arg-type]
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
-            self.max_streams = min(self.h2.remote_settings.max_concurrent_streams, 1 << 16)
-            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                self._window_opened()
-            if not self.ready and not self.closing:
-                self.ready = True
-                if not self.settled.done():
-                    self.settled.set_result(None)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway(event.last_stream_id or 0, event.error_code)  # type: ignore[arg-type]
+    def on_headers(self, stream_id: int, fields: Headers, end: bool) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if self.is_idle(stream_id):
+                raise H2Error(wire.PROTOCOL_ERROR, "HEADERS on a stream the gateway did not open")
+            return  # a stream already closed (cancelled): its fields were decoded, nothing more
+        if stream.responded:
+            if not end:
+                raise H2Error(wire.PROTOCOL_ERROR, "trailers without END_STREAM")
+            stream.got_end = True
+            stream.handler.plane_trailers(fields)
+            stream._ended()
+            return
+        if fields and fields[0][0] == b":status" and fields[0][1][:1] == b"1":
+            return  # an informational response (RFC 9113 §8.1): the real one follows
+        stream.responded = True
+        stream.got_end = end
+        stream.handler.plane_headers(fields, end)
+        if end:
+            stream._ended()
+
+    def on_data(self, stream_id: int, data: bytes, flow: int, end: bool) -> None:
+        stream = self.streams[stream_id]
+        if not stream.responded or stream.got_end:
+            raise H2Error(wire.PROTOCOL_ERROR, "DATA before the response HEADERS or after END_STREAM")
+        stream.owed += flow
+        stream.handler.plane_data(data, flow)
+        if end and not stream.closed:  # DATA with END_STREAM, no trailers
+            stream.got_end = True
+            stream.handler.plane_trailers(None)
+            stream._ended()
+
+    def on_reset(self, stream_id: int, code: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream._on_reset(code)
+
+    def on_window(self, stream: PlaneStream | None) -> None:
+        if stream is None:
+            self._window_opened()
+        elif stream in self.blocked:
+            stream._window_opened()
+
+    def on_settings(self, window_changed: bool) -> None:
+        self.max_streams = min(self.peer_max_streams, 1 << 16)
+        if window_changed:
+            self._window_opened()
+        if not self.ready and not self.closing:
+            self.ready = True
+            if not self.settled.done():
+                self.settled.set_result(None)
+
+    def on_goaway(self, last_stream_id: int, code: int) -> None:
+        self._goaway(last_stream_id, code)
+
+    def is_idle(self, stream_id: int) -> bool:
+        return stream_id >= self.next_id or not stream_id & 1
+
+    def handler_failed(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.cancel()
+
+    def protocol_error(self, error: H2Error) -> None:
+        log.warning("gRPC plane %s broke HTTP/2: %s", self.group.address, error)
+        self.send_goaway(0, error.code)
+        self.flush()
+        self._lost(UpstreamBroken(f"the plane broke the HTTP/2 protocol: {error}"))
 
     def _window_opened(self) -> None:
         for stream in list(self.blocked):
@@ -375,11 +353,6 @@ class PlaneConnection(asyncio.Protocol):
 
     # -- output
 
-    def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and not self.closing and self.transport is not None:
-            self.transport.write(data)
-
     def flush_soon(self) -> None:
         if self.flush_handle is None:
             self.flush_handle = self.loop.call_soon(self._scheduled_flush)
@@ -388,17 +361,10 @@ class PlaneConnection(asyncio.Protocol):
         self.flush_handle = None
         self.flush()
 
-    def acknowledge(self, stream_id: int, length: int) -> None:
-        if length and not self.closing:
-            self.h2.acknowledge_received_data(length, stream_id)
-            self.flush_soon()
-
     def reset_stream(self, stream_id: int, code: int) -> None:
-        try:
-            self.h2.reset_stream(stream_id, code)
-        except (h2.exceptions.ProtocolError, KeyError):
-            pass  # already closed
-        self.flush_soon()
+        if not self.closing:
+            self.send_reset(stream_id, code)
+            self.flush_soon()
 
     def stream_closed(self, stream: PlaneStream) -> None:
         self.streams.pop(stream.id, None)
@@ -412,10 +378,7 @@ class PlaneConnection(asyncio.Protocol):
         if self.closing:
             return
         if self.transport is not None:
-            try:
-                self.h2.close_connection()
-            except h2.exceptions.ProtocolError:
-                pass
+            self.send_goaway(0, wire.NO_ERROR)
             self.flush()
             self.transport.close()
         self._lost(UpstreamBroken("the gateway closed the plane connection"))
