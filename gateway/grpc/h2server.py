@@ -355,12 +355,6 @@ class H2Connection(wire.FrameConnection):
         if stream is not None:
             stream._on_reset()
 
-    def on_window(self, stream: ServerStream | None) -> None:
-        if stream is None:
-            self._window_opened()
-        elif stream in self.blocked:
-            stream._window_opened()
-
     def on_settings(self, window_changed: bool) -> None:
         if window_changed:
             self._window_opened()
@@ -380,10 +374,6 @@ class H2Connection(wire.FrameConnection):
         log.info("gRPC client %s broke HTTP/2: %s", self.client, error)
         self._terminate(error.code)
 
-    def _window_opened(self) -> None:
-        for stream in list(self.blocked):
-            stream._window_opened()
-
     def _open(self, stream_id: int, headers: Headers) -> None:
         if self.draining or len(self.streams) >= MAX_STREAMS:
             self.reset_stream(stream_id, wire.REFUSED_STREAM)  # safe for the client to retry
@@ -395,20 +385,6 @@ class H2Connection(wire.FrameConnection):
             stream.handler = handler
 
     # -- output
-
-    def flush_soon(self) -> None:
-        """Coalesce the frames written in one event-loop turn (many streams' headers, messages, trailers)."""
-        if self.flush_handle is None:
-            self.flush_handle = self.loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self.flush_handle = None
-        self.flush()
-
-    def reset_stream(self, stream_id: int, code: int) -> None:
-        if not self.closing:
-            self.send_reset(stream_id, code)
-            self.flush_soon()
 
     def stream_closed(self, stream: ServerStream) -> None:
         self.streams.pop(stream.id, None)

@@ -303,12 +303,6 @@ class PlaneConnection(wire.FrameConnection):
         if stream is not None:
             stream._on_reset(code)
 
-    def on_window(self, stream: PlaneStream | None) -> None:
-        if stream is None:
-            self._window_opened()
-        elif stream in self.blocked:
-            stream._window_opened()
-
     def on_settings(self, window_changed: bool) -> None:
         self.max_streams = min(self.peer_max_streams, 1 << 16)
         if window_changed:
@@ -335,10 +329,6 @@ class PlaneConnection(wire.FrameConnection):
         self.flush()
         self._lost(UpstreamBroken(f"the plane broke the HTTP/2 protocol: {error}"))
 
-    def _window_opened(self) -> None:
-        for stream in list(self.blocked):
-            stream._window_opened()
-
     def _goaway(self, last_stream_id: int, code: int | None) -> None:
         """No new streams here; those the plane did not take fail (they were not processed: UNAVAILABLE)."""
         log.info("gRPC plane %s sent GOAWAY (last stream %d, code %s)", self.group.address, last_stream_id, code)
@@ -352,19 +342,6 @@ class PlaneConnection(wire.FrameConnection):
             self.close()
 
     # -- output
-
-    def flush_soon(self) -> None:
-        if self.flush_handle is None:
-            self.flush_handle = self.loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self.flush_handle = None
-        self.flush()
-
-    def reset_stream(self, stream_id: int, code: int) -> None:
-        if not self.closing:
-            self.send_reset(stream_id, code)
-            self.flush_soon()
 
     def stream_closed(self, stream: PlaneStream) -> None:
         self.streams.pop(stream.id, None)

@@ -127,6 +127,9 @@ class FrameConnection(asyncio.Protocol):
     connection_window = DEFAULT_WINDOW
     max_frame = DEFAULT_FRAME
     streams: dict[int, Any]
+    blocked: set[Any]  # streams with data waiting for window (each has `_window_opened()`)
+    loop: asyncio.AbstractEventLoop
+    flush_handle: asyncio.Handle | None
 
     def __init__(self, max_header_list: int) -> None:
         self.transport: asyncio.Transport | None = None
@@ -158,8 +161,6 @@ class FrameConnection(asyncio.Protocol):
 
     def on_reset(self, stream_id: int, code: int) -> None: ...
 
-    def on_window(self, stream: Any) -> None: ...  # None: the connection's window
-
     def on_settings(self, window_changed: bool) -> None: ...
 
     def on_goaway(self, last_stream_id: int, code: int) -> None: ...
@@ -172,9 +173,33 @@ class FrameConnection(asyncio.Protocol):
 
     def protocol_error(self, error: H2Error) -> None: ...
 
+    # -- shared by both sides
+
     def flush_soon(self) -> None:
-        """Have `flush` called later in this event-loop turn (frames queued outside `data_received`)."""
-        raise NotImplementedError
+        """Have `flush` called later in this event-loop turn: the frames written in one turn (many
+        streams' headers, messages, trailers) go out in one write."""
+        if self.flush_handle is None:
+            self.flush_handle = self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self.flush_handle = None
+        self.flush()
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        if not self.closing:
+            self.send_reset(stream_id, code)
+            self.flush_soon()
+
+    def on_window(self, stream: Any) -> None:
+        """The peer opened a window: the connection's (`stream` None) or one stream's."""
+        if stream is None:
+            self._window_opened()
+        elif stream in self.blocked:
+            stream._window_opened()
+
+    def _window_opened(self) -> None:
+        for stream in list(self.blocked):
+            stream._window_opened()
 
     # -- input
 

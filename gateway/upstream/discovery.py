@@ -24,6 +24,7 @@ from typing import Literal
 from gateway.dns import Resolver
 from gateway.errors import ModelUnavailable
 from gateway.routing.model import Upstream
+from gateway.upstream.background import BackgroundLoop
 
 log = logging.getLogger("gateway.discovery")
 
@@ -37,7 +38,7 @@ def srv_upstreams(targets: Iterable[tuple[str, int]], scheme: Literal["http", "h
     return tuple(dict.fromkeys(Upstream(scheme, host, port) for host, port in targets))
 
 
-class SrvDiscovery:
+class SrvDiscovery(BackgroundLoop):
     """Follows one SRV name for one deployment until `stop()`; `on_answer` gets every change.
 
     `resolver` is called for each query, so a resolver replaced by a table swap (new nameservers) is
@@ -55,21 +56,10 @@ class SrvDiscovery:
         self._on_answer = on_answer
         self.last: Answer | None = None
         self.answers = 0  # answers handed over (changes only), for tests and reprs
-        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> SrvDiscovery:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"srv discovery {self.name}")
-        self._task.add_done_callback(_log_crash)
+        self._begin(f"srv discovery {self.name}")
         return self
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -109,8 +99,3 @@ class SrvDiscovery:
         self.last = answer
         self.answers += 1
         self._on_answer(upstreams, reason)
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s crashed", task.get_name(), exc_info=task.exception())

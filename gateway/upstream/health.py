@@ -37,6 +37,7 @@ from types import MappingProxyType
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.routing.model import HealthCheck, Upstream
+from gateway.upstream.background import BackgroundLoop
 from gateway.upstream.balance import Endpoint, EndpointSet
 
 log = logging.getLogger("gateway.health")
@@ -148,7 +149,7 @@ async def probe(
 Probe = Callable[[Upstream], Awaitable[str]]
 
 
-class HealthProber:
+class HealthProber(BackgroundLoop):
     """Probes the replicas of one deployment every `check.interval_seconds` until `stop()`.
 
     `endpoints()` gives the deployment's current set (it changes with table swaps and discovery);
@@ -167,22 +168,10 @@ class HealthProber:
         self._metrics = metrics
         self.views: dict[Endpoint, ProbeView] = {}
         self.rounds = 0
-        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> HealthProber:
-        name = f"health checks {self.labels[0]}/{self.labels[1]}"
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
-        self._task.add_done_callback(_log_crash)
+        self._begin(f"health checks {self.labels[0]}/{self.labels[1]}")
         return self
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     def __repr__(self) -> str:
         unhealthy = sum(1 for v in self.views.values() if v.view is View.UNHEALTHY)
@@ -224,8 +213,3 @@ class HealthProber:
                     self.labels[0], self.labels[1], after.view.value, result)  # fmt: skip
         if report is not None:
             endpoints.health_result(ep, report)
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s crashed", task.get_name(), exc_info=task.exception())
