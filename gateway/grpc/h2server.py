@@ -258,7 +258,6 @@ class H2Connection(wire.FrameConnection):
         self.blocked: set[ServerStream] = set()  # streams with response data waiting for window or the socket
         self.highest = 0  # the highest stream id the client has opened
         self.draining = False
-        self.write_paused = False
         self.flush_handle: asyncio.Handle | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_read = self.loop.time()
@@ -307,13 +306,6 @@ class H2Connection(wire.FrameConnection):
         else:
             self.idle_handle = None
             self.close()
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._window_opened()
 
     # -- HTTP/2 frames (wire.FrameConnection)
 

@@ -222,7 +222,6 @@ class PlaneConnection(wire.FrameConnection):
         self.max_streams = 100
         self.last_stream_id = LAST_STREAM_ID  # lowered by a GOAWAY
         self.goaway = False
-        self.write_paused = False
         self.flush_handle: asyncio.Handle | None = None
 
     def __repr__(self) -> str:
@@ -256,13 +255,6 @@ class PlaneConnection(wire.FrameConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost(UpstreamBroken("the plane closed the connection"))
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._window_opened()
 
     # -- HTTP/2 frames (wire.FrameConnection)
 

@@ -134,6 +134,7 @@ class FrameConnection(asyncio.Protocol):
     def __init__(self, max_header_list: int) -> None:
         self.transport: asyncio.Transport | None = None
         self.closing = False
+        self.write_paused = False  # the transport's buffer is full (asyncio flow control)
         self.parts: list[bytes] = []  # received bytes not parsed yet (an incomplete frame)
         self.have = 0  # their length
         self.wanted = 0  # how many are needed before parsing can go on: large frames are joined once
@@ -184,6 +185,13 @@ class FrameConnection(asyncio.Protocol):
     def _scheduled_flush(self) -> None:
         self.flush_handle = None
         self.flush()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True  # the peer is not reading: streams keep their data until resume_writing
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._window_opened()
 
     def reset_stream(self, stream_id: int, code: int) -> None:
         if not self.closing:
