@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from gateway.routing.loader import TableInvalid, compile_table
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "routing_config" / "example.yaml"
 DEMO_KEY = "demo-key-acme"
@@ -41,6 +43,15 @@ def example_doc(us_url: str, eu_url: str) -> dict:
     doc["planes"]["us-east-1"]["url"] = us_url
     doc["planes"]["eu-west-1"]["url"] = eu_url
     return doc
+
+
+def loader_problems(doc: dict) -> list[str]:
+    """Every problem the loader reports for `doc`; [] when it compiles."""
+    try:
+        compile_table(doc)
+    except TableInvalid as error:
+        return list(error.problems)
+    return []
 
 
 def write_table(path: Path, doc: dict) -> Path:

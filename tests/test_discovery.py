@@ -15,14 +15,14 @@ import uvloop
 
 from gateway.dns import Resolver
 from gateway.metrics import Metrics
-from gateway.routing.loader import TableInvalid, compile_table, load_table
+from gateway.routing.loader import compile_table, load_table
 from gateway.routing.model import Plane, Table, Upstream
 from gateway.routing.resolve import Call, Route, resolve
 from gateway.upstream.balance import Health, replica_count
 from gateway.upstream.discovery import srv_upstreams
 from gateway.upstream.replicas import ReplicaSets
 from tests.dnsserver import DNSServer
-from tests.support import DEMO_KEY, example_doc, running_gateway, write_table
+from tests.support import DEMO_KEY, example_doc, loader_problems, running_gateway, write_table
 from tests.test_upstreams import HOST, Replica
 
 SRV = "_http._tcp.v1.test"
@@ -268,14 +268,6 @@ def test_close_stops_discovery() -> None:
 
 
 # -- the table ------------------------------------------------------------------------------------------
-
-
-def loader_problems(doc: dict) -> list[str]:
-    try:
-        compile_table(doc)
-    except TableInvalid as error:
-        return list(error.problems)
-    return []
 
 
 def test_endpoints_srv_in_the_table() -> None:

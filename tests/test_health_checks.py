@@ -17,13 +17,13 @@ import pytest
 from gateway.dns import Resolver
 from gateway.errors import ModelUnavailable
 from gateway.metrics import Metrics
-from gateway.routing.loader import TableInvalid, compile_table
+from gateway.routing.loader import compile_table
 from gateway.routing.model import HealthCheck, Plane, Upstream
 from gateway.upstream.balance import EndpointSet, Health
 from gateway.upstream.health import FRESH, RULES, HealthProber, ProbeView, View, classify, observe, probe, probe_head
 from gateway.upstream.replicas import ReplicaSets
 from tests.dnsserver import DNSServer
-from tests.support import example_doc, running_gateway, write_table
+from tests.support import example_doc, loader_problems, running_gateway, write_table
 from tests.test_upstreams import HOST, Replica
 
 FAST = {"path": "/healthz", "interval_seconds": 0.1, "timeout_seconds": 0.5, "unhealthy_threshold": 2,
@@ -313,14 +313,6 @@ def test_never_more_than_half_of_a_deployment_is_ejected_by_health_checks(tmp_pa
 
 
 # -- the table ----------------------------------------------------------------------------------------------
-
-
-def loader_problems(doc: dict) -> list[str]:
-    try:
-        compile_table(doc)
-    except TableInvalid as error:
-        return list(error.problems)
-    return []
 
 
 def test_health_check_in_the_table_most_specific_wins_field_by_field() -> None:
