@@ -1,9 +1,9 @@
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY gateway ./gateway
 COPY routing_config ./routing_config
-RUN pip install --no-cache-dir .
+RUN PIP_CONSTRAINT=/app/constraints.txt pip install --no-cache-dir .
 EXPOSE 8080 9090
 # Admin API changes (SPEC §6) persist in the admin store; mount a volume at /var/lib/gateway to keep
 # them across containers.

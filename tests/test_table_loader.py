@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -1034,14 +1035,20 @@ def test_invalid_json_file_reports_the_json_error() -> None:
     assert problem.startswith("t.json: Expecting")
 
 
-@pytest.mark.parametrize("depth", [64, 100, 50_000])
+@pytest.mark.parametrize("depth", [64, 100])
 def test_deep_nesting_is_refused_without_crashing(depth: int) -> None:
     # libyaml's own composer segfaults near 30,000 levels; this must stay an ordinary problem.
     assert "nesting deeper than 64 levels" in parse_problem(b"x: " + b"[" * depth + b"]" * depth)
 
 
-def test_deep_json_is_refused_without_crashing() -> None:
-    assert "nesting deeper than 64 levels" in parse_problem(b"[" * 50_000 + b"]" * 50_000, "t")
+@pytest.mark.parametrize(("data", "source"), [(b"x: " + b"[" * 50_000 + b"]" * 50_000, "t.yaml"),
+                                              (b"[" * 50_000 + b"]" * 50_000, "t")])  # fmt: skip
+def test_very_deep_documents_are_one_located_problem(data: bytes, source: str) -> None:
+    # Refused by our composer bound or, from PyYAML 6.0.4 on, by libyaml's own flow-level limit,
+    # whose wording is not ours: assert the behaviour (one problem, located, the process alive).
+    problem = parse_problem(data, source)
+    assert re.match(rf"{re.escape(source)}: line 1, column \d+: ", problem)
+    assert "nest" in problem
 
 
 def test_alias_bomb_is_refused() -> None:
