@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import logging
 import signal
-import ssl
 from dataclasses import dataclass, field
 
 from gateway.admin.app import AdminHandler
@@ -16,6 +15,7 @@ from gateway.http.public import PublicHandler
 from gateway.http.server import HttpConnection, async_handler, serve
 from gateway.metrics import Metrics
 from gateway.state import TableState
+from gateway.tls import server_context
 from gateway.upstream.pool import Pool
 
 log = logging.getLogger("gateway")
@@ -109,8 +109,7 @@ class Gateway:
         opts = self.opts
         ctx = None
         if opts.tls_cert:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
+            ctx = server_context(opts.tls_cert, opts.tls_key)
         self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http")
         public = await serve(
             self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,

@@ -9,13 +9,11 @@ from gateway.grpc.relay import GrpcRelay
 from gateway.grpc.upstream import Planes
 from gateway.metrics import Metrics
 from gateway.state import TableState
+from gateway.tls import server_context
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols(["h2"])  # gRPC is HTTP/2 only
-    return ctx
+    return server_context(cert, key, ["h2"])  # gRPC is HTTP/2 only
 
 
 class GrpcListener:
