@@ -109,7 +109,7 @@ class Gateway:
         opts = self.opts
         ctx = None
         if opts.tls_cert:
-            ctx = server_context(opts.tls_cert, opts.tls_key)
+            ctx = server_context(opts.tls_cert, opts.tls_key or opts.tls_cert)
         self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http")
         public = await serve(
             self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,
