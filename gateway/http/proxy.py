@@ -122,7 +122,7 @@ class Exchange:
             head += body.chunks  # the whole body is here already: one write for head and body
             body.chunks, body.buffered = [], 0
             self.request_sent = True
-        upstream.start(self, head, head_only=self.head_only)
+        upstream.start(self, head, head_only=self.head_only, body_pending=not self.request_sent)
         if not self.request_sent:
             if req.expect_continue and not body.complete:
                 client.send_continue()
@@ -140,6 +140,7 @@ class Exchange:
         if self.req.chunked:
             self.upstream.write(b"0\r\n\r\n")
         self.request_sent = True
+        self.upstream.request_done()
 
     def fail(self, error: GatewayError) -> None:
         """The request body broke a limit: abort the plane call (SPEC §4 413)."""

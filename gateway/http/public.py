@@ -191,6 +191,10 @@ class PublicHandler:
         if route.endpoint == "websocket":
             if not upgrading or req.upgrade.lower() != b"websocket":  # type: ignore[union-attr]
                 raise UpgradeRequired("the websocket endpoint needs a WebSocket upgrade request")
+            if req.has_body:
+                # RFC 6455 §4.1 handshakes have no body; a plane that refuses the upgrade would read
+                # one the gateway never forwards (the parser consumed it) from the next request (issue 9).
+                raise ClientError("a WebSocket upgrade request must not have a body")
             return
         if upgrading:
             raise ClientError("protocol upgrades are only accepted on the websocket endpoint")

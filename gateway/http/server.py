@@ -253,6 +253,7 @@ class HttpConnection(asyncio.Protocol):
             # The handler of the upgrade request decides (and answers); nothing after it is parsed.
             # Bytes after the head already belong to the upgraded protocol: keep them for the tunnel.
             self.upgrade_tail = data[upgrade.args[0] :]
+            self.req.keep_alive = False  # unless it becomes a tunnel, the connection ends with this answer
             self.must_close = True
             self.pause_reading(self.PAUSE_BODY)
             if self.current is None and self.starting is None:

@@ -55,6 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.message_done = False
         self.upgrade_requested = False
         self.upgraded = False  # the plane answered 101: raw bytes from here on
+        self.request_complete = True  # every byte of the current request is written (issue 9)
         self.idle_since = 0.0
         self.born = time.monotonic()
         self.eof = False
@@ -187,13 +188,28 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- use by an exchange -----------------------------------------------------------------
 
-    def start(self, exchange: Exchange, head: list[bytes], *, head_only: bool = False, upgrade: bool = False) -> None:
+    def start(
+        self, exchange: Exchange, head: list[bytes], *, head_only: bool = False, upgrade: bool = False,
+        body_pending: bool = False,
+    ) -> None:  # fmt: skip
+        """Send a request head (with its whole body, unless `body_pending`: then `request_done` follows).
+
+        An upgrade request never leaves its connection reusable: answered 101 it carries the tunnel,
+        and refused, the plane's idea of where the request ended need not match ours (RFC 9110 §7.8
+        lets it ignore Upgrade; issue 9: a refused upgrade with a body smuggled the next caller's
+        request into it).
+        """
         self.exchange = exchange
         self.head_only = head_only
         self.upgrade_requested = upgrade
-        self.reusable = True
+        self.reusable = not upgrade
+        self.request_complete = not body_pending
         self.requests += 1
         self.transport.writelines(head)  # type: ignore[union-attr]
+
+    def request_done(self) -> None:
+        """The last byte of the current request's body is written."""
+        self.request_complete = True
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -211,9 +227,23 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.transport.resume_reading()  # type: ignore[union-attr]
 
+    @property
+    def clean(self) -> bool:
+        """Safe to carry another caller's request: unused, or its last exchange framed completely both ways.
+
+        The pool's invariant (issue 9): a connection whose request was not fully written, whose
+        response did not end at a delimited boundary, or which carried an upgrade request is never
+        reused, since the plane would read the next request as part of the last one.
+        """
+        if self.closed or self.eof or self.exchange is not None:
+            return False
+        if self.requests == 0:
+            return True
+        return self.reusable and self.message_done and self.request_complete
+
     def release(self) -> None:
         """Back to the pool if the last exchange left it clean; closed otherwise."""
-        if self.reusable and self.message_done and not self.closed and self.exchange is None:
+        if self.clean:
             self.pool.put_idle(self)
         else:
             self.close()
@@ -296,7 +326,7 @@ class Pool:
 
     def put_idle(self, conn: UpstreamConnection) -> None:
         conns = self.idle.setdefault(conn.key, collections.deque())
-        if len(conns) >= MAX_IDLE_PER_HOST:
+        if len(conns) >= MAX_IDLE_PER_HOST or not conn.clean:
             conn.close()
             return
         conn.idle_since = time.monotonic()
