@@ -89,7 +89,8 @@ class UpgradeRequired(ClientError):
 
 
 class MisdirectedRequest(ClientError):
-    """A regional host of a region this gateway does not serve (SPEC §8)."""
+    """A regional host of a region this gateway does not serve (SPEC §8), or a request whose host is
+    not the one its TLS connection was opened for (RFC 9110 §15.5.20)."""
 
     status = 421
     grpc_status = GRPC_UNAVAILABLE
@@ -98,6 +99,10 @@ class MisdirectedRequest(ClientError):
 class NotImplementedYet(ClientError):
     status = 501
     grpc_status = GRPC_UNIMPLEMENTED
+
+
+class UnsupportedTransferCoding(NotImplementedYet):
+    """A request transfer coding other than chunked (RFC 9112 §6.1: 501)."""
 
 
 class Unauthorized(GatewayError):

@@ -321,3 +321,67 @@ class RawPlane:
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     """The request head (through the blank line) a RawPlane script received."""
     return await reader.readuntil(b"\r\n\r\n")
+
+
+class LoggingPlane:
+    """Answers each request by `behaviour` for upgrades and 200 JSON otherwise; logs (connection, head, body)."""
+
+    def __init__(self, behaviour: str = "400-keep-alive") -> None:
+        self.behaviour = behaviour  # "400-keep-alive" | "200-ignores-upgrade" | "close"
+        self.log: list[tuple[int, bytes, bytes]] = []
+        self.connections = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> LoggingPlane:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = self.connections
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = await self._body(reader, head)
+                self.log.append((conn, head, body))
+                if b"\r\nupgrade: websocket" in head.lower():
+                    if self.behaviour == "close":
+                        break
+                    status = b"400 Bad Request" if self.behaviour == "400-keep-alive" else b"200 OK"
+                else:
+                    status = b"200 OK"
+                answer = json.dumps({"connection": conn, "n": len(self.log)}).encode()
+                writer.write(b"HTTP/1.1 %s\r\ncontent-length: %d\r\n\r\n%s" % (status, len(answer), answer))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+        fields = dict(
+            line.split(b":", 1) for line in head.lower().split(b"\r\n")[1:] if b":" in line
+        )  # fmt: skip
+        if b"content-length" in fields:
+            return await reader.readexactly(int(fields[b"content-length"]))
+        if b"chunked" in fields.get(b"transfer-encoding", b""):
+            body = b""
+            while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+                body += (await reader.readexactly(size + 2))[:-2]
+            await reader.readuntil(b"\r\n")
+            return body
+        return b""
+
+    def heads_on(self, conn: int) -> list[bytes]:
+        return [head for c, head, _ in self.log if c == conn]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import GatewayError, PayloadTooLarge, UpstreamBroken, UpstreamTimeout
+from gateway.headers import PROTECTED, forwarded_value, shadows_protected
 from gateway.http.server import HttpConnection, Request, status_line
 from gateway.routing.model import Timeouts
 from gateway.upstream.pool import UpstreamConnection
@@ -23,11 +24,8 @@ MAX_BODY_BYTES = 100 * 1024 * 1024  # SPEC §4
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
-REQUEST_DROP = HOP_BY_HOP | {
-    b"host", b"content-length", b"expect", b"authorization", b"proxy-authorization",
-    b"baseten-authorization", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-    b"x-baseten-model-id", b"x-baseten-environment", b"x-baseten-deployment-id", b"x-baseten-request-id",
-}  # fmt: skip
+# Identity, credentials and client-forged proxy fields: gateway/headers.py, shared with gRPC.
+REQUEST_DROP = HOP_BY_HOP | PROTECTED | {b"host", b"content-length", b"expect"}
 RESPONSE_DROP = HOP_BY_HOP | {b"x-baseten-request-id", b"x-baseten-deployment-id"}  # both set by the gateway
 PAUSE_UPSTREAM = 8  # client reading paused because the plane is not reading our writes
 
@@ -44,17 +42,22 @@ def request_head(
     With `body_length`, the body is framed by that Content-Length whatever the client sent (a
     shadow copy is sent whole).
     """
+    conn = req.conn
+    forwarded = conn.forwarded  # per connection: its peer, and in practice its host, do not change
+    if forwarded is None or forwarded[0] != req.host:
+        forwarded = conn.forwarded = (req.host, forwarded_value(conn.peer, req.host, scheme))
     parts = [
         b"%s %s HTTP/1.1\r\n" % (req.method.encode(), target.encode("latin-1")),
         identity,
-        b"x-baseten-request-id: %s\r\nx-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n"
-        % (request_id.encode(), req.conn.peer.encode(), scheme.encode()),
+        b"x-baseten-request-id: %s\r\nx-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nforwarded: %s\r\n"
+        % (request_id.encode(), conn.peer.encode(), scheme.encode(), forwarded[1]),
     ]
     if req.host is not None:
         parts.append(b"x-forwarded-host: %s\r\n" % req.host.encode("latin-1"))
     drop = REQUEST_DROP.union(req.connection_tokens) if req.connection_tokens else REQUEST_DROP
     for name, value in req.headers:
-        if name not in drop:
+        # `x_baseten_model_id` is `x-baseten-model-id` to a CGI-style plane (issue 9 §3)
+        if name not in drop and not (b"_" in name and shadows_protected(name)):
             parts.append(b"%s: %s\r\n" % (name, value))
     if body_length is not None:
         parts.append(b"content-length: %d\r\n\r\n" % body_length)

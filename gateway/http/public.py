@@ -17,11 +17,13 @@ from gateway.dns import Resolver
 from gateway.errors import (
     ClientError,
     GatewayError,
+    MisdirectedRequest,
     ModelNotReady,
     ModelUnavailable,
     RateLimited,
     UpgradeRequired,
 )
+from gateway.headers import misdirected
 from gateway.http.hold import (
     RETRY_AFTER_FULL,
     RETRY_AFTER_NOT_READY,
@@ -176,6 +178,11 @@ class PublicHandler:
         return "sent"
 
     def _route(self, req: Request) -> Route:
+        sni = req.conn.sni
+        if sni is not None and sni != req.host and misdirected(sni, req.host, self.state.table.domains):
+            raise MisdirectedRequest(
+                f"this TLS connection was opened for '{sni}', not for '{req.host}': open one for that host"
+            )
         key = (req.method, req.host, req.target, req.authorization, req.routing_key)
         routes = self.routes
         route = routes.get(key)

@@ -19,7 +19,8 @@ from typing import Protocol
 
 import httptools
 
-from gateway.errors import ClientError, GatewayError, InternalError, PayloadTooLarge
+from gateway.errors import ClientError, GatewayError, InternalError, PayloadTooLarge, UnsupportedTransferCoding
+from gateway.tls import sni_of
 
 log = logging.getLogger("gateway.http")
 
@@ -30,6 +31,10 @@ MAX_URL_BYTES = 16 * 1024  # request-target; longer gets 414
 HEAD_TIMEOUT_SECONDS = 10.0  # a request head must arrive within this of its first byte (slowloris)
 KEEPALIVE_TIMEOUT_SECONDS = 75.0  # an idle keep-alive connection is closed after this (nginx's default)
 BODY_TIMEOUT_SECONDS = 60.0  # a request body that stalls this long (while we are reading) gets 408
+# ... and one that trickles: past BODY_TIMEOUT_SECONDS of reading, it must have averaged this rate
+# (Apache mod_reqtimeout's `body=20,MinRate=500`; nginx's per-read client_body_timeout alone lets
+# 1 byte per 5 s hold a connection for the 1200 s call limit, issue 9 §3).
+BODY_MIN_RATE = 500  # bytes per second of reading time
 SWEEP_SECONDS = 1.0
 LINGER_SECONDS = 2.0  # after an early answer (413, 401, ...) to a body still arriving
 LINGER_MAX_BYTES = 16 * 1024 * 1024
@@ -187,12 +192,17 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = ""
+        self.sni: str | None = None  # the TLS server name the client asked for
+        self.forwarded: tuple[str | None, bytes] | None = None  # (host, Forwarded value) for the planes
         self.req: Request = _NO_REQUEST  # being parsed (httptools calls on_message_begin first)
         self.current: Request | None = None  # being answered
         self.starting: Request | None = None  # parsed in this read, answered at its end
         self.pipeline: collections.deque[Request] = collections.deque()
         self.task: asyncio.Task | None = None
         self.header_bytes = 0
+        self.in_trailers = False  # the current message's head is complete: fields are trailers
+        self.body_reading = 0.0  # seconds spent waiting for the current request's body (not paused)
+        self.body_clock: float | None = None
         self.url_parts: list[bytes] = []
         self.paused = 0
         self.closed = False
@@ -216,6 +226,7 @@ class HttpConnection(asyncio.Protocol):
         self.last_read = self.loop.time()
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.sni = sni_of(transport)  # the handshake is done by now
         if self.tracker is not None:
             self.tracker.add(self)
 
@@ -283,6 +294,8 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.req = Request(self)
+        self.in_trailers = False
+        self.body_reading, self.body_clock = 0.0, None
         self.header_bytes = 0
         self.url_parts = []
         self.head_started = self.loop.time()
@@ -298,6 +311,10 @@ class HttpConnection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES or len(req.headers) >= MAX_HEADERS:
             raise _HeadersTooLarge("request headers too large")
+        if self.in_trailers:
+            # Chunked trailer fields are never header fields (RFC 9110 §6.5.1): they are not used for
+            # auth or routing and not forwarded; they still count towards the head limits above.
+            return
         name = name.lower()
         req.headers.append((name, value))
         if name == b"host":
@@ -305,13 +322,23 @@ class HttpConnection(asyncio.Protocol):
                 raise ClientError("more than one Host header")  # RFC 9112 §3.2
             req.host = value.decode("latin-1")
         elif name == b"authorization":
+            if req.authorization is not None:
+                # One credential per request (RFC 9110 §11.6.2 has no list form): which of two a
+                # gateway and a plane would each pick is exactly the ambiguity to refuse.
+                raise ClientError("more than one Authorization header")
             req.authorization = value.decode("latin-1")
         elif name == b"content-length":
             if not value.isdigit() or (req.content_length is not None and req.content_length != int(value)):
                 raise ClientError("invalid Content-Length")
             req.content_length = int(value)
         elif name == b"transfer-encoding":
-            req.chunked = True  # llhttp rejects anything but a final "chunked"
+            # llhttp rejects a coding list whose last item is not "chunked"; any other coding before
+            # it would be forwarded unannounced (the body re-chunked, its gzip bytes taken as content).
+            if value.strip().lower() != b"chunked" or req.chunked:
+                raise UnsupportedTransferCoding(
+                    "only the chunked transfer coding is accepted; send other codings as Content-Encoding"
+                )
+            req.chunked = True
         elif name == b"expect":
             req.expect_continue = value.lower() == b"100-continue"
         elif name == b"x-baseten-routing-key":
@@ -323,6 +350,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_started = None
+        self.in_trailers = True  # any field from here on is a trailer field
         req = self.req
         req.method = self.parser.get_method().decode("ascii")
         req.version = self.parser.get_http_version()
@@ -519,7 +547,9 @@ def sweep(conns: set[HttpConnection], now: float, serving: bool) -> None:
     """Close connections that hold a worker's resources without making progress (issue 5).
 
     - a request head still incomplete HEAD_TIMEOUT_SECONDS after its first byte: 408 (slowloris);
-    - a request body we are reading that stalls for BODY_TIMEOUT_SECONDS: 408;
+    - a request body we are reading that stalls for BODY_TIMEOUT_SECONDS, or averages under
+      BODY_MIN_RATE after that long: 408 (time when we are not reading, because the plane is slow or
+      the client waits for our 100 Continue, does not count);
     - an idle keep-alive connection after KEEPALIVE_TIMEOUT_SECONDS;
     - once the listener stops serving (drain): idle connections at once, busy ones after their response.
     """
@@ -534,18 +564,29 @@ def sweep(conns: set[HttpConnection], now: float, serving: bool) -> None:
         elif not busy:
             if not serving or now - conn.last_read > KEEPALIVE_TIMEOUT_SECONDS:
                 conn.close()
-        elif (
-            conn.current is not None
-            and not conn.current.body.complete
-            and not conn.paused  # we are reading: the client is the one that stalled
-            and now - conn.last_read > BODY_TIMEOUT_SECONDS
-        ):
+        elif conn.current is not None and (problem := _body_too_slow(conn, conn.current, now)) is not None:
             conn.must_close = True
             if conn.response_started:
                 conn.abort()
             else:
-                conn.send_error(_RequestTimeout(f"request body stalled for {BODY_TIMEOUT_SECONDS:g} s"))
+                conn.send_error(_RequestTimeout(problem))
                 conn.close()
+
+
+def _body_too_slow(conn: HttpConnection, req: Request, now: float) -> str | None:
+    body = req.body
+    waiting = not body.complete and not conn.paused and (body.sink is not None or not req.expect_continue)
+    if not waiting:  # complete, or we are not reading: the client is not the one holding things up
+        conn.body_clock = None
+        return None
+    if conn.body_clock is not None:
+        conn.body_reading += now - conn.body_clock
+    conn.body_clock = now
+    if now - conn.last_read > BODY_TIMEOUT_SECONDS:
+        return f"request body stalled for {BODY_TIMEOUT_SECONDS:g} s"
+    if conn.body_reading > BODY_TIMEOUT_SECONDS + body.received / BODY_MIN_RATE:
+        return f"request body arrives slower than {BODY_MIN_RATE} bytes/s"
+    return None
 
 
 class _Sweeper:
