@@ -3,11 +3,22 @@
 Each class carries what every protocol needs to answer it: the HTTP status and
 `error_code` of the JSON error body (SPEC "Error body"), the gRPC status code
 (SPEC §9) and the WebSocket close code, so one renderer serves all protocols.
+
+Each also carries what the call pipeline does with it (issue 10), the same for every protocol:
+- `blame`: whose fault the call's failure was. Only "upstream" counts towards a replica's
+  ejection and towards `gateway_upstream_errors_total`; "client" (a 413, a bad request, a client
+  that went away) and "gateway" (a decision: inactive, no replica, outside the region) never do.
+- `kind`: for upstream errors, what went wrong with the plane: "connect" (nothing was sent),
+  "broken" (the connection or the protocol broke), "timeout"; the `kind` label of that metric.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Literal
+
+Blame = Literal["client", "upstream", "gateway"]
+UpstreamKind = Literal["connect", "broken", "timeout"]
 
 # gRPC status codes (grpc/status.h), kept numeric so nothing here imports grpc.
 GRPC_INVALID_ARGUMENT = 3
@@ -28,6 +39,8 @@ class GatewayError(Exception):
     error_code = "internal_error"
     grpc_status = GRPC_INTERNAL
     ws_close_code = 1011
+    blame: Blame = "gateway"
+    kind: UpstreamKind | None = None
 
     def __init__(self, message: str, *, headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
@@ -46,6 +59,7 @@ class ClientError(GatewayError):
     error_code = "client_error"
     grpc_status = GRPC_INVALID_ARGUMENT
     ws_close_code = 1008
+    blame: Blame = "client"
 
 
 class EndpointNotFound(ClientError):
@@ -109,6 +123,7 @@ class Unauthorized(GatewayError):
     status = 401
     error_code = "unauthorized"
     grpc_status = GRPC_UNAUTHENTICATED
+    blame: Blame = "client"
     ws_close_code = 1008
 
 
@@ -116,6 +131,7 @@ class Forbidden(GatewayError):
     status = 403
     error_code = "unauthorized"
     grpc_status = GRPC_PERMISSION_DENIED
+    blame: Blame = "client"
     ws_close_code = 1008
 
 
@@ -123,6 +139,7 @@ class ModelNotFound(GatewayError):
     status = 404
     error_code = "model_does_not_exist"
     grpc_status = GRPC_NOT_FOUND
+    blame: Blame = "client"
     ws_close_code = 1008
 
 
@@ -130,6 +147,7 @@ class PayloadTooLarge(GatewayError):
     status = 413
     error_code = "payload_too_large"
     grpc_status = GRPC_RESOURCE_EXHAUSTED
+    blame: Blame = "client"
     ws_close_code = 1009
 
 
@@ -149,10 +167,25 @@ class ModelUnavailable(GatewayError):
     ws_close_code = 1013
 
 
+class ConnectFailed(ModelUnavailable):
+    """No connection to the plane could be opened (its host did not resolve, or resolved outside its
+    region; refused, unreachable, TLS, connect timeout): nothing of the call was sent (SPEC §4: 503)."""
+
+    blame: Blame = "upstream"
+    kind: UpstreamKind | None = "connect"
+
+
+class NoAddress(ConnectFailed):
+    """The plane's host has no address to connect to: DNS failed or answered nothing, or an address
+    lies outside the region's networks (SPEC §8, fail closed)."""
+
+
 class UpstreamBroken(ModelUnavailable):
     """The plane broke the connection or the protocol mid-call (SPEC §4)."""
 
     status = 502
+    blame: Blame = "upstream"
+    kind: UpstreamKind | None = "broken"
 
 
 class ModelNotReady(GatewayError):
@@ -167,6 +200,8 @@ class UpstreamTimeout(GatewayError):
     error_code = "timeout"
     grpc_status = GRPC_DEADLINE_EXCEEDED
     ws_close_code = 1011
+    blame: Blame = "upstream"
+    kind: UpstreamKind | None = "timeout"
 
 
 class InternalError(GatewayError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +15,10 @@ import uvloop
 from gateway.dns import Resolver
 from gateway.metrics import Metrics
 from gateway.routing.loader import compile_table, load_table
-from gateway.routing.model import Plane, Table, Upstream
+from gateway.routing.model import Table, Upstream
 from gateway.routing.resolve import Call, Route, resolve
 from gateway.upstream.balance import Health, replica_count
+from gateway.upstream.connect import Connector
 from gateway.upstream.discovery import srv_upstreams
 from gateway.upstream.replicas import ReplicaSets
 from tests.dnsserver import DNSServer
@@ -180,10 +180,6 @@ def route_for(table: Table) -> Route:
     return found
 
 
-def no_tls(plane: Plane) -> ssl.SSLContext:
-    raise AssertionError("no https planes here")
-
-
 async def until(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + 20
     while not condition():
@@ -198,7 +194,7 @@ def test_discovery_keeps_the_health_of_replicas_that_stay_and_stops_with_the_dep
             dns.set(SRV, "SRV", *srv(("ra.test", 8001), ("rb.test", 8002)), ttl=1)
             table = compile_table(srv_doc(dns))
             resolver = Resolver((dns.address,), timeout=0.5)
-            sets = ReplicaSets(lambda: resolver, no_tls, Metrics())
+            sets = ReplicaSets(Connector(resolver=resolver), Metrics())
             sets.sync(table)
             route = route_for(table)
             first = sets.get(route)
@@ -254,7 +250,7 @@ def test_close_stops_discovery() -> None:
         async with DNSServer() as dns:
             dns.set(SRV, "SRV", *srv(("ra.test", 8001)), ttl=1)
             resolver = Resolver((dns.address,), timeout=0.5)
-            sets = ReplicaSets(lambda: resolver, no_tls, Metrics())
+            sets = ReplicaSets(Connector(resolver=resolver), Metrics())
             sets.sync(compile_table(srv_doc(dns)))
             discovery = sets.discovery("abc123", "v1")
             assert discovery is not None

@@ -558,22 +558,32 @@ def test_without_a_system_configuration_only_literals_resolve(tmp_path: Path) ->
 US = ("10.10.0.0/16", "fd10::/16")
 
 
-def test_region_keeps_inside_addresses_and_refuses_the_others(caplog: pytest.LogCaptureFixture) -> None:
+def test_one_outside_address_fails_the_whole_answer(caplog: pytest.LogCaptureFixture) -> None:
+    # SPEC §8: every resolved address must lie inside the networks; keeping the inside ones would
+    # trust a name someone outside the region can add records to (issue 10).
     async def scenario() -> None:
         async with dns_setup() as s:
             s.server.set(HOST, "A", "10.10.0.5", "192.0.2.7", ttl=10)
             s.server.set(HOST, "AAAA", "2001:db8::7", ttl=10)
             violations = s.metrics.dns_region_violations
-            assert await s.resolver.resolve_in_region(HOST, "us", US) == ("10.10.0.5",)
-            assert violations.get(("us", HOST)) == 2
-            assert await s.resolver.resolve_in_region(HOST, "us", US) == ("10.10.0.5",)
-            assert violations.get(("us", HOST)) == 4  # counted on every call
+            for _ in range(2):
+                with pytest.raises(ModelUnavailable) as caught:
+                    await s.resolver.resolve_in_region(HOST, "us", US)
+                assert (
+                    caught.value.status == 503 and "192.0.2.7, 2001:db8::7, outside region 'us'" in caught.value.message
+                )
+            assert violations.get(("us", HOST)) == 4  # both outside addresses, counted on every call
             warnings = [r for r in caplog.records if r.name == "gateway.dns" and r.levelno == logging.WARNING]
             assert len(warnings) == 2  # logged once per (host, address) per TTL
             assert {"192.0.2.7", "2001:db8::7"} == {r.args[1] for r in warnings}  # type: ignore[index]
             s.clock.advance(10)
-            assert await s.resolver.resolve_in_region(HOST, "us", US) == ("10.10.0.5",)
+            with pytest.raises(ModelUnavailable):
+                await s.resolver.resolve_in_region(HOST, "us", US)
             assert len([r for r in caplog.records if r.name == "gateway.dns"]) == 4  # a new TTL: again
+            s.server.set(HOST, "A", "10.10.0.5", ttl=10)
+            s.server.set(HOST, "AAAA", "fd10::5", ttl=10)
+            s.clock.advance(10)
+            assert await s.resolver.resolve_in_region(HOST, "us", US) == ("10.10.0.5", "fd10::5")
 
     with caplog.at_level(logging.WARNING, logger="gateway.dns"):
         run(scenario)
@@ -585,7 +595,7 @@ def test_region_all_addresses_outside_is_503_and_counted() -> None:
             s.server.set(HOST, "A", "192.0.2.7", "198.51.100.1", ttl=10)
             with pytest.raises(ModelUnavailable) as caught:
                 await s.resolver.resolve_in_region(HOST, "us", US)
-            expected = "plane host 'plane.test' resolves outside region 'us' networks; refusing to connect"
+            expected = "plane host 'plane.test' resolves to 192.0.2.7, 198.51.100.1, outside region 'us' networks; refusing to connect"
             assert caught.value.message == expected and caught.value.status == 503
             assert s.metrics.dns_region_violations.get(("us", HOST)) == 2
             assert b'gateway_dns_region_violations_total{region="us",host="plane.test"} 2' in s.metrics.render()
@@ -624,7 +634,8 @@ def test_region_filters_stale_answers_too() -> None:
             s.server.mode = "servfail"
             s.clock.advance(15)
             assert sorted(await s.resolver.resolve(HOST)) == ["10.10.0.5", "192.0.2.7"]  # stale
-            assert await s.resolver.resolve_in_region(HOST, "us", US) == ("10.10.0.5",)
+            with pytest.raises(ModelUnavailable, match="192.0.2.7, outside region 'us'"):
+                await s.resolver.resolve_in_region(HOST, "us", US)  # a stale answer is checked whole too
             assert s.lookups("stale_served") == 2
 
     run(scenario)

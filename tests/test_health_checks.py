@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +17,9 @@ from gateway.dns import Resolver
 from gateway.errors import ModelUnavailable
 from gateway.metrics import Metrics
 from gateway.routing.loader import compile_table
-from gateway.routing.model import HealthCheck, Plane, Upstream
+from gateway.routing.model import HealthCheck, Upstream
 from gateway.upstream.balance import EndpointSet, Health
+from gateway.upstream.connect import Connector
 from gateway.upstream.health import FRESH, RULES, HealthProber, ProbeView, View, classify, observe, probe, probe_head
 from gateway.upstream.replicas import ReplicaSets
 from tests.dnsserver import DNSServer
@@ -96,8 +96,8 @@ def test_probe_head_carries_the_identity() -> None:
 # -- one probe against real servers --------------------------------------------------------------------------
 
 
-async def loopback(host: str) -> tuple[str, ...]:
-    return ("127.0.0.1",)
+async def loopback(up: Upstream) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", up.port)
 
 
 def test_probe_results_against_real_servers() -> None:
@@ -105,11 +105,11 @@ def test_probe_results_against_real_servers() -> None:
         replica = await Replica("a").start()
         up = Upstream("http", "127.0.0.1", replica.port)
         head = probe_head(up, "/healthz", "abc123", "v1")
-        results = [await probe(up, head, 1.0, loopback, None)]
+        results = [await probe(up, head, 1.0, loopback)]
         replica.healthy = False
-        results.append(await probe(up, head, 1.0, loopback, None))
+        results.append(await probe(up, head, 1.0, loopback))
         await replica.stop()
-        results.append(await probe(up, head, 1.0, loopback, None))  # nothing listens any more
+        results.append(await probe(up, head, 1.0, loopback))  # nothing listens any more
 
         silent_conns: list[asyncio.StreamWriter] = []
 
@@ -118,12 +118,12 @@ def test_probe_results_against_real_servers() -> None:
 
         server = await asyncio.start_server(silent, "127.0.0.1", 0)
         mute = Upstream("http", "127.0.0.1", server.sockets[0].getsockname()[1])
-        results.append(await probe(mute, head, 0.2, loopback, None))
+        results.append(await probe(mute, head, 0.2, loopback))
 
-        async def refused(host: str) -> tuple[str, ...]:
+        async def refused(up: Upstream) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             raise ModelUnavailable("plane host 'x' resolves outside region 'us' networks")
 
-        results.append(await probe(up, head, 1.0, refused, None))
+        results.append(await probe(up, head, 1.0, refused))
         for writer in silent_conns:
             writer.close()
         server.close()
@@ -154,7 +154,7 @@ def test_prober_ejects_unhealthy_replicas_never_more_than_half_and_returns_them(
         metrics = Metrics()
 
         async def probe_one(up: Upstream) -> str:
-            return await probe(up, probe_head(up, "/healthz", "abc123", "v1"), 1.0, loopback, None)
+            return await probe(up, probe_head(up, "/healthz", "abc123", "v1"), 1.0, loopback)
 
         check = HealthCheck(interval_seconds=0.05, unhealthy_threshold=2, healthy_threshold=1)
         prober = HealthProber(("abc123", "v1"), check, lambda: endpoints, probe_one, metrics).start()
@@ -184,10 +184,6 @@ def test_prober_ejects_unhealthy_replicas_never_more_than_half_and_returns_them(
     asyncio.run(scenario())
 
 
-def no_tls(plane: Plane) -> ssl.SSLContext:
-    raise AssertionError("no https planes here")
-
-
 def test_probes_never_connect_outside_the_region_and_stop_with_the_deployment() -> None:
     accepted: list[str] = []
 
@@ -210,7 +206,7 @@ def test_probes_never_connect_outside_the_region_and_stop_with_the_deployment() 
             dep["health_check"] = FAST
             resolver = Resolver((dns.address,), timeout=0.5)
             metrics = Metrics()
-            sets = ReplicaSets(lambda: resolver, no_tls, metrics)
+            sets = ReplicaSets(Connector(resolver=resolver), metrics)
             sets.sync(compile_table(doc))
             prober = sets.prober("abc123", "v1")
             assert prober is not None and prober.running

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from gateway.dns.entries import Entry, Use, answered, clamp, combine_addresses, denied, failed, order_services, plan
 from gateway.dns.lookup import Failed, Lookup, Negative, Outcome, Records
 from gateway.dns.networks import allowed
-from gateway.errors import ModelUnavailable
+from gateway.errors import NoAddress
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.dns")
@@ -94,7 +94,7 @@ class Resolver:
     # -- public API ---------------------------------------------------------------------------------
 
     async def resolve(self, host: str) -> tuple[str, ...]:
-        """The addresses of `host` (non-empty), or ModelUnavailable (503).
+        """The addresses of `host` (non-empty), or NoAddress (503).
 
         IP literals return themselves (normalized, unbracketed) and localhost names `("127.0.0.1",)`,
         without a query. Names: cached answer, a shared query, or a stale answer while the resolver
@@ -121,7 +121,7 @@ class Resolver:
 
         Ordered by priority (lowest first), then weight (heaviest first); targets with "." dropped
         (RFC 2782). Cached, refreshed and served stale like `resolve`; NXDOMAIN, no SRV records or only
-        "." targets -> ModelUnavailable. Targets are host names: resolve them with `resolve`.
+        "." targets -> NoAddress. Targets are host names: resolve them with `resolve`.
         """
         value: tuple[tuple[str, int], ...] = await self._answer("srv", name.lower().removesuffix("."))
         return value
@@ -139,29 +139,58 @@ class Resolver:
         return max(entry.expires - self._clock(), self._min_ttl)
 
     async def resolve_in_region(self, host: str, region: str, networks: tuple[str, ...]) -> tuple[str, ...]:
-        """The addresses of `host` that lie inside `networks` (empty = no restriction), never another.
+        """The addresses of `host`, every one inside `networks` (empty = no restriction), or NoAddress.
 
-        Each refused address is counted in `gateway_dns_region_violations_total{region, host}` on every
-        call and logged at WARNING once per (host, address) per TTL. Nothing left -> ModelUnavailable
-        (fail closed). The filter runs on the very tuple `resolve` returned, so no refresh or stale
-        answer can slip an outside address through.
+        SPEC §8: "every resolved address must lie inside them, otherwise the plane is treated as
+        unavailable". An answer with any outside address fails whole (issue 10): keeping the inside
+        ones would trust a name whose records someone outside the region controls. Each refused
+        address is counted in `gateway_dns_region_violations_total{region, host}` on every call and
+        logged at WARNING once per (host, address) per TTL. The check runs on the very tuple
+        `resolve` returned, so no refresh or stale answer can slip an outside address through.
         """
         addresses = await self.resolve(host)
         if not networks:
             return addresses
-        inside, outside = allowed(addresses, networks)
+        _, outside = allowed(addresses, networks)
         if outside:
             self._refused(host, region, outside)
-        if not inside:
-            raise ModelUnavailable(
-                f"plane host {host!r} resolves outside region {region!r} networks; refusing to connect"
+            raise NoAddress(
+                f"plane host {host!r} resolves to {', '.join(sorted(outside)[:4])}, outside region {region!r} "
+                "networks; refusing to connect"
             )
-        return inside
+        return addresses
+
+    def peek(self, host: str) -> tuple[str, ...] | None:
+        """The answer `resolve(host)` would give now, without waiting: None when nothing is cached.
+
+        A name with no addresses any more (NXDOMAIN) is `()`. Like `resolve`, a name whose TTL is
+        nearly over (or past) is refreshed in the background, so pooled connections follow a DNS
+        change under steady traffic although no new connection asks for the name (issue 10).
+        """
+        static = self._static.get(host)
+        if static is not None:
+            return static
+        name = host.lower().removesuffix(".")
+        entry = self._addresses.get(name)
+        if entry is None:
+            return _static_answer(name)
+        now = self._clock()
+        if now >= entry.refresh_at:
+            step = plan(entry, now, self._stale_seconds)
+            if (
+                (step.refresh or step.use is Use.QUERY)
+                and not self._closed
+                and ("addresses", name) not in self._inflight
+            ):
+                self._start("addresses", name)
+        if entry.negative is not None:
+            return ()
+        return entry.value or None
 
     def close(self) -> None:
         """Cancel every query in flight (background refreshes included); later queries are refused.
 
-        Callers waiting on a cancelled query get ModelUnavailable; cached answers and IP literals
+        Callers waiting on a cancelled query get NoAddress; cached answers and IP literals
         keep being served until they would need a query.
         """
         self._closed = True
@@ -195,7 +224,7 @@ class Resolver:
             step = plan(cache.get(name), self._clock(), self._stale_seconds, may_query=False)
         entry = cache.get(name)
         if step.use is Use.ERROR or entry is None:
-            raise ModelUnavailable(self._error_message(kind, name, entry))
+            raise NoAddress(self._error_message(kind, name, entry))
         if step.use is Use.STALE:
             self._count("stale_served")
         return entry.value
@@ -203,14 +232,14 @@ class Resolver:
     async def _join(self, kind: Kind, name: str) -> None:
         """Wait for the query of (kind, name) in flight, starting it if there is none."""
         if self._closed:
-            raise ModelUnavailable(f"DNS resolver is closed; cannot resolve {name!r}")
+            raise NoAddress(f"DNS resolver is closed; cannot resolve {name!r}")
         task = self._inflight.get((kind, name)) or self._start(kind, name)
         try:
             await asyncio.shield(task)  # one caller giving up must not cancel the others' query
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and current is not None and not current.cancelling():
-                raise ModelUnavailable(f"DNS resolver is closed; cannot resolve {name!r}") from None
+                raise NoAddress(f"DNS resolver is closed; cannot resolve {name!r}") from None
             raise
 
     def _start(self, kind: Kind, name: str) -> asyncio.Task[None]:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 from typing import NamedTuple
 
-from gateway.dns import Resolver
+from gateway.calls.outcome import error_kind, outcome_of
 from gateway.errors import (
     ClientError,
     GatewayError,
@@ -38,16 +37,16 @@ from gateway.http.proxy import MAX_BODY_BYTES, Exchange, TunnelExchange, body_li
 from gateway.http.server import Request
 from gateway.http.shadow import Discard, ShadowExchange, Shadows, Tee, sampled
 from gateway.metrics import Metrics
-from gateway.routing.model import Deployment, Plane, Table, Upstream
+from gateway.routing.model import Deployment, Table, Upstream
 from gateway.routing.resolve import Call, Route, resolve
 from gateway.state import TableState
-from gateway.upstream.balance import Endpoint, EndpointSet, Outcome, RetryBudget, should_retry
+from gateway.upstream.balance import Endpoint, EndpointSet, RetryBudget, should_retry
+from gateway.upstream.connect import Connector
 from gateway.upstream.pool import Pool, UpstreamConnection
 from gateway.upstream.replicas import ReplicaSets
 
 log = logging.getLogger("gateway.public")
 UNROUTED = ("", "", "", "", "http")
-MAX_ADDRESSES_TRIED = 2  # of a host's resolved addresses, per connection attempt
 
 
 class Context(NamedTuple):
@@ -74,13 +73,11 @@ class PublicHandler:
         self.loop = asyncio.get_running_loop()
         self.routes: dict[tuple, Route] = {}  # successful decisions of the current table
         self.identity: dict[tuple, bytes] = {}  # identity header blocks of the current table
-        self.ssl_contexts: dict[str, ssl.SSLContext] = {}
         self.exchanges: set[Exchange] = set()
         self.budget = RetryBudget()
-        self.resolver = Resolver(state.table.gateway.dns_nameservers, metrics=metrics)
-        self.resolver_nameservers = state.table.gateway.dns_nameservers
+        self.connector = Connector(state.table.gateway.dns_nameservers, metrics)
         # Replica sets per deployment, with SRV discovery and active health checks (issue 5).
-        self.replicas = ReplicaSets(lambda: self.resolver, self._ssl, metrics)
+        self.replicas = ReplicaSets(self.connector, metrics)
         self.replicas.sync(state.table)
         self.background: set[asyncio.Task] = set()
         self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
@@ -91,12 +88,9 @@ class PublicHandler:
 
     def _table_swapped(self, table: Table) -> None:
         # New dicts, not clear(): a call in flight keeps the decisions of its own table.
-        self.routes, self.identity, self.ssl_contexts = {}, {}, {}
+        self.routes, self.identity = {}, {}
         self.pool.close_idle()  # planes may have moved, or their region's networks changed
-        if table.gateway.dns_nameservers != self.resolver_nameservers:
-            self.resolver.close()
-            self.resolver = Resolver(table.gateway.dns_nameservers, metrics=self.metrics)
-            self.resolver_nameservers = table.gateway.dns_nameservers
+        self.connector.table_swapped(table)
         self.replicas.sync(table)  # after the resolver: discovery asks the new one
 
     def close(self) -> None:
@@ -104,7 +98,7 @@ class PublicHandler:
         self.holds.close()
         self.shadows.close()
         self.replicas.close()
-        self.resolver.close()
+        self.connector.close()
 
     # -- the request path -------------------------------------------------------------------
 
@@ -170,7 +164,7 @@ class PublicHandler:
         endpoints.started(ep)
         self.budget.record_request()
         context = Context(labels, started, endpoints, ep, self.state.table, tee)
-        conn = self.pool.take_idle(ep.upstream, dep.plane.tls)
+        conn = self.pool.take_idle(ep.upstream, dep.plane.tls, self.connector.still_current)
         if conn is not None:
             self._start(req, route, ep.upstream, conn, request_id, context)
         else:
@@ -219,8 +213,10 @@ class PublicHandler:
                 conn = await self._connect(dep, context.endpoint.upstream, context.table)
                 break
             except GatewayError as error:
-                self.metrics.upstream_errors.inc(context.labels + ("connect",))
-                context.endpoints.finished(context.endpoint, "connect_failure")
+                kind = error_kind(error)
+                if kind is not None:
+                    self.metrics.upstream_errors.inc(context.labels + (kind,))
+                context.endpoints.finished(context.endpoint, outcome_of(error, error.status))
                 tried.add(context.endpoint)
                 retry = self._retry_endpoint(context, tried, attempt)
                 if retry is None:
@@ -267,15 +263,12 @@ class PublicHandler:
         self.exchanges.discard(exchange)
         req = exchange.req
         context: Context = exchange.context
-        if exchange.error is not None:
-            self.metrics.upstream_errors.inc(context.labels + (exchange.error.error_code,))
-        status = exchange.status
-        outcome: Outcome = "ok"
-        if exchange.error is not None or status >= 500:
-            outcome = "failure"  # broken, timed out, or a 5xx from the plane: counts towards ejection
-        elif status == 499:
-            outcome = "cancelled"
-        context.endpoints.finished(context.endpoint, outcome)
+        error, status = exchange.error, exchange.status
+        kind = error_kind(error)
+        if kind is not None:
+            self.metrics.upstream_errors.inc(context.labels + (kind,))
+        # Only the plane's faults eject a replica: a 413 mid-upload or a client gone never does (issue 10).
+        context.endpoints.finished(context.endpoint, outcome_of(error, status))
         self._end(req, context, status)
         req.conn.finish(req)
 
@@ -319,32 +312,23 @@ class PublicHandler:
             )  # fmt: skip
         return block
 
-    def _ssl(self, plane: Plane) -> ssl.SSLContext:
-        ctx = self.ssl_contexts.get(plane.name)
-        if ctx is None:
-            tls = plane.tls
-            ctx = ssl.create_default_context(cafile=tls.ca if tls else None)
-            if tls and tls.cert:
-                ctx.load_cert_chain(tls.cert, tls.key)
-            self.ssl_contexts[plane.name] = ctx
-        return ctx
-
     async def _connect(self, dep: Deployment, up: Upstream, table: Table) -> UpstreamConnection:
-        """A connection to `up`; a new one only to an address inside the plane's region (SPEC §8)."""
+        """A connection to `up`: an idle one still in its host's answer, or a new one through the
+        region-checked connector (SPEC §8)."""
         tls = dep.plane.tls
-        conn = self.pool.take_idle(up, tls)
+        conn = self.pool.take_idle(up, tls, self.connector.still_current)
         if conn is not None:
             return conn
         region = table.regions[dep.plane.region]
-        addresses = await self.resolver.resolve_in_region(up.host, region.name, region.networks)
-        ctx = self._ssl(dep.plane) if up.scheme == "https" else None
-        error: GatewayError | None = None
-        for address in addresses[:MAX_ADDRESSES_TRIED]:
-            try:
-                return await self.pool.connect(up, dep.timeouts.connect_seconds, ctx, tls, address)
-            except GatewayError as exc:
-                error = exc
-        raise error or ModelUnavailable(f"no address to connect to for '{up.host}'")
+        ctx = self.connector.ssl_for(dep.plane) if up.scheme == "https" else None
+        key = self.pool.key(up, tls)
+        _, conn, address = await self.connector.open(
+            up.host, up.port, region, lambda: UpstreamConnection(self.pool, key),
+            timeout=dep.timeouts.connect_seconds, tls=ctx,
+        )  # fmt: skip
+        conn.address = address
+        self.pool.opened += 1
+        return conn
 
     # -- held calls (SPEC §6) ------------------------------------------------------------------
 

@@ -29,18 +29,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from gateway.errors import GatewayError
+from gateway.errors import ConnectFailed, GatewayError, NoAddress
 from gateway.metrics import Metrics
 from gateway.routing.model import HealthCheck, Upstream
 from gateway.upstream.background import BackgroundLoop
 from gateway.upstream.balance import Endpoint, EndpointSet
 
 log = logging.getLogger("gateway.health")
+OpenStream = Callable[[Upstream], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 HEALTHY_RESULT = "healthy"
 # healthy: a 2xx; bad_status: another status or not HTTP; timeout: no status line within timeout_seconds;
@@ -110,28 +110,22 @@ def classify(status_line: bytes) -> str:
     return HEALTHY_RESULT if ok and len(parts[1]) == 3 else "bad_status"
 
 
-async def probe(
-    up: Upstream,
-    head: bytes,
-    timeout: float,
-    addresses: Callable[[str], Awaitable[tuple[str, ...]]],
-    ssl_context: ssl.SSLContext | None,
-) -> str:
+async def probe(up: Upstream, head: bytes, timeout: float, open_stream: OpenStream) -> str:
     """Send `head` to `up` on a fresh connection and judge the status line; one of `RESULTS`.
 
-    `addresses(host)` must return only addresses the replica may be connected at (the region
-    check) or raise GatewayError; the whole probe, DNS included, ends within `timeout`.
+    `open_stream(up)` opens the connection the way calls are opened (`Connector.open_stream`: the
+    table's resolver and the region check); the whole probe, DNS included, ends within `timeout`.
     """
     try:
         async with asyncio.timeout(timeout):
             try:
-                found = await addresses(up.host)
+                reader, writer = await open_stream(up)
+            except NoAddress:  # DNS found nothing, or an address outside the region
+                return "no_address"
+            except ConnectFailed:
+                return "connection_error"
             except GatewayError:
                 return "no_address"
-            reader, writer = await asyncio.open_connection(
-                found[0], up.port, ssl=ssl_context, server_hostname=up.host if ssl_context else None,
-                limit=MAX_STATUS_LINE,
-            )  # fmt: skip
             try:
                 writer.write(head)
                 line = await reader.readline()

@@ -3,8 +3,9 @@
 An `UpstreamConnection` parses the plane's response with httptools and hands each
 event to the `Exchange` currently using it (`on_response_head`, `on_response_body`,
 `on_response_complete`, `on_upstream_lost`, and `flush` once per read) so a chunk is
-relayed in the same loop iteration it arrives in. This module is the one boundary
-where socket/OS errors of upstream connections are translated into gateway errors.
+relayed in the same loop iteration it arrives in. Connections are opened by the one
+region-checked connector (`gateway.upstream.connect`); the pool lends them again only when their
+last exchange was framed completely both ways (`UpstreamConnection.clean`, issue 9).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-import ssl as ssl_module
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 import httptools
 
-from gateway.errors import GatewayError, ModelUnavailable, UpstreamBroken
+from gateway.errors import GatewayError, UpstreamBroken
 from gateway.routing.model import Upstream
 
 IDLE_EXPIRY_SECONDS = 4.0  # below the usual 5 s keep-alive timeout of Python plane servers
@@ -60,6 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.born = time.monotonic()
         self.eof = False
         self.requests = 0
+        self.address = ""  # the resolved address it was opened to (the host's answer may move on)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("active" if self.exchange else "idle")
@@ -268,7 +269,6 @@ class Pool:
     def __init__(self) -> None:
         self.idle: dict[tuple, collections.deque[UpstreamConnection]] = {}
         self.opened = 0
-        self.ssl_contexts: dict[tuple, ssl_module.SSLContext] = {}
 
     def __repr__(self) -> str:
         idle = sum(len(d) for d in self.idle.values())
@@ -280,7 +280,14 @@ class Pool:
         a connection made with one plane's client certificate must never carry another's calls."""
         return (up.scheme, up.host, up.port, tls if up.scheme == "https" else None)
 
-    def take_idle(self, up: Upstream, tls: Hashable = None) -> UpstreamConnection | None:
+    def take_idle(
+        self, up: Upstream, tls: Hashable = None, current: Callable[[str, str], bool] | None = None
+    ) -> UpstreamConnection | None:  # fmt: skip
+        """The warmest idle connection to `up`, or None.
+
+        With `current(host, address)`, a connection whose address left its host's DNS answer is
+        closed instead of lent (issue 10: warm connections follow a DNS change).
+        """
         conns = self.idle.get(self.key(up, tls))
         if not conns:
             return None
@@ -292,37 +299,11 @@ class Pool:
                 and not conn.eof
                 and now - conn.idle_since < IDLE_EXPIRY_SECONDS
                 and now - conn.born < MAX_AGE_SECONDS
+                and (current is None or not conn.address or current(up.host, conn.address))
             ):
                 return conn
             conn.close()
         return None
-
-    async def connect(
-        self, up: Upstream, timeout: float, ssl_context: ssl_module.SSLContext | None = None, tls: Hashable = None,
-        address: str | None = None,
-    ) -> UpstreamConnection:  # fmt: skip
-        """A new connection to `up`, at `address` (already resolved and checked) if given.
-
-        TLS still verifies the plane's own host name, whatever address it was reached at.
-        """
-        key = self.key(up, tls)
-        loop = asyncio.get_running_loop()
-        tls_context = ssl_context if up.scheme == "https" else None
-        try:
-            async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self, key),
-                    address or up.host,
-                    up.port,
-                    ssl=tls_context,
-                    server_hostname=up.host if tls_context is not None else None,
-                )
-        except TimeoutError:
-            raise ModelUnavailable(f"could not connect to the plane within {timeout:g} s") from None
-        except (OSError, ssl_module.SSLError) as exc:
-            raise ModelUnavailable(f"could not connect to the plane: {exc.strerror or exc}") from None
-        self.opened += 1
-        return conn
 
     def put_idle(self, conn: UpstreamConnection) -> None:
         conns = self.idle.setdefault(conn.key, collections.deque())

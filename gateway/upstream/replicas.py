@@ -13,17 +13,16 @@ deployments that left the table. `close()` stops everything (gateway shutdown).
 
 from __future__ import annotations
 
-import ssl
-from collections.abc import Callable
+import asyncio
 from dataclasses import dataclass
 
-from gateway.dns import Resolver
 from gateway.metrics import Metrics
-from gateway.routing.model import Deployment, Plane, Table, Upstream
+from gateway.routing.model import Deployment, Table, Upstream
 from gateway.routing.resolve import Route
 from gateway.upstream.balance import EndpointSet, replica_count, replica_layout
+from gateway.upstream.connect import Connector
 from gateway.upstream.discovery import SrvDiscovery
-from gateway.upstream.health import HealthProber, probe, probe_head
+from gateway.upstream.health import MAX_STATUS_LINE, HealthProber, probe, probe_head
 
 Key = tuple[str, str]  # (model id, deployment id), as `balance.deployment_key`
 
@@ -40,15 +39,13 @@ class _Entry:
 class ReplicaSets:
     """Per-deployment replica sets for one worker; see the module docstring.
 
-    `resolver()` gives the worker's current resolver (it is replaced when the nameservers change) and
-    `ssl_for(plane)` the TLS context for an `https://` plane: probes connect like calls do.
+    `connector` is the worker's one region-checked connector: discovery asks its current resolver
+    (replaced when the nameservers change) and probes connect through it, like calls do.
     """
 
-    def __init__(
-        self, resolver: Callable[[], Resolver], ssl_for: Callable[[Plane], ssl.SSLContext], metrics: Metrics | None
-    ) -> None:  # fmt: skip
-        self._resolver = resolver
-        self._ssl_for = ssl_for
+    def __init__(self, connector: Connector, metrics: Metrics | None) -> None:
+        self._connector = connector
+        self._resolver = lambda: connector.resolver
         self._metrics = metrics
         self._entries: dict[Key, _Entry] = {}
         self._table: Table | None = None
@@ -162,14 +159,21 @@ class ReplicaSets:
             if table is None or hc is None:
                 return "no_address"
             region = table.regions[dep.plane.region]
-            resolver = self._resolver()
+            connector = self._connector
+            ctx = connector.ssl_for(dep.plane) if up.scheme == "https" else None
 
-            async def addresses(host: str) -> tuple[str, ...]:
-                return await resolver.resolve_in_region(host, region.name, region.networks)
+            async def open_stream(up: Upstream) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                return await connector.open_stream(
+                    up.host,
+                    up.port,
+                    region,
+                    timeout=hc.timeout_seconds,
+                    tls=ctx,
+                    limit=MAX_STATUS_LINE,  # type: ignore[union-attr]
+                )
 
-            ctx = self._ssl_for(dep.plane) if up.scheme == "https" else None
             head = probe_head(up, hc.path, key[0], dep.id)
-            return await probe(up, head, hc.timeout_seconds, addresses, ctx)
+            return await probe(up, head, hc.timeout_seconds, open_stream)
 
         entry.prober = HealthProber(key, check, lambda: entry.endpoints, probe_one, self._metrics).start()
 

@@ -1,0 +1,5 @@
+"""The call pipeline every protocol adapter goes through between routing and the socket (issue 10).
+
+admission.py  pure decisions: concurrency limit, go / hold / reject
+outcome.py    pure: what a finished call means for its replica (ejection) and the upstream-error metric
+"""
