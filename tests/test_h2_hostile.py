@@ -10,11 +10,14 @@ answered. No timing is asserted: waits are bounded handshakes.
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import hpack
 import psutil
 import pytest
@@ -23,7 +26,7 @@ from gateway.grpc import h2server, limits, malformed, wire
 from gateway.grpc.h2server import H2Server
 from gateway.grpc.wire import BlockCache
 from tests.support import free_port, running_gateway, write_table
-from tests.test_grpc import AUTH, HOST, WAIT, GrpcPlane, channel, table_doc, unary
+from tests.test_grpc import AUTH, HOST, KEY, WAIT, GrpcPlane, channel, table_doc, unary
 from tests.test_grpc_wire import RawClient, Recorder, frame
 
 MIB = 1024 * 1024
@@ -493,3 +496,78 @@ def test_malformed_requests_are_reset_and_never_reach_a_plane(gateway, plane, ca
     assert frames[-1][3][b"grpc-status"] == b"0"
     client.close()
     assert plane.calls - calls == 1  # only the good call
+
+
+# -- gRPC metadata hygiene ---------------------------------------------------------------------------------
+
+
+def who(gw, metadata: tuple) -> dict:
+    with channel(gw) as ch:
+        return dict(json.loads(unary(ch, "Who")(b"", metadata=AUTH + metadata, timeout=WAIT))["metadata"])
+
+
+def test_underscore_look_alikes_and_client_proxy_fields_never_reach_the_plane(gateway) -> None:
+    spoofed = (
+        ("x_baseten_model_id", "spoofed"), ("x-baseten_environment", "spoofed"), ("x_forwarded_for", "1.2.3.4"),
+        ("x_baseten_request_id", "spoofed"), ("forwarded", "for=1.2.3.4"), ("x-real-ip", "1.2.3.4"),
+        ("x-forwarded-port", "1"), ("x-forwarded-prefix", "/admin"), ("x-original-url", "/admin"),
+        ("true-client-ip", "1.2.3.4"), ("x_custom", "kept: no protected name looks like it"),
+    )  # fmt: skip
+    seen = who(gateway, spoofed)
+    for name, _ in spoofed[:-1]:
+        assert seen.get(name) != dict(spoofed)[name], name
+    assert not {"x_baseten_model_id", "x-baseten_environment", "x_forwarded_for", "x-real-ip"} & set(seen)
+    assert seen["x_custom"] == dict(spoofed)["x_custom"]
+    assert seen["x-baseten-model-id"] == "abc123"
+    assert seen["forwarded"] == f'for=127.0.0.1;host="{HOST}";proto=http' or seen["forwarded"] == (
+        f"for=127.0.0.1;host={HOST};proto=http"
+    )
+
+
+@pytest.mark.parametrize(
+    ("credentials", "ok"),
+    [
+        ((("authorization", f"Api-Key {KEY}"), ("authorization", "Api-Key other")), False),
+        ((("baseten-authorization", f"Api-Key {KEY}"), ("baseten-authorization", "Api-Key other")), False),
+        ((("authorization", f"Api-Key {KEY}"), ("baseten-authorization", "Api-Key other")), False),
+        ((("authorization", "Api-Key other"), ("baseten-authorization", f"Api-Key {KEY}")), False),
+        ((("authorization", f"Api-Key {KEY}"), ("baseten-authorization", f"Api-Key {KEY}")), True),
+        ((("authorization", f"Api-Key {KEY}"), ("authorization", f"Api-Key {KEY}")), True),
+    ],
+    ids=["two-authorization", "two-baseten-authorization", "one-of-each", "one-of-each-first-wrong", "same-key",
+         "same-key-twice"],
+)  # fmt: skip
+def test_two_different_credentials_are_invalid_argument(gateway, credentials, ok) -> None:
+    with channel(gateway) as ch:
+        call = unary(ch, "Echo")
+        if ok:
+            assert call(b"x", metadata=credentials, timeout=WAIT) == b"x"
+            return
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"x", metadata=credentials, timeout=WAIT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "two different credentials" in info.value.details()
+    assert KEY not in info.value.details() and "other" not in info.value.details()
+
+
+def test_a_tls_server_name_of_another_model_host_is_unavailable(planes, tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("grpc.localhost", "*.grpc.localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    table = write_table(tmp_path / "table.yaml", table_doc(*planes, f"127.0.0.1:{free_port()}"))
+    tls = ("--grpc-tls-cert", str(cert_file), "--grpc-tls-key", str(key_file))
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+    with running_gateway(table, *tls, grpc_port=free_port()) as gw:
+        for sni, misdirected in [(HOST, False), ("model-xyz789.grpc.localhost", True), ("grpc.localhost", False)]:
+            options = [("grpc.ssl_target_name_override", sni), ("grpc.default_authority", HOST)]
+            with grpc.secure_channel(f"127.0.0.1:{gw.grpc_port}", credentials, options=options) as ch:
+                if not misdirected:
+                    assert unary(ch, "Echo")(b"tls", metadata=AUTH, timeout=WAIT) == b"tls"
+                    continue
+                with pytest.raises(grpc.RpcError) as info:
+                    unary(ch, "Echo")(b"tls", metadata=AUTH, timeout=WAIT)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "TLS server name is another host" in info.value.details()
