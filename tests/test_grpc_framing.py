@@ -130,7 +130,7 @@ HEADERS = [
     (b"grpc-accept-encoding", b"identity,gzip"),
     (b"grpc-trace-bin", b"AAA"),
     (b"authorization", b"Api-Key k1"),
-    (b"baseten-authorization", b"Api-Key k2"),
+    (b"baseten-authorization", b"Api-Key k1"),  # the same key under both names: fine
     (b"x-baseten-environment", b"staging"),
     (b"x-baseten-routing-key", b"user-42"),
     (b"x-baseten-model-id", b"spoofed"),
@@ -210,3 +210,30 @@ def test_gateway_trailers() -> None:
         (b"x-baseten-request-id", b"f" * 32),
     ]
     assert trailers(0, "", "a" * 32) == [(b"grpc-status", b"0"), (b"x-baseten-request-id", b"a" * 32)]
+
+
+def test_underscore_look_alikes_and_client_proxy_fields_are_not_forwarded() -> None:
+    spoofed = [(b"x_baseten_model_id", b"s"), (b"x-baseten_environment", b"s"), (b"x_forwarded_for", b"1.2.3.4"),
+               (b"forwarded", b"for=1.2.3.4"), (b"x-real-ip", b"1.2.3.4"), (b"x-forwarded-port", b"1"),
+               (b"x-forwarded-prefix", b"/a"), (b"x-original-url", b"/a"), (b"x_custom", b"kept")]  # fmt: skip
+    head = read_head([*GRPC, *spoofed])
+    assert head.metadata == ((b"x_custom", b"kept"),)
+    assert head.call.environment is None  # a look-alike is no routing input either
+
+
+@pytest.mark.parametrize(
+    ("credentials", "ok"),
+    [
+        ([(b"authorization", b"Api-Key a"), (b"authorization", b"Api-Key b")], False),
+        ([(b"baseten-authorization", b"Api-Key a"), (b"baseten-authorization", b"Api-Key b")], False),
+        ([(b"authorization", b"Api-Key a"), (b"baseten-authorization", b"Api-Key b")], False),
+        ([(b"authorization", b"Api-Key a"), (b"baseten-authorization", b"Api-Key a")], True),
+    ],
+)
+def test_two_different_credentials_are_refused_without_echoing_them(credentials: list, ok: bool) -> None:
+    if ok:
+        assert read_head([*GRPC, *credentials]).call.authorization == "Api-Key a"
+        return
+    with pytest.raises(ClientError) as info:
+        read_head([*GRPC, *credentials])
+    assert "two different credentials" in info.value.message and "Api-Key" not in info.value.message

@@ -6,5 +6,7 @@ relay.py          the app: resolve, then forward one call's frames both ways
 upstream.py       the HTTP/2 client to the planes: pooled h2c connections, frames forwarded unchanged
 wire.py           the HTTP/2 frame layer both sides use (RFC 9113 for gRPC's needs: frames, flow control, HPACK)
 hpack_literal.py  the HPACK encoder both sides use (static table and literals, no Huffman)
+limits.py         what a hostile peer may make the gateway hold or do: the flood bounds, pure decisions
+malformed.py      which request field sections HTTP/2 calls malformed (RFC 9113 §8.2, §8.3), pure
 listener.py       the listener a gateway worker starts and drains
 """

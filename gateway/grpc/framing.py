@@ -15,23 +15,25 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from gateway.errors import GRPC_INTERNAL, ClientError, GatewayError, PayloadTooLarge
+from gateway.headers import dropped
 from gateway.routing.resolve import GrpcCall
 
 MAX_MESSAGE_BYTES = 100 * 1024 * 1024  # per message, both ways (as WebSocket messages, SPEC §7)
 PREFIX = struct.Struct(">BI")  # Length-Prefixed-Message: Compressed-Flag, Message-Length (big-endian)
 
-# Request fields never forwarded as metadata: HTTP/2 fields, credentials, and what the gateway sets
-# itself (SPEC §4, §9). `grpc-*` keys are reserved for gRPC: grpc-timeout is set by the gateway
-# (capped), grpc-encoding and grpc-accept-encoding go with the transport fields, the others are dropped.
+# Request fields never forwarded as metadata: the HTTP/2 and transport fields here, and what
+# `gateway.headers.dropped` says for every protocol (credentials, what the gateway sets itself per
+# SPEC §4/§9, client proxy fields, their underscore look-alikes). `grpc-*` keys are reserved for
+# gRPC: grpc-timeout is set by the gateway (capped), grpc-encoding and grpc-accept-encoding go with
+# the transport fields, the others are dropped. (Connection-specific fields never get here: h2server
+# resets such a request as malformed, RFC 9113 §8.2.2; they are listed in case one does.)
 DROPPED = frozenset(
     {
         "host", "te", "content-type", "content-length", "user-agent", "connection", "keep-alive",
         "proxy-connection", "transfer-encoding", "upgrade",
-        "authorization", "baseten-authorization", "proxy-authorization",
-        "x-baseten-model-id", "x-baseten-environment", "x-baseten-deployment-id", "x-baseten-request-id",
-        "x-baseten-deployment", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
     }
 )  # fmt: skip
+CREDENTIALS = ("authorization", "baseten-authorization")  # SPEC §5: either carries the API key
 # Request fields forwarded to the plane unchanged, next to the metadata: what the messages are.
 TRANSPORT = frozenset({"content-type", "grpc-encoding", "grpc-accept-encoding", "user-agent"})
 # Plane response fields the gateway does not copy to the client: connection-specific ones (RFC 9113
@@ -191,8 +193,12 @@ def read_head(headers: Iterable[tuple[bytes, bytes]]) -> CallHead:
             continue
         if name == "host":
             authority = authority or raw_value.decode("latin-1")
-        elif name in ("authorization", "baseten-authorization"):
-            authorization = authorization or raw_value.decode("latin-1")
+        elif name in CREDENTIALS:
+            if authorization is None:
+                authorization = raw_value.decode("latin-1")
+            elif authorization != raw_value.decode("latin-1"):
+                # Which one would a plane or a log trust? None: the call is refused (never echoing either).
+                raise ClientError("two different credentials (authorization / baseten-authorization): send one")
         elif name == "x-baseten-environment":
             environment = raw_value.decode("latin-1")
         elif name == "x-baseten-deployment":
@@ -201,7 +207,7 @@ def read_head(headers: Iterable[tuple[bytes, bytes]]) -> CallHead:
             timeout = parse_timeout(raw_value.decode("latin-1"))
         elif name == "x-baseten-routing-key":
             routing_key = raw_value.decode("latin-1")
-        if name in DROPPED or name.startswith("grpc-"):
+        if name in DROPPED or name.startswith("grpc-") or dropped(raw_name):
             continue
         _check_metadata(raw_name, raw_value)
         forwarded.append((raw_name, raw_value))

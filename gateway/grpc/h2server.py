@@ -31,8 +31,10 @@ import ssl
 from collections import deque
 from typing import Protocol
 
-from gateway.grpc import wire
+from gateway.grpc import limits, wire
+from gateway.grpc.malformed import request_problem, trailers_problem
 from gateway.grpc.wire import H2Error
+from gateway.tls import sni_of
 
 log = logging.getLogger("gateway.grpc")
 
@@ -50,8 +52,9 @@ SETTINGS = {
     wire.MAX_FRAME_SIZE: MAX_FRAME,
     wire.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
 }
-# Request fields are not validated here: what is forwarded to the plane is checked by
-# `framing.read_head` (names, printable values, :path), and the rest is never used.
+# Request fields are checked here for what HTTP/2 itself says of them (`malformed`: a malformed
+# request is reset with PROTOCOL_ERROR and never reaches the app); what is forwarded to the plane
+# is checked by `framing.read_head` (metadata keys, printable values, :path).
 NO_ERROR = wire.NO_ERROR
 INTERNAL_ERROR = wire.INTERNAL_ERROR
 
@@ -106,6 +109,11 @@ class ServerStream:
     @property
     def scheme(self) -> str:
         return self.conn.scheme
+
+    @property
+    def sni(self) -> str | None:
+        """The TLS server name the client's connection asked for (None on h2c)."""
+        return self.conn.sni
 
     @property
     def done(self) -> bool:
@@ -249,6 +257,7 @@ class H2Connection(wire.FrameConnection):
     stream_window = STREAM_WINDOW
     connection_window = CONNECTION_WINDOW
     max_frame = MAX_FRAME
+    limit_reads = True  # a client that does not read its answers is not read either (limits.OUTPUT_HIGH_WATER)
 
     def __init__(self, server: H2Server) -> None:
         super().__init__(MAX_HEADER_LIST)
@@ -262,7 +271,13 @@ class H2Connection(wire.FrameConnection):
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_read = self.loop.time()
         self.scheme = "http"
+        self.sni: str | None = None
         self.client: tuple | None = None
+        self.resets = limits.ResetBudget(self.last_read)
+        # Streams whose HEADERS came in the read being handled: the app opens them once the read is
+        # done, so that a RST_STREAM in the same read keeps the call from ever reaching a plane
+        # (CVE-2023-44487, rapid reset). (stream, fields, END_STREAM)
+        self.opening: list[tuple[ServerStream, Headers, bool]] = []
 
     def __repr__(self) -> str:
         return f"<H2Connection {self.client} streams={len(self.streams)}{' draining' if self.draining else ''}>"
@@ -275,6 +290,8 @@ class H2Connection(wire.FrameConnection):
         self.client = transport.get_extra_info("peername")
         if transport.get_extra_info("ssl_object") is not None:
             self.scheme = "https"
+            self.sni = sni_of(transport)
+        transport.set_write_buffer_limits(limits.OUTPUT_HIGH_WATER, limits.OUTPUT_LOW_WATER)  # type: ignore[attr-defined]
         # The settings are in force from the first byte, not from the client's ACK: a client may use
         # the larger frame size and windows as soon as it has read them (RFC 9113 §6.5.3), and grpc
         # core does, in the same write as its ACK.
@@ -291,6 +308,8 @@ class H2Connection(wire.FrameConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        self.opening = []
+        self.decoder.release()
         for stream in list(self.streams.values()):
             stream._on_reset()
         for handle in (self.flush_handle, self.idle_handle):
@@ -314,7 +333,13 @@ class H2Connection(wire.FrameConnection):
         if stream is not None:  # trailers from the client: they end its request (gRPC sends none)
             if not end:
                 raise H2Error(wire.PROTOCOL_ERROR, "request trailers without END_STREAM")
-            if not stream.ended:
+            if self.opening:
+                self._open_pending()
+            problem = trailers_problem(fields)
+            if problem is not None:
+                self._malformed(stream_id, problem)
+                stream._on_reset()
+            elif not stream.ended:
                 stream._on_end()
             return
         if stream_id <= self.highest:
@@ -322,14 +347,29 @@ class H2Connection(wire.FrameConnection):
         if not stream_id & 1:
             raise H2Error(wire.PROTOCOL_ERROR, "a client opened an even-numbered stream")
         self.highest = stream_id
-        self._open(stream_id, fields)
-        if end:
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                stream._on_end()
+        problem = request_problem(fields)
+        if problem is not None:
+            self._malformed(stream_id, problem)
+        elif self.draining or len(self.streams) >= MAX_STREAMS:
+            self.reset_stream(stream_id, wire.REFUSED_STREAM)  # safe for the client to retry
+        else:
+            stream = self.streams[stream_id] = ServerStream(self, stream_id)
+            self.opening.append((stream, fields, end))
+
+    def on_input_end(self) -> None:
+        if self.opening:
+            self._open_pending()
+
+    def backlog(self) -> int:
+        return len(self.out) + len(self.opening)  # each stream to open queues at least its answer
 
     def on_data(self, stream_id: int, data: bytes, flow: int, end: bool) -> None:
-        stream = self.streams[stream_id]
+        if self.opening:
+            self._open_pending()  # the data goes to the stream's handler: it must have one
+        stream = self.streams.get(stream_id)
+        if stream is None:  # answered as it was opened
+            self.acknowledge(None, flow)
+            return
         if stream.ended:  # half-closed (remote): a stream error (RFC 9113 §5.1)
             self.acknowledge(None, flow)
             self.reset_stream(stream_id, wire.STREAM_CLOSED)
@@ -345,6 +385,9 @@ class H2Connection(wire.FrameConnection):
     def on_reset(self, stream_id: int, code: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:
+            # Only resets of open streams cost the gateway anything (a call started or about to be).
+            if not self.resets.spend(self.loop.time()):
+                raise H2Error(wire.ENHANCE_YOUR_CALM, f"more than {limits.RESET_BURST} stream resets (rapid reset)")
             stream._on_reset()
 
     def on_settings(self, window_changed: bool) -> None:
@@ -366,15 +409,27 @@ class H2Connection(wire.FrameConnection):
         log.info("gRPC client %s broke HTTP/2: %s", self.client, error)
         self._terminate(error.code)
 
-    def _open(self, stream_id: int, headers: Headers) -> None:
-        if self.draining or len(self.streams) >= MAX_STREAMS:
-            self.reset_stream(stream_id, wire.REFUSED_STREAM)  # safe for the client to retry
-            return
-        stream = ServerStream(self, stream_id)
-        self.streams[stream_id] = stream
-        handler = self.server.app.open(stream, headers)
-        if not (stream.reset or stream.finished):
-            stream.handler = handler
+    def _malformed(self, stream_id: int, problem: str) -> None:
+        log.debug("gRPC client %s sent a malformed request on stream %d: %s", self.client, stream_id, problem)
+        self.reset_stream(stream_id, wire.PROTOCOL_ERROR)  # a stream error (RFC 9113 §8.1.1)
+
+    def _open_pending(self) -> None:
+        """Hand the streams opened in this read to the app, but those the client reset meanwhile."""
+        opening, self.opening = self.opening, []
+        app = self.server.app
+        for stream, headers, end in opening:
+            if stream.reset or self.closing:
+                continue
+            stream.ended = end  # a complete request: no RST_STREAM(NO_ERROR) after an early answer
+            try:
+                handler = app.open(stream, headers)
+                if not (stream.reset or stream.finished):
+                    stream.handler = handler
+                    if end:
+                        handler.client_end()
+            except Exception:
+                log.exception("gRPC stream handler failed")
+                stream.abort()
 
     # -- output
 
@@ -416,6 +471,7 @@ class H2Connection(wire.FrameConnection):
             self.send_goaway(self.highest, error_code)
         self.flush()
         self.closing = True
+        self.opening = []
         if self.transport is not None:
             self.transport.close()
         for stream in list(self.streams.values()):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from gateway.errors import GatewayError, UpstreamBroken, UpstreamTimeout
+from gateway.errors import GatewayError, MisdirectedRequest, UpstreamBroken, UpstreamTimeout
 from gateway.grpc.framing import (
     CANCELLED,
     HTTP_STATUS,
@@ -33,6 +33,7 @@ from gateway.grpc.framing import (
 from gateway.grpc.h2server import DISCARD, Handler, Headers, ServerStream
 from gateway.grpc.hold import GrpcHolds
 from gateway.grpc.upstream import PlaneAddress, PlaneConnection, Planes, PlaneStream
+from gateway.headers import forwarded_value, misdirected
 from gateway.http.proxy import new_request_id
 from gateway.metrics import Metrics
 from gateway.routing.resolve import Route, resolve_grpc
@@ -69,9 +70,18 @@ class GrpcRelay:
     def open(self, stream: ServerStream, headers: Headers) -> Handler:
         started = self.loop.time()
         request_id = new_request_id()
+        table = self.state.table
         try:
             head = read_head(headers)
-            route = resolve_grpc(self.state.table, head.call)
+            sni = stream.sni
+            if sni is not None and misdirected(sni, head.call.authority, table.domains):
+                # RFC 9110 §15.5.20 (421), UNAVAILABLE in gRPC (SPEC §9): the client retries on a
+                # connection of its own for that host instead of one coalesced for another.
+                raise MisdirectedRequest(
+                    f"this connection's TLS server name is another host ({sni[:100]}): "
+                    f"open a connection for {head.authority[:100]}"
+                )
+            route = resolve_grpc(table, head.call)
         except GatewayError as error:
             stream.respond(ERROR_HEAD + error_trailers(error, request_id), end=True)
             self._observe(UNROUTED, error.grpc_status, started)
@@ -165,6 +175,7 @@ class RelayedCall:
         head = self.head
         stream = self.stream
         client = stream.client
+        peer = client[0] if client else ""
         return [
             (b":method", b"POST"),
             (b":scheme", b"http"),
@@ -176,9 +187,10 @@ class RelayedCall:
             *head.metadata,
             *self.relay.identity(self.route),
             (b"x-baseten-request-id", self.request_id.encode()),
-            (b"x-forwarded-for", client[0].encode() if client else b""),
+            (b"x-forwarded-for", peer.encode()),
             (b"x-forwarded-proto", stream.scheme.encode()),
             (b"x-forwarded-host", head.authority.encode()),
+            (b"forwarded", forwarded_value(peer, head.authority, stream.scheme)),  # RFC 7239, replacing the client's
         ]
 
     # -- client -> plane

@@ -355,6 +355,7 @@ class PlaneConnection(wire.FrameConnection):
     def _lost(self, error: GatewayError) -> None:
         self.closing = True
         self.ready = False
+        self.decoder.release()  # its cached blocks no longer count against the worker's budget
         self.group.discard(self)
         if not self.settled.done():
             self.settled.set_result(None)

@@ -16,6 +16,9 @@ connection parses frames with `struct` and calls its subclass (`h2server.H2Conne
 - every protocol violation becomes `H2Error`, which the subclass turns into GOAWAY and a close
   (`protocol_error`); the worker never sees it.
 Frames written in one event-loop turn are joined into one transport write (`flush`).
+What a hostile peer can make it hold is bounded by limits.py: frames per header block, unread
+PING/SETTINGS ACKs, the HPACK block cache, and (server side, `limit_reads`) no reading while the
+transport's buffer is full.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import hpack
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 
+from gateway.grpc import limits
 from gateway.grpc.hpack_literal import LiteralEncoder
 
 log = logging.getLogger("gateway.grpc")
@@ -50,7 +54,6 @@ DEFAULT_WINDOW = 65535
 DEFAULT_FRAME = 16384
 MAX_WINDOW = (1 << 31) - 1
 STREAM_MASK = 0x7FFFFFFF
-MAX_CACHED_BLOCKS = 256
 
 FRAME_HEAD = struct.Struct(">HBBBL")  # length (24 bits: 16 + 8), type, flags, stream id
 U32 = struct.Struct(">L")
@@ -86,13 +89,19 @@ class BlockCache(hpack.Decoder):
     §2.3), so a block that inserted nothing and resized nothing is cached by its bytes, and the
     whole cache is dropped whenever a block changes the table. gRPC peers send the same blocks over
     and over (the plane's response headers and `grpc-status: 0` trailers, fully indexed after the
-    first call).
+    first call). Only what recurs is kept: a small block (`limits.cache_cost`) the second time it is
+    seen, within CACHE_BYTES_PER_CONNECTION and the worker's `budget` (distinct 60 KB literal blocks
+    once pinned +178 MiB on six idle connections). `release` gives the bytes back when the
+    connection ends.
     """
 
-    def __init__(self, max_header_list_size: int) -> None:
+    def __init__(self, max_header_list_size: int, budget: limits.CacheBudget = limits.WORKER_CACHE) -> None:
         super().__init__()
         self.max_header_list_size = max_header_list_size
         self.blocks: dict[bytes, list] = {}
+        self.seen: set[int] = set()  # hashes of blocks decoded once and not cached
+        self.cached = 0  # bytes the cache holds, as counted by limits.cache_cost
+        self.budget = budget
         self.changes = 0
         add = self.header_table.add
 
@@ -109,13 +118,36 @@ class BlockCache(hpack.Decoder):
         changes, size = self.changes, self.header_table.maxsize
         fields = list(super().decode(data, raw))
         if self.changes != changes or self.header_table.maxsize != size:
-            self.blocks.clear()  # the table changed: the cached blocks may mean something else now
-        else:
-            if len(self.blocks) >= MAX_CACHED_BLOCKS:
-                self.blocks.clear()
-            self.blocks[data] = fields
-            return list(fields)
-        return fields
+            self.clear()  # the table changed: the cached blocks may mean something else now
+            return fields
+        key = hash(data)  # computed by the lookup above already
+        if key not in self.seen:
+            if len(self.seen) >= limits.SEEN_MAX:
+                self.seen.clear()
+            self.seen.add(key)
+            return fields
+        cost = limits.cache_cost(data, fields)
+        if cost is None:
+            return fields
+        if self.cached + cost > limits.CACHE_BYTES_PER_CONNECTION:
+            self.clear()
+        if not self.budget.take(cost):
+            return fields  # the worker's caches are full: decode every time
+        self.blocks[data] = fields
+        self.cached += cost
+        return list(fields)
+
+    def clear(self) -> None:
+        if self.blocks:
+            self.blocks.clear()
+        if self.cached:
+            self.budget.give(self.cached)
+            self.cached = 0
+
+    def release(self) -> None:
+        """The connection is over: its cached bytes go back to the worker's budget."""
+        self.clear()
+        self.seen.clear()
 
 
 class FrameConnection(asyncio.Protocol):
@@ -123,6 +155,7 @@ class FrameConnection(asyncio.Protocol):
     `send_window`, `recv_window` and `credit` attributes) and what the frames mean to them."""
 
     client_side = False
+    limit_reads = False  # stop reading while the transport's buffer is full (the server side: h2server)
     stream_window = DEFAULT_WINDOW  # what we advertise as INITIAL_WINDOW_SIZE
     connection_window = DEFAULT_WINDOW
     max_frame = DEFAULT_FRAME
@@ -135,6 +168,8 @@ class FrameConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closing = False
         self.write_paused = False  # the transport's buffer is full (asyncio flow control)
+        self.read_paused = False  # ... and so the peer is not read (`limit_reads`)
+        self.owed_acks = 0  # PING/SETTINGS ACKs queued since the transport last took everything
         self.parts: list[bytes] = []  # received bytes not parsed yet (an incomplete frame)
         self.have = 0  # their length
         self.wanted = 0  # how many are needed before parsing can go on: large frames are joined once
@@ -153,6 +188,7 @@ class FrameConnection(asyncio.Protocol):
         self.block: list[bytes] = []
         self.block_size = 0
         self.block_end = 0
+        self.block_frames = 0  # HEADERS + CONTINUATION frames of the block
 
     # -- to override
 
@@ -172,6 +208,13 @@ class FrameConnection(asyncio.Protocol):
 
     def handler_failed(self, stream_id: int) -> None: ...
 
+    def on_input_end(self) -> None:
+        """The frames of one read are handled (before their answers are written)."""
+
+    def backlog(self) -> int:
+        """Frames queued to be written, and whatever will queue more when `on_input_end` runs."""
+        return len(self.out)
+
     def protocol_error(self, error: H2Error) -> None: ...
 
     # -- shared by both sides
@@ -188,9 +231,21 @@ class FrameConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True  # the peer is not reading: streams keep their data until resume_writing
+        transport = self.transport
+        if self.limit_reads and not self.read_paused and transport is not None and not transport.is_closing():
+            # Nor is it read: whatever it sends could only queue more answers (limits.OUTPUT_HIGH_WATER).
+            self.read_paused = True
+            transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.owed_acks = 0
+        if self.read_paused:
+            self.read_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+            if self.parts:
+                self.data_received(b"")  # what was left unparsed when reading stopped
         self._window_opened()
 
     def reset_stream(self, stream_id: int, code: int) -> None:
@@ -226,7 +281,7 @@ class FrameConnection(asyncio.Protocol):
         if self.parts:
             self.parts.append(data)
             self.have += len(data)
-            if self.have < self.wanted:
+            if self.have < self.wanted or self.read_paused:
                 return
             buf = b"".join(self.parts)
             self.parts = []
@@ -264,6 +319,12 @@ class FrameConnection(asyncio.Protocol):
                     if kind == DATA:
                         self._data(stream_id, flags, payload, length)
                     elif kind == HEADERS:
+                        if self.limit_reads and self.backlog() >= limits.OUTPUT_CHECK_FRAMES:
+                            self.on_input_end()  # answer what came so far: does the peer read the answers?
+                            self.flush()
+                            if self.write_paused:
+                                self._keep(buf[pos - 9 - length :], 0)  # this frame on: parsed on resume_writing
+                                break
                         self._headers(stream_id, flags, payload, length)
                     elif kind == WINDOW_UPDATE:
                         self._window_update(stream_id, payload, length)
@@ -279,6 +340,7 @@ class FrameConnection(asyncio.Protocol):
                         if stream_id or length != 8:
                             raise H2Error(PROTOCOL_ERROR if length == 8 else FRAME_SIZE_ERROR, "bad PING")
                         if not flags & ACK:
+                            self._owe_ack()
                             self.out.append(frame(PING, ACK, 0, payload))
                     elif kind == CONTINUATION:
                         self._continuation(stream_id, flags, payload, length)
@@ -307,7 +369,13 @@ class FrameConnection(asyncio.Protocol):
             self.parts = []
             self.protocol_error(error)
             return
+        self.on_input_end()
         self.flush()
+
+    def _owe_ack(self) -> None:
+        self.owed_acks += 1
+        if self.owed_acks > limits.MAX_OWED_ACKS:
+            raise H2Error(ENHANCE_YOUR_CALM, f"over {limits.MAX_OWED_ACKS} PING/SETTINGS ACKs the peer has not read")
 
     def _keep(self, rest: bytes, wanted: int) -> None:
         self.parts = [rest]
@@ -357,12 +425,17 @@ class FrameConnection(asyncio.Protocol):
             self.block = [block]
             self.block_size = len(block)
             self.block_end = flags & END_STREAM
+            self.block_frames = 1
             if self.block_size > self.max_header_block:
                 raise H2Error(ENHANCE_YOUR_CALM, "header block exceeds SETTINGS_MAX_HEADER_LIST_SIZE")
 
     def _continuation(self, stream_id: int, flags: int, payload: bytes, length: int) -> None:
         if not self.continued or stream_id != self.continued:
             raise H2Error(PROTOCOL_ERROR, "CONTINUATION without a header block to continue")
+        self.block_frames += 1
+        # Empty CONTINUATION frames count too (CVE-2024-27316): they add no bytes, only work and list entries.
+        if self.block_frames > limits.MAX_BLOCK_FRAMES:
+            raise H2Error(ENHANCE_YOUR_CALM, f"header block in over {limits.MAX_BLOCK_FRAMES} frames")
         self.block.append(payload)
         self.block_size += length
         # A block's fields decode to at least its size (RFC 7541 §4.1 counts 32 bytes more per field).
@@ -433,6 +506,7 @@ class FrameConnection(asyncio.Protocol):
                 self.encoder.header_table_size = value
             elif ident == ENABLE_PUSH and value > 1:
                 raise H2Error(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1")
+        self._owe_ack()
         self.out.append(frame(SETTINGS, ACK, 0))
         self.on_settings(window_changed)
 
@@ -500,3 +574,5 @@ class FrameConnection(asyncio.Protocol):
             self.out = []
             if not self.closing and self.transport is not None:
                 self.transport.write(b"".join(out))
+                if not self.write_paused:
+                    self.owed_acks = 0  # the transport took them: they are the kernel's and the peer's now
