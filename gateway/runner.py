@@ -120,7 +120,9 @@ class Gateway:
             self.servers.append(await serve(async_handler(self.admin), opts.admin_host, opts.admin_port))
         if opts.grpc_port is not None:
             cert, key = opts.grpc_tls_cert, opts.grpc_tls_key
-            self.grpc = GrpcListener(self.state, self.metrics, tls_context(cert, key) if cert and key else None)
+            self.grpc = GrpcListener(
+                self.state, self.metrics, tls_context(cert, key) if cert and key else None, self.public.connector
+            )
             await self.grpc.start(opts.host, opts.grpc_port, reuse_port=opts.reuse_port)
         loop = asyncio.get_running_loop()
         if opts.watch_interval > 0:  # a worker under the supervisor is told when to reload instead

@@ -10,6 +10,7 @@ from gateway.grpc.upstream import Planes
 from gateway.metrics import Metrics
 from gateway.state import TableState
 from gateway.tls import server_context
+from gateway.upstream.connect import Connector
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -17,8 +18,16 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 class GrpcListener:
-    def __init__(self, state: TableState, metrics: Metrics, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.planes = Planes()
+    def __init__(
+        self, state: TableState, metrics: Metrics, ssl_context: ssl.SSLContext | None = None,
+        connector: Connector | None = None,
+    ) -> None:  # fmt: skip
+        # The worker's one region-checked connector (shared with the HTTP listener), or one of its own.
+        self.own_connector = connector is None
+        self.connector = connector or Connector(state.table.gateway.dns_nameservers, metrics)
+        if self.own_connector:
+            state.on_swap.append(self.connector.table_swapped)
+        self.planes = Planes(self.connector)
         state.on_swap.append(self.planes.table_swapped)
         self.relay = GrpcRelay(state, metrics, self.planes)
         self.server = H2Server(self.relay, ssl_context)
@@ -45,3 +54,5 @@ class GrpcListener:
         self.relay.holds.close()
         await self.server.close()
         await self.planes.close()
+        if self.own_connector:
+            self.connector.close()

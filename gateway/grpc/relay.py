@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from gateway.calls.outcome import error_kind
 from gateway.errors import GatewayError, MisdirectedRequest, UpstreamBroken, UpstreamTimeout
 from gateway.grpc.framing import (
     CANCELLED,
@@ -141,7 +142,8 @@ class RelayedCall:
         total = dep.timeouts.total_seconds
         self.timeout = total if head.timeout is None else min(head.timeout, total)
         self.timer: asyncio.TimerHandle | None = relay.loop.call_at(started + self.timeout, self._deadline)
-        self.group: PlaneAddress = relay.planes.acquire(dep.plane.grpc or "")
+        table = relay.state.table
+        self.group: PlaneAddress = relay.planes.acquire(dep.plane.grpc or "", table.regions[dep.plane.region])
         self.group.connect(self, dep.timeouts.connect_seconds)
 
     def __repr__(self) -> str:
@@ -279,8 +281,9 @@ class RelayedCall:
     def plane_failed(self, error: GatewayError) -> None:
         if self.done:
             return
-        kind = "broken" if isinstance(error, UpstreamBroken) else "connect"
-        self.relay.metrics.upstream_errors.inc(self.labels + (kind,))
+        kind = error_kind(error)
+        if kind is not None:
+            self.relay.metrics.upstream_errors.inc(self.labels + (kind,))
         self.fail(error)
 
     # -- the end

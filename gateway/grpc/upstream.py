@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import deque
 from typing import Protocol
 
-from gateway.errors import GatewayError, ModelUnavailable, UpstreamBroken
+from gateway.errors import ConnectFailed, GatewayError, UpstreamBroken
 from gateway.grpc import wire
 from gateway.grpc.wire import H2Error
-from gateway.routing.model import Table
+from gateway.routing.model import Region, Table
+from gateway.upstream.connect import Connector
 
 log = logging.getLogger("gateway.grpc")
 
@@ -223,6 +223,7 @@ class PlaneConnection(wire.FrameConnection):
         self.last_stream_id = LAST_STREAM_ID  # lowered by a GOAWAY
         self.goaway = False
         self.flush_handle: asyncio.Handle | None = None
+        self.address = ""  # the resolved address it went to, once connected
 
     def __repr__(self) -> str:
         state = "closing" if self.closing else "goaway" if self.goaway else "ready" if self.ready else "connecting"
@@ -327,7 +328,7 @@ class PlaneConnection(wire.FrameConnection):
         self.goaway = True
         self.group.discard(self)
         self.last_stream_id = min(self.last_stream_id, last_stream_id)
-        error = ModelUnavailable("the plane is going away (GOAWAY) and did not take the call")
+        error = ConnectFailed("the plane is going away (GOAWAY) and did not take the call")
         for stream in [s for s in self.streams.values() if s.id > self.last_stream_id]:
             stream._on_failed(error)
         if not self.streams:
@@ -369,14 +370,21 @@ class PlaneConnection(wire.FrameConnection):
 
 
 class PlaneAddress:
-    """The connections to one plane `host:port`, and the calls using them."""
+    """The connections to one plane `host:port` in one region, and the calls using them.
 
-    def __init__(self, address: str, loop: asyncio.AbstractEventLoop) -> None:
+    Connections are opened by the worker's region-checked connector (SPEC §8): the host is resolved
+    by the table's resolver and every address must lie in the region's networks. A connection whose
+    address has left the host's DNS answer takes no new stream and closes once its streams end.
+    """
+
+    def __init__(self, address: str, region: Region, connector: Connector, loop: asyncio.AbstractEventLoop) -> None:
         self.address = address
         self.authority = address.encode()
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
+        self.region = region
+        self.connector = connector
         self.loop = loop
         self.conns: list[PlaneConnection] = []  # ready or connecting, taking new streams
         self.connecting: PlaneConnection | None = None
@@ -389,7 +397,12 @@ class PlaneAddress:
 
     def connect(self, call, timeout: float) -> None:
         """`call.plane_connected(conn)` now or once a connection is ready; `call.plane_failed(error)` if none can be."""
-        for conn in self.conns:
+        for conn in list(self.conns):
+            if conn.address and not self.connector.still_current(self.host, conn.address):
+                self.discard(conn)  # its address left the DNS answer: no new streams (issue 10)
+                if not conn.streams:
+                    conn.close()
+                continue
             if conn.has_room:
                 call.plane_connected(conn)
                 return
@@ -408,15 +421,16 @@ class PlaneAddress:
         error: GatewayError | None = None
         try:
             async with asyncio.timeout(timeout):
-                await self.loop.create_connection(lambda: conn, self.host, self.port)
+                _, _, conn.address = await self.connector.open(
+                    self.host, self.port, self.region, lambda: conn, timeout=timeout
+                )
                 await conn.settled
         except TimeoutError:
-            error = ModelUnavailable(f"could not connect to the plane's gRPC address: timed out after {timeout:g} s")
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
-            error = ModelUnavailable(f"could not connect to the plane's gRPC address: {reason}")
+            error = ConnectFailed(f"could not connect to the plane's gRPC address: timed out after {timeout:g} s")
+        except GatewayError as exc:
+            error = exc  # no address in the region, refused, unreachable (the connector's ConnectFailed)
         if error is None and not conn.ready:
-            error = ModelUnavailable("could not connect to the plane's gRPC address: the connection was closed")
+            error = ConnectFailed("could not connect to the plane's gRPC address: the connection was closed")
         if self.connecting is conn:
             self.connecting = None
         waiters, conn.waiters = conn.waiters, []
@@ -440,19 +454,21 @@ class PlaneAddress:
 
 
 class Planes:
-    """The gateway's plane connections, by address."""
+    """The gateway's plane connections, by address and region (networks included)."""
 
-    def __init__(self) -> None:
+    def __init__(self, connector: Connector) -> None:
         self.loop = asyncio.get_running_loop()
-        self.open: dict[str, PlaneAddress] = {}
+        self.connector = connector
+        self.open: dict[tuple[str, Region], PlaneAddress] = {}
 
     def __repr__(self) -> str:
-        return f"<Planes {sorted(self.open)}>"
+        return f"<Planes {sorted(address for address, _ in self.open)}>"
 
-    def acquire(self, address: str) -> PlaneAddress:
-        group = self.open.get(address)
+    def acquire(self, address: str, region: Region) -> PlaneAddress:
+        key = (address, region)
+        group = self.open.get(key)
         if group is None:
-            group = self.open[address] = PlaneAddress(address, self.loop)
+            group = self.open[key] = PlaneAddress(address, region, self.connector, self.loop)
         group.users += 1
         return group
 
@@ -463,9 +479,10 @@ class Planes:
 
     def table_swapped(self, table: Table) -> None:
         """Retire the addresses in no plane of the new table; their connections close once their calls end."""
-        keep = {plane.grpc for plane in table.planes.values() if plane.grpc}
-        for address in [a for a in self.open if a not in keep]:
-            group = self.open.pop(address)
+        # A region whose networks changed is another key: connections opened under the old ones retire.
+        keep = {(plane.grpc, table.regions[plane.region]) for plane in table.planes.values() if plane.grpc}
+        for key in [k for k in self.open if k not in keep]:
+            group = self.open.pop(key)
             group.retired = True
             if group.users == 0:
                 group.close()
