@@ -310,3 +310,17 @@ def test_warm_connections_follow_a_dns_change_under_steady_traffic(tmp_path: Pat
     assert "127.0.0.2" in answers[changed_at:]
     switched = answers.index("127.0.0.2", changed_at)
     assert answers[switched:] == ["127.0.0.2"] * (len(answers) - switched)  # old connections took no more calls
+
+
+def test_the_connector_is_the_only_place_that_opens_plane_connections() -> None:
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "gateway"
+    callers = []
+    for path in package.rglob("*.py"):
+        if path.parent.name == "demo" or path.parent.name == "protos":
+            continue  # the demo's own sample planes and clients
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("create_connection", "open_connection"):
+                callers.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert len(callers) == 1 and callers[0].startswith("upstream/connect.py:"), callers

@@ -14,11 +14,11 @@ from typing import NamedTuple
 
 import httptools
 
-from gateway.dns import Resolver
-from gateway.errors import GatewayError, ModelUnavailable, UpstreamBroken, UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamBroken, UpstreamTimeout
 from gateway.http.proxy import new_request_id
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Table, Upstream
+from gateway.upstream.connect import Connector
 
 MAX_ANSWER_BYTES = 1024 * 1024  # kept of an answer's body (for the error message); the rest is read and dropped
 
@@ -30,24 +30,24 @@ class Answer(NamedTuple):
 
 
 class PlaneCaller:
-    """Makes single HTTP/1.1 calls to a deployment, keeping a resolver for the table's nameservers."""
+    """Makes single HTTP/1.1 calls to a deployment through a region-checked connector that follows
+    the table's nameservers (`gateway.upstream.connect`, the one place plane connections open)."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
-        self.resolver: Resolver | None = None
-        self.nameservers: tuple[str, ...] | None = None
+        self.connector: Connector | None = None
 
     def close(self) -> None:
-        if self.resolver is not None:
-            self.resolver.close()
-            self.resolver = None
+        if self.connector is not None:
+            self.connector.close()
+            self.connector = None
 
-    def _resolver(self, table: Table) -> Resolver:
-        if self.resolver is None or self.nameservers != table.gateway.dns_nameservers:
-            self.close()
-            self.nameservers = table.gateway.dns_nameservers
-            self.resolver = Resolver(self.nameservers, metrics=self.metrics)
-        return self.resolver
+    def _connector(self, table: Table) -> Connector:
+        if self.connector is None:
+            self.connector = Connector(table.gateway.dns_nameservers, self.metrics)
+        else:
+            self.connector.table_swapped(table)  # a no-op unless the nameservers changed
+        return self.connector
 
     async def call(
         self,
@@ -77,14 +77,9 @@ class PlaneCaller:
         ).encode()
         try:
             async with asyncio.timeout(timeout):
-                addresses = await self._resolver(table).resolve_in_region(up.host, region.name, region.networks)
-                ctx = _tls(dep) if up.scheme == "https" else None
-                try:
-                    reader, writer = await asyncio.open_connection(
-                        addresses[0], up.port, ssl=ctx, server_hostname=up.host if ctx else None
-                    )
-                except OSError as exc:
-                    raise ModelUnavailable(f"cannot connect to {up.authority}: {exc.strerror or exc}") from None
+                connector = self._connector(table)
+                ctx = connector.ssl_for(dep.plane) if up.scheme == "https" else None
+                reader, writer = await connector.open_stream(up.host, up.port, region, timeout=timeout, tls=ctx)
                 try:
                     writer.write(head + body)
                     status, answer = await _read_answer(reader)
@@ -95,14 +90,6 @@ class PlaneCaller:
         except TimeoutError:
             raise UpstreamTimeout(f"{up.authority} did not answer {method} {path} within {timeout:g}s") from None
         return Answer(status, answer, request_id)
-
-
-def _tls(dep: Deployment) -> ssl.SSLContext:
-    tls = dep.plane.tls
-    ctx = ssl.create_default_context(cafile=tls.ca if tls else None)
-    if tls and tls.cert:
-        ctx.load_cert_chain(tls.cert, tls.key)
-    return ctx
 
 
 class _Response:
