@@ -60,6 +60,7 @@ class PlaneCaller:
         *,
         to_plane: bool = False,
         timeout: float = 30.0,
+        request_id: str | None = None,
     ) -> Answer:
         """`method path` on the deployment (its first replica, or its plane's url with `to_plane`).
 
@@ -68,7 +69,7 @@ class PlaneCaller:
         """
         up: Upstream = dep.plane.url if to_plane or not dep.endpoints else dep.endpoints[0]
         region = table.regions[dep.plane.region]
-        request_id = new_request_id()
+        request_id = request_id or new_request_id()
         head = (
             f"{method} {path} HTTP/1.1\r\nhost: {up.authority}\r\nx-baseten-model-id: {dep.model_id}\r\n"
             f"x-baseten-environment: {environment}\r\nx-baseten-deployment-id: {dep.id}\r\n"
