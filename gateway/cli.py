@@ -11,8 +11,9 @@ from urllib.parse import urlsplit
 from gateway.errors import GatewayError
 from gateway.routing.loader import TableInvalid, load_table
 from gateway.routing.resolve import Call, Route, resolve
-from gateway.runner import OptionsError, ServeOptions, run_serve
+from gateway.runner import OptionsError, ServeOptions, check_options, run_gateway
 from gateway.state import load_serving_table
+from gateway.supervisor import run_supervisor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers, drain_timeout=args.drain_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key,
         grpc_tls_cert=args.grpc_tls_cert, grpc_tls_key=args.grpc_tls_key,
     )  # fmt: skip
-    return run_serve(opts)
+    check_options(opts)
+    return run_supervisor(opts) if opts.workers > 1 else run_gateway(opts)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -1,4 +1,10 @@
-"""Running a gateway: listeners, reload triggers, signals and drain (SPEC §3, §11)."""
+"""Running a gateway: listeners, reload triggers, signals and drain (SPEC §3, §11).
+
+Two roles, composed here and in `gateway.supervisor`: the data plane (`DataPlane`: the public and
+gRPC listeners, which only read the table) and the control plane (`environments.control.ControlPlane`:
+the admin writer, API, listener and promotions). One process runs both (`Gateway`); with
+`--workers N` the supervisor runs the control plane and each worker a data plane only.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,10 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
-from gateway.admin.app import AdminHandler
-from gateway.environments.api import EnvironmentsApi
+from gateway.environments.control import ControlPlane
 from gateway.grpc.listener import GrpcListener, tls_context
 from gateway.http.public import PublicHandler
-from gateway.http.server import HttpConnection, async_handler, serve
+from gateway.http.server import HttpConnection, serve
 from gateway.metrics import Metrics
 from gateway.state import TableState
 from gateway.tls import server_context
@@ -28,7 +33,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     admin_host: str = "127.0.0.1"
-    admin_port: int | None = 9090  # None: no admin listener (a worker under the supervisor)
+    admin_port: int | None = 9090  # None: no admin listener, hence no control plane
     admin_token: str | None = None
     grpc_port: int | None = None
     workers: int = 1
@@ -71,39 +76,41 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class Gateway:
-    """One worker: public, admin and (with --grpc-port) gRPC listeners over one `TableState`."""
+class DataPlane:
+    """The listeners that serve calls (public HTTP, and gRPC with --grpc-port) over one `TableState`.
 
-    def __init__(self, opts: ServeOptions) -> None:
+    It reads the table and never changes it: admin changes come from the control plane
+    (`gateway.environments.control`), in this process or, under the supervisor, as a SIGHUP reload.
+    """
+
+    def __init__(self, opts: ServeOptions, state: TableState, metrics: Metrics) -> None:
         self.opts = opts
-        self.metrics = Metrics()
-        self.state = TableState(opts.config, self.metrics, opts.store)
+        self.state = state
+        self.metrics = metrics
         self.pool = Pool()
         self.public: PublicHandler | None = None  # needs the running loop: made in start()
-        self.environments = (
-            EnvironmentsApi(self.state, self.metrics, lambda: self.metrics.requests.values)
-            if opts.admin_port is not None
-            else None  # a worker: the supervisor owns the admin API and runs the promotions
-        )
-        self.admin = AdminHandler(self.state, self.metrics, opts.admin_token, lambda: self.ready, self.environments)
-        self.connections: set[HttpConnection] = set()
-        self.servers: list[asyncio.base_events.Server] = []
+        self.server: asyncio.base_events.Server | None = None
         self.grpc: GrpcListener | None = None
-        self.ready = False
-        self.stopping = asyncio.Event()
-        self.tasks: list[asyncio.Task] = []
+        self.connections: set[HttpConnection] = set()
+
+    def __repr__(self) -> str:
+        port = self.public_port if self.server is not None else None
+        return f"<DataPlane public port={port} grpc port={self.grpc_port} connections={len(self.connections)}>"
 
     @property
     def public_port(self) -> int:
-        return self.servers[0].sockets[0].getsockname()[1]
-
-    @property
-    def admin_port(self) -> int | None:
-        return self.servers[1].sockets[0].getsockname()[1] if len(self.servers) > 1 else None
+        if self.server is None:
+            raise RuntimeError("the data plane has not started")
+        return self.server.sockets[0].getsockname()[1]
 
     @property
     def grpc_port(self) -> int | None:
         return self.grpc.port if self.grpc is not None else None
+
+    @property
+    def busy(self) -> bool:
+        """Calls in flight on any listener."""
+        return any(c.current is not None for c in self.connections) or (self.grpc is not None and self.grpc.busy)
 
     async def start(self) -> None:
         opts = self.opts
@@ -111,67 +118,123 @@ class Gateway:
         if opts.tls_cert:
             ctx = server_context(opts.tls_cert, opts.tls_key or opts.tls_cert)
         self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http")
-        public = await serve(
+        self.server = await serve(
             self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,
             reuse_port=opts.reuse_port,
         )  # fmt: skip
-        self.servers = [public]
-        if opts.admin_port is not None:
-            self.servers.append(await serve(async_handler(self.admin), opts.admin_host, opts.admin_port))
         if opts.grpc_port is not None:
             cert, key = opts.grpc_tls_cert, opts.grpc_tls_key
             self.grpc = GrpcListener(
                 self.state, self.metrics, tls_context(cert, key) if cert and key else None, self.public.connector
             )
             await self.grpc.start(opts.host, opts.grpc_port, reuse_port=opts.reuse_port)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let calls in flight finish (up to `timeout`), then close every connection."""
+        if self.server is not None:
+            self.server.close()
+        if self.grpc is not None:
+            self.grpc.stop_accepting()  # GOAWAY: clients open no new streams; open ones go on
         loop = asyncio.get_running_loop()
-        if opts.watch_interval > 0:  # a worker under the supervisor is told when to reload instead
-            self.tasks.append(loop.create_task(self.state.watch(opts.watch_interval)))
-        try:
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.state.reload("SIGHUP")))
-            loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-            loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        except (NotImplementedError, RuntimeError):
-            pass  # not the main thread (tests run gateways in threads)
-        if self.environments is not None:
-            self.environments.promotions.start()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and self.busy:
+            await asyncio.sleep(0.05)
+        if self.grpc is not None:
+            await self.grpc.close()
+        for conn in list(self.connections):
+            conn.close()
+
+    def close(self) -> None:
+        if self.public is not None:
+            self.public.close()
+        self.pool.close()
+
+
+def install_signals(stopping: asyncio.Event, state: TableState) -> None:
+    """SIGTERM / SIGINT drain, SIGHUP reloads the table."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(state.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+        loop.add_signal_handler(signal.SIGINT, stopping.set)
+    except (NotImplementedError, RuntimeError):
+        pass  # not the main thread (tests run gateways in threads)
+
+
+class Gateway:
+    """A single-process gateway: the data plane and the control plane over one `TableState`.
+
+    Without an admin port there is no control plane (nothing could drive it). With `--workers N`
+    this class is not used: the supervisor runs the control plane, each worker a `DataPlane`.
+    """
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.metrics = Metrics()
+        self.state = TableState(opts.config, self.metrics, opts.store)
+        self.data = DataPlane(opts, self.state, self.metrics)
+        self.control = (
+            ControlPlane(
+                self.state,
+                self.metrics,
+                lambda: self.metrics.requests.values,
+                token=opts.admin_token,
+                ready=lambda: self.ready,
+            )  # fmt: skip
+            if opts.admin_port is not None
+            else None
+        )
+        self.ready = False
+        self.stopping = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+
+    def __repr__(self) -> str:
+        return f"<Gateway {'ready' if self.ready else 'not ready'} {self.data!r} {self.control!r}>"
+
+    @property
+    def public_port(self) -> int:
+        return self.data.public_port
+
+    @property
+    def admin_port(self) -> int | None:
+        return self.control.admin_port if self.control is not None else None
+
+    @property
+    def grpc_port(self) -> int | None:
+        return self.data.grpc_port
+
+    async def start(self) -> None:
+        opts = self.opts
+        await self.data.start()
+        if self.control is not None and opts.admin_port is not None:
+            await self.control.listen(opts.admin_host, opts.admin_port)
+        if opts.watch_interval > 0:
+            self.tasks.append(asyncio.get_running_loop().create_task(self.state.watch(opts.watch_interval)))
+        install_signals(self.stopping, self.state)
+        if self.control is not None:
+            self.control.start()
         self.ready = True
         log.info(
-            "gateway serving %s on %s:%d, admin on %s:%s",
+            "gateway serving %s on %s:%s, admin on %s:%s",
             self.state.table,
             opts.host,
             self.public_port,
             opts.admin_host,
             self.admin_port,
         )
-        if self.grpc is not None:
-            log.info("gRPC (%s) on %s:%d", "TLS" if self.grpc.tls else "h2c", opts.host, self.grpc_port)
+        if self.data.grpc is not None:
+            log.info("gRPC (%s) on %s:%d", "TLS" if self.data.grpc.tls else "h2c", opts.host, self.grpc_port)
 
     async def drain(self) -> None:
         """Stop accepting, let calls in flight finish (up to the drain timeout), then close."""
         self.ready = False
-        self.servers[0].close()
-        if self.grpc is not None:
-            self.grpc.stop_accepting()  # GOAWAY: clients open no new streams; open ones go on
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.opts.drain_timeout
-        while loop.time() < deadline and (
-            any(c.current is not None for c in self.connections) or (self.grpc is not None and self.grpc.busy)
-        ):
-            await asyncio.sleep(0.05)
-        if self.grpc is not None:
-            await self.grpc.close()
-        for conn in list(self.connections):
-            conn.close()
-        for server in self.servers:
-            server.close()
+        await self.data.drain(self.opts.drain_timeout)
         for task in self.tasks:
             task.cancel()
-        if self.environments is not None:
-            await self.environments.promotions.close()
-        if self.public is not None:
-            self.public.close()
-        self.pool.close()
+        if self.control is not None:
+            await self.control.stop()
+            self.control.close()
+        self.data.close()
 
     async def run(self) -> None:
         await self.start()
@@ -188,12 +251,11 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_serve(opts: ServeOptions) -> int:
+def run_gateway(opts: ServeOptions) -> int:
+    """`gateway serve` in one process (`--workers N` with N > 1 is `supervisor.run_supervisor`)."""
     check_options(opts)
     if opts.workers > 1:
-        from gateway.supervisor import run_supervisor
-
-        return run_supervisor(opts)
+        raise OptionsError("--workers above 1 runs under the supervisor (gateway.supervisor.run_supervisor)")
     install_uvloop()
     asyncio.run(Gateway(opts).run())
     return 0

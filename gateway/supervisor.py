@@ -1,8 +1,10 @@
 """`--workers N`: N worker processes on one port, one admin listener, one table for all.
 
-Each worker is a full gateway (public and gRPC listeners, its own event loop) that binds the
-shared ports with SO_REUSEPORT, so the kernel spreads connections across workers. The
-supervisor (the parent process) owns what must be single:
+Each worker is a data plane only (`runner.DataPlane`: public and gRPC listeners, its own event
+loop) that binds the shared ports with SO_REUSEPORT, so the kernel spreads connections across
+workers. The supervisor (the parent process) runs the control plane
+(`environments.control.ControlPlane`: the admin writer, API and listener, the promotions) and owns
+what else must be single:
 - the admin listener: `/metrics` sums the workers' published snapshots, `/readyz` is ready
   when every worker is, `/v1/routing` shows the table and each worker's digest;
 - reloads: the supervisor validates the table once (file change, SIGHUP, admin call) and only a
@@ -27,10 +29,9 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from gateway.admin.app import AdminHandler
-from gateway.environments.api import EnvironmentsApi
-from gateway.http.server import async_handler, serve
+from gateway.environments.control import ControlPlane
 from gateway.metrics import Metrics, merge, snapshot
+from gateway.runner import DataPlane, ServeOptions, install_signals, install_uvloop
 from gateway.state import TableState
 
 log = logging.getLogger("gateway.supervisor")
@@ -38,48 +39,63 @@ PUBLISH_SECONDS = 1.0
 MONITOR_SECONDS = 0.5
 
 
-def worker_main(opts, index: int, metrics_dir: str) -> None:  # noqa: ANN001 - ServeOptions, kept picklable
+def worker_main(opts: ServeOptions, index: int, metrics_dir: str) -> None:
     """Entry point of a worker process (spawned: a fresh interpreter, nothing inherited)."""
-    from gateway.runner import install_uvloop
-
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
     install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_worker(opts, index, Path(metrics_dir)))
+        asyncio.run(Worker(opts, index, Path(metrics_dir)).run())
 
 
-async def _worker(opts, index: int, metrics_dir: Path) -> None:  # noqa: ANN001
-    from gateway.runner import Gateway
+class Worker:
+    """One worker process: a data plane over its own `TableState`, reloaded when the supervisor says (SIGHUP).
 
-    gateway = Gateway(dataclasses.replace(opts, admin_port=None, reuse_port=True, watch_interval=0))
-    await gateway.start()
-    path = metrics_dir / f"worker-{index}-{os.getpid()}.json"
+    No control plane: it never writes the table or the admin store, and runs no promotions.
+    """
 
-    def publish() -> None:
+    def __init__(self, opts: ServeOptions, index: int, metrics_dir: Path) -> None:
+        self.opts = dataclasses.replace(opts, admin_port=None, reuse_port=True, watch_interval=0)
+        self.index = index
+        self.metrics = Metrics()
+        self.state = TableState(opts.config, self.metrics, opts.store)
+        self.data = DataPlane(self.opts, self.state, self.metrics)
+        self.path = metrics_dir / f"worker-{index}-{os.getpid()}.json"
+        self.ready = False
+        self.stopping = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.index} pid={os.getpid()} {'ready' if self.ready else 'not ready'} {self.data!r}>"
+
+    def publish(self) -> None:
         data = {
-            "pid": os.getpid(), "index": index, "ready": gateway.ready, "time": time.time(),
-            "digest": gateway.state.table.digest, "generation": gateway.state.generation,
-            "metrics": snapshot(gateway.metrics),
+            "pid": os.getpid(), "index": self.index, "ready": self.ready, "time": time.time(),
+            "digest": self.state.table.digest, "generation": self.state.generation,
+            "metrics": snapshot(self.metrics),
         }  # fmt: skip
-        tmp = path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)  # readers never see half a file
+        os.replace(tmp, self.path)  # readers never see half a file
 
-    async def publisher() -> None:
+    async def publisher(self) -> None:
         while True:
-            publish()
+            self.publish()
             await asyncio.sleep(PUBLISH_SECONDS)
 
-    task = asyncio.get_running_loop().create_task(publisher())
-    await gateway.stopping.wait()
-    await gateway.drain()
-    task.cancel()
-    gateway.ready = False
-    publish()  # the final counts of this worker stay in the sums
+    async def run(self) -> None:
+        await self.data.start()
+        install_signals(self.stopping, self.state)
+        self.ready = True
+        task = asyncio.get_running_loop().create_task(self.publisher())
+        await self.stopping.wait()
+        self.ready = False
+        await self.data.drain(self.opts.drain_timeout)
+        self.data.close()
+        task.cancel()
+        self.publish()  # the final counts of this worker stay in the sums
 
 
 class Supervisor:
-    def __init__(self, opts) -> None:  # noqa: ANN001 - ServeOptions
+    def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         self.metrics = Metrics()  # the supervisor's own: table reloads
         self.state = TableState(opts.config, self.metrics, opts.store)
@@ -126,18 +142,17 @@ class Supervisor:
     async def run(self) -> None:
         for index in range(self.opts.workers):
             self.start_worker(index)
-        environments = EnvironmentsApi(self.state, self.metrics, self.request_counts)
-        admin = AdminHandler(self.state, _MergedMetrics(self), self.opts.admin_token, self.ready, environments)
-        admin.describe_extra = self.describe_workers
-        server = await serve(async_handler(admin), self.opts.admin_host, self.opts.admin_port)
+        control = ControlPlane(
+            self.state, self.metrics, self.request_counts, token=self.opts.admin_token, ready=self.ready,
+            admin_metrics=_MergedMetrics(self), describe_extra=self.describe_workers,
+        )  # fmt: skip
+        await control.listen(self.opts.admin_host, self.opts.admin_port or 0)
+        install_signals(self.stopping, self.state)
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.state.reload("SIGHUP")))
         tasks = [loop.create_task(self.monitor()), loop.create_task(self.state.watch(self.opts.watch_interval))]
-        environments.promotions.start()
+        control.start()
         await self.stopping.wait()
-        await environments.promotions.close()
+        await control.stop()
         log.info("draining %d workers (up to %gs)", len(self.workers), self.opts.drain_timeout)
         self.signal_workers(signal.SIGTERM)
         deadline = time.monotonic() + self.opts.drain_timeout + 5
@@ -147,7 +162,7 @@ class Supervisor:
                 proc.kill()
         for task in tasks:
             task.cancel()
-        server.close()
+        control.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def request_counts(self) -> dict[tuple, float]:
@@ -189,9 +204,8 @@ class _MergedMetrics(Metrics):
         return merged.render()
 
 
-def run_supervisor(opts) -> int:  # noqa: ANN001 - ServeOptions
-    from gateway.runner import install_uvloop
-
+def run_supervisor(opts: ServeOptions) -> int:
+    """`gateway serve --workers N`: the supervisor's process (the control plane) and N data-plane workers."""
     install_uvloop()
     asyncio.run(Supervisor(opts).run())
     return 0

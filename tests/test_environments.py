@@ -554,6 +554,23 @@ def test_explain_and_serve_use_the_admin_store(gateway: GatewayProcess) -> None:
     assert json.loads(store.read_text())["models"]["m1"]["environments"]["staging"]["set"] == {"deployment": "v2"}
 
 
+def test_a_change_based_on_a_stale_store_revision_is_a_409_and_a_retry_wins(gateway: GatewayProcess) -> None:
+    assert admin(gateway, "PATCH", env_path("staging"), {"canary": {"deployment": "v2", "percent": 10}})[0] == 200
+    revision = admin(gateway, "GET", "/v1/routing")[1]["admin_revision"]
+    store = Path(str(gateway.config) + ".admin.json")
+    doc = json.loads(store.read_text())
+    doc["revision"] = revision + 1  # another writer of the same store moved it on
+    doc["models"]["m1"]["environments"]["staging"]["set"]["canary"] = {"deployment": "v2", "percent": 30}
+    store.write_text(json.dumps(doc))
+    status, body = admin(gateway, "PATCH", env_path("staging"), {"canary": {"deployment": "v2", "percent": 20}})
+    assert status == 409 and body["error_code"] == "client_error", body
+    assert f"at revision {revision + 1}, but this change was based on revision {revision}" in body["error"]
+    assert admin(gateway, "GET", env_path("staging"))[1]["canary"] == {"deployment": "v2", "percent": 30.0}
+    status, body = admin(gateway, "PATCH", env_path("staging"), {"canary": {"deployment": "v2", "percent": 20}})
+    assert status == 200 and body["canary"] == {"deployment": "v2", "percent": 20.0}
+    assert admin(gateway, "GET", "/v1/routing")[1]["admin_revision"] == revision + 2
+
+
 def test_with_workers_the_supervisor_runs_the_api_and_every_worker_follows(
     tmp_path: Path, planes: tuple[TestPlane, TestPlane]
 ) -> None:

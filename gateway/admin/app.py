@@ -5,8 +5,8 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from gateway.environments.api import EnvironmentsApi
 from gateway.errors import EndpointNotFound, GatewayError, MethodNotAllowed, Unauthorized
 from gateway.http.server import Request
 from gateway.metrics import Metrics
@@ -14,6 +14,14 @@ from gateway.state import TableState
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class AdminApi(Protocol):
+    """A part of the admin API mounted under its own paths (the §6 environments API, `EnvironmentsApi`)."""
+
+    def handles(self, path: str) -> bool: ...
+
+    async def __call__(self, req: Request, path: str) -> tuple[int, object]: ...
 
 
 def json_body(obj: object) -> bytes:
@@ -27,7 +35,7 @@ class AdminHandler:
         metrics: Metrics,
         token: str | None,
         ready: Callable[[], bool],
-        environments: EnvironmentsApi | None = None,
+        environments: AdminApi | None = None,
     ) -> None:
         self.state = state
         self.environments = environments

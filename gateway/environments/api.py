@@ -1,45 +1,32 @@
 """The environments admin API of SPEC §6: environments, promotions, deployment status.
 
-Every change is made the same way: copy the overlay, change the copy, and hand it to
-`TableState.apply`, which composes it with the table file, validates the result with the
-table's own rules, persists it in the admin store and swaps the serving table. Changes are
-serialized by one lock, so two concurrent promote calls cannot both win.
+Every change goes through the one admin writer (`writer.AdminWriter`): validated with the table's
+own rules, persisted in the admin store, swapped. Checks that a change depends on (the environment
+exists, no promotion runs, the deployment is unused) are made under the writer's lock, so two
+concurrent calls cannot both win. The promotion calls are the promotion runner's
+(`promotion.Promotions.actions`); this module only dispatches them.
 """
 
 from __future__ import annotations
 
-import copy
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from gateway.environments.changes import (
     deployment_users,
     env_change,
-    latest_promotion,
     model_changes,
     read_json,
     running_promotion,
     set_status,
 )
-from gateway.environments.overlay import RUNNING
-from gateway.environments.promotion import Promotions
-from gateway.environments.store import StoreError
-from gateway.errors import (
-    ClientError,
-    Conflict,
-    EndpointNotFound,
-    InternalError,
-    InvalidChange,
-    MethodNotAllowed,
-    ModelNotFound,
-)
+from gateway.environments.views import deployment_view, environment_view, find_deployment, find_environment, find_model
+from gateway.environments.writer import AdminWriter
+from gateway.errors import ClientError, Conflict, EndpointNotFound, MethodNotAllowed
 from gateway.http.server import Request
-from gateway.metrics import Metrics
 from gateway.routing.hostpath import is_env_name
-from gateway.routing.loader import TableInvalid
-from gateway.routing.model import Deployment, Environment, Model, Table
-from gateway.state import TableState
+from gateway.routing.model import Deployment, Environment, Model
 
 PRODUCTION = "production"
 RESERVED = "development"
@@ -56,9 +43,12 @@ Handler = Callable[..., Awaitable[tuple[int, object]]]
 
 
 class EnvironmentsApi:
-    def __init__(self, state: TableState, metrics: Metrics, request_counts: Callable[[], dict[tuple, float]]) -> None:
-        self.state = state
-        self.promotions = Promotions(self, metrics, request_counts)
+    """The §6 endpoints. `actions`: the promotion calls by name (promote, pause_promotion, ...)."""
+
+    def __init__(self, writer: AdminWriter, actions: Mapping[str, Handler]) -> None:
+        self.writer = writer
+        self.state = writer.state
+        self.actions = actions
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -77,7 +67,7 @@ class EnvironmentsApi:
                            "DELETE": self.delete_environment}  # fmt: skip
                 args = (model_id, env)
             else:
-                action_handler: Handler | None = self.promotions.actions.get(action)
+                action_handler: Handler | None = self.actions.get(action)
                 if action_handler is None:
                     raise EndpointNotFound(f"no admin endpoint '{path[:128]}'")
                 methods, args = {"POST": action_handler}, (model_id, env)
@@ -112,14 +102,14 @@ class EnvironmentsApi:
         if not isinstance(name, str) or not name:
             raise ClientError("'name' (a string) is required")
         check_env_name(name)
-        async with self.promotions.lock:
+        async with self.writer.lock:
             model = self.model(model_id)
             if name in model.environments:
                 raise Conflict(f"environment '{name}' of model '{model_id}' already exists")
             fields: dict[str, Any] = {}
             if "autoscaling_settings" in body:
                 fields["autoscaling"] = body["autoscaling_settings"]
-            table = await self.change(
+            table = await self.writer.change(
                 f"create environment {model_id}/{name}",
                 lambda o: env_change(o, model_id, name, fresh=True)["set"].update(fields),
             )
@@ -131,7 +121,7 @@ class EnvironmentsApi:
         for key in ("autoscaling_settings", "backpressure"):
             if key in body and body[key] is None:
                 raise ClientError(f"'{key}' cannot be null (only canary and shadow can be removed)")
-        async with self.promotions.lock:
+        async with self.writer.lock:
             self.environment(self.model(model_id), env)
 
             def mutate(overlay: dict[str, Any]) -> None:
@@ -139,14 +129,14 @@ class EnvironmentsApi:
                 for key, value in body.items():
                     change["set"][PATCHABLE[key]] = value
 
-            table = await self.change(f"update environment {model_id}/{env}", mutate)
+            table = await self.writer.change(f"update environment {model_id}/{env}", mutate)
         model = table.models[model_id]
         return 200, self.view(model, model.environments[env])
 
     async def delete_environment(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
         if env == PRODUCTION:
             raise ClientError("'production' cannot be deleted")
-        async with self.promotions.lock:
+        async with self.writer.lock:
             self.environment(self.model(model_id), env)
             if running_promotion(self.state.overlay, model_id, env) is not None:
                 raise Conflict(f"environment '{env}' has a promotion in progress; cancel it first")
@@ -155,7 +145,7 @@ class EnvironmentsApi:
                 envs = model_changes(overlay, model_id).setdefault("environments", {})
                 envs[env] = {"deleted": True}
 
-            await self.change(f"delete environment {model_id}/{env}", mutate)
+            await self.writer.change(f"delete environment {model_id}/{env}", mutate)
         return 200, {"name": env, "model_id": model_id, "deleted": True}
 
     # -- deployments ------------------------------------------------------------------------
@@ -166,7 +156,7 @@ class EnvironmentsApi:
     async def change_status(self, req: Request, model_id: str, dep_id: str, action: str) -> tuple[int, object]:
         await read_json(req, set())
         status = "active" if action == "activate" else "inactive"
-        async with self.promotions.lock:
+        async with self.writer.lock:
             model = self.model(model_id)
             dep = self.deployment(model, dep_id)
             if status == "inactive":
@@ -174,7 +164,7 @@ class EnvironmentsApi:
                 if users:
                     raise Conflict(f"deployment '{dep_id}' still serves {', '.join(users)}; promote another first")
             if dep.status != status:
-                table = await self.change(
+                table = await self.writer.change(
                     f"{action} deployment {model_id}/{dep_id}", lambda o: set_status(o, model_id, dep_id, status)
                 )
                 dep = table.models[model_id].deployments[dep_id]
@@ -182,78 +172,17 @@ class EnvironmentsApi:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    async def change(self, reason: str, mutate: Callable[[dict[str, Any]], object]) -> Table:
-        """Apply one change to a copy of the overlay; serve and persist it, or refuse it whole."""
-        overlay = copy.deepcopy(self.state.overlay)
-        mutate(overlay)
-        overlay["revision"] = int(overlay.get("revision", 0)) + 1
-        try:
-            return await self.state.apply(overlay, reason)
-        except TableInvalid as exc:
-            raise InvalidChange(
-                "the change breaks the routing table's rules: " + exc.problems[0], exc.problems
-            ) from None
-        except StoreError as exc:
-            raise InternalError(str(exc)) from None
-
     def model(self, model_id: str) -> Model:
-        model = self.state.table.models.get(model_id)
-        if model is None:
-            raise ModelNotFound(f"model '{model_id[:64]}' not found")
-        return model
+        return find_model(self.state.table, model_id)
 
     def environment(self, model: Model, env: str) -> Environment:
-        found = model.environments.get(env)
-        if found is None:
-            raise ModelNotFound(f"environment '{env[:64]}' of model '{model.id}' not found")
-        return found
+        return find_environment(model, env)
 
     def deployment(self, model: Model, dep_id: str) -> Deployment:
-        dep = model.deployments.get(dep_id)
-        if dep is None:
-            raise ModelNotFound(f"deployment '{dep_id[:64]}' of model '{model.id}' not found")
-        return dep
+        return find_deployment(model, dep_id)
 
     def view(self, model: Model, env: Environment) -> dict[str, Any]:
-        """An environment as the admin API shows it (SPEC §6)."""
-        promotion = latest_promotion(self.state.overlay, model.id, env.name)
-        candidate = None
-        if promotion is not None and promotion["status"] in RUNNING:
-            dep = model.deployments.get(promotion["deployment_id"])
-            candidate = deployment_view(dep) if dep is not None else None
-        scaling = env.autoscaling
-        return {
-            "name": env.name,
-            "model_id": model.id,
-            "region": env.region,
-            "current_deployment": deployment_view(env.deployment) if env.deployment is not None else None,
-            "candidate_deployment": candidate,
-            "in_progress_promotion": {
-                "status": promotion["status"],
-                "percent_traffic_to_new_version": promotion["percent"],
-                "error_message": promotion.get("error_message"),
-            }
-            if promotion is not None
-            else None,
-            "autoscaling_settings": {
-                "min_replica": scaling.min_replica,
-                "max_replica": scaling.max_replica,
-                "concurrency_target": scaling.concurrency_target,
-            },
-            "canary": {"deployment": env.canary.deployment.id, "percent": env.canary.percent} if env.canary else None,
-            "shadow": {
-                "deployment": env.shadow.deployment.id,
-                "percent": env.shadow.percent,
-                "max_body_bytes": env.shadow.max_body_bytes,
-            }
-            if env.shadow
-            else None,  # fmt: skip
-            "backpressure": {"policy": env.backpressure},
-        }
-
-
-def deployment_view(dep: Deployment) -> dict[str, Any]:
-    return {"id": dep.id, "model_id": dep.model_id, "status": dep.status, "plane": dep.plane.name, "region": dep.region}
+        return environment_view(model, env, self.state.overlay)
 
 
 def check_env_name(name: str) -> None:

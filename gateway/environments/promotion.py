@@ -1,18 +1,12 @@
 """Promotions (SPEC §6): wake, smoke check, ramp in 10 stages, pause/resume/cancel, automatic rollback.
 
 A promotion is a record in the overlay (so it survives a restart) and, while it runs, one task
-in the process that owns the admin listener. Its states:
-
-    RELEASING    the candidate is woken (if scaled to zero) and smoke-checked; no traffic yet
-    RAMPING_UP   the candidate's share grows 10, 20, ... 100 %, one stage per duration/10
-    PAUSED       the share holds; resume continues the stage where it stopped
-    RAMPING_DOWN after a cancel: the share walks back down the same stages to 0
-    SUCCEEDED    the candidate is the environment's deployment; the previous one is demoted
-    FAILED       wake timeout, smoke check, or rollback: the candidate's share is 0 at once
-    CANCELED     cancelled (after ramping down)
-
-Each state change goes through `EnvironmentsApi.change` (validated, persisted, swapped). The
-ramp's split is sticky per caller (`Environment.candidate`, resolved like a canary).
+in the process that owns the admin listener (the control plane). Its states and their transitions
+are the table in `promotion_states`; this module carries them out: the admin calls (promote,
+pause, resume, cancel) and the task that waits out each stage, watches the rollback rule and
+sends the next event. Every state change is a write through the admin writer (validated,
+persisted, swapped), made under its lock on the record as it is then. The ramp's split is sticky
+per caller (`Environment.candidate`, resolved like a canary).
 """
 
 from __future__ import annotations
@@ -24,27 +18,39 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any, TypeGuard
 
 from gateway.environments.changes import deployment_users, env_change, read_json, running_promotion, set_status
-from gateway.environments.overlay import RUNNING
 from gateway.environments.planecall import PlaneCaller
+from gateway.environments.promotion_states import (
+    STAGES,
+    TERMINAL,
+    WATCHED,
+    Event,
+    InvalidTransition,
+    State,
+    advance,
+    describe,
+    stage_seconds,
+)
+from gateway.environments.views import environment_view, find_deployment, find_environment, find_model
+from gateway.environments.writer import AdminWriter
 from gateway.errors import ClientError, Conflict, GatewayError
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Table
 
-if TYPE_CHECKING:
-    from gateway.environments.api import EnvironmentsApi
+__all__ = ["STAGES", "STATES", "Promotions", "RollbackWindow", "promote_options", "stage_seconds"]
 
 log = logging.getLogger("gateway.promotion")
 
-STAGES = 10
 MAX_RAMP_SECONDS = 7 * 24 * 3600
 WAKE_REPEAT_SECONDS = 30.0
 SMOKE_TIMEOUT_SECONDS = 60.0
 ROLLBACK_SAMPLE_SECONDS = 0.25
-STATES = ("RELEASING", "RAMPING_UP", "PAUSED", "RAMPING_DOWN", "SUCCEEDED", "FAILED", "CANCELED")
+STATES = tuple(state.value for state in State)
+
+Key = tuple[str, str]  # (model id, environment)
 
 
 class PromotionFailed(Exception):
@@ -56,18 +62,25 @@ class PromotionEnded(Exception):
 
 
 class Promotions:
-    """Runs the promotions of every environment; owned by the admin side (one per gateway)."""
+    """Runs the promotions of every environment; owned by the control plane (one per gateway).
+
+    `clock`: wall-clock time for the records (they outlive the process); waits use the loop's clock.
+    """
 
     def __init__(
-        self, api: EnvironmentsApi, metrics: Metrics, request_counts: Callable[[], dict[tuple, float]]
+        self,
+        writer: AdminWriter,
+        metrics: Metrics,
+        request_counts: Callable[[], dict[tuple, float]],
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.api = api
-        self.state = api.state
+        self.writer = writer
+        self.state = writer.state
         self.metrics = metrics
         self.request_counts = request_counts
-        self.lock = asyncio.Lock()  # every admin change of environments and deployments
-        self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self.kicks: dict[tuple[str, str], asyncio.Event] = {}
+        self.clock = clock
+        self.tasks: dict[Key, asyncio.Task[None]] = {}
+        self.kicks: dict[Key, asyncio.Event] = {}
         self.caller = PlaneCaller(metrics)
         self.actions = {
             "promote": self.promote,
@@ -76,12 +89,15 @@ class Promotions:
             "cancel_promotion": self.cancel,
         }
 
+    def __repr__(self) -> str:
+        return f"<Promotions running={sorted('/'.join(key) for key in self.tasks)}>"
+
     def start(self) -> None:
         """Continue the promotions that were running when the gateway stopped."""
         for model_id, changes in self.state.overlay.get("models", {}).items():
-            for env, change in changes.get("environments", {}).items():
-                promotion = change.get("promotion")
-                if promotion is not None and promotion["status"] in RUNNING:
+            for env in changes.get("environments", {}):
+                promotion = running_promotion(self.state.overlay, model_id, env)
+                if promotion is not None:
                     log.info("continuing the promotion of %s/%s (%s)", model_id, env, promotion["status"])
                     self._publish(model_id, env, promotion)
                     self._launch((model_id, env))
@@ -101,10 +117,10 @@ class Promotions:
     async def promote(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
         body = await read_json(req, {"deployment_id", "ramp_up_duration_seconds", "smoke_check", "rollback"})
         options = promote_options(body)
-        async with self.lock:
-            model = self.api.model(model_id)
-            environment = self.api.environment(model, env)
-            dep = self.api.deployment(model, options["deployment_id"])
+        async with self.writer.lock:
+            model = find_model(self.state.table, model_id)
+            environment = find_environment(model, env)
+            dep = find_deployment(model, options["deployment_id"])
             if running_promotion(self.state.overlay, model_id, env) is not None:
                 raise Conflict(f"environment '{env}' already has a promotion in progress")
             if dep.status == "inactive":
@@ -116,10 +132,10 @@ class Promotions:
                     f"deployment '{dep.id}' runs in region '{dep.region}', but environment '{env}' is pinned "
                     f"to region '{environment.region}': a regional environment never leaves its region"
                 )
-            now = time.time()
+            now = self.clock()
             record = {
                 **options,
-                "status": "RELEASING",
+                "status": State.RELEASING.value,
                 "percent": 0,
                 "previous_deployment_id": environment.deployment.id if environment.deployment else None,
                 "error_message": None,
@@ -131,118 +147,89 @@ class Promotions:
             table = await self._write(model_id, env, record, "promote")
             self._launch((model_id, env))
         model = table.models[model_id]
-        return 202, self.api.view(model, model.environments[env])
+        return 202, environment_view(model, model.environments[env], self.state.overlay)
 
     async def pause(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        def change(p: dict[str, Any]) -> None:
-            interval = stage_seconds(p)
-            p["paused_remaining"] = max(0.0, interval - (time.time() - p["stage_started_at"]))
-            p["status"] = "PAUSED"
-
-        return await self._control(req, model_id, env, ("RAMPING_UP",), change, "pause")
+        return await self._control(req, model_id, env, Event.PAUSE, "pause")
 
     async def resume(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        def change(p: dict[str, Any]) -> None:
-            p["stage_started_at"] = time.time() - (stage_seconds(p) - (p.get("paused_remaining") or 0.0))
-            p["paused_remaining"] = None
-            p["status"] = "RAMPING_UP"
-
-        return await self._control(req, model_id, env, ("PAUSED",), change, "resume")
+        return await self._control(req, model_id, env, Event.RESUME, "resume")
 
     async def cancel(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        def change(p: dict[str, Any]) -> None:
-            if p["percent"] > 0:
-                p["status"] = "RAMPING_DOWN"  # traffic walks back down the stages
-                p["stage_started_at"] = time.time()
-            else:
-                p["status"] = "CANCELED"
+        return await self._control(req, model_id, env, Event.CANCEL, "cancel")
+
+    async def _control(self, req: Request, model_id: str, env: str, event: Event, what: str) -> tuple[int, object]:
+        await read_json(req, set())
+        async with self.writer.lock:
+            model = find_model(self.state.table, model_id)
+            find_environment(model, env)
+            promotion = running_promotion(self.state.overlay, model_id, env)
+            if promotion is None:
+                raise Conflict(f"cannot {what} the promotion of environment '{env}': no promotion in progress")
+            try:
+                record = advance(promotion, event, self.clock())
+            except InvalidTransition:
+                raise Conflict(f"cannot {what} the promotion of environment '{env}': {promotion['status']}") from None
+            if State(record["status"]) in TERMINAL:  # cancelled before any traffic moved: stop the task
                 task = self.tasks.get((model_id, env))
                 if task is not None:
                     task.cancel()
-
-        return await self._control(req, model_id, env, ("RELEASING", "RAMPING_UP", "PAUSED"), change, "cancel")
-
-    async def _control(
-        self, req: Request, model_id: str, env: str, allowed: tuple[str, ...],
-        change: Callable[[dict[str, Any]], None], what: str,
-    ) -> tuple[int, object]:  # fmt: skip
-        await read_json(req, set())
-        async with self.lock:
-            model = self.api.model(model_id)
-            self.api.environment(model, env)
-            promotion = running_promotion(self.state.overlay, model_id, env)
-            if promotion is None or promotion["status"] not in allowed:
-                state = promotion["status"] if promotion else "no promotion in progress"
-                raise Conflict(f"cannot {what} the promotion of environment '{env}': {state}")
-            record = dict(promotion)
-            change(record)
             table = await self._write(model_id, env, record, what)
         self._kick((model_id, env))
         model = table.models[model_id]
-        return 200, self.api.view(model, model.environments[env])
+        return 200, environment_view(model, model.environments[env], self.state.overlay)
 
     # -- the running promotion ----------------------------------------------------------------
 
-    def _launch(self, key: tuple[str, str]) -> None:
+    def _launch(self, key: Key) -> None:
         task = asyncio.get_running_loop().create_task(self._run(key), name=f"promotion {key[0]}/{key[1]}")
         self.tasks[key] = task
         task.add_done_callback(lambda t: self._ended(key, t))
 
-    def _ended(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+    def _ended(self, key: Key, task: asyncio.Task[None]) -> None:
         if self.tasks.get(key) is task:
             del self.tasks[key]
         if not task.cancelled() and task.exception() is not None:
             log.error("promotion %s/%s crashed", *key, exc_info=task.exception())
 
-    def _kick(self, key: tuple[str, str]) -> None:
+    def _kick(self, key: Key) -> None:
         event = self.kicks.get(key)
         if event is not None:
             event.set()
 
-    def record(self, key: tuple[str, str]) -> dict[str, Any]:
+    def record(self, key: Key) -> dict[str, Any]:
         promotion = running_promotion(self.state.overlay, *key)
         if promotion is None:
             raise PromotionEnded
         return promotion
 
-    async def _run(self, key: tuple[str, str]) -> None:
+    async def _run(self, key: Key) -> None:
         self.kicks[key] = asyncio.Event()
         try:
-            if self.record(key)["status"] == "RELEASING":
+            if State(self.record(key)["status"]) is State.RELEASING:
                 await self._release(key)
-                if not self.record(key).get("ramp_up_duration_seconds"):
-                    await self._finish(key)
+                released = Event.RAMP if self.record(key).get("ramp_up_duration_seconds") else Event.SWITCH
+                if await self._step(key, State.RELEASING, released) in TERMINAL:
                     return
-                await self._update(key, "stage 1", status="RAMPING_UP", percent=100 // STAGES,
-                                   stage_started_at=time.time())  # fmt: skip
             record = self.record(key)
             window = RollbackWindow(record.get("rollback"))
             window.check(self._candidate_counts(key, record["deployment_id"]))  # the baseline
             while True:
                 record = self.record(key)
-                if record["status"] == "PAUSED":
+                state = State(record["status"])
+                if state is State.PAUSED:
                     await self._wait(key, None, window)
                     continue
-                remaining = stage_seconds(record) - (time.time() - record["stage_started_at"])
+                remaining = stage_seconds(record) - (self.clock() - record["stage_started_at"])
                 if remaining > 0:
                     await self._wait(key, remaining, window)
                     continue
-                if record["status"] == "RAMPING_DOWN":
-                    percent = max(0, record["percent"] - 100 // STAGES)
-                    if percent == 0:
-                        await self._update(key, "ramped down", status="CANCELED", percent=0)
-                        return
-                    await self._update(key, "ramping down", percent=percent, stage_started_at=time.time())
-                elif record["percent"] >= 100:
-                    await self._finish(key)
+                if await self._step(key, state, Event.STAGE_ELAPSED) in TERMINAL:
                     return
-                else:
-                    percent = min(100, record["percent"] + 100 // STAGES)
-                    await self._update(key, f"stage {percent // 10}", percent=percent, stage_started_at=time.time())
         except PromotionFailed as failure:
             log.warning("promotion of %s/%s failed: %s", *key, failure)
             try:
-                await self._update(key, "failed", status="FAILED", percent=0, error_message=str(failure))
+                await self._step(key, None, Event.FAIL, error_message=str(failure))
             except PromotionEnded:
                 pass
         except PromotionEnded:
@@ -250,7 +237,25 @@ class Promotions:
         finally:
             self.kicks.pop(key, None)
 
-    async def _wait(self, key: tuple[str, str], seconds: float | None, window: RollbackWindow) -> None:
+    async def _step(self, key: Key, expected: State | None, event: Event, **fields: Any) -> State:
+        """Send `event` to the promotion as it is now and write the result; the state it is in afterwards.
+
+        `expected`: the state the runner decided in; when an admin call changed it meanwhile (pause,
+        cancel), nothing is sent and the runner decides again from the new state.
+        """
+        async with self.writer.lock:
+            current = self.record(key)
+            if expected is not None and current["status"] != expected.value:
+                return State(current["status"])
+            record = advance(current, event, self.clock())
+            record.update(fields, updated_at=self.clock())
+            if record["status"] == State.SUCCEEDED.value:
+                await self._succeed(key, record)
+            else:
+                await self._write(key[0], key[1], record, describe(record))
+        return State(record["status"])
+
+    async def _wait(self, key: Key, seconds: float | None, window: RollbackWindow) -> None:
         """Sleep up to `seconds` (None: until kicked), checking the rollback rule while the candidate serves."""
         event = self.kicks[key]
         loop = asyncio.get_running_loop()
@@ -267,13 +272,13 @@ class Promotions:
             except TimeoutError:
                 pass
             record = self.record(key)
-            if window.enabled and record["status"] in ("RAMPING_UP", "PAUSED"):
+            if window.enabled and State(record["status"]) in WATCHED:
                 reason = window.check(self._candidate_counts(key, record["deployment_id"]))
                 if reason is not None:
                     raise PromotionFailed(reason)
         event.clear()
 
-    def _candidate_counts(self, key: tuple[str, str], dep_id: str) -> tuple[float, float]:
+    def _candidate_counts(self, key: Key, dep_id: str) -> tuple[float, float]:
         """(calls answered, 5xx answers) of the candidate in this environment so far (every protocol)."""
         calls = errors = 0.0
         for labels, value in self.request_counts().items():
@@ -283,7 +288,7 @@ class Promotions:
                     errors += value
         return calls, errors
 
-    async def _release(self, key: tuple[str, str]) -> None:
+    async def _release(self, key: Key) -> None:
         """Wake the candidate if it is scaled to zero and wait for it; then the smoke check."""
         record = self.record(key)
         loop = asyncio.get_running_loop()
@@ -354,49 +359,43 @@ class Promotions:
             )
         log.info("%s to candidate %s/%s passed (%d)", what, dep.model_id, dep.id, answer.status)
 
-    async def _finish(self, key: tuple[str, str]) -> None:
-        """The candidate becomes the environment's deployment; the previous one is demoted if unused."""
+    async def _succeed(self, key: Key, record: dict[str, Any]) -> None:
+        """The candidate becomes the environment's deployment; the previous one is demoted if unused.
+
+        The caller holds the writer's lock; `record` is the SUCCEEDED record to write.
+        """
         model_id, env = key
-        async with self.lock:
-            record = dict(self.record(key))
-            candidate, previous = record["deployment_id"], record.get("previous_deployment_id")
-            record.update(status="SUCCEEDED", percent=100, updated_at=time.time())
-            model = self.state.table.models.get(model_id)
-            if model is None:
-                raise PromotionFailed(f"model '{model_id}' is no longer in the routing table")
-            demote: str | None = None
-            if previous is not None and previous != candidate and previous in model.deployments:
-                # Only when nothing else uses it: another environment, a canary, a shadow, a promotion.
-                users = deployment_users(model, previous, self.state.overlay, leaving=env)
-                if users:
-                    log.info("previous deployment %s/%s still serves %s: not demoted", model_id, previous, users)
-                else:
-                    demote = previous
+        candidate, previous = record["deployment_id"], record.get("previous_deployment_id")
+        model = self.state.table.models.get(model_id)
+        if model is None:
+            raise PromotionFailed(f"model '{model_id}' is no longer in the routing table")
+        demote: str | None = None
+        if previous is not None and previous != candidate and previous in model.deployments:
+            # Only when nothing else uses it: another environment, a canary, a shadow, a promotion.
+            users = deployment_users(model, previous, self.state.overlay, leaving=env)
+            if users:
+                log.info("previous deployment %s/%s still serves %s: not demoted", model_id, previous, users)
+            else:
+                demote = previous
 
-            def mutate(overlay: dict[str, Any]) -> None:
-                change = env_change(overlay, model_id, env)
-                change["set"]["deployment"] = candidate
-                change["promotion"] = record
-                if demote is not None:
-                    set_status(overlay, model_id, demote, "scaled_to_zero")
+        def mutate(overlay: dict[str, Any]) -> None:
+            change = env_change(overlay, model_id, env)
+            change["set"]["deployment"] = candidate
+            change["promotion"] = record
+            if demote is not None:
+                set_status(overlay, model_id, demote, "scaled_to_zero")
 
-            await self.api.change(f"promotion of {model_id}/{env} succeeded", mutate)
+        await self.writer.change(f"promotion of {model_id}/{env} succeeded", mutate)
         self._publish(model_id, env, record)
         log.info("promotion of %s/%s succeeded: %s serves 100%%", model_id, env, candidate)
 
-    async def _update(self, key: tuple[str, str], what: str, **fields: Any) -> None:
-        async with self.lock:
-            record = dict(self.record(key))
-            record.update(fields, updated_at=time.time())
-            await self._write(key[0], key[1], record, what)
-
     async def _write(self, model_id: str, env: str, record: dict[str, Any], what: str) -> Table:
-        """Persist and serve a promotion record (caller holds the lock)."""
+        """Persist and serve a promotion record (the caller holds the writer's lock)."""
 
         def mutate(overlay: dict[str, Any]) -> None:
             env_change(overlay, model_id, env)["promotion"] = record
 
-        table = await self.api.change(f"promotion of {model_id}/{env}: {what}", mutate)
+        table = await self.writer.change(f"promotion of {model_id}/{env}: {what}", mutate)
         self._publish(model_id, env, record)
         return table
 
@@ -435,10 +434,6 @@ class RollbackWindow:
                 f"({int(delta_errors)} of {int(delta_calls)} calls), above the limit of {self.rule['max_5xx_percent']}%"
             )
         return None
-
-
-def stage_seconds(record: dict[str, Any]) -> float:
-    return float(record.get("ramp_up_duration_seconds") or 0) / STAGES
 
 
 def promote_options(body: dict[str, Any]) -> dict[str, Any]:
