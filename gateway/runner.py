@@ -14,6 +14,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
+from gateway.calls.pipeline import Pipeline
 from gateway.environments.control import ControlPlane
 from gateway.grpc.listener import GrpcListener, tls_context
 from gateway.http.public import PublicHandler
@@ -21,6 +22,7 @@ from gateway.http.server import HttpConnection, serve
 from gateway.metrics import Metrics
 from gateway.state import TableState
 from gateway.tls import server_context
+from gateway.upstream.connect import Connector
 from gateway.upstream.pool import Pool
 
 log = logging.getLogger("gateway")
@@ -89,6 +91,7 @@ class DataPlane:
         self.metrics = metrics
         self.pool = Pool()
         self.public: PublicHandler | None = None  # needs the running loop: made in start()
+        self.pipeline: Pipeline | None = None  # likewise: the call pipeline every listener shares
         self.server: asyncio.base_events.Server | None = None
         self.grpc: GrpcListener | None = None
         self.connections: set[HttpConnection] = set()
@@ -117,7 +120,11 @@ class DataPlane:
         ctx = None
         if opts.tls_cert:
             ctx = server_context(opts.tls_cert, opts.tls_key or opts.tls_cert)
-        self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http")
+        # One call pipeline per worker for every listener: admission, holds, replicas, the connector (issue 10).
+        self.pipeline = Pipeline(
+            self.state, self.metrics, Connector(self.state.table.gateway.dns_nameservers, self.metrics)
+        )
+        self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http", self.pipeline)
         self.server = await serve(
             self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,
             reuse_port=opts.reuse_port,
@@ -125,7 +132,7 @@ class DataPlane:
         if opts.grpc_port is not None:
             cert, key = opts.grpc_tls_cert, opts.grpc_tls_key
             self.grpc = GrpcListener(
-                self.state, self.metrics, tls_context(cert, key) if cert and key else None, self.public.connector
+                self.state, self.metrics, tls_context(cert, key) if cert and key else None, self.pipeline
             )
             await self.grpc.start(opts.host, opts.grpc_port, reuse_port=opts.reuse_port)
 
@@ -147,6 +154,8 @@ class DataPlane:
     def close(self) -> None:
         if self.public is not None:
             self.public.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
         self.pool.close()
 
 

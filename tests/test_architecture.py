@@ -14,12 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Circles in code this branch may not change, each with where it is; remove an entry when it is broken
-# (the test fails while an entry is stale, so the list only shrinks).
-KNOWN: set[frozenset[str]] = {
-    frozenset({"gateway.grpc.hold", "gateway.grpc.relay"}),  # hold.py imports relay.py (type + a local import)
-}
-
 
 def modules(root: Path, package: str = "gateway") -> dict[str, Path]:
     found = {}
@@ -97,14 +91,8 @@ def describe(graph: Mapping[str, set[str]], component: list[str]) -> str:
 def test_no_import_cycles_inside_the_gateway() -> None:
     graph = import_graph(ROOT)
     assert "gateway.environments.api" in graph and "gateway.runner" in graph  # the walk found the package
-    new = [c for c in cycles(graph) if frozenset(c) not in KNOWN]
-    assert not new, "import cycles:\n" + "\n".join(describe(graph, c) for c in new)
-
-
-def test_the_known_cycles_still_exist() -> None:
-    found = {frozenset(c) for c in cycles(import_graph(ROOT))}
-    stale = [sorted(c) for c in KNOWN if c not in found]
-    assert not stale, f"these cycles are gone: remove them from KNOWN: {stale}"
+    found = cycles(graph)
+    assert not found, "import cycles:\n" + "\n".join(describe(graph, c) for c in found)
 
 
 def reachable(graph: Mapping[str, set[str]], start: str) -> set[str]:

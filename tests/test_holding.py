@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from gateway.http.hold import admission, concurrency_limit
+from gateway.calls.admission import admission, concurrency_limit
 from gateway.routing.model import Autoscaling, Deployment, Environment, Upstream
 from gateway.routing.model import Plane as PlaneModel
 from gateway.upstream.balance import replica_count

@@ -36,17 +36,18 @@ log = logging.getLogger("gateway.calls")
 
 
 class Go(NamedTuple):
-    """Admitted: send the call to `endpoint` of `endpoints`."""
+    """Admitted: send the call to `endpoint` of `endpoints` (None: a gRPC call to a deployment
+    whose replica set has no address now; it is counted on none)."""
 
     endpoints: EndpointSet
-    endpoint: Endpoint
+    endpoint: Endpoint | None
 
 
 Decision = Go | Reason | GatewayError  # go, hold ("wake" / "full"), or answer with the error
 
 
 class Pipeline:
-    """One per worker, shared by every adapter; see the module docstring."""
+    """One per worker, shared by every adapter; see the module docstring. It owns `connector`."""
 
     def __init__(self, state: TableState, metrics: Metrics, connector: Connector) -> None:
         self.state = state
@@ -69,12 +70,14 @@ class Pipeline:
         self.holds.close()
         self.replicas.close()
         self.caller.close()
+        self.connector.close()
 
     # -- admission ----------------------------------------------------------------------------
 
-    def admit(self, route: Route, *, released: bool = False) -> Decision:
+    def admit(self, route: Route, *, released: bool = False, endpoint_needed: bool = True) -> Decision:
         """What to do with a routed call now (SPEC §6). `released`: it comes out of the hold, so it
-        is at the head of the queue rather than behind the calls waiting."""
+        is at the head of the queue rather than behind the calls waiting. Without `endpoint_needed`
+        (gRPC goes to the plane's gRPC address) a deployment with no replica address still goes."""
         dep = route.deployment
         if route.action == "hold":
             return "wake"
@@ -93,7 +96,7 @@ class Pipeline:
                         headers=(("retry-after", RETRY_AFTER_REJECT),),
                     )
         ep = endpoints.pick_or_least_loaded()
-        if ep is None:  # no replica: SRV discovery found none (yet); 503, never a crash
+        if ep is None and endpoint_needed:  # no replica: SRV discovery found none (yet); 503, never a crash
             return ModelUnavailable(endpoints.unavailable or f"deployment '{dep.id}' has no address")
         if env is not None:
             self.metrics.split.inc((route.model.id, route.environment, dep.id, route.side))
@@ -110,7 +113,8 @@ class Pipeline:
     # -- releasing held calls -------------------------------------------------------------------
 
     def _table_swapped(self, table: Table) -> None:
-        self.replicas.sync(table)
+        self.connector.table_swapped(table)
+        self.replicas.sync(table)  # after the connector: discovery asks its new resolver
         if self.holds.total:
             self.loop.call_soon(self._release_all)  # after every swap callback has seen the new table
 
@@ -164,10 +168,11 @@ class CallRecord:
         self.labels = labels  # model, environment, deployment, region, protocol
         self.started = started
         self.endpoints = go.endpoints
-        self.endpoint: Endpoint | None = go.endpoint
+        self.endpoint = go.endpoint  # the attempt in flight; None once it ended
         self.ended = False
         pipeline.metrics.inflight.inc(labels)
-        go.endpoints.started(go.endpoint)
+        if go.endpoint is not None:
+            go.endpoints.started(go.endpoint)
         pipeline.budget.record_request()
 
     def __repr__(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 
+from gateway.calls.pipeline import Pipeline
 from gateway.grpc.h2server import H2Server
 from gateway.grpc.relay import GrpcRelay
 from gateway.grpc.upstream import Planes
@@ -20,16 +21,17 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 class GrpcListener:
     def __init__(
         self, state: TableState, metrics: Metrics, ssl_context: ssl.SSLContext | None = None,
-        connector: Connector | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:  # fmt: skip
-        # The worker's one region-checked connector (shared with the HTTP listener), or one of its own.
-        self.own_connector = connector is None
-        self.connector = connector or Connector(state.table.gateway.dns_nameservers, metrics)
-        if self.own_connector:
-            state.on_swap.append(self.connector.table_swapped)
-        self.planes = Planes(self.connector)
+        # The worker's call pipeline and its region-checked connector, shared with the HTTP
+        # listener (one hold, one admission, one in-flight count per deployment), or its own.
+        self.owns_pipeline = pipeline is None
+        if pipeline is None:
+            pipeline = Pipeline(state, metrics, Connector(state.table.gateway.dns_nameservers, metrics))
+        self.pipeline = pipeline
+        self.planes = Planes(pipeline.connector)
         state.on_swap.append(self.planes.table_swapped)
-        self.relay = GrpcRelay(state, metrics, self.planes)
+        self.relay = GrpcRelay(state, metrics, self.planes, pipeline)
         self.server = H2Server(self.relay, ssl_context)
         self.tls = ssl_context is not None
 
@@ -51,8 +53,7 @@ class GrpcListener:
         self.server.stop_accepting()
 
     async def close(self) -> None:
-        self.relay.holds.close()
         await self.server.close()
         await self.planes.close()
-        if self.own_connector:
-            self.connector.close()
+        if self.owns_pipeline:
+            self.pipeline.close()

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from gateway.calls.outcome import error_kind
-from gateway.errors import GatewayError, MisdirectedRequest, UpstreamBroken, UpstreamTimeout
+from gateway.calls.holds import Released
+from gateway.calls.pipeline import CallRecord, Go, Pipeline
+from gateway.errors import GatewayError, MisdirectedRequest, RateLimited, UpstreamBroken, UpstreamTimeout
 from gateway.grpc.framing import (
     CANCELLED,
     HTTP_STATUS,
@@ -32,7 +33,7 @@ from gateway.grpc.framing import (
     trailers,
 )
 from gateway.grpc.h2server import DISCARD, Handler, Headers, ServerStream
-from gateway.grpc.hold import GrpcHolds
+from gateway.grpc.hold import HeldCall
 from gateway.grpc.upstream import PlaneAddress, PlaneConnection, Planes, PlaneStream
 from gateway.headers import forwarded_value, misdirected
 from gateway.http.proxy import new_request_id
@@ -60,13 +61,13 @@ def status_name(code: int) -> str:
 class GrpcRelay:
     """The app of the gRPC listener's HTTP/2 server: one `RelayedCall` per stream."""
 
-    def __init__(self, state: TableState, metrics: Metrics, planes: Planes) -> None:
+    def __init__(self, state: TableState, metrics: Metrics, planes: Planes, pipeline: Pipeline) -> None:
         self.state = state
         self.metrics = metrics
         self.planes = planes
+        self.pipeline = pipeline  # the worker's call pipeline, shared with HTTP (issue 10)
         self.loop = asyncio.get_running_loop()
         self.identities: dict[tuple, tuple] = {}  # (model, environment, deployment) -> identity fields
-        self.holds = GrpcHolds(self)
 
     def open(self, stream: ServerStream, headers: Headers) -> Handler:
         started = self.loop.time()
@@ -85,11 +86,54 @@ class GrpcRelay:
             route = resolve_grpc(table, head.call)
         except GatewayError as error:
             stream.respond(ERROR_HEAD + error_trailers(error, request_id), end=True)
-            self._observe(UNROUTED, error.grpc_status, started)
+            self.observe(UNROUTED, error.grpc_status, started)
             return DISCARD
-        if route.action == "hold":
-            return self.holds.hold(stream, head, route, request_id, started)
-        return RelayedCall(self, stream, head, route, request_id, started)
+        return self._dispatch(stream, head, route, request_id, started, None)[1]
+
+    def _dispatch(
+        self, stream: ServerStream, head: CallHead, route: Route, request_id: str, started: float,
+        held: HeldCall | None,
+    ) -> tuple[Released, Handler]:  # fmt: skip
+        """Admit the call like any other (SPEC §6: backpressure, holds) and relay it, hold it or answer it."""
+        dep = route.deployment
+        labels = (route.model.id, route.environment, dep.id, dep.region, "grpc")
+        decision = self.pipeline.admit(route, released=held is not None, endpoint_needed=False)
+        if isinstance(decision, GatewayError):
+            stream.respond(ERROR_HEAD + error_trailers(decision, request_id), end=True)
+            self.observe(labels, decision.grpc_status, started)
+            return "answered", DISCARD
+        if not isinstance(decision, Go):
+            if held is None:
+                held = HeldCall(self, stream, head, route, request_id, started,
+                                self.state.table.gateway.hold_timeout_seconds)  # fmt: skip
+            held.labels = labels
+            if not self.pipeline.hold(held, route, labels, decision, held.deadline):
+                self.pipeline.holds.finish(held)
+                held.answer(RateLimited(f"too many calls are waiting for deployment '{dep.id}'; retry later"))
+                return "answered", DISCARD
+            return "held", held
+        record = self.pipeline.begin(labels, decision, started)
+        return "sent", RelayedCall(self, stream, head, route, request_id, started, record)
+
+    def release_held(self, held: HeldCall) -> Released:
+        """A held call goes on: resolved again against the serving table, replaying what it kept."""
+        try:
+            route = resolve_grpc(self.state.table, held.head.call)
+        except GatewayError as error:
+            held.answer(error)
+            return "answered"
+        outcome, handler = self._dispatch(held.stream, held.head, route, held.request_id, held.started, held)
+        if outcome == "sent":
+            held.stream.handler = handler
+            data, ended = held.take_data()
+            for chunk, flow in data:
+                handler.client_data(chunk, flow)
+            if ended:
+                handler.client_end()
+        return outcome
+
+    def held_dropped(self, held: HeldCall) -> None:
+        self.pipeline.holds.drop(held)
 
     def identity(self, route: Route) -> tuple:
         key = (route.model.id, route.environment, route.deployment.id)
@@ -104,7 +148,8 @@ class GrpcRelay:
             )
         return fields
 
-    def _observe(self, labels: tuple, code: int, started: float) -> None:
+    def observe(self, labels: tuple, code: int, started: float) -> None:
+        """Count a call the pipeline never admitted (refused, answered from the hold)."""
         self.metrics.requests.inc(labels + (status_name(code),))
         self.metrics.duration.observe(labels, self.loop.time() - started)
 
@@ -115,11 +160,13 @@ class RelayedCall:
     __slots__ = (
         "relay", "stream", "head", "route", "request_id", "labels", "started", "timeout", "timer", "group",
         "plane", "scanner", "early", "early_flow", "client_ended", "up_owed", "down_owed", "responded", "done",
+        "record", "error",
     )  # fmt: skip
 
     def __init__(
-        self, relay: GrpcRelay, stream: ServerStream, head: CallHead, route: Route, request_id: str, started: float
-    ) -> None:
+        self, relay: GrpcRelay, stream: ServerStream, head: CallHead, route: Route, request_id: str, started: float,
+        record: CallRecord,
+    ) -> None:  # fmt: skip
         self.relay = relay
         self.stream = stream
         self.head = head
@@ -137,7 +184,8 @@ class RelayedCall:
         self.down_owed = 0  # response bytes given to the client stream but not yet written
         self.responded = False  # response HEADERS sent to the client
         self.done = False
-        relay.metrics.inflight.inc(self.labels)
+        self.record = record  # in-flight, metrics and the freed slot: the pipeline's accounting
+        self.error: GatewayError | None = None  # the gateway's reason for ending the call, if any
         # The client's grpc-timeout, capped by the deployment's total call limit (SPEC §12 timeouts).
         total = dep.timeouts.total_seconds
         self.timeout = total if head.timeout is None else min(head.timeout, total)
@@ -281,9 +329,7 @@ class RelayedCall:
     def plane_failed(self, error: GatewayError) -> None:
         if self.done:
             return
-        kind = error_kind(error)
-        if kind is not None:
-            self.relay.metrics.upstream_errors.inc(self.labels + (kind,))
+        self.error = error
         self.fail(error)
 
     # -- the end
@@ -291,8 +337,8 @@ class RelayedCall:
     def _deadline(self) -> None:
         self.timer = None
         if not self.done:
-            self.relay.metrics.upstream_errors.inc(self.labels + ("timeout",))
-            self.fail(UpstreamTimeout(f"the call did not finish within its deadline ({self.timeout:g} s)"))
+            self.error = UpstreamTimeout(f"the call did not finish within its deadline ({self.timeout:g} s)")
+            self.fail(self.error)
 
     def fail(self, error: GatewayError) -> None:
         """Answer the client with the gateway's error; the plane stream, if any, is cancelled."""
@@ -318,5 +364,5 @@ class RelayedCall:
         self.early = []
         relay = self.relay
         relay.planes.release(self.group)
-        relay.metrics.inflight.dec(self.labels)
-        relay._observe(self.labels, code, self.started)
+        # gRPC goes to the plane's gRPC address, not the replica it was counted on: no verdict on it.
+        self.record.end(status_name(code), error=self.error, judge=False)

@@ -12,7 +12,9 @@ import json
 import logging
 from typing import NamedTuple
 
-from gateway.calls.outcome import error_kind, outcome_of
+from gateway.calls.admission import RETRY_AFTER_FULL, RETRY_AFTER_NOT_READY
+from gateway.calls.holds import Reason, Released
+from gateway.calls.pipeline import CallRecord, Go, Pipeline
 from gateway.errors import (
     ClientError,
     GatewayError,
@@ -23,27 +25,17 @@ from gateway.errors import (
     UpgradeRequired,
 )
 from gateway.headers import misdirected
-from gateway.http.hold import (
-    RETRY_AFTER_FULL,
-    RETRY_AFTER_NOT_READY,
-    RETRY_AFTER_REJECT,
-    Held,
-    Holds,
-    Reason,
-    admission,
-    concurrency_limit,
-)
+from gateway.http.hold import HeldRequest
 from gateway.http.proxy import MAX_BODY_BYTES, Exchange, TunnelExchange, body_limit_error, new_request_id, request_head
 from gateway.http.server import Request
-from gateway.http.shadow import Discard, ShadowExchange, Shadows, Tee, sampled
+from gateway.http.shadow import ShadowExchange, Shadows, Tee, sampled
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Table, Upstream
 from gateway.routing.resolve import Call, Route, resolve
 from gateway.state import TableState
-from gateway.upstream.balance import Endpoint, EndpointSet, RetryBudget, should_retry
+from gateway.upstream.balance import Endpoint, should_retry
 from gateway.upstream.connect import Connector
 from gateway.upstream.pool import Pool, UpstreamConnection
-from gateway.upstream.replicas import ReplicaSets
 
 log = logging.getLogger("gateway.public")
 UNROUTED = ("", "", "", "", "http")
@@ -52,10 +44,7 @@ UNROUTED = ("", "", "", "", "http")
 class Context(NamedTuple):
     """What a call carries from its start to `_done`."""
 
-    labels: tuple
-    started: float
-    endpoints: EndpointSet
-    endpoint: Endpoint
+    record: CallRecord  # the pipeline's accounting of the call
     table: Table
     tee: Tee | None = None  # a sampled call's shadow copy in the making (SPEC §6)
 
@@ -65,7 +54,12 @@ SWEEP_SECONDS = 0.25
 
 
 class PublicHandler:
-    def __init__(self, state: TableState, pool: Pool, metrics: Metrics, scheme: str = "http") -> None:
+    """The HTTP/1.1 (and WebSocket) adapter of the call pipeline: parse, resolve, `Pipeline.admit`,
+    then carry the decision out on the wire."""
+
+    def __init__(
+        self, state: TableState, pool: Pool, metrics: Metrics, scheme: str = "http", pipeline: Pipeline | None = None
+    ) -> None:  # fmt: skip
         self.state = state
         self.pool = pool
         self.metrics = metrics
@@ -74,31 +68,25 @@ class PublicHandler:
         self.routes: dict[tuple, Route] = {}  # successful decisions of the current table
         self.identity: dict[tuple, bytes] = {}  # identity header blocks of the current table
         self.exchanges: set[Exchange] = set()
-        self.budget = RetryBudget()
-        self.connector = Connector(state.table.gateway.dns_nameservers, metrics)
-        # Replica sets per deployment, with SRV discovery and active health checks (issue 5).
-        self.replicas = ReplicaSets(self.connector, metrics)
-        self.replicas.sync(state.table)
-        self.background: set[asyncio.Task] = set()
+        self.owns_pipeline = pipeline is None
+        if pipeline is None:
+            pipeline = Pipeline(state, metrics, Connector(state.table.gateway.dns_nameservers, metrics))
+        self.pipeline = pipeline
+        self.connector = pipeline.connector
         self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
         state.on_swap.append(self._table_swapped)
-        self.holds = Holds(self.loop, metrics, self._hold_expired, self._hold_dropped, self._hold_wake)
         self.shadows = Shadows(self.loop, metrics, self._connect, scheme)
-        state.on_swap.append(self._table_swapped_release)
 
     def _table_swapped(self, table: Table) -> None:
         # New dicts, not clear(): a call in flight keeps the decisions of its own table.
         self.routes, self.identity = {}, {}
         self.pool.close_idle()  # planes may have moved, or their region's networks changed
-        self.connector.table_swapped(table)
-        self.replicas.sync(table)  # after the resolver: discovery asks the new one
 
     def close(self) -> None:
         self.sweeper.cancel()
-        self.holds.close()
         self.shadows.close()
-        self.replicas.close()
-        self.connector.close()
+        if self.owns_pipeline:
+            self.pipeline.close()
 
     # -- the request path -------------------------------------------------------------------
 
@@ -119,56 +107,34 @@ class PublicHandler:
             return
         self._dispatch(req, route, request_id, started, None)
 
-    def _dispatch(self, req: Request, route: Route, request_id: str, started: float, held: Held | None) -> str:
-        """Send the call to its deployment, or hold it (scaled to zero, backpressure), or refuse it (SPEC §6).
-
-        Returns what became of it: "sent", "held" or "answered".
-        """
+    def _dispatch(
+        self, req: Request, route: Route, request_id: str, started: float, held: HeldRequest | None
+    ) -> Released:  # fmt: skip
+        """Send the call to its deployment, or hold it (scaled to zero, backpressure), or refuse it (SPEC §6)."""
         dep = route.deployment
         protocol = "websocket" if route.endpoint == "websocket" else "http"
         labels = (route.model.id, route.environment, dep.id, dep.region, protocol)
-        if route.action == "hold":
-            return self._hold(req, route, request_id, started, held, labels, "wake")
-        endpoints = self._endpoints(route)
-        env = route.model.environments.get(route.environment)
-        tee = None
-        if env is not None:  # an environment's call: backpressure, shadow and split apply
-            if env.autoscaling.concurrency_target is not None:
-                # A released call is at the head of the queue; a new one waits behind those queued.
-                waiting = 0 if held is not None else self.holds.waiting((route.model.id, dep.id))
-                decision = admission(
-                    endpoints.in_flight_total(),
-                    concurrency_limit(env, endpoints.replica_count()),
-                    waiting,
-                    env.backpressure,
-                )
-                if decision != "go":
-                    if decision == "queue":
-                        return self._hold(req, route, request_id, started, held, labels, "full")
-                    error = RateLimited(
-                        f"deployment '{dep.id}' is at its concurrency limit; retry later",
-                        headers=(("retry-after", RETRY_AFTER_REJECT),),
-                    )
-                    self._answer(req, error, request_id, labels, started)
-                    return "answered"
-            shadow = env.shadow
-            if shadow is not None and protocol == "http" and sampled(shadow):
-                tee = self.shadows.tee(req, route, shadow, self.state.table)
-            self.metrics.split.inc((route.model.id, route.environment, dep.id, route.side))
-        ep = endpoints.pick_or_least_loaded()
-        if ep is None:  # no replica: SRV discovery found none (yet), or a bug; 503, never a crash
-            reason = endpoints.unavailable or f"deployment '{dep.id}' has no address"
-            self._answer(req, ModelUnavailable(reason), request_id, labels, started)
+        decision = self.pipeline.admit(route, released=held is not None)
+        if isinstance(decision, GatewayError):
+            self._answer(req, decision, request_id, labels, started)
             return "answered"
-        self.metrics.inflight.inc(labels)
-        endpoints.started(ep)
-        self.budget.record_request()
-        context = Context(labels, started, endpoints, ep, self.state.table, tee)
+        if not isinstance(decision, Go):
+            return self._hold(req, route, request_id, started, held, labels, decision)
+        tee = None
+        env = route.model.environments.get(route.environment)
+        if env is not None and env.shadow is not None and protocol == "http" and sampled(env.shadow):
+            tee = self.shadows.tee(req, route, env.shadow, self.state.table)
+        ep = decision.endpoint
+        if ep is None:  # admit gives HTTP calls an endpoint; defensively, 503 rather than a crash
+            self._answer(req, ModelUnavailable(f"deployment '{dep.id}' has no address"), request_id, labels, started)
+            return "answered"
+        record = self.pipeline.begin(labels, decision, started)
+        context = Context(record, self.state.table, tee)
         conn = self.pool.take_idle(ep.upstream, dep.plane.tls, self.connector.still_current)
         if conn is not None:
             self._start(req, route, ep.upstream, conn, request_id, context)
         else:
-            req.conn.spawn(req, self._connect_and_start(req, route, request_id, context), finish=False)
+            req.conn.spawn(req, self._connect_and_start(req, route, request_id, context, ep), finish=False)
         return "sent"
 
     def _route(self, req: Request) -> Route:
@@ -204,45 +170,40 @@ class PublicHandler:
             raise error
         req.body.limit = MAX_BODY_BYTES
 
-    async def _connect_and_start(self, req: Request, route: Route, request_id: str, context: Context) -> None:
-        dep = route.deployment
+    async def _connect_and_start(
+        self, req: Request, route: Route, request_id: str, context: Context, ep: Endpoint
+    ) -> None:  # fmt: skip
+        dep, record = route.deployment, context.record
         tried: set[Endpoint] = set()
         attempt = 1
         while True:
             try:
-                conn = await self._connect(dep, context.endpoint.upstream, context.table)
+                conn = await self._connect(dep, ep.upstream, context.table)
                 break
             except GatewayError as error:
-                kind = error_kind(error)
-                if kind is not None:
-                    self.metrics.upstream_errors.inc(context.labels + (kind,))
-                context.endpoints.finished(context.endpoint, outcome_of(error, error.status))
-                tried.add(context.endpoint)
-                retry = self._retry_endpoint(context, tried, attempt)
+                record.attempt_failed(error)
+                tried.add(ep)
+                retry = self._retry_endpoint(record, tried, attempt)
                 if retry is None:
-                    self._end(req, context, error.status)
+                    record.end(str(error.status))
                     req.conn.send_error(error, (("x-baseten-request-id", request_id),))
                     req.conn.finish(req)
                     return
-                # Nothing of the request was sent: safe to try another replica (issue 5).
-                attempt += 1
-                context = context._replace(endpoint=retry)
+                ep, attempt = retry, attempt + 1  # nothing of the request was sent: safe on another replica (issue 5)
         if req.conn.closed:
             self.pool.put_idle(conn)  # unused and clean: keep it for the next call
-            context.endpoints.finished(context.endpoint, "cancelled")
-            self._end(req, context, 499)
+            record.end("499", 499)
             return
-        self._start(req, route, context.endpoint.upstream, conn, request_id, context)  # callbacks finish it
+        self._start(req, route, ep.upstream, conn, request_id, context)  # callbacks finish it
 
-    def _retry_endpoint(self, context: Context, tried: set[Endpoint], attempt: int) -> Endpoint | None:
+    def _retry_endpoint(self, record: CallRecord, tried: set[Endpoint], attempt: int) -> Endpoint | None:
         if not should_retry(
             bytes_sent=0, streaming=False, protocol="http", attempt=attempt, max_attempts=2, outcome="connect_failure"
-        ) or not self.budget.can_retry():  # fmt: skip
+        ) or not self.pipeline.budget.can_retry():  # fmt: skip
             return None
-        ep = context.endpoints.pick_or_least_loaded(exclude=frozenset(tried))
+        ep = record.endpoints.pick_or_least_loaded(exclude=frozenset(tried))
         if ep is not None:
-            self.budget.record_retry()
-            context.endpoints.started(ep)
+            record.retry_on(ep)
         return ep
 
     def _start(
@@ -261,22 +222,10 @@ class PublicHandler:
 
     def _done(self, exchange: Exchange) -> None:
         self.exchanges.discard(exchange)
-        req = exchange.req
         context: Context = exchange.context
-        error, status = exchange.error, exchange.status
-        kind = error_kind(error)
-        if kind is not None:
-            self.metrics.upstream_errors.inc(context.labels + (kind,))
         # Only the plane's faults eject a replica: a 413 mid-upload or a client gone never does (issue 10).
-        context.endpoints.finished(context.endpoint, outcome_of(error, status))
-        self._end(req, context, status)
-        req.conn.finish(req)
-
-    def _end(self, req: Request, context: Context, status: int) -> None:
-        self.metrics.inflight.dec(context.labels)
-        self._observe(context.labels, status, context.started)
-        if self.holds.full_waiting:  # a slot freed: the longest-waiting call of that deployment may go
-            self._slot_freed((context.labels[0], context.labels[2]))
+        context.record.end(str(exchange.status), exchange.status, exchange.error)
+        exchange.req.conn.finish(exchange.req)
 
     def _answer(self, req: Request, error: GatewayError, request_id: str, labels: tuple, started: float) -> None:
         req.conn.send_error(error, (("x-baseten-request-id", request_id),))
@@ -284,6 +233,7 @@ class PublicHandler:
         req.conn.finish(req)
 
     def _observe(self, labels: tuple, status: int, started: float) -> None:
+        """Count a call the pipeline never admitted (refused, answered by the gateway, or held and dropped)."""
         self.metrics.requests.inc(labels + (str(status),))
         self.metrics.duration.observe(labels, self.loop.time() - started)
 
@@ -294,11 +244,6 @@ class PublicHandler:
         self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
     # -- upstream selection and connections ---------------------------------------------------
-
-    def _endpoints(self, route: Route) -> EndpointSet:
-        """The deployment's replica set, carried over (with its health state) across table swaps and
-        SRV changes. Empty while an `endpoints_srv` deployment has no replicas (`unavailable` says why)."""
-        return self.replicas.get(route)
 
     def _identity(self, route: Route, up: Upstream) -> bytes:
         key = (route.model.id, route.environment, route.deployment.id, up)
@@ -330,55 +275,38 @@ class PublicHandler:
         self.pool.opened += 1
         return conn
 
-    # -- held calls (SPEC §6) ------------------------------------------------------------------
+    # -- held calls (SPEC §6; the hold itself is the pipeline's) ------------------------------
 
     def _hold(
-        self, req: Request, route: Route, request_id: str, started: float, held: Held | None, labels: tuple,
+        self, req: Request, route: Route, request_id: str, started: float, held: HeldRequest | None, labels: tuple,
         reason: Reason,
-    ) -> str:  # fmt: skip
-        settings = self.state.table.gateway
+    ) -> Released:  # fmt: skip
         if held is None:
-            held = Held(req, request_id, started)
-        if not self.holds.add(held, route, labels, reason, settings.hold_timeout_seconds,
-                              settings.max_held_calls_per_deployment):  # fmt: skip
-            self.holds.finish(held)
+            held = HeldRequest(self, req, request_id, started)
+        deadline = held.started + self.state.table.gateway.hold_timeout_seconds
+        if not self.pipeline.hold(held, route, labels, reason, deadline):
+            self.pipeline.holds.finish(held)
             error = RateLimited(
                 f"too many calls are waiting for deployment '{route.deployment.id}'; retry later",
                 headers=(("retry-after", RETRY_AFTER_FULL),),
             )
             self._answer(req, error, request_id, labels, started)
             return "answered"
+        req.conn.on_lost = lambda: self._held_client_lost(held)
         return "held"
 
-    def _release(self, held: Held) -> str:
+    def release_held(self, held: HeldRequest) -> Released:
         """Go on with a call taken out of the hold, re-resolved against the current table."""
         req = held.req
+        req.conn.on_lost = None
         try:
             route = self._route(req)
         except GatewayError as error:  # the table changed under it: removed, inactive, ...
-            self.holds.finish(held)
             self._answer(req, error, held.request_id, held.labels, held.started)
             return "answered"
-        outcome = self._dispatch(req, route, held.request_id, held.started, held)
-        if outcome != "held":
-            self.holds.finish(held)  # its hold deadline no longer applies
-        return outcome
+        return self._dispatch(req, route, held.request_id, held.started, held)
 
-    def _table_swapped_release(self, table: Table) -> None:
-        if self.holds.total:
-            self.loop.call_soon(self._release_all)  # after every swap callback has seen the new table
-
-    def _release_all(self) -> None:
-        for held in self.holds.take_all():
-            self._release(held)
-
-    def _slot_freed(self, key: tuple[str, str]) -> None:
-        # One slot freed: the longest-waiting call takes it; one answered without a slot passes it on.
-        while (held := self.holds.next_for_slot(key)) is not None:
-            if self._release(held) != "answered":
-                return
-
-    def _hold_expired(self, held: Held) -> None:
+    def held_expired(self, held: HeldRequest) -> None:
         dep_id = held.key[1]
         if held.reason == "wake":
             error = ModelNotReady(
@@ -390,50 +318,23 @@ class PublicHandler:
                 f"deployment '{dep_id}' had no free slot within the hold timeout; retry later",
                 headers=(("retry-after", RETRY_AFTER_FULL),),
             )
+        held.req.conn.on_lost = None
         self._answer(held.req, error, held.request_id, held.labels, held.started)
 
-    def _hold_dropped(self, held: Held) -> None:
+    def _held_client_lost(self, held: HeldRequest) -> None:
         """The client went away while held: nothing was sent anywhere."""
-        self._observe(held.labels, 499, held.started)
-        held.req.conn.finish(held.req)
+        if self.pipeline.holds.drop(held):
+            self._observe(held.labels, 499, held.started)
+            held.req.conn.finish(held.req)
 
     # -- wake ------------------------------------------------------------------------------
 
     def _wake(self, req: Request, route: Route, request_id: str) -> None:
-        """202 now; ask the plane to wake the deployment in the background (SPEC §6)."""
+        """202 now; the pipeline asks the plane to wake the deployment in the background (SPEC §6)."""
         dep = route.deployment
         body = json.dumps(
             {"model_id": route.model.id, "deployment_id": dep.id, "environment": route.environment or None,
              "status": dep.status, "request_id": request_id}
         ).encode()  # fmt: skip
         req.conn.send_simple(202, body, (("x-baseten-request-id", request_id),))
-        task = self.loop.create_task(self._send_wake(route, request_id))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    async def _hold_wake(self, route: Route, timeout: float) -> None:
-        await self._send_wake(route, new_request_id(), timeout)
-
-    async def _send_wake(self, route: Route, request_id: str, timeout: float | None = None) -> None:
-        dep = route.deployment
-        up = dep.plane.url
-        head = [
-            b"POST /wake HTTP/1.1\r\n", self._identity(route, up),
-            b"x-baseten-request-id: %s\r\ncontent-length: 0\r\n\r\n" % request_id.encode(),
-        ]  # fmt: skip
-        try:
-            conn = await self._connect(dep, up, self.state.table)
-        except GatewayError as error:
-            log.warning("wake of %s/%s failed: %s", route.model.id, dep.id, error.message)
-            return
-        sink = Discard(self.loop)
-        conn.start(sink, head)
-        try:
-            async with asyncio.timeout(timeout or dep.timeouts.response_start_seconds):
-                status = await sink.done
-        except (TimeoutError, GatewayError) as error:
-            conn.close()
-            log.warning("wake of %s/%s got no answer: %s", route.model.id, dep.id, error)
-            return
-        conn.release()
-        log.info("wake of %s/%s answered %s", route.model.id, dep.id, status)
+        self.pipeline.wake_soon(route, request_id)
