@@ -30,6 +30,7 @@ from gateway.routing.syntax import parse_host_port, parse_nameserver, parse_netw
 
 _DEFAULT_TIMEOUTS = Timeouts()
 _DEFAULT_AUTOSCALING = Autoscaling()
+_NO_NAMES: frozenset[str] = frozenset()
 _TIMEOUT_FIELDS = tuple(f.name for f in dataclasses.fields(Timeouts))
 
 
@@ -61,6 +62,11 @@ def _timeouts(base: Timeouts, overrides: Any) -> Timeouts:
     return dataclasses.replace(base, **given) if given else base
 
 
+def _copy(text: str) -> str:
+    """A new string equal to `text` (str() and slicing return the same object)."""
+    return text[:1] + text[1:]
+
+
 class Builder:
     """Turns a validated document into a Table; the validation above guarantees every lookup here."""
 
@@ -76,10 +82,18 @@ class Builder:
         self.teams = {name: self.build_team(name, t) for name, t in doc["teams"].items()}
         self._dep_timeouts: dict[tuple[str, tuple[tuple[str, Any], ...]], Timeouts] = {}
         self._upstreams: dict[str, Upstream] = {}
+        self._shared: dict[tuple[type, Any], Any] = {}
+        self._percents: dict[str, float] = {}
+        self._texts: dict[str, str] = {}
+        # A deployment without a health_check of its own has its plane's.
+        self.plane_health = {name: self.health_check(name, None) for name in doc["planes"]}
 
-    def table(self, digest: str, source: str) -> Table:
+    def table(self, digest: str, source: str, models: dict[str, Model] | None = None) -> Table:
+        """The Table; `models` when they were built already (one by one, `routing.stream`)."""
         doc = self.doc
-        models = {model_id: self.build_model(model_id, m) for model_id, m in doc["models"].items()}
+        if models is None:
+            built = (self.build_model(model_id, m) for model_id, m in doc["models"].items())
+            models = {model.id: model for model in built}
         keys = [self.build_key(k) for k in doc.get("api_keys", [])]
         return Table(
             version=1,
@@ -127,37 +141,50 @@ class Builder:
         return Team(name, _frozen(dict(t.get("regional_environments", {}))))
 
     def build_model(self, model_id: str, m: dict[str, Any]) -> Model:
-        deployments = {dep_id: self.build_deployment(model_id, dep_id, d) for dep_id, d in m["deployments"].items()}
+        # A copy of the id: the table must not keep the parsed document's objects alive (see share).
+        model_id = _copy(model_id)
+        deployments = {
+            self.text(dep_id): self.build_deployment(model_id, dep_id, d) for dep_id, d in m["deployments"].items()
+        }
         pinned = self.teams[m["team"]].regional_environments
         environments = {
-            env: self.build_environment(env, e, deployments, pinned.get(env)) for env, e in m["environments"].items()
+            self.text(env): self.build_environment(env, e, deployments, pinned.get(env))
+            for env, e in m["environments"].items()
         }
         development = next((d for d in deployments.values() if d.development), None)
+        deleted = m.get("deleted_environments")
         return Model(
             id=model_id,
-            team=m["team"],
-            kind=m.get("kind", "model"),
+            team=self.text(m["team"]),
+            kind=self.text(m.get("kind", "model")),
             deployments=_frozen(deployments),
             environments=_frozen(environments),
             development=development,
-            deleted_environments=frozenset(m.get("deleted_environments", ())),
+            deleted_environments=self.share(frozenset(map(self.text, deleted))) if deleted else _NO_NAMES,
         )
 
     def build_deployment(self, model_id: str, dep_id: str, d: dict[str, Any]) -> Deployment:
         plane = d["plane"]
         replicas = d.get("replicas")
+        srv = d.get("endpoints_srv")
+        endpoints = d.get("endpoints")
+        health = d.get("health_check")
         return Deployment(
-            id=dep_id,
-            model_id=model_id,
-            plane=self.planes[plane],
-            status=d.get("status", "active"),
-            development=d.get("development", False),
-            endpoints=tuple(self.upstream(u) for u in d.get("endpoints", ())),
-            replicas=int(replicas) if replicas is not None else None,
-            timeouts=self.deployment_timeouts(plane, d.get("timeouts")),
-            endpoints_srv=parse_srv_name(d["endpoints_srv"]) if "endpoints_srv" in d else None,
-            health_check=_health_check(self.doc["planes"][plane].get("health_check"), d.get("health_check")),
+            self.text(dep_id),
+            model_id,
+            self.planes[plane],
+            self.text(d.get("status", "active")),
+            d.get("development", False),
+            tuple(self.upstream(u) for u in endpoints) if endpoints else (),
+            int(replicas) if replicas is not None else None,
+            self.deployment_timeouts(plane, d.get("timeouts")),
+            parse_srv_name(srv) if srv is not None else None,
+            self.plane_health[plane] if health is None else self.health_check(plane, health),
         )
+
+    def health_check(self, plane: str, health: Any) -> HealthCheck | None:
+        found = _health_check(self.doc["planes"][plane].get("health_check"), health)
+        return self.share(found) if found is not None else None
 
     def deployment_timeouts(self, plane: str, overrides: Any) -> Timeouts:
         if not overrides:
@@ -165,41 +192,73 @@ class Builder:
         key = (plane, tuple(sorted(overrides.items())))
         found = self._dep_timeouts.get(key)
         if found is None:
-            found = self._dep_timeouts[key] = _timeouts(self.plane_timeouts[plane], overrides)
+            found = self._dep_timeouts[key] = self.share(_timeouts(self.plane_timeouts[plane], overrides))
         return found
 
     def upstream(self, url: str) -> Upstream:
         found = self._upstreams.get(url)
         if found is None:
-            found = self._upstreams[url] = parse_upstream(url)
+            found = self._upstreams[url] = self.share(parse_upstream(url))
+        return found
+
+    def share(self, value: Any) -> Any:
+        """One object for equal values (settings): 100,000 models repeat the same few."""
+        key = (type(value), value)
+        found = self._shared.get(key)
+        if found is None:
+            found = self._shared[key] = value
+        return found
+
+    def text(self, value: Any) -> Any:
+        """One string for equal names, a copy of the first one seen: the table must not keep the
+        parsed document's strings (and with them its memory) alive."""
+        found = self._texts.get(value)
+        if found is None:
+            found = self._texts[value] = _copy(value)
+        return found
+
+    def percent(self, value: Any) -> float:
+        # Keyed by repr: -0.0 == 0.0 but must stay itself.
+        number = float(value)
+        found = self._percents.get(repr(number))
+        if found is None:
+            found = self._percents[repr(number)] = number
         return found
 
     def build_environment(
         self, name: str, e: dict[str, Any], deployments: dict[str, Deployment], region: str | None
     ) -> Environment:
-        canary, shadow, scaling = e.get("canary"), e.get("shadow"), e.get("autoscaling")
+        canary, shadow, scaling, backpressure = (
+            e.get("canary"),
+            e.get("shadow"),
+            e.get("autoscaling"),
+            e.get("backpressure"),
+        )
+        dep = e.get("deployment")
         return Environment(
-            name=name,
-            deployment=deployments[e["deployment"]] if "deployment" in e else None,
-            region=region,
-            canary=Canary(deployments[canary["deployment"]], float(canary["percent"])) if canary else None,
-            shadow=Shadow(
+            self.text(name),
+            deployments[dep] if dep is not None else None,
+            region,
+            Canary(deployments[canary["deployment"]], self.percent(canary["percent"])) if canary else None,
+            Shadow(
                 deployments[shadow["deployment"]],
-                float(shadow["percent"]),
+                self.percent(shadow["percent"]),
                 int(shadow.get("max_body_bytes", 1024 * 1024)),
             )
             if shadow
             else None,
-            autoscaling=self.build_autoscaling(scaling) if scaling else _DEFAULT_AUTOSCALING,
-            backpressure=as_dict(e.get("backpressure")).get("policy", "QUEUE_ON_FULL"),
+            self.build_autoscaling(scaling) if scaling else _DEFAULT_AUTOSCALING,
+            self.text(backpressure.get("policy", "QUEUE_ON_FULL")) if backpressure else "QUEUE_ON_FULL",
         )
 
     def build_autoscaling(self, a: dict[str, Any]) -> Autoscaling:
         target = a.get("concurrency_target")
-        return Autoscaling(
-            min_replica=int(a.get("min_replica", 0)),
-            max_replica=int(a.get("max_replica", 1)),
-            concurrency_target=int(target) if target is not None else None,
+        return self.share(
+            Autoscaling(
+                min_replica=int(a.get("min_replica", 0)),
+                max_replica=int(a.get("max_replica", 1)),
+                concurrency_target=int(target) if target is not None else None,
+            )
         )
 
     def build_key(self, k: dict[str, Any]) -> ApiKey:

@@ -43,7 +43,7 @@ def parse_document(data: bytes, source: str) -> Any:
     if data.lstrip()[:1] in (b"{", b"["):
         # JSON is valid YAML, but the json module reads a 50 MB table 40x faster than PyYAML.
         try:
-            return json.loads(data, object_pairs_hook=_json_object)
+            return json.loads(data, object_pairs_hook=json_object)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, duplicate key, bad UTF-8
             json_error = exc
         # Not strict JSON (or a duplicate key): YAML decides, and reports with a line number.
@@ -64,7 +64,7 @@ class _DuplicateKey(ValueError):
     pass
 
 
-def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         raise _DuplicateKey("duplicate key")

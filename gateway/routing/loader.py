@@ -35,6 +35,7 @@ from gateway.routing.schema_gate import GATE as _GATE  # noqa: F401
 from gateway.routing.schema_gate import SCHEMA, SCHEMA_PATH, structural_problems
 from gateway.routing.schema_gate import explain as _explain  # noqa: F401
 from gateway.routing.semantics import Semantics
+from gateway.routing.stream import compile_json
 from gateway.routing.syntax import (
     SyntaxProblem,
     parse_host_port,
@@ -56,6 +57,7 @@ __all__ = [
     "Problem",
     "SyntaxProblem",
     "TableInvalid",
+    "compile_source",
     "compile_table",
     "load_table",
     "parse_document",
@@ -75,10 +77,26 @@ _structural_problems = structural_problems
 def load_table(path: str | os.PathLike[str]) -> Table:
     """Read, validate and compile the table at `path`; raise TableInvalid listing every problem."""
     data, digest = read_table_file(path)
-    source = os.fspath(path)
+    return compile_source(data, digest=digest, source=os.fspath(path))[0]
+
+
+def compile_source(data: bytes, *, digest: str, source: str) -> tuple[Table, dict[str, Any]]:
+    """Parse and compile a table file's bytes: the Table, and the document's small sections (all
+    but `models` and `api_keys`). Raises TableInvalid listing every problem.
+
+    A large valid JSON table is read one model at a time (`stream.py`), so its parsed document is
+    never whole in memory; anything else takes the classic path.
+    """
+    base_dir = table_dir(source)
     with _gc_paused():
+        if data.lstrip()[:1] == b"{":
+            fast = compile_json(data, digest=digest, source=source, base_dir=base_dir)
+            if fast is not None:
+                return fast
         doc = parse_document(data, source)
-        return compile_table(doc, digest=digest, source=source, base_dir=table_dir(source))
+        table = compile_table(doc, digest=digest, source=source, base_dir=base_dir)
+        # A valid table: doc is a mapping with every section.
+        return table, {key: value for key, value in doc.items() if key not in ("models", "api_keys")}
 
 
 def read_table_file(path: str | os.PathLike[str]) -> tuple[bytes, str]:

@@ -185,18 +185,23 @@ class _Gate:
         names = self.compile(schema["propertyNames"]) if "propertyNames" in schema else None
         min_props = schema.get("minProperties", 0)
 
+        allowed = frozenset(props)
+        required_set = frozenset(required)
+
         def check(x: Any) -> bool:
             if type(x) is not dict or len(x) < min_props:
                 return False
-            for key in required:
-                if key not in x:
-                    return False
+            keys = x.keys()
+            if not required_set <= keys:
+                return False
+            if closed and not keys <= allowed:
+                return False
             for key, value in x.items():
                 sub = props.get(key)
                 if sub is not None:
                     if not sub(value):
                         return False
-                elif closed or (extra_check is not None and not extra_check(value)):
+                elif extra_check is not None and not extra_check(value):
                     return False
                 if names is not None and not names(key):
                     return False
