@@ -1196,3 +1196,42 @@ def test_any_bytes_parse_or_list_a_problem(data: bytes) -> None:
 def test_big_collections_are_explained_entry_by_entry() -> None:
     # With 100,000 models jsonschema must not walk the whole document (see loader._structural_problems).
     assert set(loader._COLLECTIONS) == {"regions", "planes", "teams", "api_keys", "models"}
+
+
+@pytest.mark.parametrize("module", ["problems", "document", "syntax", "schema_gate", "semantics", "build", "loader"])
+def test_loader_modules_import_on_their_own(module: str) -> None:
+    # Each concern imports alone in a fresh interpreter: no import cycle hides behind the facade.
+    import subprocess
+    import sys
+
+    code = f"import gateway.routing.{module}"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_facade_keeps_the_loader_names() -> None:
+    from gateway.routing import build, document, schema_gate, semantics, syntax
+
+    assert loader.parse_document is document.parse_document
+    assert loader.parse_upstream is syntax.parse_upstream
+    assert loader._GATE is schema_gate.GATE and loader._structural_problems is schema_gate.structural_problems
+    assert loader.compile_table(_facade_doc()).models["m"].deployments["v1"].plane.name == "p"
+    assert semantics.Semantics and build.Builder
+    for name in loader.__all__:
+        assert hasattr(loader, name), name
+
+
+def _facade_doc() -> dict[str, Any]:
+    return {
+        "version": 1,
+        "domains": ["api.example.com"],
+        "regions": {"us": {}},
+        "planes": {"p": {"region": "us", "url": "http://127.0.0.1:9001"}},
+        "teams": {"t": {}},
+        "models": {
+            "m": {
+                "team": "t",
+                "deployments": {"v1": {"plane": "p"}},
+                "environments": {"production": {"deployment": "v1"}},
+            }
+        },
+    }

@@ -24,14 +24,15 @@ import copy
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from gateway.routing.loader import TableInvalid, compile_table, parse_document, read_table_file, table_dir
+from gateway.routing.loader import TableInvalid, compile_source, compile_table, read_table_file, table_dir
 from gateway.routing.model import Canary, Environment, Model, Table
+from gateway.routing.source import model_document
 
 # A promotion in one of these states routes part of the environment's traffic to its candidate.
 SPLITTING = frozenset({"RAMPING_UP", "PAUSED", "RAMPING_DOWN"})
@@ -41,9 +42,14 @@ RUNNING = frozenset({"RELEASING"}) | SPLITTING
 
 @dataclass(frozen=True, slots=True)
 class Base:
-    """The table file as loaded: its document (the overlay patches copies of it) and its compiled table."""
+    """The table file as loaded: its compiled table and its small sections (all but models and keys).
 
-    doc: dict[str, Any]
+    The parsed document of a large table is not kept (for 100,000 models it weighs more than the
+    compiled table): the overlay patches a touched model's document written from the table
+    (`gateway.routing.source.model_document`), which compiles to the same model.
+    """
+
+    sections: dict[str, Any]
     table: Table
     source: str
 
@@ -51,15 +57,38 @@ class Base:
     def digest(self) -> str:
         return self.table.digest
 
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The document's sections, with `models` written from the table on access."""
+        return {**self.sections, "models": ModelDocuments(self.table)}
+
+
+class ModelDocuments(Mapping[str, dict[str, Any]]):
+    """`doc["models"]` of a Base: each model's document, written afresh from the compiled table."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    def __getitem__(self, model_id: str) -> dict[str, Any]:
+        return model_document(self.table.models[model_id], self.table)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table.models)
+
+    def __len__(self) -> int:
+        return len(self.table.models)
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self.table.models
+
 
 def read_base(path: str, previous: Base | None = None) -> Base:
     """Load the table file; reuse `previous` when the file's bytes did not change."""
     data, digest = read_table_file(path)
     if previous is not None and previous.digest == digest and previous.source == path:
         return previous
-    doc = parse_document(data, path)
-    table = compile_table(doc, digest=digest, source=path, base_dir=table_dir(path))
-    return Base(doc, table, path)  # a valid table: doc is a mapping with every section
+    table, sections = compile_source(data, digest=digest, source=path)
+    return Base(sections, table, path)
 
 
 def empty_overlay() -> dict[str, Any]:
@@ -69,11 +98,14 @@ def empty_overlay() -> dict[str, Any]:
 def compose(base: Base, overlay: Mapping[str, Any]) -> Table:
     """The serving table: `base` with the overlay's changes. Raises TableInvalid listing every problem."""
     changes: Mapping[str, Any] = overlay.get("models") or {}
-    touched = {model_id: m for model_id, m in changes.items() if model_id in base.doc["models"]}
+    models_now = base.table.models
+    touched = {model_id: m for model_id, m in changes.items() if model_id in models_now}
     if not touched:
         return base.table
-    sub = {key: value for key, value in base.doc.items() if key not in ("models", "api_keys")}
-    sub["models"] = {model_id: patch_model(base.doc["models"][model_id], m) for model_id, m in touched.items()}
+    sub = dict(base.sections)
+    sub["models"] = {
+        model_id: patch_model(model_document(models_now[model_id], base.table), m) for model_id, m in touched.items()
+    }
     try:
         compiled = compile_table(sub, source=base.source, base_dir=table_dir(base.source))
     except TableInvalid as exc:
@@ -96,7 +128,7 @@ def composed_digest(file_digest: str, changes: Mapping[str, Any]) -> str:
 
 def orphans(base: Base, overlay: Mapping[str, Any]) -> list[str]:
     """Models the overlay changes that the table file no longer has (their changes wait, unused)."""
-    return sorted(model_id for model_id in overlay.get("models") or {} if model_id not in base.doc["models"])
+    return sorted(model_id for model_id in overlay.get("models") or {} if model_id not in base.table.models)
 
 
 def patch_model(model_doc: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
