@@ -20,6 +20,7 @@ import logging
 from typing import NamedTuple
 
 from gateway.calls.admission import RETRY_AFTER_REJECT, admission, concurrency_limit
+from gateway.calls.constants import Constants
 from gateway.calls.holds import Holds, Key, Reason, Waiting
 from gateway.calls.outcome import error_kind, outcome_of
 from gateway.environments.planecall import PlaneCaller
@@ -61,6 +62,7 @@ class Pipeline:
         self.holds = Holds(self.loop, metrics, self.wake)
         self.caller = PlaneCaller(metrics)
         self.background: set[asyncio.Task] = set()
+        self.constants = Constants()  # labels and identity fields of the serving table's routes
         state.on_swap.append(self._table_swapped)
 
     def __repr__(self) -> str:
@@ -113,6 +115,7 @@ class Pipeline:
     # -- releasing held calls -------------------------------------------------------------------
 
     def _table_swapped(self, table: Table) -> None:
+        self.constants = Constants()  # a new object: a call in flight keeps its own table's
         self.connector.table_swapped(table)
         self.replicas.sync(table)  # after the connector: discovery asks its new resolver
         if self.holds.total:

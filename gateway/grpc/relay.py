@@ -51,7 +51,6 @@ STATUS_NAMES = (
     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
     "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 )  # fmt: skip
-MAX_CACHED = 4096
 
 
 def status_name(code: int) -> str:
@@ -67,7 +66,6 @@ class GrpcRelay:
         self.planes = planes
         self.pipeline = pipeline  # the worker's call pipeline, shared with HTTP (issue 10)
         self.loop = asyncio.get_running_loop()
-        self.identities: dict[tuple, tuple] = {}  # (model, environment, deployment) -> identity fields
 
     def open(self, stream: ServerStream, headers: Headers) -> Handler:
         started = self.loop.time()
@@ -96,7 +94,7 @@ class GrpcRelay:
     ) -> tuple[Released, Handler]:  # fmt: skip
         """Admit the call like any other (SPEC §6: backpressure, holds) and relay it, hold it or answer it."""
         dep = route.deployment
-        labels = (route.model.id, route.environment, dep.id, dep.region, "grpc")
+        labels = self.pipeline.constants.of(route).labels["grpc"]
         decision = self.pipeline.admit(route, released=held is not None, endpoint_needed=False)
         if isinstance(decision, GatewayError):
             stream.respond(ERROR_HEAD + error_trailers(decision, request_id), end=True)
@@ -135,18 +133,8 @@ class GrpcRelay:
     def held_dropped(self, held: HeldCall) -> None:
         self.pipeline.holds.drop(held)
 
-    def identity(self, route: Route) -> tuple:
-        key = (route.model.id, route.environment, route.deployment.id)
-        fields = self.identities.get(key)
-        if fields is None:
-            if len(self.identities) >= MAX_CACHED:
-                self.identities.clear()
-            fields = self.identities[key] = (
-                (b"x-baseten-model-id", key[0].encode()),
-                (b"x-baseten-environment", key[1].encode()),
-                (b"x-baseten-deployment-id", key[2].encode()),
-            )
-        return fields
+    def identity(self, route: Route) -> tuple[tuple[bytes, bytes], ...]:
+        return self.pipeline.constants.of(route).grpc_identity
 
     def observe(self, labels: tuple, code: int, started: float) -> None:
         """Count a call the pipeline never admitted (refused, answered from the hold)."""
@@ -174,7 +162,7 @@ class RelayedCall:
         self.request_id = request_id
         self.started = started
         dep = route.deployment
-        self.labels = (route.model.id, route.environment, dep.id, dep.region, "grpc")
+        self.labels = record.labels
         self.plane: PlaneStream | None = None
         self.scanner = MessageScanner(head.encoding)
         self.early: list[bytes] = []  # request data that came before the plane stream was open

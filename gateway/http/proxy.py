@@ -35,9 +35,9 @@ def new_request_id() -> str:
 
 
 def request_head(
-    req: Request, target: str, identity: bytes, request_id: str, scheme: str, body_length: int | None = None
+    req: Request, target: str, identity: list[bytes], request_id: str, scheme: str, body_length: int | None = None
 ) -> list[bytes]:
-    """The head sent to the plane, as parts to write; `identity` holds host and x-baseten-* lines.
+    """The head sent to the plane, as parts to write; `identity` holds the host and x-baseten-* lines.
 
     With `body_length`, the body is framed by that Content-Length whatever the client sent (a
     shadow copy is sent whole).
@@ -48,7 +48,7 @@ def request_head(
         forwarded = conn.forwarded = (req.host, forwarded_value(conn.peer, req.host, scheme))
     parts = [
         b"%s %s HTTP/1.1\r\n" % (req.method.encode(), target.encode("latin-1")),
-        identity,
+        *identity,
         b"x-baseten-request-id: %s\r\nx-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nforwarded: %s\r\n"
         % (request_id.encode(), conn.peer.encode(), scheme.encode(), forwarded[1]),
     ]

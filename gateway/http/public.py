@@ -66,7 +66,6 @@ class PublicHandler:
         self.scheme = scheme
         self.loop = asyncio.get_running_loop()
         self.routes: dict[tuple, Route] = {}  # successful decisions of the current table
-        self.identity: dict[tuple, bytes] = {}  # identity header blocks of the current table
         self.exchanges: set[Exchange] = set()
         self.owns_pipeline = pipeline is None
         if pipeline is None:
@@ -79,7 +78,7 @@ class PublicHandler:
 
     def _table_swapped(self, table: Table) -> None:
         # New dicts, not clear(): a call in flight keeps the decisions of its own table.
-        self.routes, self.identity = {}, {}
+        self.routes = {}
         self.pool.close_idle()  # planes may have moved, or their region's networks changed
 
     def close(self) -> None:
@@ -100,9 +99,8 @@ class PublicHandler:
             self._answer(req, error, request_id, UNROUTED, started)
             return
         if route.action == "wake":
-            dep = route.deployment
             self._wake(req, route, request_id)
-            self._observe((route.model.id, route.environment, dep.id, dep.region, "http"), 202, started)
+            self._observe(self.pipeline.constants.of(route).labels["http"], 202, started)
             req.conn.finish(req)
             return
         self._dispatch(req, route, request_id, started, None)
@@ -113,7 +111,7 @@ class PublicHandler:
         """Send the call to its deployment, or hold it (scaled to zero, backpressure), or refuse it (SPEC §6)."""
         dep = route.deployment
         protocol = "websocket" if route.endpoint == "websocket" else "http"
-        labels = (route.model.id, route.environment, dep.id, dep.region, protocol)
+        labels = self.pipeline.constants.of(route).labels[protocol]
         decision = self.pipeline.admit(route, released=held is not None)
         if isinstance(decision, GatewayError):
             self._answer(req, decision, request_id, labels, started)
@@ -245,17 +243,9 @@ class PublicHandler:
 
     # -- upstream selection and connections ---------------------------------------------------
 
-    def _identity(self, route: Route, up: Upstream) -> bytes:
-        key = (route.model.id, route.environment, route.deployment.id, up)
-        block = self.identity.get(key)
-        if block is None:
-            block = self.identity[key] = (
-                b"host: %s\r\nx-baseten-model-id: %s\r\nx-baseten-environment: %s\r\n"
-                b"x-baseten-deployment-id: %s\r\n"
-                % (up.authority.encode(), route.model.id.encode(), route.environment.encode(),
-                   route.deployment.id.encode())
-            )  # fmt: skip
-        return block
+    def _identity(self, route: Route, up: Upstream) -> list[bytes]:
+        constants = self.pipeline.constants
+        return [constants.host_line(up), constants.of(route).identity]
 
     async def _connect(self, dep: Deployment, up: Upstream, table: Table) -> UpstreamConnection:
         """A connection to `up`: an idle one still in its host's answer, or a new one through the

@@ -97,7 +97,9 @@ class Tee:
                dep.id.encode(), SHADOW_HEADER)
         )  # fmt: skip
         scheme = self.shadows.scheme
-        head = request_head(req, self.route.upstream_target, identity, new_request_id(), scheme, body_length=self.size)
+        head = request_head(
+            req, self.route.upstream_target, [identity], new_request_id(), scheme, body_length=self.size
+        )
         parts = head + self.parts  # type: ignore[operator]
         return Copy(self.labels, dep, up, self.table, parts, self.size, req.method == "HEAD")
 
