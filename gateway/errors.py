@@ -188,6 +188,10 @@ class UpstreamBroken(ModelUnavailable):
     kind: UpstreamKind | None = "broken"
 
 
+class ConnectionReset(UpstreamBroken):
+    """The plane's connection closed or reset before the answer was complete."""
+
+
 class ModelNotReady(GatewayError):
     status = 503
     error_code = "model_not_ready"

@@ -12,13 +12,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from gateway.errors import GatewayError, PayloadTooLarge, UpstreamBroken, UpstreamTimeout
+from gateway.errors import ConnectionReset, GatewayError, PayloadTooLarge, UpstreamBroken, UpstreamTimeout
 from gateway.headers import PROTECTED, forwarded_value, shadows_protected
 from gateway.http.server import HttpConnection, Request, status_line
 from gateway.routing.model import Timeouts
 from gateway.upstream.pool import UpstreamConnection
 
 MAX_BODY_BYTES = 100 * 1024 * 1024  # SPEC §4
+MAX_KEPT_BODY_BYTES = 1024 * 1024  # a body kept for a retry after a reset (SPEC §12 retry_on_reset)
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus what the gateway sets itself or must not forward.
 HOP_BY_HOP = frozenset(
@@ -80,7 +81,7 @@ class Exchange:
     __slots__ = (
         "req", "client", "upstream", "request_id", "loop", "on_done", "finished", "out", "head_sent", "status",
         "chunked_out", "request_sent", "error", "timeouts", "started", "last_activity", "head_only",
-        "context", "answered_by",
+        "context", "answered_by", "kept", "kept_size", "on_reset",
     )  # fmt: skip
 
     def __init__(
@@ -106,6 +107,11 @@ class Exchange:
         self.head_only = req.method == "HEAD"
         # The gateway's own response fields: the request id (SPEC §4) and the deployment that answered (§6).
         self.answered_by = b"x-baseten-request-id: %s\r\n" % request_id.encode()
+        # Retry after a reset (SPEC §12 retry_on_reset): the body as sent, while it stays small, and
+        # who decides (`on_reset(exchange, error)` -> True when it took the call over).
+        self.kept: list[bytes] | None = None
+        self.kept_size = 0
+        self.on_reset: Callable[[Exchange, GatewayError], bool] | None = None
         if deployment_id:
             self.answered_by += b"x-baseten-deployment-id: %s\r\n" % deployment_id.encode()
 
@@ -113,6 +119,13 @@ class Exchange:
         return f"<Exchange {self.request_id[:8]} status={self.status} head_sent={self.head_sent}>"
 
     # -- start ---------------------------------------------------------------------------
+
+    def retry_after_reset(self, on_reset: Callable[[Exchange, GatewayError], bool]) -> None:
+        """Keep the request body (up to MAX_KEPT_BODY_BYTES) so `on_reset` may send the call again
+        if the plane's connection breaks before any answer byte; call before `start`."""
+        req = self.req
+        if req.content_length is None or req.content_length <= MAX_KEPT_BODY_BYTES:
+            self.kept, self.on_reset = [], on_reset
 
     def start(self, head: list[bytes]) -> None:
         req, client, upstream = self.req, self.client, self.upstream
@@ -122,6 +135,8 @@ class Exchange:
         if not req.has_body:
             self.request_sent = True
         elif body.complete and not req.chunked and body.error is None:
+            if self.kept is not None:
+                self._keep(body.chunks)
             head += body.chunks  # the whole body is here already: one write for head and body
             body.chunks, body.buffered = [], 0
             self.request_sent = True
@@ -133,7 +148,27 @@ class Exchange:
 
     # -- request body sink (called by Body) -------------------------------------------------
 
+    def replay(self, head: list[bytes], body: list[bytes]) -> None:
+        """Start as the retry of a call whose first connection broke: the kept body goes with the
+        head (framed by its length, `request_head(body_length=...)`), whole."""
+        self.client.on_lost = self.client_lost
+        self.client.write_paused_callbacks.append(self.upstream.pause_reading)
+        self.request_sent = True
+        self.upstream.start(self, head + body, head_only=self.head_only)
+
+    def _keep(self, chunks: list[bytes]) -> None:
+        kept = self.kept
+        if kept is None:
+            return
+        self.kept_size += sum(len(c) for c in chunks)
+        if self.kept_size > MAX_KEPT_BODY_BYTES:
+            self.kept = None  # too big to keep: this call is not retried
+        else:
+            kept += chunks
+
     def write(self, data: bytes) -> None:
+        if self.kept is not None:
+            self._keep([data])
         if self.req.chunked:
             self.upstream.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
         else:
@@ -239,6 +274,18 @@ class Exchange:
 
     def _abort(self, error: GatewayError) -> None:
         if self.finished:
+            return
+        if (
+            self.on_reset is not None
+            and isinstance(error, ConnectionReset)
+            and not self.head_sent  # nothing of the answer reached the client
+            and self.kept is not None
+            and self.req.body.complete
+            and self.on_reset(self, error)
+        ):
+            self.finished = True  # the handler goes on with a new exchange; this one ends quietly
+            self.req.body.detach()
+            self.upstream.close()
             return
         self.error = error
         self.upstream.close()

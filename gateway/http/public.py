@@ -45,8 +45,12 @@ class Context(NamedTuple):
     """What a call carries from its start to `_done`."""
 
     record: CallRecord  # the pipeline's accounting of the call
+    route: Route
     table: Table
     tee: Tee | None = None  # a sampled call's shadow copy in the making (SPEC §6)
+
+
+RETRIED_ENDPOINTS = frozenset({"predict", "run_remote"})  # SPEC §12 retry_on_reset: calls, not sessions
 
 
 ROUTE_CACHE_SIZE = 8192
@@ -127,7 +131,7 @@ class PublicHandler:
             self._answer(req, ModelUnavailable(f"deployment '{dep.id}' has no address"), request_id, labels, started)
             return "answered"
         record = self.pipeline.begin(labels, decision, started)
-        context = Context(record, self.state.table, tee)
+        context = Context(record, route, self.state.table, tee)
         conn = self.pool.take_idle(ep.upstream, dep.plane.tls, self.connector.still_current)
         if conn is not None:
             self._start(req, route, ep.upstream, conn, request_id, context)
@@ -214,9 +218,56 @@ class PublicHandler:
             exchange = ShadowExchange(*args, tee=context.tee)
         else:
             exchange = Exchange(*args)
+        if route.endpoint in RETRIED_ENDPOINTS and route.deployment.retry_on_reset:
+            exchange.retry_after_reset(self._retry_after_reset)
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(route, up), request_id, self.scheme)
         exchange.start(head)
+
+    # -- one retry after a reset (SPEC §12 retry_on_reset, issue 10) ---------------------------
+
+    def _retry_after_reset(self, exchange: Exchange, error: GatewayError) -> bool:
+        """The plane's connection broke before any answer byte: send the call again, once, with the
+        same request id (a plane may deduplicate), on another replica; on the same one only when the
+        broken connection was a reused one (the plane closed it as we wrote: a fresh one is safe)."""
+        context: Context = exchange.context
+        record, req = context.record, exchange.req
+        failed = record.endpoint
+        if failed is None or exchange.kept is None or not self.pipeline.budget.can_retry():
+            return False
+        retry = record.endpoints.pick_or_least_loaded(exclude=frozenset({failed}))
+        if retry is None and exchange.upstream.requests > 1:
+            retry = failed
+        if retry is None:
+            return False
+        record.attempt_failed(error)
+        record.retry_on(retry)
+        self.exchanges.discard(exchange)
+        body = exchange.kept
+        req.conn.spawn(req, self._replay(req, context, retry, exchange.request_id, body), finish=False)
+        return True
+
+    async def _replay(self, req: Request, context: Context, ep: Endpoint, request_id: str, body: list[bytes]) -> None:
+        route, record = context.route, context.record
+        dep = route.deployment
+        try:
+            conn = await self._connect(dep, ep.upstream, context.table)
+        except GatewayError as error:
+            record.attempt_failed(error)
+            record.end(str(error.status))
+            req.conn.send_error(error, (("x-baseten-request-id", request_id),))
+            req.conn.finish(req)
+            return
+        if req.conn.closed:
+            self.pool.put_idle(conn)
+            record.end("499", 499)
+            return
+        exchange = Exchange(req, conn, request_id, dep.timeouts, self._done, context, dep.id)
+        self.exchanges.add(exchange)
+        size = sum(len(chunk) for chunk in body)
+        head = request_head(req, route.upstream_target, self._identity(route, ep.upstream), request_id, self.scheme,
+                            body_length=size)  # fmt: skip
+        exchange.replay(head, body)
 
     def _done(self, exchange: Exchange) -> None:
         self.exchanges.discard(exchange)

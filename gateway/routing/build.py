@@ -180,6 +180,7 @@ class Builder:
             self.deployment_timeouts(plane, d.get("timeouts")),
             parse_srv_name(srv) if srv is not None else None,
             self.plane_health[plane] if health is None else self.health_check(plane, health),
+            d.get("retry_on_reset", True),
         )
 
     def health_check(self, plane: str, health: Any) -> HealthCheck | None:

@@ -100,6 +100,7 @@ class Deployment:
     timeouts: Timeouts = field(default_factory=Timeouts)  # fully resolved (deployment > plane > gateway)
     endpoints_srv: str | None = None  # SRV name whose targets are the replicas (exclusive with endpoints)
     health_check: HealthCheck | None = None  # fully resolved (deployment > plane); None = no active checks
+    retry_on_reset: bool = True  # SPEC §12: one retry on another replica when the connection broke unanswered
 
     @property
     def region(self) -> str:

@@ -40,6 +40,8 @@ def _deployment(dep: Deployment, table: Table) -> dict[str, Any]:
         doc["endpoints"] = [upstream.base_url for upstream in dep.endpoints]
     if dep.replicas is not None:
         doc["replicas"] = dep.replicas
+    if not dep.retry_on_reset:
+        doc["retry_on_reset"] = False
     if dep.endpoints_srv is not None:
         doc["endpoints_srv"] = dep.endpoints_srv
     inherited = dep.plane.timeouts if dep.plane.timeouts is not None else table.gateway.timeouts

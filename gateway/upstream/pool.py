@@ -19,7 +19,7 @@ from typing import Protocol
 
 import httptools
 
-from gateway.errors import GatewayError, UpstreamBroken
+from gateway.errors import ConnectionReset, GatewayError, UpstreamBroken
 from gateway.routing.model import Upstream
 
 IDLE_EXPIRY_SECONDS = 4.0  # below the usual 5 s keep-alive timeout of Python plane servers
@@ -120,7 +120,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if self.exchange is not None:
                     self.exchange.flush()
                 return
-            self._lost(UpstreamBroken("plane closed the connection mid-call"))
+            self._lost(ConnectionReset("plane closed the connection mid-call"))
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
