@@ -25,6 +25,11 @@ REPO_ROOT = BENCH_DIR.parent
 PEERS_DIR = BENCH_DIR / "peers"
 RESULTS_DIR = BENCH_DIR / "results"
 
+# The tree `python -m gateway` runs from (its cwd, which comes first on sys.path, so it is the tree
+# imported even though the venv's editable install points at REPO_ROOT). `--gateway-root DIR` in
+# run_http.py / run_grpc.py sets it, e.g. to a `git archive` export of another revision (ab.py).
+GATEWAY_ROOT = REPO_ROOT
+
 API_KEY = "bench-key"
 MODEL_ID = "abc123"
 DOMAIN = "bench.local"
@@ -335,15 +340,56 @@ models:
 """
 
 
+def add_gateway_root_arg(ap) -> None:
+    ap.add_argument(
+        "--gateway-root",
+        default=None,
+        metavar="DIR",
+        help="run `python -m gateway` with cwd=DIR so that it imports DIR/gateway (default: this checkout)",
+    )
+
+
+def gateway_import_path(python: str, root: Path, timeout: float = 30.0) -> str:
+    """The `gateway.__file__` a `python` started with cwd=root imports (same environment as `Procs`)."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    r = subprocess.run(
+        [python, "-c", "import gateway; print(gateway.__file__)"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+    if r.returncode != 0:
+        raise StartupError(f"`import gateway` with cwd={root} failed: {r.stderr.decode(errors='replace')[-1000:]}")
+    return r.stdout.decode().strip().splitlines()[-1]
+
+
+def set_gateway_root(root: str | Path | None, python: str) -> None:
+    """Point the gateway at another tree, after checking that a process started there imports it."""
+    global GATEWAY_ROOT
+    if root is None:
+        return
+    path = Path(root).resolve()
+    if not (path / "gateway" / "__init__.py").exists():
+        raise StartupError(f"--gateway-root {path}: no gateway/__init__.py there")
+    imported = Path(gateway_import_path(python, path)).resolve()
+    if not imported.is_relative_to(path / "gateway"):
+        raise StartupError(f"with cwd={path}, `import gateway` imports {imported}, not the tree under {path}")
+    log(f"gateway root: {path} (gateway.__file__ = {imported})")
+    GATEWAY_ROOT = path
+
+
 def gateway_cli_problem(python: str) -> str | None:
     """None if `python -m gateway serve --help` works, else a description of what is missing."""
     for rel in ("gateway/__main__.py", "gateway/cli.py"):
-        if not (REPO_ROOT / rel).exists():
+        if not (GATEWAY_ROOT / rel).exists():
             return f"{rel} does not exist"
     try:
         r = subprocess.run(
             [python, "-m", "gateway", "serve", "--help"],
-            cwd=REPO_ROOT,
+            cwd=GATEWAY_ROOT,
             capture_output=True,
             timeout=30,
             start_new_session=True,
@@ -379,8 +425,8 @@ def start_gateway(
         str(admin),
     ] + list(extra_args or [])
     log(f"starting {name}: {' '.join(argv)}")
-    # cwd = repo root so `-m gateway` imports this checkout.
-    proc = procs.start(name, argv, cwd=REPO_ROOT)
+    # cwd = the gateway root (this checkout unless --gateway-root) so `-m gateway` imports that tree.
+    proc = procs.start(name, argv, cwd=GATEWAY_ROOT)
     wait_ready(proc, admin, "GET", "/readyz", ok=lambda s: s == 200, timeout=30.0)
     return proc, port
 
@@ -394,6 +440,29 @@ def smoke_check(name: str, port: int, path: str) -> str | None:
     if not 200 <= status < 300:
         return f"{name}: smoke request got HTTP {status}: {body[:300]!r}"
     return None
+
+
+# --------------------------------------------------------------------------- CPU of a target
+
+
+def session_cpu_ticks(sid: int) -> int:
+    """utime+stime (clock ticks, all threads) of the processes of a session.
+
+    A target started by `Procs` leads its own session, so this covers it and its children (workers).
+    """
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2 :].split()
+        if int(rest[3]) == sid:
+            total += int(rest[11]) + int(rest[12])
+    return total
 
 
 # --------------------------------------------------------------------------- machine noise

@@ -98,7 +98,7 @@ def start_gateway(procs: H.Procs, python: str, plane_port: int, extra: list[str]
     argv = [python, "-m", "gateway", "serve", "--config", str(cfg), "--port", str(port), "--admin-port", str(admin),
             "--grpc-port", str(grpc_port), *extra]  # fmt: skip
     H.log(f"starting gateway: {' '.join(argv)}")
-    proc = procs.start("gateway", argv, cwd=H.REPO_ROOT)
+    proc = procs.start("gateway", argv, cwd=H.GATEWAY_ROOT)  # --gateway-root, else this checkout
     H.wait_ready(proc, admin, "GET", "/readyz", ok=lambda s: s == 200, timeout=30.0)
     wait_grpc(proc, grpc_port, AUTHORITY, H.API_KEY)
     return proc, grpc_port
@@ -384,6 +384,12 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated subset of targets: direct,gateway,nginx")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the peers and the gateway")
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra argument for `gateway serve`")
+    H.add_gateway_root_arg(ap)
+    ap.add_argument(
+        "--loads",
+        default=",".join(f"{m}:{c}" for m, c in LOADS),
+        help=f"comma-separated loads to measure, from {','.join(f'{m}:{c}' for m, c in LOADS)} (default: all)",
+    )
     ap.add_argument("--pin", action="store_true", help="pin the load generator to the last CPU, servers to the others")
     ap.add_argument("--output", default=str(H.RESULTS_DIR / "grpc-latest.json"))
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
@@ -393,7 +399,18 @@ def main() -> int:
         args.duration = 2.0 if args.quick else 5.0
     args.repeat = max(1, args.repeat)
     H.install_signal_handlers()
+    known = {f"{m}:{c}": (m, c) for m, c in LOADS}
+    try:
+        loads = [known[x.strip()] for x in args.loads.split(",") if x.strip()]
+    except KeyError:
+        ap.error(f"--loads: choose from {','.join(known)}")
     wanted = {t.strip() for t in args.only.split(",") if t.strip()}
+    if not wanted or "gateway" in wanted:
+        try:
+            H.set_gateway_root(args.gateway_root, args.python)
+        except (H.StartupError, subprocess.TimeoutExpired) as e:
+            H.log(f"gateway root not usable: {e}")
+            return 2
     ncpu = os.cpu_count() or 1
     load_cpus = server_cpus = None
     if args.pin and ncpu >= 2:
@@ -409,7 +426,7 @@ def main() -> int:
             return 1
         H.log(f"gRPC plane on 127.0.0.1:{plane_port}")
         if not wanted or "direct" in wanted:
-            measure(procs, "direct", plane_port, args, results, load_cpus, {"plane": plane.pid})
+            measure(procs, "direct", plane_port, args, results, load_cpus, {"plane": plane.pid}, loads)
         plan = [
             ("gateway", lambda: start_gateway(procs, args.python, plane_port, args.gateway_arg)),
             ("nginx", lambda: start_nginx(procs, plane_port)),
@@ -422,10 +439,11 @@ def main() -> int:
             except H.StartupError as e:
                 H.log(f"[{name}] failed to start: {e}")
                 results.extend({"target": name, "mode": m, "concurrency": c, "errors": {}, "failed": str(e)}
-                               for m, c in LOADS)  # fmt: skip
+                               for m, c in loads)  # fmt: skip
                 continue
             try:
-                measure(procs, name, port, args, results, load_cpus, {"target": proc.pid, "plane": plane.pid})
+                measure(procs, name, port, args, results, load_cpus, {"target": proc.pid, "plane": plane.pid},
+                        loads)  # fmt: skip
                 if not proc.alive():
                     proc.dump_log("(exited during the run) ")
             finally:
@@ -453,6 +471,8 @@ def main() -> int:
         "repeat": args.repeat,
         "wall_s": round(time.time() - started, 1),
         "pinned": bool(load_cpus),
+        "gateway_root": str(H.GATEWAY_ROOT),
+        "loads": [f"{m}:{c}" for m, c in loads],
         "environment": versions(args.python),
         "results": results,
         "goals": goals,

@@ -141,12 +141,16 @@ def run_wrk(url: str, lua: Path, threads: int, conns: int, duration: float, cpus
 # --------------------------------------------------------------------------- targets
 
 
-def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, results: list, wrk_cpus) -> None:
+def measure(
+    procs: H.Procs, name: str, port: int, path: str, lua: Path, args, results: list, wrk_cpus, cpu_sid: int | None
+) -> None:
+    """cpu_sid: the session of the target's processes, whose CPU per request is reported (cpu_us_per_call)."""
     url = f"http://127.0.0.1:{port}{path}"
     problem = H.smoke_check(name, port, path)
     if problem:
         H.log(f"WARNING: {problem} (measuring anyway; errors will show in the table)")
-    for threads, conns in CONN_LEVELS:
+    hz = os.sysconf("SC_CLK_TCK")
+    for threads, conns in args.levels:
         H.log(f"[{name}] warm-up 1 s, {conns} conn(s)")
         run_wrk(url, lua, threads, conns, 1, wrk_cpus)
         runs = []
@@ -156,7 +160,12 @@ def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, re
                 + (f", run {i + 1}/{args.repeat}" if args.repeat > 1 else "")
             )
             noise = H.CpuNoise({p.pid for p in procs.procs})
+            ticks0 = H.session_cpu_ticks(cpu_sid) if cpu_sid else None
             r = run_wrk(url, lua, threads, conns, args.duration, wrk_cpus)
+            # The target's user+sys CPU over wrk's whole run (its start and end are a few idle ms)
+            # divided by the requests wrk completed.
+            if ticks0 is not None and r.get("requests"):
+                r["cpu_us_per_call"] = round(1e6 * (H.session_cpu_ticks(cpu_sid) - ticks0) / hz / r["requests"], 1)
             r["noise"] = noise.stop()
             if args.verbose:
                 H.log(r["raw"])
@@ -176,6 +185,7 @@ def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, re
             "p90_ms": r["p90_ms"],
             "p99_ms": r["p99_ms"],
             "requests": r["requests"],
+            "cpu_us_per_call": r.get("cpu_us_per_call"),
             "non2xx": sum(x["non2xx"] for x in runs),
             "socket_errors": {
                 k: sum(x["socket_errors"].get(k, 0) for x in runs) for k in ("connect", "read", "write", "timeout")
@@ -184,7 +194,8 @@ def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, re
             "smoke_problem": problem,
             "noise": r["noise"],
             "runs": [
-                {k: x.get(k) for k in ("rps", "p50_ms", "p99_ms", "errors_total", "noise", "failed")} for x in runs
+                {k: x.get(k) for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_call", "errors_total", "noise", "failed")}
+                for x in runs
             ],
         }
         if "failed" in r:
@@ -193,8 +204,8 @@ def measure(procs: H.Procs, name: str, port: int, path: str, lua: Path, args, re
         results.append(row)
 
 
-def failed_rows(name: str, reason: str, results: list) -> None:
-    for threads, conns in CONN_LEVELS:
+def failed_rows(name: str, reason: str, results: list, levels=CONN_LEVELS) -> None:
+    for threads, conns in levels:
         results.append(
             {
                 "target": name,
@@ -216,10 +227,10 @@ def run_target(procs: H.Procs, name: str, starter, path: str, lua: Path, args, r
         proc, port = starter()
     except H.StartupError as e:
         H.log(f"[{name}] failed to start: {e}")
-        failed_rows(name, f"start failed: {e}", results)
+        failed_rows(name, f"start failed: {e}", results, args.levels)
         return
     try:
-        measure(procs, name, port, path, lua, args, results, wrk_cpus)
+        measure(procs, name, port, path, lua, args, results, wrk_cpus, cpu_sid=proc.pid)
         if not proc.alive():
             proc.dump_log("(exited during the run) ")
             for row in results:
@@ -261,13 +272,17 @@ def _errors_cell(row: dict) -> str:
 
 
 def print_table(results: list) -> None:
-    hdr = f"{'target':<16} | {'conns':>5} | {'req/s':>10} | {'p50 ms':>8} | {'p99 ms':>8} | {'errors':<8} | noise"
+    hdr = (
+        f"{'target':<16} | {'conns':>5} | {'req/s':>10} | {'p50 ms':>8} | {'p99 ms':>8} | {'cpu us/call':>11} | "
+        f"{'errors':<8} | noise"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         print(
             f"{r['target']:<16} | {r['conns']:>5} | {_fmt(r.get('rps'), ',.0f'):>10} | "
-            f"{_fmt(r.get('p50_ms'), '.3f'):>8} | {_fmt(r.get('p99_ms'), '.3f'):>8} | {_errors_cell(r):<8} | "
+            f"{_fmt(r.get('p50_ms'), '.3f'):>8} | {_fmt(r.get('p99_ms'), '.3f'):>8} | "
+            f"{_fmt(r.get('cpu_us_per_call'), '.1f'):>11} | {_errors_cell(r):<8} | "
             f"{H.noise_cell(r.get('noise'))}"
         )
     for r in results:
@@ -379,6 +394,12 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated subset of targets (direct is always started)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the peers and the gateway")
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra argument for `gateway serve`")
+    H.add_gateway_root_arg(ap)
+    ap.add_argument(
+        "--conns",
+        default="1,32",
+        help="comma-separated connection levels to measure, from 1 and 32 (default 1,32)",
+    )
     ap.add_argument(
         "--pin",
         action="store_true",
@@ -393,6 +414,11 @@ def main() -> int:
         args.duration = 3.0 if args.quick else 10.0
     args.repeat = max(1, args.repeat)
     H.install_signal_handlers()
+    levels = {c: (t, c) for t, c in CONN_LEVELS}
+    try:
+        args.levels = [levels[int(c)] for c in args.conns.split(",") if c.strip()]
+    except (KeyError, ValueError):
+        ap.error(f"--conns: choose from {','.join(str(c) for c in levels)}")
 
     if not shutil.which("wrk"):
         H.log("wrk not found (apt-get install -y wrk)")
@@ -404,6 +430,11 @@ def main() -> int:
 
     gateway_skipped = args.skip_gateway or not want("gateway")
     if not gateway_skipped:
+        try:
+            H.set_gateway_root(args.gateway_root, args.python)
+        except (H.StartupError, subprocess.TimeoutExpired) as e:
+            H.log(f"gateway root not usable: {e}")
+            return 2
         problem = H.gateway_cli_problem(args.python)
         if problem:
             H.log(f"gateway not runnable: {problem}")
@@ -424,7 +455,7 @@ def main() -> int:
             return 1
         H.log(f"direct nginx upstream on 127.0.0.1:{direct_port}")
         if want("direct"):
-            measure(procs, "direct", direct_port, H.DIRECT_PATH, lua, args, results, wrk_cpus)
+            measure(procs, "direct", direct_port, H.DIRECT_PATH, lua, args, results, wrk_cpus, cpu_sid=direct.pid)
         plan = [
             ("nginx-proxy", lambda: H.start_proxy_nginx(procs, direct_port), H.DIRECT_PATH),
             (
@@ -477,6 +508,8 @@ def main() -> int:
         "wall_s": round(time.time() - started, 1),
         "pinned": bool(wrk_cpus),
         "gateway_skipped": gateway_skipped,
+        "gateway_root": str(H.GATEWAY_ROOT),
+        "conns": [c for _, c in args.levels],
         "environment": versions(args.python),
         "results": results,
         "goals": [{k: g[k] for k in ("label", "value", "ok", "goal", "note")} for g in goals],
