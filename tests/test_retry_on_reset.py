@@ -21,27 +21,14 @@ from tests.planes import LoggingPlane
 from tests.support import EXAMPLE, KEY_HEADER, loader_problems, running_gateway, write_table
 
 
-class Replica:
-    """A raw HTTP/1.1 replica that logs (request id, body) and answers or drops the connection."""
+class Replica(LoggingPlane):
+    """A raw HTTP/1.1 replica that logs (request id, body) and answers or drops the connection
+    (LoggingPlane's server, another `_serve`)."""
 
     def __init__(self, answers: bool) -> None:
+        super().__init__()
         self.answers = answers
         self.seen: list[tuple[str, bytes]] = []
-        self.server: asyncio.base_events.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> Replica:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
