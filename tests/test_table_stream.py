@@ -109,3 +109,84 @@ def test_compile_source_keeps_the_small_sections(tmp_path: Path) -> None:
     assert sections == {k: v for k, v in doc.items() if k not in ("models", "api_keys")}
     table2, sections2 = compile_source(yaml.safe_dump(doc).encode(), digest="x", source=str(tmp_path / "t.json"))
     assert table2 == table and sections2 == sections
+
+
+# -- models written alike are checked once and copied (`stream._checked_model`, `Builder.clone_model`) --
+
+
+def _alike(n: int) -> dict:
+    doc = _small()
+    doc["planes"]["p"]["health_check"] = {"path": "/ok"}
+    model = {
+        "team": "t",
+        "kind": "chain",
+        "deployments": {
+            "v1": {"plane": "p", "endpoints": ["http://10.0.0.1:80", "http://10.0.0.2:80"]},
+            "v2": {"plane": "p", "status": "scaled_to_zero"},
+            "dev": {"plane": "p", "development": True},
+        },
+        "environments": {
+            "production": {"deployment": "v1", "shadow": {"deployment": "v2", "percent": 5}},
+            "staging": {"deployment": "v1", "canary": {"deployment": "v2", "percent": 10}},
+            "later": {},
+        },
+        "deleted_environments": ["old"],
+    }
+    doc["models"] = {f"m{i}": copy.deepcopy(model) for i in range(n)}
+    doc["api_keys"][0]["models"] = ["m0"]
+    if n > 3:
+        doc["models"]["m3"]["environments"]["staging"]["canary"]["percent"] = 20  # one text of its own
+    return doc
+
+
+def test_models_written_alike_build_the_classic_table(tmp_path: Path) -> None:
+    doc = _alike(6)
+    fast = compile_json(json.dumps(doc).encode(), digest="d", source="t.json", base_dir=tmp_path)
+    assert fast is not None
+    table = fast[0]
+    assert table == compile_table(doc, digest="d", source="t.json", base_dir=tmp_path)
+    for model_id, model in table.models.items():
+        assert model.id == model_id
+        deployments = model.deployments
+        assert all(dep.model_id == model_id for dep in deployments.values())
+        assert model.development is deployments["dev"]
+        staging, production = model.environments["staging"], model.environments["production"]
+        assert staging.deployment is deployments["v1"] and staging.canary.deployment is deployments["v2"]
+        assert production.shadow.deployment is deployments["v2"]
+    assert table.models["m3"].environments["staging"].canary.percent == 20
+    assert table.models["m4"].environments["staging"].canary.percent == 10
+
+
+def test_a_copied_model_shares_its_settings_not_its_deployments(tmp_path: Path) -> None:
+    table = compile_json(json.dumps(_alike(3)).encode(), digest="d", source="t.json", base_dir=tmp_path)[0]
+    first, second = table.models["m0"], table.models["m1"]
+    assert first.deployments["v1"] is not second.deployments["v1"]
+    assert first.deployments["v1"].endpoints is second.deployments["v1"].endpoints
+    assert first.environments["staging"].autoscaling is second.environments["staging"].autoscaling
+
+
+def test_a_problem_in_models_written_alike_is_reported_for_each(tmp_path: Path) -> None:
+    doc = _alike(4)
+    for model in doc["models"].values():
+        model["environments"]["staging"]["deployment"] = "v9"
+    data = json.dumps(doc).encode()
+    assert compile_json(data, digest="", source="t.json", base_dir=tmp_path) is None
+    path = tmp_path / "t.json"
+    path.write_bytes(data)
+    with pytest.raises(TableInvalid) as error:
+        load_table(path)
+    assert sum("unknown deployment 'v9'" in p for p in error.value.problems) == 4
+
+
+def test_a_duplicate_key_inside_models_written_alike_is_not_for_the_fast_path(tmp_path: Path) -> None:
+    text = json.dumps(_alike(3)).replace('"kind": "chain"', '"kind": "chain", "kind": "model"')
+    assert compile_json(text.encode(), digest="", source="t.json", base_dir=tmp_path) is None
+
+
+def test_past_the_template_limit_models_are_checked_one_by_one(tmp_path: Path, monkeypatch) -> None:
+    from gateway.routing import stream
+
+    monkeypatch.setattr(stream, "_TEMPLATES", 1)
+    doc = _alike(6)
+    fast = compile_json(json.dumps(doc).encode(), digest="d", source="t.json", base_dir=tmp_path)
+    assert fast is not None and fast[0] == compile_table(doc, digest="d", source="t.json", base_dir=tmp_path)

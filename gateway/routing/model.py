@@ -11,13 +11,44 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, NoReturn
 
 DeploymentStatus = Literal["active", "scaled_to_zero", "inactive"]
 ModelKind = Literal["model", "chain"]
 BackpressurePolicy = Literal["QUEUE_ON_FULL", "REJECT_ON_FULL"]
 
 EMPTY: Mapping = MappingProxyType({})
+
+
+def _read_only(*args: object, **kwargs: object) -> NoReturn:
+    raise TypeError("a compiled table's mappings are read-only")
+
+
+def _no_attribute(name: str) -> property:
+    def missing(self: object) -> NoReturn:
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    return property(missing)
+
+
+class FrozenDict(dict):  # type: ignore[type-arg]
+    """A read-only dict: the compiled table's mappings (a model's deployments and environments, ...).
+
+    It reads like a `MappingProxyType` over a dict (item assignment raises TypeError, the mutating
+    methods do not exist), but is the dict itself: a proxy per mapping cost 40 bytes, 8 MiB for a
+    100,000-model table, and a lookup through a proxy costs one more indirection.
+    """
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = _no_attribute("clear")
+    pop = _no_attribute("pop")
+    popitem = _no_attribute("popitem")
+    setdefault = _no_attribute("setdefault")
+    update = _no_attribute("update")
+
+    def __repr__(self) -> str:
+        return f"FrozenDict({dict.__repr__(self)})"
 
 
 @dataclass(frozen=True, slots=True)
