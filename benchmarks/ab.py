@@ -139,8 +139,10 @@ class Runner:
             except subprocess.TimeoutExpired:
                 self.stop_current()
                 rc, problem = None, f"timed out after {timeout:.0f} s"
-            finally:
-                self.current = None
+            except BaseException:  # Ctrl-C / SIGTERM: the script stops its servers on our SIGTERM
+                self.stop_current()
+                raise
+            self.current = None
         H.log(f"  {label}: {time.monotonic() - t0:.0f} s, exit {rc}")
         data = None
         if out.exists():
