@@ -186,6 +186,11 @@ def _noise_notes(prefix: str, rows: list[dict]) -> list[str]:
     return notes
 
 
+def _busy(rows: list[dict]) -> list[dict]:
+    """The busiest processes outside the benchmark during the noisy rows (from the scripts' noise records)."""
+    return [h for r in rows if H.noise_cell(r.get("noise")) for h in (r.get("noise") or {}).get("other_top", [])]
+
+
 def http_metrics(data: dict | None, problem: str | None) -> dict:
     m: dict = {"notes": [], "noise": []}
     if problem:
@@ -208,7 +213,7 @@ def http_metrics(data: dict | None, problem: str | None) -> dict:
                 m["http_gw_cpu_us"] = r.get("cpu_us_per_call")
     if m.get("http_gw_rps") and m.get("http_nginx_rps"):
         m["http_ratio"] = m["http_gw_rps"] / m["http_nginx_rps"]
-    m["noise"] = _noise_notes("http", list(rows.values()))
+    m["noise"], m["busy"] = _noise_notes("http", list(rows.values())), _busy(list(rows.values()))
     return m
 
 
@@ -234,7 +239,7 @@ def grpc_metrics(data: dict | None, problem: str | None) -> dict:
                 m["grpc_gw_cpu_us"] = None if cpu is None else 1000 * cpu
     if m.get("grpc_gw_cps") and m.get("grpc_direct_cps"):
         m["grpc_ratio"] = m["grpc_gw_cps"] / m["grpc_direct_cps"]
-    m["noise"] = _noise_notes("grpc", list(rows.values()))
+    m["noise"], m["busy"] = _noise_notes("grpc", list(rows.values())), _busy(list(rows.values()))
     return m
 
 
@@ -262,6 +267,16 @@ def summarize(rounds: list[dict], revs: list[Rev], n_rounds: int) -> dict:
         entry["change"] = a / b - 1 if a is not None and b else None
         spreads = [entry[r.label]["spread"] for r in revs if entry[r.label]["spread"] is not None]
         entry["noise_band"] = max(spreads) if spreads else None
+        # Paired: after/before within each round (both measured minutes apart, in alternating order).
+        pairs = []
+        for i in range(1, n_rounds + 1):
+            vb = [r[key] for r in rounds if r["round"] == i and r["rev"] == "before" and r.get(key) is not None]
+            va = [r[key] for r in rounds if r["round"] == i and r["rev"] == "after" and r.get(key) is not None]
+            if vb and va and vb[0]:
+                pairs.append(va[0] / vb[0] - 1)
+        entry["paired"] = pairs
+        entry["paired_median"] = statistics.median(pairs) if pairs else None
+        entry["paired_up"] = sum(1 for x in pairs if x > 0)
         s[key] = entry
     return s
 
@@ -287,7 +302,7 @@ def print_rounds(rounds: list[dict]) -> None:
 
 def print_final(summary: dict, revs: list[Rev], n_rounds: int) -> None:
     widths = [max(len(h), 9) for _, h, _, _ in METRICS]
-    hdr = f"{'revision':<18} | " + " | ".join(f"{h:>{w}}" for (_, h, _, _), w in zip(METRICS, widths, strict=True))
+    hdr = f"{'revision':<20} | " + " | ".join(f"{h:>{w}}" for (_, h, _, _), w in zip(METRICS, widths, strict=True))
     print(hdr)
     print("-" * len(hdr))
     for rev in revs:
@@ -298,17 +313,27 @@ def print_final(summary: dict, revs: list[Rev], n_rounds: int) -> None:
             if e["median"] is not None and e["n"] < n_rounds:
                 cell += f" ({e['n']}/{n_rounds})"
             cells.append(f"{cell:>{w}}")
-        print(f"{rev.label + ' ' + rev.short:<18} | " + " | ".join(cells))
+        print(f"{rev.label + ' ' + rev.short:<20} | " + " | ".join(cells))
     cells = []
     for (key, _, _, _), w in zip(METRICS, widths, strict=True):
         c = summary[key]["change"]
         cells.append(f"{'-' if c is None else format(100 * c, '+.1f') + '%':>{w}}")
-    print(f"{'after/before':<18} | " + " | ".join(cells))
+    print(f"{'after/before':<20} | " + " | ".join(cells))
     cells = []
     for (key, _, _, _), w in zip(METRICS, widths, strict=True):
         b = summary[key]["noise_band"]
         cells.append(f"{'-' if b is None else format(100 * b, '.1f') + '%':>{w}}")
-    print(f"{'noise band':<18} | " + " | ".join(cells))
+    print(f"{'noise band':<20} | " + " | ".join(cells))
+    cells = []
+    for (key, _, _, _), w in zip(METRICS, widths, strict=True):
+        c = summary[key]["paired_median"]
+        cells.append(f"{'-' if c is None else format(100 * c, '+.1f') + '%':>{w}}")
+    print(f"{'paired change':<20} | " + " | ".join(cells))
+    cells = []
+    for (key, _, _, _), w in zip(METRICS, widths, strict=True):
+        e = summary[key]
+        cells.append(f"{str(e['paired_up']) + '/' + str(len(e['paired'])) if e['paired'] else '-':>{w}}")
+    print(f"{'rounds after>before':<20} | " + " | ".join(cells))
 
 
 def verdicts(summary: dict) -> list[str]:
@@ -331,17 +356,24 @@ def verdicts(summary: dict) -> list[str]:
         ("grpc_gw_cps", "gRPC gateway calls/s @32", True),
         ("grpc_gw_cpu_us", "gRPC gateway CPU us/call @32", False),
     ):
-        c, band = summary[key]["change"], summary[key]["noise_band"]
+        e = summary[key]
+        c, band, pairs = e["change"], e["noise_band"], e["paired"]
+        worse_rounds = sum(1 for x in pairs if (x < 0 if higher_better else x > 0))
         if c is None:
             verdict = "n/a"
         elif band is None:
             verdict = "no noise band (one round)"
         else:
             worse = -c if higher_better else c
-            if abs(c) <= band:
-                verdict = "within noise"
-            else:
+            if abs(c) > band:
                 verdict = "regression beyond noise" if worse > 0 else "improvement beyond noise"
+            elif len(pairs) >= 3 and worse_rounds in (0, len(pairs)):
+                side = "worse" if worse_rounds else "better"
+                verdict = f"within noise, but {side} in every round: rerun to confirm"
+            else:
+                verdict = "within noise"
+        if pairs:
+            verdict += f"  (paired {'/'.join(format(100 * x, '+.0f') for x in pairs)}%)"
         lines.append(f"{label:<44} change {'-' if c is None else format(100 * c, '+.1f') + '%':>7}   "
                      f"noise band {'-' if band is None else format(100 * band, '.1f') + '%':>6}   {verdict}")  # fmt: skip
     return lines
@@ -438,9 +470,10 @@ def main() -> int:
                     )  # fmt: skip
                     gm = grpc_metrics(data, problem)
                 row = {"round": i + 1, "rev": rev.label, "sha": rev.sha}
-                row.update({k: v for k, v in hm.items() if k not in ("notes", "noise")})
-                row.update({k: v for k, v in gm.items() if k not in ("notes", "noise")})
+                row.update({k: v for k, v in hm.items() if k not in ("notes", "noise", "busy")})
+                row.update({k: v for k, v in gm.items() if k not in ("notes", "noise", "busy")})
                 row["notes"], row["noise"] = hm["notes"] + gm["notes"], hm["noise"] + gm["noise"]
+                row["busy"] = hm.get("busy", []) + gm.get("busy", [])
                 rounds.append(row)
                 H.log(
                     f"  http gw {_fmt(row.get('http_gw_rps'), ',.0f')} req/s "
@@ -485,6 +518,14 @@ def main() -> int:
         print()
         print(f"  ! {len(noisy)} of {len(rounds)} revision-rounds had noise (CPU of processes outside the")
         print("    benchmark, or steal, over 5% of the machine): the per-round table names them.")
+        hogs: dict[str, dict] = {}
+        for r in noisy:
+            for h in r.get("busy", []):
+                k = h["cmd"][:60]
+                if k not in hogs or h["cpu_pct"] > hogs[k]["cpu_pct"]:
+                    hogs[k] = h
+        for h in sorted(hogs.values(), key=lambda h: -h["cpu_pct"])[:5]:
+            print(f"    busy: {h['cmd'][:70]} (up to {h['cpu_pct']}% of a CPU)")
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
