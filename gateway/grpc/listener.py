@@ -11,7 +11,6 @@ from gateway.grpc.upstream import Planes
 from gateway.metrics import Metrics
 from gateway.state import TableState
 from gateway.tls import server_context
-from gateway.upstream.connect import Connector
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -20,14 +19,10 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 class GrpcListener:
     def __init__(
-        self, state: TableState, metrics: Metrics, ssl_context: ssl.SSLContext | None = None,
-        pipeline: Pipeline | None = None,
+        self, state: TableState, metrics: Metrics, ssl_context: ssl.SSLContext | None, pipeline: Pipeline
     ) -> None:  # fmt: skip
-        # The worker's call pipeline and its region-checked connector, shared with the HTTP
-        # listener (one hold, one admission, one in-flight count per deployment), or its own.
-        self.owns_pipeline = pipeline is None
-        if pipeline is None:
-            pipeline = Pipeline(state, metrics, Connector(state.table.gateway.dns_nameservers, metrics))
+        # The worker's call pipeline and its region-checked connector, shared with the HTTP listener
+        # (one hold, one admission, one in-flight count per deployment); runner.DataPlane closes it.
         self.pipeline = pipeline
         self.planes = Planes(pipeline.connector)
         state.on_swap.append(self.planes.table_swapped)
@@ -55,5 +50,3 @@ class GrpcListener:
     async def close(self) -> None:
         await self.server.close()
         await self.planes.close()
-        if self.owns_pipeline:
-            self.pipeline.close()

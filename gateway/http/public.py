@@ -34,7 +34,6 @@ from gateway.routing.model import Deployment, Table, Upstream
 from gateway.routing.resolve import Call, Route, resolve
 from gateway.state import TableState
 from gateway.upstream.balance import Endpoint, should_retry
-from gateway.upstream.connect import Connector
 from gateway.upstream.pool import Pool, UpstreamConnection
 
 log = logging.getLogger("gateway.public")
@@ -61,9 +60,7 @@ class PublicHandler:
     """The HTTP/1.1 (and WebSocket) adapter of the call pipeline: parse, resolve, `Pipeline.admit`,
     then carry the decision out on the wire."""
 
-    def __init__(
-        self, state: TableState, pool: Pool, metrics: Metrics, scheme: str = "http", pipeline: Pipeline | None = None
-    ) -> None:  # fmt: skip
+    def __init__(self, state: TableState, pool: Pool, metrics: Metrics, scheme: str, pipeline: Pipeline) -> None:
         self.state = state
         self.pool = pool
         self.metrics = metrics
@@ -71,10 +68,7 @@ class PublicHandler:
         self.loop = asyncio.get_running_loop()
         self.routes: dict[tuple, Route] = {}  # successful decisions of the current table
         self.exchanges: set[Exchange] = set()
-        self.owns_pipeline = pipeline is None
-        if pipeline is None:
-            pipeline = Pipeline(state, metrics, Connector(state.table.gateway.dns_nameservers, metrics))
-        self.pipeline = pipeline
+        self.pipeline = pipeline  # the worker's, shared with gRPC; its owner (runner.DataPlane) closes it
         self.connector = pipeline.connector
         self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
         state.on_swap.append(self._table_swapped)
@@ -88,8 +82,6 @@ class PublicHandler:
     def close(self) -> None:
         self.sweeper.cancel()
         self.shadows.close()
-        if self.owns_pipeline:
-            self.pipeline.close()
 
     # -- the request path -------------------------------------------------------------------
 
@@ -173,11 +165,14 @@ class PublicHandler:
         req.body.limit = MAX_BODY_BYTES
 
     async def _connect_and_start(
-        self, req: Request, route: Route, request_id: str, context: Context, ep: Endpoint
+        self, req: Request, route: Route, request_id: str, context: Context, ep: Endpoint,
+        replay: tuple[list[bytes], int] | None = None,
     ) -> None:  # fmt: skip
+        """Connect to `ep` (another replica once if that fails, issue 5) and start the exchange; with
+        `replay` (body, size) start it as the retry after a reset, which takes no second connect retry."""
         dep, record = route.deployment, context.record
         tried: set[Endpoint] = set()
-        attempt = 1
+        attempt = 1 if replay is None else 2  # a replay is already the call's one retry
         while True:
             try:
                 conn = await self._connect(dep, ep.upstream, context.table)
@@ -196,7 +191,15 @@ class PublicHandler:
             self.pool.put_idle(conn)  # unused and clean: keep it for the next call
             record.end("499", 499)
             return
-        self._start(req, route, ep.upstream, conn, request_id, context)  # callbacks finish it
+        if replay is None:
+            self._start(req, route, ep.upstream, conn, request_id, context)  # callbacks finish it
+            return
+        body, size = replay
+        exchange = Exchange(req, conn, request_id, dep.timeouts, self._done, context, dep.id)
+        self.exchanges.add(exchange)
+        head = request_head(req, route.upstream_target, self._identity(route, ep.upstream), request_id, self.scheme,
+                            body_length=size)  # fmt: skip
+        exchange.replay(head, body)
 
     def _retry_endpoint(self, record: CallRecord, tried: set[Endpoint], attempt: int) -> Endpoint | None:
         if not should_retry(
@@ -233,7 +236,8 @@ class PublicHandler:
         context: Context = exchange.context
         record, req = context.record, exchange.req
         failed = record.endpoint
-        if failed is None or exchange.kept is None or not self.pipeline.budget.can_retry():
+        body = exchange.kept  # Exchange only asks with a body it kept whole
+        if failed is None or body is None or not self.pipeline.budget.can_retry():
             return False
         retry = record.endpoints.pick_or_least_loaded(exclude=frozenset({failed}))
         if retry is None and exchange.upstream.requests > 1:
@@ -243,31 +247,11 @@ class PublicHandler:
         record.attempt_failed(error)
         record.retry_on(retry)
         self.exchanges.discard(exchange)
-        body = exchange.kept
-        req.conn.spawn(req, self._replay(req, context, retry, exchange.request_id, body), finish=False)
+        work = self._connect_and_start(
+            req, context.route, exchange.request_id, context, retry, (body, exchange.kept_size)
+        )
+        req.conn.spawn(req, work, finish=False)
         return True
-
-    async def _replay(self, req: Request, context: Context, ep: Endpoint, request_id: str, body: list[bytes]) -> None:
-        route, record = context.route, context.record
-        dep = route.deployment
-        try:
-            conn = await self._connect(dep, ep.upstream, context.table)
-        except GatewayError as error:
-            record.attempt_failed(error)
-            record.end(str(error.status))
-            req.conn.send_error(error, (("x-baseten-request-id", request_id),))
-            req.conn.finish(req)
-            return
-        if req.conn.closed:
-            self.pool.put_idle(conn)
-            record.end("499", 499)
-            return
-        exchange = Exchange(req, conn, request_id, dep.timeouts, self._done, context, dep.id)
-        self.exchanges.add(exchange)
-        size = sum(len(chunk) for chunk in body)
-        head = request_head(req, route.upstream_target, self._identity(route, ep.upstream), request_id, self.scheme,
-                            body_length=size)  # fmt: skip
-        exchange.replay(head, body)
 
     def _done(self, exchange: Exchange) -> None:
         self.exchanges.discard(exchange)
