@@ -148,6 +148,7 @@ class Failure:
     rid: str | None
     replica: str | None  # pid of the replica process that saw the call, when known
     cause: str = "unexplained"  # or "kill #n"
+    answered: bool = False  # a 200 head (and maybe part of the body) had reached the client first
     client: int | None = None  # load client index (its x-baseten-routing-key is soak-client-<i>)
     deployment: str | None = None  # the deployment this client's last successful call reached (v1 / canary v2)
     evidence: str = ""  # "replica" (it reached the killed replica) or "timing"
@@ -479,10 +480,12 @@ async def call(
     """One call: (deployment that answered, None) when it succeeded completely, else (None, what went wrong)."""
     sent = now()
     rid = replica = None
+    answered = False
     try:
         async with session.post(url, data=BODY, headers=headers) as r:
             rid = r.headers.get("x-baseten-request-id")
             replica = r.headers.get("x-soak-replica")
+            answered = r.status == 200
             body = await r.read()
             if r.status != 200:
                 code = ""
@@ -491,13 +494,18 @@ async def call(
                 return None, Failure(
                     sent, now(), kind, f"HTTP {r.status} {code}".strip(), body[:200].decode("latin-1"), rid, replica
                 )
+            answered = True
             if kind == "stream" and body != STREAM_BODY:
-                return None, Failure(sent, now(), kind, "bad stream body", repr(body[:200]), rid, replica)
+                return None, Failure(
+                    sent, now(), kind, "bad stream body", repr(body[:200]), rid, replica, answered=True
+                )
             if kind == "predict" and b'"replica"' not in body:
-                return None, Failure(sent, now(), kind, "bad predict body", repr(body[:200]), rid, replica)
+                return None, Failure(
+                    sent, now(), kind, "bad predict body", repr(body[:200]), rid, replica, answered=True
+                )
             return r.headers.get("x-soak-deployment"), None
     except (aiohttp.ClientError, OSError, TimeoutError) as e:
-        return None, Failure(sent, now(), kind, type(e).__name__, str(e)[:200], rid, replica)
+        return None, Failure(sent, now(), kind, type(e).__name__, str(e)[:200], rid, replica, answered=answered)
 
 
 # --------------------------------------------------------------------------- phase 2
@@ -760,6 +768,9 @@ def report(args: argparse.Namespace, soak: Soak, flood: dict, cpu_noise: dict, g
     fails = p1.failures
     unexplained = [f for f in fails if f.cause == "unexplained"]
     caused = [f for f in fails if f.cause != "unexplained"]
+    # Issue 10's figure: a failed call that had received no byte of an answer could have been retried
+    # on the other replica (goal 0); one cut after its 200 head (a stream) cannot be.
+    no_byte = [f for f in fails if not f.answered]
     by_type: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"fault": 0, "unexplained": 0})
     for f in fails:
         by_type[f"{f.kind}: {f.error}"]["fault" if f.cause != "unexplained" else "unexplained"] += 1
@@ -797,6 +808,8 @@ def report(args: argparse.Namespace, soak: Soak, flood: dict, cpu_noise: dict, g
         f"soak: {args.duration:g} s, {args.clients} clients, {len(soak.replicas)} replicas",
         f"{'calls sent':<22}{p1.sent}",
         f"{'calls failed':<22}{len(fails):<4} (caused by injected faults: {len(caused)}, unexplained: {len(unexplained)})",
+        f"{'failed, no answer byte':<22}{len(no_byte):<4} (goal 0; failed after part of the answer: "
+        f"{len(fails) - len(no_byte)})",
         f"{'replicas killed':<22}{len(p1.kills):<4} restarted {len(restarted)}",
         f"{'reloads done':<22}{len(reloads_done):<4} (sighup {by_method['sighup']}, admin {by_method['admin']}, "
         f"file {by_method['file']})",
@@ -846,6 +859,7 @@ def report(args: argparse.Namespace, soak: Soak, flood: dict, cpu_noise: dict, g
             "calls_ok": dict(p1.ok),
             "calls_failed": len(fails),
             "caused_by_faults": len(caused),
+            "failed_with_no_answer_byte": len(no_byte),
             "caused_evidence": dict(collections.Counter(f.evidence for f in caused)),
             "unexplained": len(unexplained),
             "failures_by_type": dict(by_type),
@@ -876,6 +890,7 @@ def report(args: argparse.Namespace, soak: Soak, flood: dict, cpu_noise: dict, g
                 "failed_normal_calls_phase2": during["failed"] + before["failed"],
                 "gateway_alive_at_end": gateway_alive,
             },
+            "no_failure_before_an_answer_byte": {"ok": not no_byte, "failed_with_no_answer_byte": len(no_byte)},
             "memory_flat": {"ok": flat, "slope_mib_per_min": slope, "limit": FLAT_SLOPE_MIB_PER_MIN},
         },
         "gateway_log": gateway_log_facts(log_text),

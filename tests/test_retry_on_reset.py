@@ -61,12 +61,14 @@ def table(tmp_path: Path, dying: Replica, healthy: Replica, retry: bool | None) 
     return write_table(tmp_path / "t.yaml", doc)
 
 
-async def post(port: int, body: bytes, chunked: bool = False) -> tuple[int, dict, bytes]:
+async def post(
+    port: int, body: bytes, chunked: bool = False, path: str = "/production/predict"
+) -> tuple[int, dict, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     framing = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n" % len(body)
     payload = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body
     writer.write(
-        b"POST /production/predict HTTP/1.1\r\nHost: model-abc123.api.example.com\r\n"
+        b"POST %s HTTP/1.1\r\nHost: model-abc123.api.example.com\r\n" % path.encode()
         + b"Authorization: " + KEY_HEADER["Authorization"].encode() + b"\r\n" + framing
         + b"Connection: close\r\n\r\n" + payload
     )  # fmt: skip
@@ -79,12 +81,18 @@ async def post(port: int, body: bytes, chunked: bool = False) -> tuple[int, dict
     return int(lines[0].split()[1]), headers, answer
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_a_call_on_a_replica_that_dies_is_retried_on_another_with_the_same_id(tmp_path: Path, chunked: bool) -> None:
+@pytest.mark.parametrize(
+    ("chunked", "path"),
+    [(False, "/production/predict"), (True, "/production/predict"), (False, "/production/sync/v1/chat/completions")],
+    ids=["content-length", "chunked", "sync"],
+)
+def test_a_call_on_a_replica_that_dies_is_retried_on_another_with_the_same_id(
+    tmp_path: Path, chunked: bool, path: str
+) -> None:
     async def scenario() -> tuple[list, Replica, Replica]:
         async with Replica(answers=False) as dying, Replica(answers=True) as healthy:
             with running_gateway(table(tmp_path, dying, healthy, None)) as gw:
-                answers = [await post(gw.port, b'{"n": %d}' % i, chunked) for i in range(20)]
+                answers = [await post(gw.port, b'{"n": %d}' % i, chunked, path) for i in range(20)]
         return answers, dying, healthy
 
     answers, dying, healthy = asyncio.run(scenario())

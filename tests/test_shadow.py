@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 
 from gateway.http.shadow import MAX_SENDERS, QUEUE_MAX_CALLS
 from tests.dataplane import AUTH, STD, call, configure, metric, until
-from tests.planes import Plane
+from tests.planes import Plane, RawPlane
 from tests.support import GatewayProcess, example_doc, free_port, running_gateway, write_table
 
 
@@ -171,5 +173,65 @@ def test_sampling_follows_the_percentage(gw: GatewayProcess) -> None:
             assert (await call(session, gw, "/production/predict?sampled=1"))[0] == 200
             await until(outcomes_are(session, gw, {"success": 1}), "one copy")
             assert [s["path"] for s in shadow.seen] == ["/predict?sampled=1"]
+
+    asyncio.run(scenario())
+
+
+def test_sampling_holds_after_shadow_failures(gw: GatewayProcess) -> None:
+    """Issue 10: after the shadow answered 500s and 429s and reset connections, the next calls at 50 %
+    are still copied about half the time (400 calls: ~200 copies, not the 96 once seen)."""
+    received: list[bytes] = []  # request lines of every copy read, in order
+    failures = [b"500", b"429", b"reset", b"500", b"reset", b"429", b"reset", b"500"]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            await reader.readexactly(length)
+            received.append(head.split(b"\r\n", 1)[0])
+            what = failures.pop(0) if failures else b"200"
+            if what == b"reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
+            body = b'{"ok": true}'
+            writer.write(b"HTTP/1.1 %s X\r\ncontent-length: %d\r\n\r\n%s" % (what, len(body), body))
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with Plane() as primary, RawPlane(script) as shadow, aiohttp.ClientSession() as session:
+            configure(gw, shadow_doc(primary.url, shadow.url, percent=100))
+            for i in range(8):  # every call copied: the shadow sees all eight failures
+                assert (await call(session, gw, f"/production/predict?fail={i}"))[0] == 200
+
+            async def failed_eight() -> bool:
+                got = await outcomes(session, gw)
+                return got.get("error_status", 0) + got.get("failed", 0) == 8
+
+            await until(failed_eight, "the eight failing copies")
+            configure(gw, shadow_doc(primary.url, shadow.url, percent=50))
+            before = len(received)
+            for batch in range(25):  # 400 calls, 16 at a time
+                calls = (call(session, gw, f"/production/predict?i={batch}-{i}") for i in range(16))
+                assert [r[0] for r in await asyncio.gather(*calls)] == [200] * 16
+
+            async def settled() -> bool:
+                got = await outcomes(session, gw)
+                return sum(got.values()) - 8 == len(received) - before and not failures
+
+            await until(settled, "every sampled copy to be answered")
+            copies = len(received) - before
+            # Binomial(400, 0.5): mean 200, sd 10; 150..250 is 5 sd either side.
+            assert 150 <= copies <= 250, copies
+            got = await outcomes(session, gw)
+            assert got.get("success", 0) == copies and got.get("failed", 0) + got.get("error_status", 0) == 8
 
     asyncio.run(scenario())

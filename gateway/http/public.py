@@ -49,7 +49,7 @@ class Context(NamedTuple):
     tee: Tee | None = None  # a sampled call's shadow copy in the making (SPEC §6)
 
 
-RETRIED_ENDPOINTS = frozenset({"predict", "run_remote"})  # SPEC §12 retry_on_reset: calls, not sessions
+RETRIED_ENDPOINTS = frozenset({"predict", "run_remote", "sync"})  # SPEC §12 retry_on_reset: calls, not sessions
 
 
 ROUTE_CACHE_SIZE = 8192
