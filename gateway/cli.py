@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from gateway.errors import GatewayError
 from gateway.routing.loader import TableInvalid, load_table
-from gateway.routing.resolve import Call, Route, resolve
+from gateway.routing.resolve import Call, RequestLookup, Route, resolve
 from gateway.runner import OptionsError, ServeOptions, check_options, run_gateway
 from gateway.state import load_serving_table
 from gateway.supervisor import run_supervisor
@@ -133,6 +133,11 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"error: {error.status} {error.error_code}: {error.message}")
         print(error.body().decode())
         return 1
+    if isinstance(route, RequestLookup):
+        where = f"region '{route.region}'" if route.region else "every region this gateway serves"
+        print(f"async request lookup ({route.endpoint}) of '{route.request_id}' for {route.model.kind} "
+              f"'{route.model.id}' (team {route.model.team}), in the store of {where}")  # fmt: skip
+        return 0
     print(describe_route(route, method))
     return 0
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from gateway.routing.model import (
     ApiKey,
+    AsyncLimits,
+    AsyncSettings,
     Autoscaling,
     Canary,
     Deployment,
@@ -25,6 +27,7 @@ from gateway.routing.model import (
     Team,
     Timeouts,
     Upstream,
+    WebhookRetry,
 )
 from gateway.routing.semantics import as_dict, resolve_file
 from gateway.routing.syntax import parse_host_port, parse_nameserver, parse_network, parse_srv_name, parse_upstream
@@ -147,6 +150,7 @@ class Builder:
             max_held_calls_per_deployment=int(g.get("max_held_calls_per_deployment", 1000)),
             timeouts=_timeouts(_DEFAULT_TIMEOUTS, g.get("timeouts")),
             dns_nameservers=tuple(parse_nameserver(s) for s in as_dict(g.get("dns")).get("nameservers", [])),
+            async_settings=_async_settings(as_dict(g.get("async"))),
         )
 
     def build_plane(self, name: str, p: dict[str, Any]) -> Plane:
@@ -164,7 +168,17 @@ class Builder:
         )
 
     def build_team(self, name: str, t: dict[str, Any]) -> Team:
-        return Team(name, _frozen(dict(t.get("regional_environments", {}))))
+        limits = as_dict(t.get("async"))
+        defaults = AsyncLimits()
+        return Team(
+            name,
+            _frozen(dict(t.get("regional_environments", {}))),
+            AsyncLimits(
+                float(limits.get("submits_per_second", defaults.submits_per_second)),
+                int(limits.get("max_queued", defaults.max_queued)),
+                float(limits.get("status_calls_per_second", defaults.status_calls_per_second)),
+            ),
+        )
 
     def build_model(self, model_id: str, m: dict[str, Any]) -> Model:
         # A copy of the id: the table must not keep the parsed document's objects alive (see share).
@@ -317,3 +331,20 @@ class Builder:
             environments=frozenset(envs) if envs is not None else None,
             models=frozenset(models) if models is not None else None,
         )
+
+
+def _async_settings(a: dict[str, Any]) -> AsyncSettings:
+    retry = as_dict(a.get("webhook_retry"))
+    d = WebhookRetry()
+    return AsyncSettings(
+        result_ttl_seconds=int(a.get("result_ttl_seconds", 3600)),
+        webhook_secrets=tuple(
+            tuple(sorted((str(k), str(v)) for k, v in spec.items())) for spec in a.get("webhook_secrets", [])
+        ),
+        webhook_allowed_hosts=frozenset(h.lower() for h in a.get("webhook_allowed_hosts", [])),
+        webhook_retry=WebhookRetry(
+            int(retry.get("max_attempts", d.max_attempts)),
+            int(retry.get("initial_delay_ms", d.initial_delay_ms)),
+            int(retry.get("max_delay_ms", d.max_delay_ms)),
+        ),
+    )

@@ -24,7 +24,10 @@ ENDPOINTS = {
     "model": {"predict": ("POST",), "async_predict": ("POST",), **_COMMON},
     "chain": {"run_remote": ("POST",), "async_run_remote": ("POST",), **_COMMON},
 }
-ASYNC_ENDPOINTS = frozenset({"async_predict", "async_run_remote", "async_queue_status", "async_request"})
+ASYNC_ENDPOINTS = frozenset(
+    {"async_predict", "async_run_remote", "async_queue_status", "async_request", "async_result"}
+)
+REQUEST_ENDPOINTS = frozenset({"async_request", "async_result"})  # /async_request/<id>[/result]: no target
 
 # RFC 3986 §2.3 unreserved characters: the only escapes decoded before matching (§6.2.2.2).
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -165,9 +168,10 @@ def _endpoint(raw: list[str], i: int, target: str, name: str, kind: str, query: 
     for seg in raw[i + 1 :]:
         _routing_segment(seg)  # dot and empty segments are 400 even where the path is too long
     if endpoint == "async_request" and target == "none":
-        if len(raw) != i + 2 or not REQUEST_ID.match(raw[i + 1]):
-            raise EndpointNotFound("expected /async_request/<request_id>")
-        return PathTarget(target, name, endpoint, "", query, request_id=raw[i + 1])
+        result = len(raw) == i + 3 and raw[i + 2] == "result"
+        if not (len(raw) == i + 2 or result) or not REQUEST_ID.match(raw[i + 1]):
+            raise EndpointNotFound("expected /async_request/<request_id> or /async_request/<request_id>/result")
+        return PathTarget(target, name, "async_result" if result else endpoint, "", query, request_id=raw[i + 1])
     if endpoint not in ENDPOINTS[kind] or len(raw) != i + 1:
         raise EndpointNotFound(f"unknown endpoint '/{'/'.join(raw[i:])[:128]}' for a {kind}")
     return PathTarget(target, name, endpoint, "/" + endpoint, query)
@@ -177,6 +181,11 @@ def check_method(method: str, endpoint: str, kind: str) -> None:
     """405 with an Allow header when `method` is not allowed on `endpoint`."""
     if endpoint == "sync":
         return
-    allowed = ("GET", "DELETE") if endpoint == "async_request" else ENDPOINTS[kind][endpoint]
+    if endpoint == "async_request":
+        allowed: tuple[str, ...] = ("GET", "DELETE")
+    elif endpoint == "async_result":
+        allowed = ("GET",)
+    else:
+        allowed = ENDPOINTS[kind][endpoint]
     if method not in allowed:
         raise MethodNotAllowed(f"method {method} is not allowed on '{endpoint}'", allowed)

@@ -184,9 +184,19 @@ class Model:
 
 
 @dataclass(frozen=True, slots=True)
+class AsyncLimits:
+    """A team's async limits (SPEC §10): past one, 429 `rate_limited` with Retry-After."""
+
+    submits_per_second: float = 200.0
+    max_queued: int = 50_000  # queued + in progress
+    status_calls_per_second: float = 100.0  # status, result, cancel and queue-status calls
+
+
+@dataclass(frozen=True, slots=True)
 class Team:
     name: str
     regional_environments: Mapping[str, str] = field(default_factory=lambda: EMPTY)  # env name -> region
+    async_limits: AsyncLimits = field(default_factory=AsyncLimits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,12 +209,31 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookRetry:
+    max_attempts: int = 12
+    initial_delay_ms: int = 1000
+    max_delay_ms: int = 600_000
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncSettings:
+    """`gateway.async` (SPEC §10, §12). Secrets are named sources ({name, secret_env} or {name,
+    secret_file}), read by the async service, never kept in the table."""
+
+    result_ttl_seconds: int = 3600
+    webhook_secrets: tuple[tuple[tuple[str, str], ...], ...] = ()  # each spec as sorted (key, value) pairs
+    webhook_allowed_hosts: frozenset[str] = frozenset()
+    webhook_retry: WebhookRetry = field(default_factory=WebhookRetry)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewaySettings:
     regions: frozenset[str] | None = None  # None = serves every region's regional hosts
     hold_timeout_seconds: float = 300.0
     max_held_calls_per_deployment: int = 1000
     timeouts: Timeouts = field(default_factory=Timeouts)
     dns_nameservers: tuple[str, ...] = ()
+    async_settings: AsyncSettings = field(default_factory=AsyncSettings)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,10 +22,10 @@ from gateway.errors import (
     ModelNotFound,
     ModelNotReady,
     ModelUnavailable,
-    NotImplementedYet,
 )
 from gateway.routing.hostpath import (
     ASYNC_ENDPOINTS,
+    REQUEST_ENDPOINTS,
     HostTarget,
     PathTarget,
     check_method,
@@ -68,6 +68,17 @@ class Route(NamedTuple):
         return base.base_url + self.upstream_target
 
 
+class RequestLookup(NamedTuple):
+    """A call about one stored async request (`/async_request/<id>[/result]`, SPEC §10)."""
+
+    action: str  # "async_lookup"
+    model: Model  # the host's model: the request must be of it, and of the key's team
+    region: str | None  # a regional host's region (only its store is searched); None: every served region
+    api_key: ApiKey
+    endpoint: str  # "async_request" (GET status, DELETE cancel) | "async_result"
+    request_id: str
+
+
 class GrpcCall(NamedTuple):
     """What the router needs to know of an incoming gRPC call (SPEC §9)."""
 
@@ -82,7 +93,7 @@ class GrpcCall(NamedTuple):
 GRPC_METHOD = re.compile(r"/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def resolve(table: Table, call: Call) -> Route:
+def resolve(table: Table, call: Call) -> Route | RequestLookup:
     host = parse_host(call.host, table.domains)
     if host.grpc:
         raise ModelNotFound(f"'{call.host}' is a gRPC host: call it on the gateway's gRPC listener")
@@ -95,12 +106,14 @@ def resolve(table: Table, call: Call) -> Route:
     region = _pinned_region(table, model, host)
     if key.models is not None and model.id not in key.models:
         raise Forbidden(f"this API key may not call {model.kind} '{model.id}'")
-    if path.endpoint in ASYNC_ENDPOINTS:
-        raise NotImplementedYet(f"'{path.endpoint}' (async inference) is not supported by this gateway yet")
+    if path.endpoint in REQUEST_ENDPOINTS:
+        return RequestLookup("async_lookup", model, region, key, path.endpoint, path.request_id)
     env_name, deployment, side = _target(model, host, path, key, call.routing_key)
     if region is not None and deployment.region != region:
         # Validated in the table already; checked again so no code path can leave the region.
         raise ModelUnavailable(f"no deployment of environment '{env_name}' is available in region '{region}'")
+    if path.endpoint in ASYNC_ENDPOINTS:
+        return _async_route(table, model, env_name, deployment, path, region, key, side)
     if path.endpoint == "wake":
         action = "wake"
     elif deployment.status == "scaled_to_zero":
@@ -152,6 +165,53 @@ def resolve_grpc(table: Table, call: GrpcCall) -> Route:
         _check_status(deployment)
         action = "grpc"
     return Route(action, model, env_name, deployment, "grpc", call.method, region, key, side)
+
+
+def _async_route(
+    table: Table, model: Model, env_name: str, deployment: Deployment, path: PathTarget, pinned: str | None,
+    key: ApiKey, side: str,
+) -> Route:  # fmt: skip
+    """An async submit or queue-status call (SPEC §10). Its `region` is the region whose store keeps
+    the request: the pinned one, the team's mapping of the environment, else the deployment's; a
+    gateway that does not serve that region answers 421 (residency at rest)."""
+    mapped = table.teams[model.team].regional_environments.get(env_name) if env_name else None
+    region = pinned or mapped or deployment.region
+    if deployment.region != region:
+        raise ModelUnavailable(f"no deployment of environment '{env_name}' is available in region '{region}'")
+    if table.gateway.regions is not None and region not in table.gateway.regions:
+        raise MisdirectedRequest(
+            f"this gateway does not serve region '{region}'; call the gateway of region '{region}'"
+        )
+    if path.endpoint != "async_queue_status" and deployment.status == "inactive":
+        raise ModelUnavailable(f"deployment '{deployment.id}' is inactive")
+    action = "async_status" if path.endpoint == "async_queue_status" else "async"
+    target = "/run_remote" if model.kind == "chain" else "/predict"
+    return Route(action, model, env_name, deployment, path.endpoint, target, region, key, side)
+
+
+def resolve_async_run(table: Table, model_id: str, environment: str, deployment_id: str, region: str,
+                      caller: str) -> Route:  # fmt: skip
+    """The route of a stored async request when it runs (SPEC §10): its environment's deployment
+    now (a promotion or canary since the submit applies; the same caller keeps its side), or the
+    deployment it named; always in the request's region. Raises like `resolve`."""
+    model = table.models.get(model_id)
+    if model is None:
+        raise ModelNotFound(f"model '{model_id}' no longer exists")
+    key = ApiKey("async", model.team, b"")
+    if environment:
+        path = PathTarget("environment", environment, "predict", "", "")
+    else:
+        path = PathTarget("deployment", deployment_id, "predict", "", "")
+    env_name, deployment, side = _target(model, HostTarget(model.kind, model.id, None), path, key, caller)
+    if deployment.region != region:
+        raise ModelUnavailable(f"no deployment of environment '{env_name}' is available in region '{region}'")
+    if deployment.status == "scaled_to_zero":
+        action = "hold"
+    else:
+        _check_status(deployment)
+        action = "proxy"
+    target = "/run_remote" if model.kind == "chain" else "/predict"
+    return Route(action, model, env_name, deployment, "predict", target, region, key, side)
 
 
 def _pinned_region(table: Table, model: Model, host: HostTarget) -> str | None:
