@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a routing table")
     s.add_argument("--config", required=True, help="routing table (YAML or JSON)")
     s.add_argument("--store", default=None, help="admin store for §6 changes (default: <config>.admin.json)")
+    s.add_argument(
+        "--queue-store", default=None, metavar="DIR",
+        help="directory of the embedded async queue stores, one file per region (default: the table's directory)",
+    )  # fmt: skip
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--grpc-port", type=int, default=None)
@@ -86,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         config=args.config, store=args.store, host=args.host, port=args.port, admin_host=args.admin_host,
         admin_port=args.admin_port, admin_token=args.admin_token, grpc_port=args.grpc_port,
         workers=args.workers, drain_timeout=args.drain_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        grpc_tls_cert=args.grpc_tls_cert, grpc_tls_key=args.grpc_tls_key,
+        grpc_tls_cert=args.grpc_tls_cert, grpc_tls_key=args.grpc_tls_key, queue_store=args.queue_store,
     )  # fmt: skip
     check_options(opts)
     return run_supervisor(opts) if opts.workers > 1 else run_gateway(opts)

@@ -78,6 +78,8 @@ class Histogram:
             yield f"{self.name}_count{_labels(self.label_names, labels)} {cumulative}"
 
 
+ASYNC_BUCKETS = LATENCY_BUCKETS + (900.0, 1800.0, 3600.0, 21600.0, 86400.0)
+
 ROUTE = ("model", "environment", "deployment", "region", "protocol")
 
 
@@ -137,6 +139,27 @@ class Metrics:
             ("model", "deployment", "result"),
         )
         self.all += (self.health_checks,)
+        # Async inference (SPEC §10, §12)
+        target = ("model", "environment", "deployment", "region")
+        self.async_depth = Gauge(
+            "gateway_async_queue_depth", "Async requests queued, by target and priority.", target + ("priority",)
+        )
+        self.async_wait = Histogram(
+            "gateway_async_wait_seconds", "Time async requests waited in the queue before a run started.", target,
+            buckets=ASYNC_BUCKETS,
+        )  # fmt: skip
+        self.async_run = Histogram(
+            "gateway_async_run_seconds", "Time of async runs (one attempt) on the plane.", target, buckets=ASYNC_BUCKETS
+        )
+        self.async_requests = Counter(
+            "gateway_async_requests_total", "Async requests by the status they ended in (or were accepted).",
+            target + ("status",),
+        )  # fmt: skip
+        self.webhooks = Counter(
+            "gateway_webhook_deliveries_total", "Webhook deliveries by outcome (delivered, retry, gone, refused).",
+            ("model", "region", "outcome"),
+        )  # fmt: skip
+        self.all += (self.async_depth, self.async_wait, self.async_run, self.async_requests, self.webhooks)
 
     def render(self) -> bytes:
         lines: list[str] = []

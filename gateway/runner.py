@@ -13,7 +13,9 @@ import ipaddress
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from gateway.asyncq.service import AsyncService
 from gateway.calls.pipeline import Pipeline
 from gateway.environments.control import ControlPlane
 from gateway.grpc.listener import GrpcListener, tls_context
@@ -46,6 +48,7 @@ class ServeOptions:
     grpc_tls_cert: str | None = None
     grpc_tls_key: str | None = None
     watch_interval: float = 1.0
+    queue_store: str | None = None  # directory of the embedded async stores (SPEC §10); None: next to the table
     extra: dict = field(default_factory=dict)
 
 
@@ -95,6 +98,7 @@ class DataPlane:
         self.server: asyncio.base_events.Server | None = None
         self.grpc: GrpcListener | None = None
         self.connections: set[HttpConnection] = set()
+        self.asyncs: AsyncService | None = None  # the async queue (SPEC §10): an adapter of the pipeline
 
     def __repr__(self) -> str:
         port = self.public_port if self.server is not None else None
@@ -125,6 +129,9 @@ class DataPlane:
             self.state, self.metrics, Connector(self.state.table.gateway.dns_nameservers, self.metrics)
         )
         self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http", self.pipeline)
+        self.asyncs = AsyncService(self.state, self.pipeline, self.metrics, queue_directory(opts))
+        self.asyncs.start()
+        self.public.asyncs = self.asyncs
         self.server = await serve(
             self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,
             reuse_port=opts.reuse_port,
@@ -150,6 +157,8 @@ class DataPlane:
             await self.grpc.close()
         for conn in list(self.connections):
             conn.close()
+        if self.asyncs is not None:
+            await self.asyncs.close()  # runs in flight stay claimed: their leases hand them on
 
     def close(self) -> None:
         if self.public is not None:
@@ -157,6 +166,11 @@ class DataPlane:
         if self.pipeline is not None:
             self.pipeline.close()
         self.pool.close()
+
+
+def queue_directory(opts: ServeOptions) -> Path:
+    """Where the embedded async stores live: `--queue-store`, else the table's directory (SPEC §10)."""
+    return Path(opts.queue_store) if opts.queue_store else Path(opts.config).resolve().parent
 
 
 def install_signals(stopping: asyncio.Event, state: TableState) -> None:
@@ -215,6 +229,8 @@ class Gateway:
     async def start(self) -> None:
         opts = self.opts
         await self.data.start()
+        if self.control is not None and self.data.asyncs is not None:
+            self.control.admin.serve_async(self.data.asyncs)
         if self.control is not None and opts.admin_port is not None:
             await self.control.listen(opts.admin_host, opts.admin_port)
         if opts.watch_interval > 0:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.errors import EndpointNotFound, GatewayError, MethodNotAllowed, Unauthorized
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.state import TableState
+
+if TYPE_CHECKING:
+    from gateway.asyncq.service import AsyncService
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
@@ -49,6 +52,14 @@ class AdminHandler:
             "/v1/routing": {"GET": self._routing},
             "/v1/routing/reload": {"POST": self._reload},
         }
+
+    def serve_async(self, service: AsyncService) -> None:
+        """`GET /v1/async/queues`: the worker's async queues (SPEC §10)."""
+
+        async def queues(req: Request) -> tuple[int, object]:
+            return 200, service.queues()
+
+        self.routes["/v1/async/queues"] = {"GET": queues}
 
     async def __call__(self, req: Request) -> None:
         path = req.target.partition("?")[0]

@@ -27,6 +27,7 @@ class Answer(NamedTuple):
     status: int
     body: bytes
     request_id: str
+    truncated: bool = False  # the body passed `max_answer_bytes`: `body` is its first part
 
 
 class PlaneCaller:
@@ -61,13 +62,16 @@ class PlaneCaller:
         to_plane: bool = False,
         timeout: float = 30.0,
         request_id: str | None = None,
+        upstream: Upstream | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> Answer:
-        """`method path` on the deployment (its first replica, or its plane's url with `to_plane`).
+        """`method path` on the deployment (`upstream`, else its first replica, or its plane's url
+        with `to_plane`).
 
         Carries the identity headers of SPEC §4. Raises a GatewayError when the plane cannot be
         reached, breaks the call or does not answer within `timeout`.
         """
-        up: Upstream = dep.plane.url if to_plane or not dep.endpoints else dep.endpoints[0]
+        up: Upstream = upstream or (dep.plane.url if to_plane or not dep.endpoints else dep.endpoints[0])
         region = table.regions[dep.plane.region]
         request_id = request_id or new_request_id()
         head = (
@@ -83,23 +87,27 @@ class PlaneCaller:
                 reader, writer = await connector.open_stream(up.host, up.port, region, timeout=timeout, tls=ctx)
                 try:
                     writer.write(head + body)
-                    status, answer = await _read_answer(reader)
+                    status, answer, truncated = await _read_answer(reader, max_answer_bytes)
                 finally:
                     writer.close()
                     with contextlib.suppress(Exception):
                         await writer.wait_closed()
         except TimeoutError:
             raise UpstreamTimeout(f"{up.authority} did not answer {method} {path} within {timeout:g}s") from None
-        return Answer(status, answer, request_id)
+        return Answer(status, answer, request_id, truncated)
 
 
 class _Response:
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.body = bytearray()
+        self.limit = limit
+        self.truncated = False
         self.complete = False
 
     def on_body(self, data: bytes) -> None:
-        room = MAX_ANSWER_BYTES - len(self.body)
+        room = self.limit - len(self.body)
+        if len(data) > room:
+            self.truncated = True
         if room > 0:
             self.body += data[:room]
 
@@ -107,8 +115,8 @@ class _Response:
         self.complete = True
 
 
-async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    response = _Response()
+async def _read_answer(reader: asyncio.StreamReader, limit: int) -> tuple[int, bytes, bool]:
+    response = _Response(limit)
     parser = httptools.HttpResponseParser(response)
     try:
         while not response.complete:
@@ -125,4 +133,4 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         raise UpstreamBroken(f"the connection to the plane failed: {exc}") from None
     except GatewayError:
         raise
-    return parser.get_status_code(), bytes(response.body)
+    return parser.get_status_code(), bytes(response.body), response.truncated

@@ -12,6 +12,8 @@ import json
 import logging
 from typing import NamedTuple
 
+from gateway.asyncq.api import answer as answer_async
+from gateway.asyncq.service import AsyncService
 from gateway.calls.admission import RETRY_AFTER_FULL, RETRY_AFTER_NOT_READY
 from gateway.calls.holds import Reason, Released
 from gateway.calls.pipeline import CallRecord, Go, Pipeline
@@ -31,7 +33,7 @@ from gateway.http.server import Request
 from gateway.http.shadow import ShadowExchange, Shadows, Tee, sampled
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Table, Upstream
-from gateway.routing.resolve import Call, Route, resolve
+from gateway.routing.resolve import Call, RequestLookup, Route, resolve
 from gateway.state import TableState
 from gateway.upstream.balance import Endpoint, should_retry
 from gateway.upstream.pool import Pool, UpstreamConnection
@@ -52,6 +54,7 @@ class Context(NamedTuple):
 RETRIED_ENDPOINTS = frozenset({"predict", "run_remote", "sync"})  # SPEC §12 retry_on_reset: calls, not sessions
 
 
+ASYNC_ACTIONS = frozenset({"async", "async_status"})
 ROUTE_CACHE_SIZE = 8192
 SWEEP_SECONDS = 0.25
 
@@ -66,13 +69,14 @@ class PublicHandler:
         self.metrics = metrics
         self.scheme = scheme
         self.loop = asyncio.get_running_loop()
-        self.routes: dict[tuple, Route] = {}  # successful decisions of the current table
+        self.routes: dict[tuple, Route | RequestLookup] = {}  # successful decisions of the current table
         self.exchanges: set[Exchange] = set()
         self.pipeline = pipeline  # the worker's, shared with gRPC; its owner (runner.DataPlane) closes it
         self.connector = pipeline.connector
         self.sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
         state.on_swap.append(self._table_swapped)
         self.shadows = Shadows(self.loop, metrics, self._connect, scheme)
+        self.asyncs: AsyncService | None = None  # the worker's async queue (SPEC §10); None: 501
 
     def _table_swapped(self, table: Table) -> None:
         # New dicts, not clear(): a call in flight keeps the decisions of its own table.
@@ -93,6 +97,9 @@ class PublicHandler:
             self._admit(req, route)
         except GatewayError as error:
             self._answer(req, error, request_id, UNROUTED, started)
+            return
+        if isinstance(route, RequestLookup) or route.action in ASYNC_ACTIONS:
+            req.conn.spawn(req, self._async(req, route, request_id, started))
             return
         if route.action == "wake":
             self._wake(req, route, request_id)
@@ -131,7 +138,13 @@ class PublicHandler:
             req.conn.spawn(req, self._connect_and_start(req, route, request_id, context, ep), finish=False)
         return "sent"
 
-    def _route(self, req: Request) -> Route:
+    async def _async(self, req: Request, route: Route | RequestLookup, request_id: str, started: float) -> None:
+        """An async inference call (SPEC §10): the queue's API answers it."""
+        status = await answer_async(self.asyncs, req, route, request_id)
+        labels = UNROUTED if isinstance(route, RequestLookup) else self.pipeline.constants.of(route).labels["http"]
+        self._observe(labels, status, started)
+
+    def _route(self, req: Request) -> Route | RequestLookup:
         sni = req.conn.sni
         if sni is not None and sni != req.host and misdirected(sni, req.host, self.state.table.domains):
             raise MisdirectedRequest(
@@ -147,7 +160,7 @@ class PublicHandler:
             routes[key] = route
         return route
 
-    def _admit(self, req: Request, route: Route) -> None:
+    def _admit(self, req: Request, route: Route | RequestLookup) -> None:
         upgrading = req.upgrade is not None and b"upgrade" in req.connection_tokens
         if route.endpoint == "websocket":
             if not upgrading or req.upgrade.lower() != b"websocket":  # type: ignore[union-attr]
@@ -326,6 +339,8 @@ class PublicHandler:
         req.conn.on_lost = None
         try:
             route = self._route(req)
+            if isinstance(route, RequestLookup):  # cannot happen: only routed calls are held
+                raise ModelUnavailable("the call cannot be routed anymore")
         except GatewayError as error:  # the table changed under it: removed, inactive, ...
             self._answer(req, error, held.request_id, held.labels, held.started)
             return "answered"

@@ -128,6 +128,22 @@ class Semantics:
         servers = _list(as_dict(gateway.get("dns")).get("nameservers"))
         for i, server in enumerate(servers):
             self.syntax(("gateway", "dns", "nameservers", i), server, parse_nameserver)
+        async_ = as_dict(gateway.get("async"))
+        names: set[str] = set()
+        for i, spec in enumerate(_list(async_.get("webhook_secrets"))):
+            spec = as_dict(spec)
+            path = ("gateway", "async", "webhook_secrets", i)
+            if ("secret_env" in spec) == ("secret_file" in spec):
+                self.add(
+                    path, "give exactly one of 'secret_env' and 'secret_file' (secrets are never written in the table)"
+                )
+            if spec.get("name") in names:
+                self.add((*path, "name"), f"duplicate webhook secret name {quote(str(spec.get('name')))}")
+            names.add(str(spec.get("name")))
+        retry = as_dict(async_.get("webhook_retry"))
+        if isinstance(retry.get("initial_delay_ms"), int) and isinstance(retry.get("max_delay_ms"), int):
+            if retry["initial_delay_ms"] > retry["max_delay_ms"]:
+                self.add(("gateway", "async", "webhook_retry", "max_delay_ms"), "must be at least initial_delay_ms")
 
     def check_regions(self) -> None:
         for name, region in (self.regions or {}).items():

@@ -1,0 +1,475 @@
+"""The async queue of one worker (SPEC §10): submit, look up, cancel, and the scheduler that runs
+stored requests through the call pipeline and delivers their webhooks.
+
+The queue's worker is one more adapter of the pipeline (`gateway.calls`): a run resolves its
+route again (`resolve_async_run`: the environment's deployment now, in the request's region),
+asks `Pipeline.admit` like any call (so it is counted in the deployment's in-flight, and a
+scaled-to-zero deployment is woken), and goes to the replica the pipeline picked, through the
+region-checked connector. Async runs only take concurrency that synchronous calls leave free:
+`concurrency_target` (1 when unset) x replicas, minus every call in flight, and nothing while a
+synchronous call waits in the hold for that deployment. A plane's 429 backs the target off.
+
+Every transition is written to the region's store before the gateway acts on it (see
+`gateway.asyncq.store`); this object keeps only what a restart may lose: which claims are
+running here, back-off of targets, and counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from gateway.asyncq import webhook
+from gateway.asyncq.request import (
+    FINAL,
+    MAX_RESULT_BYTES,
+    MAX_RUN_SECONDS,
+    AsyncRequest,
+    Submit,
+    backoff_seconds,
+    error_code_of,
+    retryable_status,
+)
+from gateway.asyncq.store import LEASE_SECONDS, RegionStore, store_path
+from gateway.calls.pipeline import Go, Pipeline
+from gateway.errors import GatewayError, MisdirectedRequest, ModelNotFound, RateLimited
+from gateway.metrics import Metrics
+from gateway.routing.model import Table
+from gateway.routing.resolve import RequestLookup, Route, resolve_async_run
+from gateway.state import TableState
+
+log = logging.getLogger("gateway.asyncq")
+
+TICK_SECONDS = 0.05  # the scheduler's pace while there is work
+IDLE_SECONDS = 0.25  # and while there is none (another worker's submits are seen this late)
+RENEW_SECONDS = LEASE_SECONDS / 3
+PURGE_SECONDS = 30.0
+WAKE_EVERY_SECONDS = 30.0
+BACKOFF_429 = (1.0, 30.0)  # a target's back-off after a plane's 429: first, at most
+MAX_WEBHOOKS_IN_FLIGHT = 64
+
+
+class AsyncService:
+    """See the module docstring. One per worker; `start()` begins scheduling, `close()` ends it."""
+
+    def __init__(self, state: TableState, pipeline: Pipeline, metrics: Metrics, directory: Path) -> None:
+        self.state = state
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.directory = directory
+        self.loop = asyncio.get_running_loop()
+        self.stores: dict[str, RegionStore] = {}
+        self.running: dict[str, tuple[RegionStore, asyncio.Task]] = {}  # request id -> its run or delivery
+        self.backoff: dict[tuple, tuple[float, float]] = {}  # target -> (until, last delay)
+        self.woken: dict[tuple, float] = {}  # (model, deployment) -> when a wake was last sent
+        self.kick = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.senders = self._senders(state.table)
+        self.secrets: tuple[bytes, ...] = ()
+        self.secret_error: str | None = None
+        self._load_secrets(state.table)
+        self.limits: dict[tuple[str, str], tuple[float, float]] = {}  # (team, kind) -> (tokens, when)
+        state.on_swap.append(self._table_swapped)
+
+    def __repr__(self) -> str:
+        return f"<AsyncService {sorted(self.stores)} | {len(self.running)} running>"
+
+    def start(self) -> None:
+        for region in self._served(self.state.table):
+            self.store(region)  # open every served region's file now: recovery starts at once
+        self.task = self.loop.create_task(self._schedule())
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        for _, task in list(self.running.values()):
+            task.cancel()
+        await asyncio.gather(*(t for _, t in self.running.values()), return_exceptions=True)
+        for store in self.stores.values():
+            await asyncio.to_thread(store.close)
+
+    # -- table --------------------------------------------------------------------------------
+
+    def _served(self, table: Table) -> list[str]:
+        regions = table.gateway.regions
+        return sorted(table.regions if regions is None else regions & set(table.regions))
+
+    def _senders(self, table: Table) -> webhook.WebhookSender:
+        return webhook.WebhookSender(self.pipeline.connector, table.gateway.async_settings.webhook_allowed_hosts)
+
+    def _load_secrets(self, table: Table) -> None:
+        specs = [dict(spec) for spec in table.gateway.async_settings.webhook_secrets]
+        try:
+            self.secrets, self.secret_error = webhook.load_secrets(specs), None
+        except ValueError as exc:  # webhooks go unsigned? No: they wait, and the error is logged and shown
+            self.secrets, self.secret_error = (), str(exc)
+            log.error("async webhooks: %s", exc)
+
+    def _table_swapped(self, table: Table) -> None:
+        self.senders = self._senders(table)
+        self._load_secrets(table)
+        self.kick.set()
+
+    def store(self, region: str) -> RegionStore:
+        store = self.stores.get(region)
+        if store is None:
+            store = RegionStore(store_path(self.directory, region), region)
+            self.stores[region] = store
+        return store
+
+    # -- the API's operations -------------------------------------------------------------------
+
+    async def submit(self, route: Route, submit: Submit, request_id: str, caller: str) -> None:
+        """Store the request durably (returns once it is fsync'd); 429 past the team's limits."""
+        team = self.state.table.teams[route.model.team]
+        self._take(team.name, "submit", team.async_limits.submits_per_second)
+        region = route.region or route.deployment.region  # async routes always name their store's region
+        store = self.store(region)
+        if store.team_open(team.name) >= team.async_limits.max_queued:
+            raise RateLimited(
+                f"team '{team.name}' has {team.async_limits.max_queued} async requests queued or in progress; "
+                "retry once some have run",
+                headers=(("retry-after", "10"),),
+            )
+        now = time.time()
+        req = AsyncRequest(
+            request_id=request_id, team=team.name, region=region, model_id=route.model.id,
+            kind=route.model.kind, environment=route.environment, deployment_id=route.deployment.id, caller=caller,
+            priority=submit.priority, max_time_in_queue_seconds=submit.max_time_in_queue_seconds, retry=submit.retry,
+            webhook_endpoint=submit.webhook_endpoint, body=submit.model_input, created_at=now, next_at=now,
+        )  # fmt: skip
+        await store.insert(req)
+        self.metrics.async_requests.inc(self._labels(req) + ("QUEUED",))
+        self.kick.set()
+
+    def lookup(self, lookup: RequestLookup) -> tuple[RegionStore, AsyncRequest]:
+        """The request `lookup` names, if the caller may see it (its team, its model, its region)."""
+        self._take(
+            lookup.api_key.team,
+            "status",
+            self.state.table.teams[lookup.api_key.team].async_limits.status_calls_per_second,
+        )
+        regions = [lookup.region] if lookup.region else self._served(self.state.table)
+        for region in regions:
+            if lookup.region is not None and region not in self._served(self.state.table):
+                raise MisdirectedRequest(f"this gateway does not serve region '{region}'")
+            store = self.store(region)
+            req = store.get(lookup.request_id)
+            if req is not None and req.team == lookup.api_key.team and req.model_id == lookup.model.id:
+                return store, req
+        raise ModelNotFound(f"async request '{lookup.request_id}' not found")
+
+    async def cancel(self, lookup: RequestLookup) -> dict:
+        store, req = self.lookup(lookup)
+        was = await store.cancel(req.request_id, time.time())
+        if was == "QUEUED":
+            self.metrics.async_requests.inc(self._labels(req) + ("CANCELED",))
+            return {"request_id": req.request_id, "canceled": True, "message": "the request was canceled"}
+        if was == "IN_PROGRESS":
+            message = "the request is in progress: it runs to its end"
+        else:
+            message = f"the request already ended ({was})"
+        return {"request_id": req.request_id, "canceled": False, "message": message}
+
+    def queue_status(self, route: Route) -> dict:
+        team = self.state.table.teams[route.model.team]
+        self._take(team.name, "status", team.async_limits.status_calls_per_second)
+        queued, running = self.store(route.region or route.deployment.region).queue_counts(
+            route.model.id, route.environment, "" if route.environment else route.deployment.id
+        )
+        id_field = "chain_id" if route.model.kind == "chain" else "model_id"
+        return {
+            id_field: route.model.id, "deployment_id": route.deployment.id,
+            "num_queued_requests": queued, "num_in_progress_requests": running,
+        }  # fmt: skip
+
+    def queues(self) -> dict:
+        """The admin read of the queues (`GET /v1/async/queues`)."""
+        out = []
+        for region, store in sorted(self.stores.items()):
+            running = {(m, e, d): n for m, e, d, n in store.in_progress()}
+            for model, env, dep, priority, queued in store.depth():
+                out.append({"region": region, "model_id": model, "environment": env, "deployment_id": dep,
+                            "priority": priority, "queued": queued, "in_progress": running.pop((model, env, dep), 0)})  # fmt: skip
+            for (model, env, dep), n in running.items():
+                out.append({"region": region, "model_id": model, "environment": env, "deployment_id": dep,
+                            "priority": None, "queued": 0, "in_progress": n})  # fmt: skip
+        return {"store": str(self.directory), "regions": sorted(self.stores), "queues": out,
+                "running_here": len(self.running), "webhook_secrets_error": self.secret_error}  # fmt: skip
+
+    def _take(self, team: str, kind: str, rate: float) -> None:
+        """A token of the team's `kind` bucket (per worker; burst = one second's worth), else 429."""
+        now = self.loop.time()
+        tokens, when = self.limits.get((team, kind), (rate, now))
+        tokens = min(rate, tokens + (now - when) * rate)
+        if tokens < 1.0:
+            wait = max(1, int((1.0 - tokens) / rate + 0.999))
+            self.limits[(team, kind)] = (tokens, now)
+            raise RateLimited(
+                f"team '{team}' is past its async {'submit' if kind == 'submit' else 'status call'} rate; retry later",
+                headers=(("retry-after", str(wait)),),
+            )
+        self.limits[(team, kind)] = (tokens - 1.0, now)
+
+    # -- the scheduler --------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        last_renew = last_purge = 0.0
+        while True:
+            busy = False
+            try:
+                now = time.time()
+                for store in list(self.stores.values()):
+                    busy |= await self._claim_runs(store, now)
+                    busy |= await self._claim_webhooks(store, now)
+                if now - last_renew >= RENEW_SECONDS and self.running:
+                    last_renew = now
+                    await self._renew(now)
+                if now - last_purge >= PURGE_SECONDS:
+                    last_purge = now
+                    await self._purge(now)
+                self._gauge()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug or a store error must not stop the queue: log and go on
+                log.exception("async scheduler step failed")
+            self.kick.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_SECONDS if busy else IDLE_SECONDS):
+                    await self.kick.wait()
+
+    async def _claim_runs(self, store: RegionStore, now: float) -> bool:
+        busy = False
+        for model_id, environment, deployment_id in store.targets(now):
+            key = (store.region, model_id, environment, deployment_id)
+            until, _ = self.backoff.get(key, (0.0, 0.0))
+            if until > now:
+                busy = True
+                continue
+            free = self._free(model_id, environment, deployment_id, store.region)
+            if free <= 0:
+                busy = True
+                continue
+            for req in await store.claim_runs(model_id, environment, deployment_id, free, now):
+                self._spawn(store, req, self._run(store, req))
+                busy = True
+        return busy
+
+    async def _claim_webhooks(self, store: RegionStore, now: float) -> bool:
+        room = MAX_WEBHOOKS_IN_FLIGHT - len(self.running)
+        if room <= 0 or not store.webhooks_due(now):
+            return False
+        for req in await store.claim_webhooks(room, now):
+            if req.request_id not in self.running:
+                self._spawn(store, req, self._deliver(store, req))
+        return True
+
+    def _spawn(self, store: RegionStore, req: AsyncRequest, work: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(work)
+        rid = req.request_id
+        self.running[rid] = (store, task)
+        task.add_done_callback(lambda _t: self.running.pop(rid, None))
+
+    def _free(self, model_id: str, environment: str, deployment_id: str, region: str) -> int:
+        """Runs this target may start now: what synchronous calls leave of the deployment's
+        concurrency (SPEC §10), never while a synchronous call is held for it."""
+        try:
+            route = resolve_async_run(self.state.table, model_id, environment, deployment_id, region, "")
+        except GatewayError:
+            return 1  # the run fails (or waits) with the error; let one through to record it
+        if route.action == "hold":
+            return 1  # one run at a time wakes the deployment and waits
+        env = route.model.environments.get(route.environment)
+        endpoints = self.pipeline.replicas.get(route)
+        target = env.autoscaling.concurrency_target if env is not None else None
+        limit = (target or 1) * max(1, endpoints.replica_count())
+        if self.pipeline.holds.waiting((route.model.id, route.deployment.id)):
+            return 0
+        return limit - endpoints.in_flight_total()
+
+    async def _renew(self, now: float) -> None:
+        by_store: dict[RegionStore, list[str]] = {}
+        for rid, (store, _) in self.running.items():
+            by_store.setdefault(store, []).append(rid)
+        for store, ids in by_store.items():
+            await store.renew(ids, now)
+
+    async def _purge(self, now: float) -> None:
+        ttl = self.state.table.gateway.async_settings.result_ttl_seconds
+        for store in list(self.stores.values()):
+            purged = await store.purge(now - ttl)
+            if purged:
+                log.info("async store %s: purged %d requests past their result TTL", store.region, purged)
+
+    def _gauge(self) -> None:
+        depth = self.metrics.async_depth
+        depth.values.clear()
+        for region, store in self.stores.items():
+            for model, env, dep, priority, queued in store.depth():
+                depth.set((model, env, dep, region, str(priority)), queued)
+
+    def _labels(self, req: AsyncRequest) -> tuple:
+        return (req.model_id, req.environment, req.deployment_id, req.region)
+
+    # -- one run --------------------------------------------------------------------------------
+
+    async def _run(self, store: RegionStore, req: AsyncRequest) -> None:
+        try:
+            await self._run_once(store, req)
+        except asyncio.CancelledError:
+            raise  # the gateway stops: the claim stays, and its lease lets another process take it
+        except Exception:
+            log.exception("async run of %s failed unexpectedly", req.request_id)
+            req.errors = [{"code": "INTERNAL_SERVER_ERROR", "message": "the gateway failed running the request"}]
+            await self._end(store, req, "FAILED")
+
+    async def _run_once(self, store: RegionStore, req: AsyncRequest) -> None:
+        table, now = self.state.table, time.time()
+        if now > req.deadline and req.attempts <= 1:
+            req.errors = [{"code": "MODEL_NOT_READY", "message": "the request waited in the queue past its "
+                           "max_time_in_queue_seconds"}]  # fmt: skip
+            await self._end(store, req, "EXPIRED")
+            return
+        try:
+            route = resolve_async_run(table, req.model_id, req.environment, req.deployment_id, req.region, req.caller)
+        except GatewayError as refused:
+            await self._failed_attempt(store, req, 0, refused.message, retry=refused.status in (503, 504))
+            return
+        if route.action == "hold":  # scaled to zero: wake it and wait in the queue (SPEC §6)
+            self._wake(route, req.request_id)
+            await self._requeue(store, req, 1.0, counts=False)
+            return
+        decision = self.pipeline.admit(route)
+        if not isinstance(decision, Go) or decision.endpoint is None:
+            await self._requeue(store, req, TICK_SECONDS * 4, counts=False)  # full, or no replica right now
+            return
+        req.deployment_id = route.deployment.id
+        labels = self.pipeline.constants.of(route).labels["http"]
+        self.metrics.async_wait.observe(self._labels(req), max(0.0, now - req.created_at))
+        started = self.loop.time()
+        record = self.pipeline.begin(labels, decision, started)
+        error: GatewayError | None = None
+        status = 0
+        answer = None
+        try:
+            answer = await self.pipeline.caller.call(
+                table, route.deployment, route.environment, "POST", route.upstream_target, req.body,
+                timeout=min(MAX_RUN_SECONDS, route.deployment.timeouts.total_seconds),
+                request_id=req.request_id, upstream=decision.endpoint.upstream, max_answer_bytes=MAX_RESULT_BYTES,
+            )  # fmt: skip
+            status = answer.status
+        except GatewayError as exc:
+            error = exc  # noqa: F841 - read below
+        finally:
+            record.end(str(status or (error.status if error else 0)), status, error)
+            self.metrics.async_run.observe(self._labels(req), self.loop.time() - started)
+        if error is not None or answer is None:
+            await self._failed_attempt(store, req, 0, error.message if error else "no answer", retry=True)
+            return
+        if status == 429:
+            self._back_off(req)
+            await self._requeue(store, req, 0.0, counts=False)
+            return
+        if 200 <= status < 300:
+            if answer.truncated:
+                req.errors = [{"code": "MODEL_PREDICT_ERROR", "message": "result too large"}]
+                await self._end(store, req, "FAILED")
+                return
+            req.result = answer.body
+            req.errors = []
+            await self._end(store, req, "SUCCEEDED")
+            return
+        message = answer.body[:512].decode("utf-8", "replace") or f"the model answered {status}"
+        await self._failed_attempt(store, req, status, message, retry=retryable_status(status))
+
+    async def _failed_attempt(self, store: RegionStore, req: AsyncRequest, status: int, message: str, *,
+                              retry: bool) -> None:  # fmt: skip
+        code = error_code_of(status)
+        req.errors = [{"code": code, "message": message}]
+        retry_cfg = req.retry
+        if retry and req.attempts < retry_cfg.max_attempts:
+            delay = backoff_seconds(req.attempts, retry_cfg.initial_delay_ms, retry_cfg.max_delay_ms)
+            await self._requeue(store, req, delay, counts=True)
+            return
+        await self._end(store, req, "FAILED")
+
+    async def _requeue(self, store: RegionStore, req: AsyncRequest, delay: float, *, counts: bool) -> None:
+        """Back to QUEUED, to run after `delay`; `counts=False`: this was not an attempt."""
+        now = time.time()
+        if not counts:
+            req.attempts -= 1
+        req.set_status("QUEUED", now)
+        req.next_at = now + delay
+        await store.save(req, release=True)
+
+    def _back_off(self, req: AsyncRequest) -> None:
+        key = (req.region, req.model_id, req.environment, "" if req.environment else req.deployment_id)
+        _, last = self.backoff.get(key, (0.0, 0.0))
+        delay = min(BACKOFF_429[1], last * 2 if last else BACKOFF_429[0])
+        self.backoff[key] = (time.time() + delay, delay)
+
+    def _wake(self, route: Route, request_id: str) -> None:
+        key = (route.model.id, route.deployment.id)
+        now = time.time()
+        if now - self.woken.get(key, 0.0) >= WAKE_EVERY_SECONDS:
+            self.woken[key] = now
+            self.pipeline.wake_soon(route, request_id)
+
+    async def _end(self, store: RegionStore, req: AsyncRequest, status: str) -> None:
+        """The run is over: write the outcome (durable), then deliver the webhook if there is one."""
+        now = time.time()
+        req.set_status(status, now)
+        req.completed_at = now
+        req.next_at = now
+        key = (req.region, req.model_id, req.environment, "" if req.environment else req.deployment_id)
+        if status == "SUCCEEDED":
+            self.backoff.pop(key, None)
+        has_webhook = req.webhook_endpoint is not None and req.webhook_status == "PENDING"
+        await store.save(req, release=not has_webhook)
+        self.metrics.async_requests.inc(self._labels(req) + (status,))
+        if has_webhook:
+            await self._deliver(store, req)
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    async def _deliver(self, store: RegionStore, req: AsyncRequest) -> None:
+        if req.status not in FINAL or req.webhook_endpoint is None:
+            return
+        if self.secret_error is not None:  # never send unsigned when signing was asked for
+            req.next_at = time.time() + RENEW_SECONDS
+            await store.save(req, release=True)
+            return
+        data = None
+        if req.status == "SUCCEEDED" and req.result is not None:
+            try:
+                data = json.loads(req.result)
+            except ValueError:
+                data = req.result.decode("utf-8", "replace")
+        now = time.time()
+        body = webhook.payload(req.request_id, req.model_id, req.deployment_id, data, req.errors, now)
+        headers = webhook.signature_headers(body, req.request_id, int(now), self.secrets)
+        delivery = await self.senders.deliver(req.webhook_endpoint, body, headers)
+        self.metrics.webhooks.inc((req.model_id, req.region, delivery.outcome))
+        req.webhook_attempts += 1
+        retry = self.state.table.gateway.async_settings.webhook_retry
+        now = time.time()
+        if delivery.outcome == "delivered":
+            req.webhook_status = "SUCCEEDED"
+        elif delivery.outcome == "retry" and req.webhook_attempts < retry.max_attempts:
+            req.next_at = now + backoff_seconds(req.webhook_attempts, retry.initial_delay_ms, retry.max_delay_ms)
+            log.info("webhook of %s: %s; retry %d in %.1f s", req.request_id, delivery.message,
+                     req.webhook_attempts, req.next_at - now)  # fmt: skip
+        else:
+            log.warning("webhook of %s failed for good: %s", req.request_id, delivery.message)
+            req.webhook_status = "FAILED"
+            req.set_status("WEBHOOK_FAILED", now)
+            self.metrics.async_requests.inc(self._labels(req) + ("WEBHOOK_FAILED",))
+        await store.save(req, release=True)
