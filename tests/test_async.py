@@ -438,3 +438,91 @@ def test_a_receiver_that_fails_then_recovers_gets_it_and_410_stops(tmp: Path) ->
                 gw.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_request_waiting_for_a_scaled_to_zero_deployment_expires_and_its_result_is_purged(tmp: Path) -> None:
+    async def scenario() -> None:
+        async with AsyncPlane() as plane, Receiver() as hook, aiohttp.ClientSession() as session:
+            doc = async_doc(plane.url)
+            doc["gateway"]["async"]["result_ttl_seconds"] = 2
+            doc["models"]["abc123"]["environments"]["production"]["deployment"] = "v0"  # scaled to zero
+            gw = start_gateway(tmp, doc)
+            try:
+                _, _, req = await post(session, gw, "/production/async_predict",
+                                       {"model_input": 1, "max_time_in_queue_seconds": 10, "webhook_endpoint": hook.url})  # fmt: skip
+                await until(lambda: any(c["path"] == "/wake" for c in plane.calls), "a wake of the deployment")
+                st = await status_of(session, gw, req["request_id"])
+                assert st["status"] == "QUEUED"
+                await until(lambda: hook.deliveries, "the EXPIRED webhook", timeout=20)
+                d = hook.deliveries[0]["body"]
+                assert d["errors"][0]["code"] == "MODEL_NOT_READY" and d["data"] is None
+                assert (await status_of(session, gw, req["request_id"]))["status"] == "EXPIRED"
+                assert not any(c["path"] == "/predict" for c in plane.calls)
+
+                async def purged() -> bool:
+                    return (await get(session, gw, f"/async_request/{req['request_id']}"))[0] == 404
+
+                await until(purged, "the request purged after result_ttl_seconds", timeout=10)
+            finally:
+                gw.stop()
+
+    asyncio.run(scenario())
+
+
+def test_team_limits_answer_429_with_retry_after(tmp: Path) -> None:
+    async def scenario() -> None:
+        async with AsyncPlane() as plane, aiohttp.ClientSession() as session:
+            plane.gate = asyncio.Event()
+            doc = async_doc(plane.url, concurrency=1)
+            doc["teams"]["acme"]["async"] = {"max_queued": 3, "submits_per_second": 50, "status_calls_per_second": 5}
+            gw = start_gateway(tmp, doc)
+            try:
+                codes = [
+                    (await post(session, gw, "/production/async_predict", {"model_input": i}))[0] for i in range(5)
+                ]
+                assert codes == [201, 201, 201, 429, 429]
+                code, headers, body = await post(session, gw, "/production/async_predict", {"model_input": 9})
+                assert code == 429 and body["error_code"] == "rate_limited" and int(headers["retry-after"]) >= 1
+                statuses = [(await get(session, gw, "/production/async_queue_status"))[0] for _ in range(8)]
+                assert statuses.count(200) == 5 and statuses[-1] == 429  # five per second, per worker
+            finally:
+                plane.gate.set()
+                gw.stop()
+
+    asyncio.run(scenario())
+
+
+def test_chains_and_a_webhook_to_a_refused_address(tmp: Path) -> None:
+    async def scenario() -> None:
+        async with AsyncPlane() as plane, aiohttp.ClientSession() as session:
+            gw = start_gateway(tmp, async_doc(plane.url))
+            try:
+                code, _, ok = await post(session, gw, "/production/async_run_remote", {"model_input": {"x": 1}},
+                                         host="chain-pipeline1.api.example.com")  # fmt: skip
+                assert code == 201
+
+                async def ran() -> bool:
+                    code, body = await get(session, gw, f"/async_request/{ok['request_id']}",
+                                           host="chain-pipeline1.api.example.com")  # fmt: skip
+                    return code == 200 and json.loads(body)["status"] == "SUCCEEDED"
+
+                await until(ran, "the chain's run")
+                assert plane.calls[0]["path"] == "/run_remote"
+                _, body = await get(
+                    session, gw, f"/async_request/{ok['request_id']}", host="chain-pipeline1.api.example.com"
+                )
+                assert json.loads(body)["chain_id"] == "pipeline1"
+                # https to a private address is accepted at submit, refused at delivery (checked on the resolved address).
+                code, _, bad = await post(session, gw, "/production/async_predict",
+                                          {"model_input": 1, "webhook_endpoint": "https://10.1.2.3/hook"})  # fmt: skip
+                assert code == 201
+
+                async def refused() -> bool:
+                    return (await status_of(session, gw, bad["request_id"]))["webhook_status"] == "FAILED"
+
+                await until(refused, "the webhook refused")
+                assert (await status_of(session, gw, bad["request_id"]))["status"] == "WEBHOOK_FAILED"
+            finally:
+                gw.stop()
+
+    asyncio.run(scenario())

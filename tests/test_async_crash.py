@@ -15,8 +15,8 @@ import aiohttp
 from aiohttp import web
 
 from tests.dataplane import AUTH, STD, until
-from tests.test_async import ENV, AsyncPlane, Receiver, async_doc
 from tests.support import GatewayProcess, write_table
+from tests.test_async import ENV, AsyncPlane, Receiver, async_doc
 
 KILLS = 6
 

@@ -233,7 +233,8 @@ class AsyncService:
                 if now - last_renew >= RENEW_SECONDS and self.running:
                     last_renew = now
                     await self._renew(now)
-                if now - last_purge >= PURGE_SECONDS:
+                ttl = self.state.table.gateway.async_settings.result_ttl_seconds
+                if now - last_purge >= min(PURGE_SECONDS, max(0.5, ttl / 4)):
                     last_purge = now
                     await self._purge(now)
                 self._gauge()
