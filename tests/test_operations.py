@@ -225,7 +225,7 @@ def test_explain_with_an_invalid_table_is_usage_error(tmp_path: Path) -> None:
     assert out.returncode == 2
 
 
-EXPECTED_DEMO_STATUS = [200, 200, 200, 200, 421, 400, 401, 403, 200, 200, 200, 202, 202, 200]
+EXPECTED_DEMO_STATUS = [200, 200, 200, 200, 421, 400, 401, 403, 200, 200, 200, 201, 200, 200, 202, 202, 200]
 # The gRPC calls the demo prints (gateway.demo.grpc_client): exit status and what the output shows.
 EXPECTED_DEMO_GRPC = [
     (0, ["from plane us-east-1 (region us)", "environment production, deployment v1", "status OK"]),
@@ -267,6 +267,8 @@ def test_demo_prints_calls_that_answer_as_printed(tmp_path: Path) -> None:
                 assert out.stdout.count("data: ") == 9 and "[DONE]" in out.stdout
             if "regional host: prod-us" in title:
                 assert '"region": "us"' in out.stdout
+            if title.startswith("async: the status"):
+                assert '"status":"SUCCEEDED"' in out.stdout
             if "the environment and its promotion" in title:
                 assert '"candidate_deployment": {' in out.stdout and '"percent_traffic_to_new_version"' in out.stdout
         grpc_calls = [(title, cmd) for title, cmd in commands if "gateway.demo.grpc_client" in cmd]

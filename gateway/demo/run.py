@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import shlex
 import sys
 import tempfile
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from gateway.demo.grpc_plane import GrpcSamplePlane
 from gateway.demo.planes import SamplePlane
+from gateway.demo.webhooks import DEMO_SECRET, DEMO_SECRET_ENV, WebhookReceiver
 from gateway.routing.loader import TableInvalid, load_table
 from gateway.runner import Gateway, ServeOptions, install_uvloop
 
@@ -63,11 +66,34 @@ def ws_client(url: str) -> str:
                        "--message", "hello over WebSocket"])  # fmt: skip
 
 
-def calls(port: int, admin_port: int, config: str, grpc_port: int | None = None) -> list[tuple[str, str]]:
+def calls(
+    port: int, admin_port: int, config: str, grpc_port: int | None = None, webhook_port: int | None = None
+) -> list[tuple[str, str]]:
     """(what it shows, command) pairs printed by the demo; tests run each one."""
     g = f"localhost:{port}"
     admin = f"http://127.0.0.1:{admin_port}"
     body = '{"model_input": {"prompt": "hello"}}'
+    hook = f"http://127.0.0.1:{webhook_port}"
+    async_calls = (
+        [
+            (
+                "async predict: stored (fsync'd) and answered 201; the demo's receiver checks the webhook's signatures",
+                curl(
+                    f"http://model-abc123.{g}/production/async_predict",
+                    data=json.dumps({"model_input": {"prompt": "later"}, "webhook_endpoint": hook + "/webhook"}),
+                ),
+            ),
+            (
+                "async: the status of the request the receiver got last (SUCCEEDED); add /result for its kept answer",
+                curl(f"http://model-abc123.{g}/async_request/$(curl -sS {hook}/last)")
+                .replace("'http", '"http')
+                .replace("last)'", 'last)"'),
+            ),
+            ("async: queue counts of the target", curl(f"http://model-abc123.{g}/production/async_queue_status")),
+        ]
+        if webhook_port is not None
+        else []
+    )
     return [
         ("JSON predict on the standard host (production)", curl(f"http://model-abc123.{g}/production/predict", data=body)),
         ("token streaming (SSE), relayed chunk by chunk",
@@ -87,6 +113,7 @@ def calls(port: int, admin_port: int, config: str, grpc_port: int | None = None)
               headers=("x-baseten-routing-key: user-42",))),
         ("sync pass-through to the model server's own route", curl(f"http://model-abc123.{g}/production/sync/v1/models")),
         ("chain run_remote", curl(f"http://chain-pipeline1.{g}/production/run_remote", data=body)),
+        *async_calls,
         ("wake a deployment (202)", curl(f"http://model-abc123.{g}/deployment/v0/wake", data="")),
         ("admin API: promote v2 into staging, ramping its share up in 10 stages over 30 s (202)",
          curl(f"{admin}/v1/models/abc123/environments/staging/promote", key=None,
@@ -118,10 +145,15 @@ async def _run(args: argparse.Namespace, config: str) -> None:
             grpc_sample = GrpcSamplePlane(plane.name, plane.region)
             await grpc_sample.start(plane.grpc)
             grpc_planes.append(grpc_sample)
-    # The demo's admin changes go to a fresh store that disappears with the demo, not next to the example table.
+    os.environ.setdefault(DEMO_SECRET_ENV, DEMO_SECRET)  # the example table's webhook secret (never in the table)
+    receiver = WebhookReceiver(os.environ[DEMO_SECRET_ENV])
+    webhook_port = await receiver.start("127.0.0.1", 0)
+    # The demo's admin changes and async queue go to a fresh directory that disappears with the demo,
+    # not next to the example table.
     store = tempfile.TemporaryDirectory(prefix="gateway-demo-")
     gateway = Gateway(ServeOptions(config=config, store=str(Path(store.name) / "demo.admin.json"), port=args.port,
-                                   admin_port=args.admin_port, grpc_port=args.grpc_port))  # fmt: skip
+                                   admin_port=args.admin_port, grpc_port=args.grpc_port,
+                                   queue_store=str(Path(store.name) / "queues")))  # fmt: skip
     await gateway.start()
     print(
         f"\nDemo gateway on http://127.0.0.1:{gateway.public_port} (admin on 127.0.0.1:{gateway.admin_port}, "
@@ -131,13 +163,17 @@ async def _run(args: argparse.Namespace, config: str) -> None:
     if grpc_planes:
         print("gRPC planes (demo.Echo): " + ", ".join(f"{p.name} at {table.planes[p.name].grpc}" for p in grpc_planes))
     print(f"table: {config}. Try these (Ctrl-C stops the demo):\n")
-    for title, command in calls(gateway.public_port, gateway.admin_port or args.admin_port, config, gateway.grpc_port):
+    print(f"webhook receiver (checks both signature schemes) on http://127.0.0.1:{webhook_port}/webhook")
+    for title, command in calls(
+        gateway.public_port, gateway.admin_port or args.admin_port, config, gateway.grpc_port, webhook_port
+    ):
         print(f"# {title}\n{command}\n")
     sys.stdout.flush()
     try:
         await gateway.stopping.wait()
     finally:
         await gateway.drain()
+        receiver.close()
         for sample in planes:
             sample.close()
         for grpc_sample in grpc_planes:
