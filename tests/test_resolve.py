@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.errors import GatewayError
 from gateway.routing.loader import compile_table, load_table
-from gateway.routing.resolve import Call, Route, canary_bucket, resolve
+from gateway.routing.resolve import Call, RequestLookup, Route, canary_bucket, resolve, resolve_async_run
 from tests.support import EXAMPLE, example_doc
 
 TABLE = load_table(EXAMPLE)
@@ -76,9 +76,9 @@ def test_routes(host: str, path: str, env: str, deployment: str, upstream: str, 
         ("model-abc123-prod-eu.api.example.com", "/predict", {}, 421, "client_error", "region 'eu'"),
         ("model-abc123-prod-us.api.example.com", "/environments/prod-us/predict", {}, 400, "client_error", "hostname"),
         ("model-abc123.api.example.com", "/production/predict", {"method": "GET"}, 405, "client_error", "GET"),
-        ("model-abc123.api.example.com", "/production/async_predict", {}, 501, "client_error", "not supported"),
-        ("model-abc123.api.example.com", "/production/async_queue_status", {"method": "GET"}, 501, "client_error", "not supported"),
-        ("model-abc123.api.example.com", "/async_request/abc", {"method": "GET"}, 501, "client_error", "not supported"),
+        ("model-abc123-prod-eu.api.example.com", "/async_predict", {}, 421, "client_error", "does not serve region 'eu'"),
+        ("model-abc123.api.example.com", "/environments/prod-eu/async_predict", {}, 421, "client_error", "region 'eu'"),
+        ("model-abc123.api.example.com", "/production/async_predict", {"method": "GET"}, 405, "client_error", "not allowed"),
     ],
 )  # fmt: skip
 def test_errors(host: str, path: str, kw: dict, status: int, code: str, text: str) -> None:
@@ -299,3 +299,38 @@ def test_a_grpc_call_to_a_scaled_to_zero_deployment_is_held() -> None:
 def test_grpc_host_on_the_http_listener_is_not_found() -> None:
     e = error("model-abc123.grpc.api.example.com", "/production/predict")
     assert e.status == 404 and "gRPC listener" in e.message
+
+
+def test_async_routes_name_the_store_of_their_region() -> None:
+    submit = route("model-abc123.api.example.com", "/production/async_predict")
+    assert (submit.action, submit.deployment.id, submit.region, submit.upstream_target) == (
+        "async",
+        "v1",
+        "us",
+        "/predict",
+    )
+    pinned = route("model-abc123-prod-us.api.example.com", "/async_predict")
+    assert (pinned.environment, pinned.region) == ("prod-us", "us")
+    counts = route("model-abc123.api.example.com", "/production/async_queue_status", method="GET")
+    assert counts.action == "async_status"
+    chain = route("chain-pipeline1.api.example.com", "/production/async_run_remote")
+    assert chain.upstream_target == "/run_remote"
+    lookup = resolve(TABLE, call("model-abc123-prod-us.api.example.com", "/async_request/abc/result", method="GET"))
+    assert isinstance(lookup, RequestLookup)
+    assert (lookup.endpoint, lookup.request_id, lookup.region, lookup.model.id) == (
+        "async_result",
+        "abc",
+        "us",
+        "abc123",
+    )
+    standard = resolve(TABLE, call("model-abc123.api.example.com", "/async_request/abc", method="DELETE"))
+    assert isinstance(standard, RequestLookup) and standard.region is None
+
+
+def test_a_stored_request_runs_on_its_environments_deployment_now_and_in_its_region() -> None:
+    run = resolve_async_run(TABLE, "abc123", "prod-eu", "v3", "eu", "caller")
+    assert (run.deployment.id, run.action) == ("v3", "proxy")
+    with pytest.raises(GatewayError) as info:
+        resolve_async_run(TABLE, "abc123", "prod-eu", "v3", "us", "caller")  # never outside the stored region
+    assert info.value.status == 503
+    assert resolve_async_run(TABLE, "abc123", "", "v0", "us", "caller").action == "hold"  # scaled to zero: wake
