@@ -13,6 +13,9 @@ and smoke calls. A connection is opened only after:
 OSError, SSLError and connect timeouts become `ConnectFailed` (503, blame "upstream", kind
 "connect") here and nowhere else. `still_current` tells a pool whether a connection's address is
 still in its host's answer, so a DNS change retires warm connections (issue 10).
+
+Async webhooks (SPEC §10) reach hosts outside every plane; they come here too, through
+`open_checked`: their caller's address rule in place of a region's networks, then `open` itself.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from gateway.dns import Resolver
 from gateway.errors import ConnectFailed, GatewayError
@@ -98,6 +101,49 @@ class Connector:
                 continue
             self.opened += 1
             return transport, protocol, address
+        raise error or ConnectFailed(f"no address to connect to for {host!r}")
+
+    async def open_checked(
+        self, host: str, port: int, check: Callable[[tuple[str, ...]], None],
+        factory: Callable[[], asyncio.BaseProtocol], *, timeout: float, tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> tuple[asyncio.BaseTransport, Any, str]:  # fmt: skip
+        """`open` for a host outside every plane (async webhooks, SPEC §10): the caller's rule, not a region's.
+
+        `host` is resolved by the table's resolver (NoAddress when it does not resolve); `check` sees the
+        whole answer and raises a GatewayError to refuse it: one refused address refuses the host (fail
+        closed, as `resolve_in_region`) and nothing is dialled. Each checked address is then dialled by
+        `open` as an IP literal (no second DNS answer that could differ from the checked one); with
+        `tls`, TLS is started over that connection verifying `server_hostname` (default `host`), and the
+        returned transport is the TLS one: write through it (the protocol's `connection_made` saw the
+        TCP transport). Returns (transport, protocol, address); failures are ConnectFailed.
+        """
+        addresses = await self.resolver.resolve(host)
+        check(addresses)
+        loop = asyncio.get_running_loop()
+        error: ConnectFailed | None = None
+        for address in addresses[:MAX_ADDRESSES_TRIED]:
+            where = repr(host) if host == address else f"{host!r} at {address}"
+            try:
+                transport, protocol, _ = await self.open(address, port, Region(host, ()), factory, timeout=timeout)
+            except ConnectFailed as failed:
+                error = ConnectFailed(failed.message.replace("the plane", where))
+                continue
+            if tls is None:
+                return transport, protocol, address
+            tcp = cast(asyncio.Transport, transport)  # what create_connection gives
+            try:
+                async with asyncio.timeout(timeout):
+                    secured = await loop.start_tls(tcp, protocol, tls, server_hostname=server_hostname or host)
+            except TimeoutError:
+                error = ConnectFailed(f"no TLS handshake with {where} within {timeout:g} s")
+            except (OSError, ssl.SSLError) as exc:  # start_tls closed the connection
+                error = ConnectFailed(f"TLS with {where} failed: {getattr(exc, 'verify_message', None) or exc}")
+            else:
+                if secured is not None:
+                    return secured, protocol, address
+                error = ConnectFailed(f"TLS with {where} failed: the connection closed")
+            tcp.abort()
         raise error or ConnectFailed(f"no address to connect to for {host!r}")
 
     async def open_stream(
