@@ -32,6 +32,7 @@ class AsyncPlane:
         self.calls: list[dict] = []
         self.statuses: list[int] = []  # answers to give, in order; then 200
         self.gate: asyncio.Event | None = None  # set: calls wait for it
+        self.block: asyncio.Event | None = None  # set: calls whose body mentions "block" wait for it
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -67,6 +68,8 @@ class AsyncPlane:
         )
         if self.gate is not None:
             await self.gate.wait()
+        if b"block" in body and self.block is not None:
+            await self.block.wait()
         status = self.statuses.pop(0) if self.statuses else 200
         if status != 200:
             return web.json_response({"error": f"scripted {status}"}, status=status)
@@ -257,7 +260,7 @@ def test_a_bad_submit_is_refused_naming_the_field_and_nothing_is_stored(
     asyncio.run(scenario())
 
 
-def test_priority_then_fifo_and_sync_calls_keep_precedence(tmp: Path) -> None:
+def test_priority_then_fifo(tmp: Path) -> None:
     async def scenario() -> None:
         async with AsyncPlane() as plane, aiohttp.ClientSession() as session:
             plane.gate = asyncio.Event()
@@ -522,6 +525,60 @@ def test_chains_and_a_webhook_to_a_refused_address(tmp: Path) -> None:
 
                 await until(refused, "the webhook refused")
                 assert (await status_of(session, gw, bad["request_id"]))["status"] == "WEBHOOK_FAILED"
+            finally:
+                gw.stop()
+
+    asyncio.run(scenario())
+
+
+def test_sync_calls_keep_precedence_over_the_async_queue(tmp: Path) -> None:
+    """concurrency_target 1: a sync call in flight leaves no room for async runs, and a sync call held
+    for that slot takes it before the queue does."""
+
+    async def sync_call(session: aiohttp.ClientSession, gw: GatewayProcess, body: object) -> int:
+        async with session.post(
+            gw.url + "/production/predict", data=json.dumps(body), headers={"Host": STD, **AUTH}
+        ) as r:
+            await r.read()
+            return r.status
+
+    async def scenario() -> None:
+        async with AsyncPlane() as plane, aiohttp.ClientSession() as session:
+            plane.block = asyncio.Event()
+            gw = start_gateway(tmp, async_doc(plane.url, concurrency=1))
+            try:
+                first = asyncio.ensure_future(sync_call(session, gw, {"block": "sync-a"}))
+                await until(lambda: len(plane.calls) == 1, "the sync call on the plane")
+                code, _, _ = await post(session, gw, "/production/async_predict", {"model_input": "async-x"})
+                assert code == 201
+                held = asyncio.ensure_future(sync_call(session, gw, "sync-b"))
+                await asyncio.sleep(0.5)
+                assert len(plane.calls) == 1  # neither the async run nor the second sync call took the slot
+                plane.block.set()
+                assert await first == 200 and await held == 200
+                await until(lambda: len(plane.calls) == 3, "the async run once sync calls left room")
+                assert [json.loads(c["body"]) for c in plane.calls] == [{"block": "sync-a"}, "sync-b", "async-x"]
+            finally:
+                gw.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_plane_429_backs_the_queue_off_without_using_an_attempt(tmp: Path) -> None:
+    async def scenario() -> None:
+        async with AsyncPlane() as plane, aiohttp.ClientSession() as session:
+            plane.statuses = [429]
+            gw = start_gateway(tmp, async_doc(plane.url))
+            try:
+                _, _, req = await post(session, gw, "/production/async_predict",
+                                       {"model_input": 1, "inference_retry_config": {"max_attempts": 1}})  # fmt: skip
+
+                async def succeeded() -> bool:
+                    return (await status_of(session, gw, req["request_id"]))["status"] == "SUCCEEDED"
+
+                await until(succeeded, "the run after the back-off")
+                assert [c["id"] for c in plane.calls] == [req["request_id"]] * 2
+                assert plane.calls[1]["t"] - plane.calls[0]["t"] >= 1.0  # the target backed off 1 s
             finally:
                 gw.stop()
 

@@ -721,7 +721,7 @@ ERRORS = [
     ("POST", REGIONAL_US, "/environments/prod-us/predict", AUTH, 400, "client_error"),
     ("POST", STD, "/production/nosuch", AUTH, 404, "client_error"),
     ("GET", STD, "/production/predict", AUTH, 405, "client_error"),
-    ("POST", STD, "/production/async_predict", AUTH, 501, "client_error"),
+    ("POST", STD, "/production/async_predict", AUTH, 400, "client_error"),  # {"secret": 1}: unknown field
     ("POST", STD, "/production/predict", None, 401, "unauthorized"),
     ("POST", STD, "/production/predict", "Api-Key sk-not-a-real-key-1234", 401, "unauthorized"),
     ("POST", STD, "/production/predict", "Bearer sk-not-a-real-key-1234", 401, "unauthorized"),
@@ -754,7 +754,7 @@ def test_gateway_errors_are_json_and_forward_nothing(
 
 
 def test_async_body_over_256_kib_is_not_forwarded(gw: GatewayProcess) -> None:
-    """§4: async bodies over 256 KiB get 413 (or 501 while async inference is unsupported) — never forwarded."""
+    """§4, §10: async bodies over 256 KiB get 413 — never forwarded, never stored."""
 
     async def scenario() -> tuple[Response, list]:
         async with Plane() as plane:
@@ -763,7 +763,7 @@ def test_async_body_over_256_kib_is_not_forwarded(gw: GatewayProcess) -> None:
             return await call(gw.port, http_request("POST", "/production/async_predict", body=body)), plane.requests
 
     resp, forwarded = asyncio.run(scenario())
-    assert resp.status in (413, 501), resp
+    assert resp.status == 413 and resp.json()["error_code"] == "payload_too_large", resp
     assert forwarded == []
 
 
