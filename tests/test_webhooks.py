@@ -12,7 +12,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -45,11 +44,11 @@ from gateway.asyncq.webhook import (
     verify_standard,
 )
 from gateway.dns import Resolver
-from gateway.dns.lookup import Records
 from gateway.errors import ConnectFailed, NoAddress
 from gateway.upstream.connect import Connector
 from tests.dnsserver import DNSServer
 from tests.support import free_port
+from tests.test_connector import FakeLookup
 
 T = TypeVar("T")
 REQUEST_ID = "0123456789abcdef0123456789abcdef"
@@ -479,19 +478,6 @@ def test_a_listed_host_may_use_http_and_any_address() -> None:
     assert (by_name.outcome, by_localhost.outcome, unlisted.outcome) == ("delivered", "delivered", "refused")
     assert receiver.connections == 2
     assert b"\r\nhost: Hook.Test.:" in receiver.requests[0][0]  # the URL's authority, as written
-
-
-class FakeLookup:
-    """The dnspython boundary replaced: every name answers `answer` (A and AAAA split by family)."""
-
-    config_error = None
-
-    def __init__(self, answer: tuple[str, ...]) -> None:
-        self.answer = answer
-
-    async def query(self, name: str, rdtype: str) -> Records:
-        family = 6 if rdtype == "AAAA" else 4
-        return Records(tuple(a for a in self.answer if ipaddress.ip_address(a).version == family), 60.0)
 
 
 ANY_ADDRESS = st.one_of(
