@@ -173,7 +173,12 @@ class Resolver:
         name = host.lower().removesuffix(".")
         entry = self._addresses.get(name)
         if entry is None:
-            return _static_answer(name)
+            static = _static_answer(name)
+            if static is not None:
+                if len(self._static) >= _MEMO_LIMIT:
+                    self._static.clear()
+                self._static[host] = static
+            return static
         now = self._clock()
         if now >= entry.refresh_at:
             step = plan(entry, now, self._stale_seconds)
