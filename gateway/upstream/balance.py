@@ -322,6 +322,9 @@ class EndpointSet:
         s = self._newest()
         s._expire(s.clock())
         endpoints: Sequence[Endpoint] = s._endpoints
+        if len(endpoints) == 1 and not exclude:  # the common single-replica case, without a scan
+            only = endpoints[0]
+            return None if only.state is Health.EJECTED else only
         if exclude or any(ep.state is Health.EJECTED for ep in endpoints):
             endpoints = [
                 ep
