@@ -53,6 +53,8 @@ PURGE_SECONDS = 30.0
 WAKE_EVERY_SECONDS = 30.0
 BACKOFF_429 = (1.0, 30.0)  # a target's back-off after a plane's 429: first, at most
 MAX_WEBHOOKS_IN_FLIGHT = 64
+SCAN_SECONDS = 1.0  # the store's list of targets with work, and the depth gauge, are read this often
+COUNT_SECONDS = 1.0  # a team's open requests are counted again this often (its limit is that approximate)
 
 
 class AsyncService:
@@ -75,6 +77,12 @@ class AsyncService:
         self.secret_error: str | None = None
         self._load_secrets(state.table)
         self.limits: dict[tuple[str, str], tuple[float, float]] = {}  # (team, kind) -> (tokens, when)
+        self.open_counts: dict[tuple[str, str], tuple[int, float]] = {}  # (region, team) -> (count, when)
+        # Targets known to have queued work: this worker's submits and requeues at once, the store's
+        # whole list (other workers' submits, a restart's backlog) every SCAN_SECONDS.
+        self.pending: set[tuple[str, str, str, str]] = set()  # (region, model, environment, deployment)
+        self.scanned = -SCAN_SECONDS
+        self.gauged = -SCAN_SECONDS
         state.on_swap.append(self._table_swapped)
 
     def __repr__(self) -> str:
@@ -133,7 +141,7 @@ class AsyncService:
         self._take(team.name, "submit", team.async_limits.submits_per_second)
         region = route.region or route.deployment.region  # async routes always name their store's region
         store = self.store(region)
-        if store.team_open(team.name) >= team.async_limits.max_queued:
+        if self._open_count(store, team.name) >= team.async_limits.max_queued:
             raise RateLimited(
                 f"team '{team.name}' has {team.async_limits.max_queued} async requests queued or in progress; "
                 "retry once some have run",
@@ -147,8 +155,22 @@ class AsyncService:
             webhook_endpoint=submit.webhook_endpoint, body=submit.model_input, created_at=now, next_at=now,
         )  # fmt: skip
         await store.insert(req)
+        count, when = self.open_counts[(region, team.name)]
+        self.open_counts[(region, team.name)] = (count + 1, when)
+        self.pending.add((region, req.model_id, req.environment, "" if req.environment else req.deployment_id))
         self.metrics.async_requests.inc(self._labels(req) + ("QUEUED",))
         self.kick.set()
+
+    def _open_count(self, store: RegionStore, team: str) -> int:
+        """The team's queued + in-progress requests in `store`: counted at most every COUNT_SECONDS,
+        and kept up by this worker's submits in between (a COUNT per submit was most of its cost)."""
+        key = (store.region, team)
+        now = self.loop.time()
+        count, when = self.open_counts.get(key, (0, -COUNT_SECONDS))
+        if now - when >= COUNT_SECONDS:
+            count, when = store.team_open(team), now
+            self.open_counts[key] = (count, when)
+        return count
 
     def lookup(self, lookup: RequestLookup) -> tuple[RegionStore, AsyncRequest]:
         """The request `lookup` names, if the caller may see it (its team, its model, its region)."""
@@ -227,8 +249,11 @@ class AsyncService:
             busy = False
             try:
                 now = time.time()
+                scan = self.loop.time() - self.scanned >= SCAN_SECONDS
+                if scan:
+                    self.scanned = self.loop.time()
                 for store in list(self.stores.values()):
-                    busy |= await self._claim_runs(store, now)
+                    busy |= await self._claim_runs(store, now, scan)
                     busy |= await self._claim_webhooks(store, now)
                 if now - last_renew >= RENEW_SECONDS and self.running:
                     last_renew = now
@@ -237,7 +262,9 @@ class AsyncService:
                 if now - last_purge >= min(PURGE_SECONDS, max(0.5, ttl / 4)):
                     last_purge = now
                     await self._purge(now)
-                self._gauge()
+                if self.loop.time() - self.gauged >= SCAN_SECONDS:
+                    self.gauged = self.loop.time()
+                    self._gauge()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug or a store error must not stop the queue: log and go on
@@ -247,21 +274,27 @@ class AsyncService:
                 async with asyncio.timeout(TICK_SECONDS if busy else IDLE_SECONDS):
                     await self.kick.wait()
 
-    async def _claim_runs(self, store: RegionStore, now: float) -> bool:
+    async def _claim_runs(self, store: RegionStore, now: float, scan: bool) -> bool:
         busy = False
-        for model_id, environment, deployment_id in store.targets(now):
-            key = (store.region, model_id, environment, deployment_id)
+        region = store.region
+        if scan:
+            self.pending.update((region, *target) for target in store.targets(now))
+        for key in [k for k in self.pending if k[0] == region]:
+            _, model_id, environment, deployment_id = key
             until, _ = self.backoff.get(key, (0.0, 0.0))
             if until > now:
                 busy = True
                 continue
-            free = self._free(model_id, environment, deployment_id, store.region)
+            free = self._free(model_id, environment, deployment_id, region)
             if free <= 0:
                 busy = True
                 continue
-            for req in await store.claim_runs(model_id, environment, deployment_id, free, now):
+            claimed = await store.claim_runs(model_id, environment, deployment_id, free, now)
+            for req in claimed:
                 self._spawn(store, req, self._run(store, req))
-                busy = True
+            if len(claimed) < free:
+                self.pending.discard(key)  # nothing more is ready now; a submit, requeue or scan adds it back
+            busy = busy or bool(claimed)
         return busy
 
     async def _claim_webhooks(self, store: RegionStore, now: float) -> bool:
@@ -410,6 +443,16 @@ class AsyncService:
         req.set_status("QUEUED", now)
         req.next_at = now + delay
         await store.save(req, release=True)
+        key = (req.region, req.model_id, req.environment, "" if req.environment else req.deployment_id)
+        self.pending.add(key)
+        if delay <= 0:
+            self.kick.set()
+        else:  # due then: back in the pending set, and the scheduler woken (not only by the next scan)
+            self.loop.call_later(delay, self._due, key)
+
+    def _due(self, key: tuple[str, str, str, str]) -> None:
+        self.pending.add(key)
+        self.kick.set()
 
     def _back_off(self, req: AsyncRequest) -> None:
         key = (req.region, req.model_id, req.environment, "" if req.environment else req.deployment_id)
@@ -436,6 +479,7 @@ class AsyncService:
         has_webhook = req.webhook_endpoint is not None and req.webhook_status == "PENDING"
         await store.save(req, release=not has_webhook)
         self.metrics.async_requests.inc(self._labels(req) + (status,))
+        self.kick.set()  # a slot freed: the next queued request may go now
         if has_webhook:
             await self._deliver(store, req)
 
