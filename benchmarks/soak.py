@@ -808,7 +808,7 @@ def report(args: argparse.Namespace, soak: Soak, flood: dict, cpu_noise: dict, g
         f"soak: {args.duration:g} s, {args.clients} clients, {len(soak.replicas)} replicas",
         f"{'calls sent':<22}{p1.sent}",
         f"{'calls failed':<22}{len(fails):<4} (caused by injected faults: {len(caused)}, unexplained: {len(unexplained)})",
-        f"{'failed, no answer byte':<22}{len(no_byte):<4} (goal 0; failed after part of the answer: "
+        f"{'failed, no answer':<22}{len(no_byte):<4} (goal 0; failed after part of the answer: "
         f"{len(fails) - len(no_byte)})",
         f"{'replicas killed':<22}{len(p1.kills):<4} restarted {len(restarted)}",
         f"{'reloads done':<22}{len(reloads_done):<4} (sighup {by_method['sighup']}, admin {by_method['admin']}, "
