@@ -287,8 +287,10 @@ def test_immediate_promotion_switches_and_demotes_the_previous_deployment(gatewa
     status, routing = admin(gateway, "GET", "/v1/routing")
     assert routing["admin_revision"] >= 2 and routing["digest"] != routing["file_digest"]
     # v4 served only staging: demoted to scaled_to_zero.
-    assert admin(gateway, "GET", "/v1/models/m1/deployments/v4") == (200, {
-        "id": "v4", "model_id": "m1", "status": "scaled_to_zero", "plane": "us-1", "region": "us"})  # fmt: skip
+    # (GET of a deployment answers the SDK's Deployment, status spelled SCALED_TO_ZERO: issue 12)
+    status, dep = admin(gateway, "GET", "/v1/models/m1/deployments/v4")
+    assert (status, dep["id"], dep["status"], dep["plane"], dep["region"]) == (
+        200, "v4", "SCALED_TO_ZERO", "us-1", {"slug": "us", "display_name": "us"})  # fmt: skip
     # v1 serves production and prod-us: promoting v2 into production does not demote it.
     status, body = admin(gateway, "POST", env_path("production", "promote"), {"deployment_id": "v2"})
     assert status == 202
@@ -482,7 +484,7 @@ def test_deactivate_refuses_a_deployment_in_use(gateway: GatewayProcess) -> None
     assert admin(gateway, "POST", "/v1/models/m1/deployments/v9/activate")[0] == 404
     assert admin(gateway, "GET", "/v1/models/m1/deployments/v2/activate")[0] == 405
     assert admin(gateway, "GET", "/v1/models/m1/deployments/v9")[0] == 404
-    assert admin(gateway, "GET", "/v1/models/m1/deployments/v6")[1]["status"] == "inactive"
+    assert admin(gateway, "GET", "/v1/models/m1/deployments/v6")[1]["status"] == "INACTIVE"  # the SDK's spelling
 
 
 # -- persistence and the table file ---------------------------------------------------------------

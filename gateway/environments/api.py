@@ -1,4 +1,5 @@
-"""The environments admin API of SPEC §6: environments, promotions, deployment status.
+"""The environments admin API of SPEC §6: environments, promotions, deployment status; the model and
+deployment reads in the shapes of the platform SDK (issue 12, `sdk_views`).
 
 Every change goes through the one admin writer (`writer.AdminWriter`): validated with the table's
 own rules, persisted in the admin store, swapped. Checks that a change depends on (the environment
@@ -12,7 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
+from gateway.environments import sdk_views
 from gateway.environments.changes import (
     deployment_users,
     env_change,
@@ -23,7 +26,7 @@ from gateway.environments.changes import (
 )
 from gateway.environments.views import deployment_view, environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
-from gateway.errors import ClientError, Conflict, EndpointNotFound, MethodNotAllowed
+from gateway.errors import ClientError, Conflict, EndpointNotFound, MethodNotAllowed, ModelNotFound
 from gateway.http.server import Request
 from gateway.routing.hostpath import is_env_name
 from gateway.routing.model import Deployment, Environment, Model
@@ -36,6 +39,7 @@ PATCHABLE = {
     "shadow": "shadow",
     "backpressure": "backpressure",
 }
+MODEL_PATH = re.compile(r"/v1/models(?:/([^/]+)(/deployments)?)?\Z")
 ENV_PATH = re.compile(r"/v1/models/([^/]+)/environments(?:/([^/]+)(?:/([a-z_]+))?)?\Z")
 DEP_PATH = re.compile(r"/v1/models/([^/]+)/deployments/([^/]+)(?:/(activate|deactivate))?\Z")
 
@@ -53,12 +57,29 @@ class EnvironmentsApi:
     # -- dispatch -------------------------------------------------------------------------
 
     def handles(self, path: str) -> bool:
-        return path.startswith("/v1/models/")
+        return path == "/v1/models" or path.startswith("/v1/models/")
 
     async def __call__(self, req: Request, path: str) -> tuple[int, object]:
+        methods, args = self.route(path)
+        handler = methods.get(req.method)
+        if handler is None:
+            raise MethodNotAllowed(f"method {req.method} is not allowed on '{path[:128]}'", tuple(methods))
+        return await handler(req, *args)
+
+    def route(self, path: str) -> tuple[dict[str, Handler], tuple]:
+        """The handlers by method for `path`, and their arguments (each segment decoded after the split:
+        the SDK sends every path argument percent-encoded, docs/baseten-sdk-management-api.md §0.3)."""
+        found = MODEL_PATH.match(path)
+        if found is not None:
+            model_id, deployments = found.groups()
+            if model_id is None:
+                return {"GET": self.list_models}, ()
+            if deployments is None:
+                return {"GET": self.read_model}, (unquote(model_id),)
+            return {"GET": self.list_deployments}, (unquote(model_id),)
         found = ENV_PATH.match(path)
         if found is not None:
-            model_id, env, action = found.groups()
+            model_id, env, action = (unquote(part) if part else part for part in found.groups())
             if env is None:
                 methods: dict[str, Handler] = {"GET": self.list_environments, "POST": self.create_environment}
                 args: tuple = (model_id,)
@@ -75,15 +96,20 @@ class EnvironmentsApi:
             found = DEP_PATH.match(path)
             if found is None:
                 raise EndpointNotFound(f"no admin endpoint '{path[:128]}'")
-            model_id, dep_id, action = found.groups()
+            model_id, dep_id, action = (unquote(part) if part else part for part in found.groups())
             if action is None:
                 methods, args = {"GET": self.read_deployment}, (model_id, dep_id)
             else:
                 methods, args = {"POST": self.change_status}, (model_id, dep_id, action)
-        handler = methods.get(req.method)
-        if handler is None:
-            raise MethodNotAllowed(f"method {req.method} is not allowed on '{path[:128]}'", tuple(methods))
-        return await handler(req, *args)
+        return methods, args
+
+    # -- models (the SDK's shapes, issue 12) ----------------------------------------------------
+
+    async def list_models(self, req: Request) -> tuple[int, object]:
+        return 200, sdk_views.models_view(self.state.table, query_name(req))
+
+    async def read_model(self, req: Request, model_id: str) -> tuple[int, object]:
+        return 200, sdk_views.model_view(self.model(model_id))
 
     # -- environments -----------------------------------------------------------------------
 
@@ -150,8 +176,19 @@ class EnvironmentsApi:
 
     # -- deployments ------------------------------------------------------------------------
 
+    async def list_deployments(self, req: Request, model_id: str) -> tuple[int, object]:
+        return 200, sdk_views.deployments_view(self.model(model_id), query_name(req))
+
     async def read_deployment(self, req: Request, model_id: str, dep_id: str) -> tuple[int, object]:
-        return 200, deployment_view(self.deployment(self.model(model_id), dep_id))
+        """The SDK's `Deployment`; `production` and `development` name the model's, before any id."""
+        model = self.model(model_id)
+        if dep_id in SHORTCUTS:
+            dep = SHORTCUTS[dep_id](model)
+            if dep is None:
+                raise ModelNotFound(f"model '{model_id}' has no {dep_id} deployment")
+        else:
+            dep = self.deployment(model, dep_id)
+        return 200, sdk_views.deployment_view(model, dep)
 
     async def change_status(self, req: Request, model_id: str, dep_id: str, action: str) -> tuple[int, object]:
         await read_json(req, set())
@@ -183,6 +220,18 @@ class EnvironmentsApi:
 
     def view(self, model: Model, env: Environment) -> dict[str, Any]:
         return environment_view(model, env, self.state.overlay)
+
+
+SHORTCUTS: dict[str, Callable[[Model], Deployment | None]] = {
+    PRODUCTION: sdk_views.production_deployment,
+    RESERVED: lambda model: model.development,
+}
+
+
+def query_name(req: Request) -> str | None:
+    """The `name` query filter of the SDK's list calls (`GetModelsParams`, `GetModelsDeploymentsParams`)."""
+    names = parse_qs(req.target.partition("?")[2]).get("name")
+    return names[0] if names else None
 
 
 def check_env_name(name: str) -> None:

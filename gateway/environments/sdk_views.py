@@ -1,0 +1,116 @@
+"""Models and deployments in the shapes of the platform's management API (issue 12).
+
+The reference is the `baseten` SDK's `ManagementClient` (0.13.x): its pydantic models `Model`, `Models`,
+`Deployment` and `Deployments` (docs/baseten-sdk-management-api.md §3.A, §3.B). Every required key is
+present, also the nullable ones (pydantic's "Field required" otherwise); extra keys are safe (no response
+model forbids them). Facts the table does not have get a fixed value, listed in the README:
+
+- `created_at`: the table records no creation times; `CREATED_AT` (the Unix epoch) is the same in
+  every worker and across restarts, where a load time would differ between two calls;
+- `instance_type_name`: no instance types here. `Deployment` allows null; `Model` needs a string;
+- `labels`: `{}`; `region`: the plane's region, as `{"slug", "display_name"}` (both its name).
+
+Pure functions over one table snapshot, so a list and its items agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.routing.model import Deployment, Environment, Model, Table
+
+PRODUCTION = "production"
+CREATED_AT = "1970-01-01T00:00:00Z"  # RFC 3339 with a zone: the SDK's AwareDatetime refuses a naive time
+NO_INSTANCE_TYPE = "n/a"  # Model.instance_type_name is a required non-null string
+STATUS = {"active": "ACTIVE", "scaled_to_zero": "SCALED_TO_ZERO", "inactive": "INACTIVE"}  # the SDK's spelling
+
+
+def model_view(model: Model) -> dict[str, Any]:
+    """A model as the SDK's `Model`."""
+    production = production_deployment(model)
+    return {
+        "id": model.id,
+        "name": model.id,
+        "created_at": CREATED_AT,
+        "deployments_count": len(model.deployments),
+        "production_deployment_id": production.id if production is not None else None,
+        "development_deployment_id": model.development.id if model.development is not None else None,
+        "instance_type_name": NO_INSTANCE_TYPE,
+        "team_name": model.team,
+    }
+
+
+def models_view(table: Table, name: str | None = None) -> dict[str, Any]:
+    """`GET /v1/models`: every model, by id; `name` (the SDK's query filter) keeps the one so named."""
+    ids = sorted(table.models) if name is None else [name] if name in table.models else []
+    return {"models": [model_view(table.models[model_id]) for model_id in ids]}
+
+
+def deployment_view(model: Model, dep: Deployment) -> dict[str, Any]:
+    """A deployment as the SDK's `Deployment`, with `plane` kept from the older view (SPEC §6)."""
+    env = serving_environment(model, dep)
+    production = production_deployment(model)
+    return {
+        "id": dep.id,
+        "name": dep.id,
+        "created_at": CREATED_AT,
+        "model_id": model.id,
+        "is_production": production is not None and production.id == dep.id,
+        "is_development": dep.development,
+        "status": STATUS[dep.status],
+        "active_replica_count": active_replicas(dep),
+        "autoscaling_settings": autoscaling_view(env) if env is not None else None,
+        "instance_type_name": None,
+        "environment": env.name if env is not None else None,
+        "labels": {},
+        "region": {"slug": dep.region, "display_name": dep.region},
+        "request_backpressure_settings": {"policy": env.backpressure if env is not None else None},
+        "plane": dep.plane.name,
+    }
+
+
+def deployments_view(model: Model, name: str | None = None) -> dict[str, Any]:
+    """`GET /v1/models/{id}/deployments`: every deployment, by id; `name` keeps the one so named."""
+    ids = sorted(model.deployments) if name is None else [name] if name in model.deployments else []
+    return {"deployments": [deployment_view(model, model.deployments[dep_id]) for dep_id in ids]}
+
+
+def production_deployment(model: Model) -> Deployment | None:
+    """The production environment's current deployment (None before its first promotion)."""
+    env = model.environments.get(PRODUCTION)
+    return env.deployment if env is not None else None
+
+
+def serving_environment(model: Model, dep: Deployment) -> Environment | None:
+    """The environment a deployment serves as its current deployment, or None.
+
+    The SDK has one `environment` per deployment; here one deployment may serve several. Production
+    wins, then the first by name, so the answer is stable. Canary and shadow shares do not count.
+    """
+    names = sorted(model.environments, key=lambda name: (name != PRODUCTION, name))
+    for name in names:
+        current = model.environments[name].deployment
+        if current is not None and current.id == dep.id:
+            return model.environments[name]
+    return None
+
+
+def active_replicas(dep: Deployment) -> int:
+    """Replicas as the table counts them (listed endpoints, else `replicas`, else one); 0 unless active."""
+    if dep.status != "active":
+        return 0
+    return len(dep.endpoints) or dep.replicas or 1
+
+
+def autoscaling_view(env: Environment) -> dict[str, Any]:
+    """The SDK's `AutoscalingSettings`. Its `concurrency_target` is a required int: 0 when the table
+    sets none (no per-replica limit here); the platform's timing fields have no meaning here (null)."""
+    scaling = env.autoscaling
+    return {
+        "min_replica": scaling.min_replica,
+        "max_replica": scaling.max_replica,
+        "concurrency_target": scaling.concurrency_target or 0,
+        "autoscaling_window": None,
+        "scale_down_delay": None,
+        "target_utilization_percentage": None,
+    }

@@ -1,0 +1,230 @@
+"""The management API read calls with the platform's own SDK (issue 12): models and deployments.
+
+Two layers: the pure views validated by the SDK's pydantic models (every model and deployment of
+the example table, and the edge cases), then the real `ManagementClient` against a running gateway's
+admin listener, unchanged but for `base_url_override`.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from baseten.client import ManagementClient
+from baseten.client.managementapi import (
+    ApiClient,
+    Deployment,
+    GetModelsDeploymentsParams,
+    GetModelsParams,
+    Model,
+    ResponseError,
+)
+
+from gateway.environments.sdk_views import deployment_view, deployments_view, model_view, models_view
+from gateway.routing.loader import compile_table
+from gateway.routing.model import Table
+from tests.support import EXAMPLE, REPO, GatewayProcess, example_doc, running_gateway, wait_for, write_table
+
+TOKEN = "sdk-admin-secret"
+NOWHERE = "http://127.0.0.1:9"  # nothing here calls a plane
+
+
+def example_table(doc: dict | None = None) -> Table:
+    return compile_table(doc if doc is not None else yaml.safe_load(EXAMPLE.read_text()))
+
+
+# -- the views, checked by the SDK's own models ---------------------------------------------------
+
+
+def test_every_model_and_deployment_of_the_example_validates_as_the_sdk_reads_it() -> None:
+    table = example_table()
+    for model in table.models.values():
+        assert Model.model_validate(model_view(model)).id == model.id
+        for dep in model.deployments.values():
+            parsed = Deployment.model_validate(deployment_view(model, dep))
+            assert (parsed.id, parsed.model_id) == (dep.id, model.id)
+            assert parsed.created_at.tzinfo is not None
+
+
+def test_model_view_maps_the_table() -> None:
+    model = example_table().models["abc123"]
+    assert model_view(model) == {
+        "id": "abc123",
+        "name": "abc123",
+        "created_at": "1970-01-01T00:00:00Z",
+        "deployments_count": 5,
+        "production_deployment_id": "v1",
+        "development_deployment_id": "dev",
+        "instance_type_name": "n/a",
+        "team_name": "acme",
+    }
+    other = example_table().models["xyz789"]
+    assert (model_view(other)["team_name"], model_view(other)["development_deployment_id"]) == ("globex", None)
+
+
+@pytest.mark.parametrize(
+    ("dep_id", "facts"),
+    [
+        # v1 serves production, staging and prod-us: production wins (its autoscaling defaults).
+        ("v1", {"is_production": True, "environment": "production", "status": "ACTIVE", "active_replica_count": 1}),
+        # v2 is only staging's canary: a canary share is not "the environment it serves".
+        ("v2", {"is_production": False, "environment": None, "autoscaling_settings": None}),
+        ("v3", {"environment": "prod-eu", "region": {"slug": "eu", "display_name": "eu"}}),
+        ("dev", {"is_development": True, "is_production": False, "environment": None}),
+        (
+            "v0",
+            {"status": "SCALED_TO_ZERO", "active_replica_count": 0, "request_backpressure_settings": {"policy": None}},
+        ),  # fmt: skip
+    ],
+)
+def test_deployment_view_maps_the_table(dep_id: str, facts: dict) -> None:
+    model = example_table().models["abc123"]
+    view = deployment_view(model, model.deployments[dep_id])
+    assert {key: view[key] for key in facts} == facts
+    assert (view["name"], view["labels"], view["instance_type_name"]) == (dep_id, {}, None)
+
+
+def test_settings_come_from_the_environment_served() -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    envs = doc["models"]["abc123"]["environments"]
+    envs["staging"] = {"deployment": "v2", "autoscaling": {"min_replica": 1, "max_replica": 3, "concurrency_target": 4},
+                       "backpressure": {"policy": "REJECT_ON_FULL"}}  # fmt: skip
+    model = example_table(doc).models["abc123"]
+    view = deployment_view(model, model.deployments["v2"])
+    assert view["environment"] == "staging"
+    assert view["autoscaling_settings"] == {"min_replica": 1, "max_replica": 3, "concurrency_target": 4,
+                                            "autoscaling_window": None, "scale_down_delay": None,
+                                            "target_utilization_percentage": None}  # fmt: skip
+    assert view["request_backpressure_settings"] == {"policy": "REJECT_ON_FULL"}
+    # No concurrency target in the table: 0 (the SDK's field is a required int).
+    assert deployment_view(model, model.deployments["v1"])["autoscaling_settings"]["concurrency_target"] == 0
+
+
+def test_replica_counts_and_statuses() -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    deps = doc["models"]["abc123"]["deployments"]
+    deps["v2"] = {"plane": "us-east-1", "endpoints": ["http://127.0.0.1:9001", "http://127.0.0.1:9003"]}
+    deps["v3"] = {"plane": "eu-west-1", "replicas": 3}
+    deps["v9"] = {"plane": "us-east-1", "status": "inactive", "replicas": 3}
+    model = example_table(doc).models["abc123"]
+    counts = {dep: deployment_view(model, model.deployments[dep])["active_replica_count"] for dep in ("v2", "v3", "v9")}
+    assert counts == {"v2": 2, "v3": 3, "v9": 0}
+    assert deployment_view(model, model.deployments["v9"])["status"] == "INACTIVE"
+
+
+def test_list_views_sort_by_id_and_filter_by_name() -> None:
+    table = example_table()
+    assert [m["id"] for m in models_view(table)["models"]] == sorted(table.models)
+    assert [m["id"] for m in models_view(table, "llm7")["models"]] == ["llm7"]
+    assert models_view(table, "nope") == {"models": []}
+    model = table.models["abc123"]
+    assert [d["id"] for d in deployments_view(model)["deployments"]] == ["dev", "v0", "v1", "v2", "v3"]
+    assert [d["id"] for d in deployments_view(model, "v3")["deployments"]] == ["v3"]
+
+
+def test_the_gateway_never_imports_the_sdk() -> None:
+    # A test dependency only: the gateway's install (the Dockerfile's `pip install .`) does not have it.
+    for path in (REPO / "gateway").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ("baseten", "pydantic")], path
+
+
+# -- the real SDK against a running gateway ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp: Path = tmp_path_factory.mktemp("sdk")
+    gw = GatewayProcess(write_table(tmp / "table.yaml", example_doc(NOWHERE, NOWHERE)), "--admin-token", TOKEN)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess) -> Iterator[ManagementClient]:
+    with ManagementClient(api_key=TOKEN, base_url_override=gateway.admin_url) as sdk:
+        yield sdk
+
+
+def test_sdk_lists_and_reads_models(client: ManagementClient) -> None:
+    models = {m.id: m for m in client.api.get_models().models}
+    assert sorted(models) == ["abc123", "llm7", "pipeline1", "xyz789"]
+    assert (models["abc123"].production_deployment_id, models["abc123"].development_deployment_id) == ("v1", "dev")
+    assert models["xyz789"].team_name == "globex" and models["llm7"].deployments_count == 2
+    model = client.api.get_models_model_id(model_id="abc123")
+    assert model == models["abc123"]
+    assert [m.id for m in client.api.get_models(params=GetModelsParams(name="llm7")).models] == ["llm7"]
+
+
+def test_sdk_lists_and_reads_deployments(client: ManagementClient) -> None:
+    deps = {d.id: d for d in client.api.get_models_deployments(model_id="abc123").deployments}
+    assert sorted(deps) == ["dev", "v0", "v1", "v2", "v3"]
+    assert {d.id: d.status for d in deps.values()} == {"dev": "ACTIVE", "v0": "SCALED_TO_ZERO", "v1": "ACTIVE",
+                                                       "v2": "ACTIVE", "v3": "ACTIVE"}  # fmt: skip
+    assert deps["v3"].region is not None and deps["v3"].region.slug == "eu"
+    assert deps["v3"].environment == "prod-eu" and deps["v1"].environment == "production"
+    params = GetModelsDeploymentsParams(name="v0")
+    assert [d.id for d in client.api.get_models_deployments(model_id="abc123", params=params).deployments] == ["v0"]
+    v0 = client.api.get_models_deployments_deployment_id(model_id="abc123", deployment_id="v0")
+    assert v0 == deps["v0"] and v0.active_replica_count == 0
+
+
+def test_sdk_production_and_development_shortcuts(client: ManagementClient) -> None:
+    production = client.api.get_models_deployments_production(model_id="abc123")
+    assert (production.id, production.is_production, production.environment) == ("v1", True, "production")
+    assert production.region is not None and production.region.slug == "us"
+    development = client.api.get_models_deployments_development(model_id="abc123")
+    assert (development.id, development.is_development) == ("dev", True)
+    with pytest.raises(ResponseError) as missing:
+        client.api.get_models_deployments_development(model_id="llm7")  # llm7 has no development deployment
+    assert missing.value.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda api: api.get_models_model_id(model_id="nope"),
+        lambda api: api.get_models_deployments(model_id="nope"),
+        lambda api: api.get_models_deployments_deployment_id(model_id="abc123", deployment_id="v9"),
+        lambda api: api.get_models_deployments_production(model_id="nope"),
+        lambda api: api.get_models_deployments_deployment_id(model_id="m 1/x", deployment_id="v1"),  # sent as %20, %2F
+    ],
+)
+def test_sdk_unknown_ids_raise_404(client: ManagementClient, call: Callable[[ApiClient], object]) -> None:
+    with pytest.raises(ResponseError) as error:
+        call(client.api)
+    assert error.value.status_code == 404
+
+
+def test_sdk_with_a_wrong_key_gets_401(gateway: GatewayProcess) -> None:
+    with ManagementClient(api_key="wrong", base_url_override=gateway.admin_url) as sdk:
+        with pytest.raises(ResponseError) as error:
+            sdk.api.get_models()
+    assert error.value.status_code == 401
+
+
+def test_reads_follow_a_promotion(tmp_path: Path) -> None:
+    # The SDK reads the snapshot an admin change swapped in: promote t2 into llm7's production.
+    config = write_table(tmp_path / "table.yaml", example_doc(NOWHERE, NOWHERE))
+    with running_gateway(config, "--admin-token", TOKEN) as gw:
+        status, body = gw.admin(
+            "POST", "/v1/models/llm7/environments/production/promote", TOKEN, {"deployment_id": "t2"}
+        )
+        assert status == 202, body
+        wait_for(
+            lambda: (
+                gw.admin("GET", "/v1/models/llm7/environments/production", TOKEN)[1]["current_deployment"]["id"] == "t2"
+            )
+        )
+        with ManagementClient(api_key=TOKEN, base_url_override=gw.admin_url) as sdk:
+            assert sdk.api.get_models_model_id(model_id="llm7").production_deployment_id == "t2"
+            production = sdk.api.get_models_deployments_production(model_id="llm7")
+            assert (production.id, production.environment, production.region.slug) == ("t2", "production", "eu")  # type: ignore[union-attr]
+            t1 = sdk.api.get_models_deployments_deployment_id(model_id="llm7", deployment_id="t1")
+            assert (t1.is_production, t1.environment, t1.status) == (False, "prod-us", "ACTIVE")  # still serves prod-us
