@@ -49,6 +49,7 @@ class ServeOptions:
     grpc_tls_key: str | None = None
     watch_interval: float = 1.0
     queue_store: str | None = None  # directory of the embedded async stores (SPEC §10); None: next to the table
+    queue_gauge: bool = True  # this process reports the async queue depth (one worker of N: they share the files)
     extra: dict = field(default_factory=dict)
 
 
@@ -129,7 +130,9 @@ class DataPlane:
             self.state, self.metrics, Connector(self.state.table.gateway.dns_nameservers, self.metrics)
         )
         self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http", self.pipeline)
-        self.asyncs = AsyncService(self.state, self.pipeline, self.metrics, queue_directory(opts))
+        self.asyncs = AsyncService(
+            self.state, self.pipeline, self.metrics, queue_directory(opts), gauge=opts.queue_gauge
+        )
         self.asyncs.start()
         self.public.asyncs = self.asyncs
         self.server = await serve(

@@ -29,9 +29,10 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from gateway.asyncq.service import QueueFiles
 from gateway.environments.control import ControlPlane
 from gateway.metrics import Metrics, merge, snapshot
-from gateway.runner import DataPlane, ServeOptions, install_signals, install_uvloop
+from gateway.runner import DataPlane, ServeOptions, install_signals, install_uvloop, queue_directory
 from gateway.state import TableState
 
 log = logging.getLogger("gateway.supervisor")
@@ -54,7 +55,9 @@ class Worker:
     """
 
     def __init__(self, opts: ServeOptions, index: int, metrics_dir: Path) -> None:
-        self.opts = dataclasses.replace(opts, admin_port=None, reuse_port=True, watch_interval=0)
+        self.opts = dataclasses.replace(
+            opts, admin_port=None, reuse_port=True, watch_interval=0, queue_gauge=index == 0
+        )  # one worker reports the async queue depth: the workers share the queue files
         self.index = index
         self.metrics = Metrics()
         self.state = TableState(opts.config, self.metrics, opts.store)
@@ -146,6 +149,8 @@ class Supervisor:
             self.state, self.metrics, self.request_counts, token=self.opts.admin_token, ready=self.ready,
             admin_metrics=_MergedMetrics(self), describe_extra=self.describe_workers,
         )  # fmt: skip
+        queues = QueueFiles(queue_directory(self.opts), self.state)
+        control.admin.serve_async(queues)  # GET /v1/async/queues over the workers' files
         await control.listen(self.opts.admin_host, self.opts.admin_port or 0)
         install_signals(self.stopping, self.state)
         loop = asyncio.get_running_loop()
@@ -195,7 +200,7 @@ class _MergedMetrics(Metrics):
         snaps = self.supervisor.snapshots()
         merge(merged, [s["metrics"] for s in snaps], gauges=False)  # counters: every worker that ever ran
         live = [s["metrics"] for s in self.supervisor.live(snaps)]
-        for name in ("gateway_inflight_requests", "gateway_held_requests"):
+        for name in ("gateway_inflight_requests", "gateway_held_requests", "gateway_async_queue_depth"):
             merge(merged, [{name: m.get(name, [])} for m in live])  # gauges: the living workers only
         merged.reloads.values = dict(self.supervisor.metrics.reloads.values)  # validated here, once
         merged.table_info.values = dict(self.supervisor.metrics.table_info.values)

@@ -13,7 +13,7 @@ from gateway.metrics import Metrics
 from gateway.state import TableState
 
 if TYPE_CHECKING:
-    from gateway.asyncq.service import AsyncService
+    from gateway.asyncq.service import AsyncService, QueueFiles
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
@@ -53,7 +53,7 @@ class AdminHandler:
             "/v1/routing/reload": {"POST": self._reload},
         }
 
-    def serve_async(self, service: AsyncService) -> None:
+    def serve_async(self, service: AsyncService | QueueFiles) -> None:
         """`GET /v1/async/queues`: the worker's async queues (SPEC §10)."""
 
         async def queues(req: Request) -> tuple[int, object]:

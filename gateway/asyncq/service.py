@@ -60,7 +60,9 @@ COUNT_SECONDS = 1.0  # a team's open requests are counted again this often (its 
 class AsyncService:
     """See the module docstring. One per worker; `start()` begins scheduling, `close()` ends it."""
 
-    def __init__(self, state: TableState, pipeline: Pipeline, metrics: Metrics, directory: Path) -> None:
+    def __init__(
+        self, state: TableState, pipeline: Pipeline, metrics: Metrics, directory: Path, *, gauge: bool = True
+    ) -> None:  # fmt: skip
         self.state = state
         self.pipeline = pipeline
         self.metrics = metrics
@@ -83,6 +85,7 @@ class AsyncService:
         self.pending: set[tuple[str, str, str, str]] = set()  # (region, model, environment, deployment)
         self.scanned = -SCAN_SECONDS
         self.gauged = -SCAN_SECONDS
+        self.gauge = gauge  # under --workers N one worker reports the depth (the others read the same files)
         state.on_swap.append(self._table_swapped)
 
     def __repr__(self) -> str:
@@ -107,8 +110,7 @@ class AsyncService:
     # -- table --------------------------------------------------------------------------------
 
     def _served(self, table: Table) -> list[str]:
-        regions = table.gateway.regions
-        return sorted(table.regions if regions is None else regions & set(table.regions))
+        return served_regions(table)
 
     def _senders(self, table: Table) -> webhook.WebhookSender:
         return webhook.WebhookSender(self.pipeline.connector, table.gateway.async_settings.webhook_allowed_hosts)
@@ -215,17 +217,8 @@ class AsyncService:
 
     def queues(self) -> dict:
         """The admin read of the queues (`GET /v1/async/queues`)."""
-        out = []
-        for region, store in sorted(self.stores.items()):
-            running = {(m, e, d): n for m, e, d, n in store.in_progress()}
-            for model, env, dep, priority, queued in store.depth():
-                out.append({"region": region, "model_id": model, "environment": env, "deployment_id": dep,
-                            "priority": priority, "queued": queued, "in_progress": running.pop((model, env, dep), 0)})  # fmt: skip
-            for (model, env, dep), n in running.items():
-                out.append({"region": region, "model_id": model, "environment": env, "deployment_id": dep,
-                            "priority": None, "queued": 0, "in_progress": n})  # fmt: skip
-        return {"store": str(self.directory), "regions": sorted(self.stores), "queues": out,
-                "running_here": len(self.running), "webhook_secrets_error": self.secret_error}  # fmt: skip
+        return {**queue_report(self.directory, self.stores), "running_here": len(self.running),
+                "webhook_secrets_error": self.secret_error}  # fmt: skip
 
     def _take(self, team: str, kind: str, rate: float) -> None:
         """A token of the team's `kind` bucket (per worker; burst = one second's worth), else 429."""
@@ -262,7 +255,7 @@ class AsyncService:
                 if now - last_purge >= min(PURGE_SECONDS, max(0.5, ttl / 4)):
                     last_purge = now
                     await self._purge(now)
-                if self.loop.time() - self.gauged >= SCAN_SECONDS:
+                if self.gauge and self.loop.time() - self.gauged >= SCAN_SECONDS:
                     self.gauged = self.loop.time()
                     self._gauge()
             except asyncio.CancelledError:
@@ -518,3 +511,40 @@ class AsyncService:
             req.set_status("WEBHOOK_FAILED", now)
             self.metrics.async_requests.inc(self._labels(req) + ("WEBHOOK_FAILED",))
         await store.save(req, release=True)
+
+
+def queue_report(directory: Path, stores: dict[str, RegionStore]) -> dict:
+    """Every region's queues by target: what `GET /v1/async/queues` shows (a worker's, or the
+    supervisor's over the same files under --workers N)."""
+    out = []
+    for region, store in sorted(stores.items()):
+        running = {(m, e, d): n for m, e, d, n in store.in_progress()}
+        for model, env, dep, priority, queued in store.depth():
+            out.append({"region": region, "model_id": model, "environment": env, "deployment_id": dep,
+                        "priority": priority, "queued": queued, "in_progress": running.pop((model, env, dep), 0)})  # fmt: skip
+        for (model, env, dep), n in running.items():
+            out.append({"region": region, "model_id": model, "environment": env, "deployment_id": dep,
+                        "priority": None, "queued": 0, "in_progress": n})  # fmt: skip
+    return {"store": str(directory), "regions": sorted(stores), "queues": out}
+
+
+def served_regions(table: Table) -> list[str]:
+    """The regions whose async requests this gateway stores and runs (`gateway.regions`, else all)."""
+    regions = table.gateway.regions
+    return sorted(table.regions if regions is None else regions & set(table.regions))
+
+
+class QueueFiles:
+    """The served regions' queue files, for reading: the supervisor's `GET /v1/async/queues` under
+    --workers N, where the workers own the queues and share the files."""
+
+    def __init__(self, directory: Path, state: TableState) -> None:
+        self.directory = directory
+        self.state = state
+        self.stores: dict[str, RegionStore] = {}
+
+    def queues(self) -> dict:
+        for region in served_regions(self.state.table):
+            if region not in self.stores and store_path(self.directory, region).exists():
+                self.stores[region] = RegionStore(store_path(self.directory, region), region)
+        return queue_report(self.directory, self.stores)
