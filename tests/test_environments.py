@@ -199,12 +199,14 @@ def test_list_read_and_the_shape_of_an_environment(gateway: GatewayProcess) -> N
     assert names == ["prod-us", "production", "staging"]
     status, env = admin(gateway, "GET", env_path("staging"))
     assert status == 200
-    assert env["current_deployment"] == {"id": "v4", "model_id": "m1", "status": "active", "plane": "us-1",
-                                         "region": "us"}  # fmt: skip
+    # The current deployment is the SDK's `Deployment` (issue 12), `plane` kept.
+    current = env["current_deployment"]
+    assert (current["id"], current["model_id"], current["status"], current["plane"], current["region"]) == (
+        "v4", "m1", "ACTIVE", "us-1", {"slug": "us", "display_name": "us"})  # fmt: skip
     assert env["candidate_deployment"] is None and env["in_progress_promotion"] is None
     assert env["canary"] is None and env["shadow"] is None
     assert env["backpressure"] == {"policy": "QUEUE_ON_FULL"}
-    assert set(env["autoscaling_settings"]) == {"min_replica", "max_replica", "concurrency_target"}
+    assert {"min_replica", "max_replica", "concurrency_target"} <= set(env["autoscaling_settings"])
     assert admin(gateway, "GET", "/v1/models/nope/environments")[0] == 404
     assert admin(gateway, "GET", env_path("nope"))[0] == 404
 
@@ -276,12 +278,12 @@ def test_delete_then_calls_get_404_and_production_cannot_go(gateway: GatewayProc
 
 
 def test_immediate_promotion_switches_and_demotes_the_previous_deployment(gateway: GatewayProcess) -> None:
-    status, env = admin(gateway, "POST", env_path("staging", "promote"), {"deployment_id": "v2"})
-    assert status == 202, env
-    assert env["in_progress_promotion"]["status"] in ("RELEASING", "SUCCEEDED")
+    status, dep = admin(gateway, "POST", env_path("staging", "promote"), {"deployment_id": "v2"})
+    assert (status, dep["id"]) == (200, "v2"), dep  # the SDK's answer: the promoted deployment (issue 12)
+    assert promotion(gateway, "staging")["in_progress_promotion"]["status"] in ("RELEASING", "SUCCEEDED")
     view = wait_status(gateway, "staging", "SUCCEEDED")
     assert view["in_progress_promotion"] == {"status": "SUCCEEDED", "percent_traffic_to_new_version": 100,
-                                             "error_message": None}  # fmt: skip
+                                             "error_message": None, "rolling_deploy": False}  # fmt: skip
     assert view["current_deployment"]["id"] == "v2" and view["candidate_deployment"] is None
     assert call(gateway, "staging")[1]["deployment"] == "v2"
     status, routing = admin(gateway, "GET", "/v1/routing")
@@ -293,7 +295,7 @@ def test_immediate_promotion_switches_and_demotes_the_previous_deployment(gatewa
         200, "v4", "SCALED_TO_ZERO", "us-1", {"slug": "us", "display_name": "us"})  # fmt: skip
     # v1 serves production and prod-us: promoting v2 into production does not demote it.
     status, body = admin(gateway, "POST", env_path("production", "promote"), {"deployment_id": "v2"})
-    assert status == 202
+    assert status == 200
     wait_status(gateway, "production", "SUCCEEDED")
     assert call(gateway, "prod-us")[1]["deployment"] == "v1"
 
@@ -319,7 +321,7 @@ def test_promote_refusals(gateway: GatewayProcess) -> None:
 def test_a_ramp_goes_through_ten_stages_and_splits_traffic_sticky(gateway: GatewayProcess) -> None:
     status, _ = admin(gateway, "POST", env_path("staging", "promote"),
                       {"deployment_id": "v2", "ramp_up_duration_seconds": 3})  # fmt: skip
-    assert status == 202
+    assert status == 200
     seen: list[int] = []
     states: set[str] = set()
     deadline = time.monotonic() + 60
@@ -393,7 +395,7 @@ def test_concurrent_promote_calls_exactly_one_wins(gateway: GatewayProcess) -> N
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results) == [202] + [409] * 7
+    assert sorted(results) == [200] + [409] * 7
     admin(gateway, "POST", env_path("staging", "cancel_promotion"))
 
 
@@ -406,7 +408,7 @@ def test_smoke_check_failure_fails_the_promotion_before_any_traffic_moves(
         "deployment_id": "v2", "ramp_up_duration_seconds": 2,
         "smoke_check": {"path": "/predict", "body": {"prompt": "hi"}, "expected_status": 200},
     })  # fmt: skip
-    assert status == 202
+    assert status == 200
     view = wait_status(gateway, "staging", "FAILED")
     message = view["in_progress_promotion"]["error_message"]
     assert "smoke check POST /predict" in message and "answered 500, expected 200" in message
@@ -430,7 +432,7 @@ def test_automatic_rollback_when_the_candidate_fails(
         "deployment_id": "v2", "ramp_up_duration_seconds": 60,
         "rollback": {"max_5xx_percent": 20, "window_seconds": 10, "min_calls": 5},
     })  # fmt: skip
-    assert status == 202
+    assert status == 200
     wait_status(gateway, "staging", "RAMPING_UP")
     stop = threading.Event()
 
@@ -474,14 +476,21 @@ def test_a_scaled_to_zero_candidate_is_woken_and_traffic_waits_for_it(
     assert call(gateway, "staging")[1]["deployment"] == "v5"
 
 
-def test_deactivate_refuses_a_deployment_in_use(gateway: GatewayProcess) -> None:
+def test_deactivate_is_the_kill_switch_even_for_a_deployment_in_use(gateway: GatewayProcess) -> None:
+    # Allowed since issue 12 (the platform allows it): its calls then get 503, never another deployment.
     status, body = admin(gateway, "POST", "/v1/models/m1/deployments/v1/deactivate")
-    assert status == 409 and "environment 'production' (current)" in body["error"]
+    assert (status, body["status"], body["success"], body["no_op"]) == (200, "inactive", True, False), body
+    status, body = call(gateway, "production")
+    assert (status, body["error_code"]) == (503, "model_unavailable") and "'v1' is inactive" in body["error"]
+    assert admin(gateway, "POST", "/v1/models/m1/deployments/v1/deactivate")[1]["no_op"] is True
+    assert admin(gateway, "POST", "/v1/models/m1/deployments/production/activate")[1]["id"] == "v1"  # the literal
+    assert call(gateway, "production")[1]["deployment"] == "v1"
     status, body = admin(gateway, "POST", "/v1/models/m1/deployments/v2/deactivate")
     assert (status, body["status"]) == (200, "inactive")
     status, body = admin(gateway, "POST", env_path("staging", "promote"), {"deployment_id": "v2"})
     assert status == 400 and "inactive" in body["error"]
     assert admin(gateway, "POST", "/v1/models/m1/deployments/v9/activate")[0] == 404
+    assert admin(gateway, "POST", "/v1/models/m1/deployments/development/activate")[0] == 404  # m1 has none
     assert admin(gateway, "GET", "/v1/models/m1/deployments/v2/activate")[0] == 405
     assert admin(gateway, "GET", "/v1/models/m1/deployments/v9")[0] == 404
     assert admin(gateway, "GET", "/v1/models/m1/deployments/v6")[1]["status"] == "INACTIVE"  # the SDK's spelling
@@ -582,7 +591,7 @@ def test_with_workers_the_supervisor_runs_the_api_and_every_worker_follows(
     try:
         status, _ = admin(gw, "POST", env_path("staging", "promote"),
                           {"deployment_id": "v2", "ramp_up_duration_seconds": 1})  # fmt: skip
-        assert status == 202
+        assert status == 200
         wait_status(gw, "staging", "SUCCEEDED")
         # Both workers serve the promoted deployment (each connection may land on either worker).
         wait_for(lambda: set(split(gw, "staging", [f"w{i}" for i in range(60)]).values()) == {"v2"},

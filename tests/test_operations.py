@@ -225,7 +225,7 @@ def test_explain_with_an_invalid_table_is_usage_error(tmp_path: Path) -> None:
     assert out.returncode == 2
 
 
-EXPECTED_DEMO_STATUS = [200, 200, 200, 200, 421, 400, 401, 403, 200, 200, 200, 201, 200, 200, 202, 202, 200]
+EXPECTED_DEMO_STATUS = [200, 200, 200, 200, 421, 400, 401, 403, 200, 200, 200, 201, 200, 200, 202, 200, 200]
 # The gRPC calls the demo prints (gateway.demo.grpc_client): exit status and what the output shows.
 EXPECTED_DEMO_GRPC = [
     (0, ["from plane us-east-1 (region us)", "environment production, deployment v1", "status OK"]),

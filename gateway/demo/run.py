@@ -115,7 +115,7 @@ def calls(
         ("chain run_remote", curl(f"http://chain-pipeline1.{g}/production/run_remote", data=body)),
         *async_calls,
         ("wake a deployment (202)", curl(f"http://model-abc123.{g}/deployment/v0/wake", data="")),
-        ("admin API: promote v2 into staging, ramping its share up in 10 stages over 30 s (202)",
+        ("admin API: promote v2 into staging, ramping its share up in 10 stages over 30 s (200: the promoted deployment)",
          curl(f"{admin}/v1/models/abc123/environments/staging/promote", key=None,
               data='{"deployment_id": "v2", "ramp_up_duration_seconds": 30}')),
         ("admin API: the environment and its promotion (status, percent_traffic_to_new_version)",

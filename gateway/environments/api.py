@@ -3,9 +3,9 @@ deployment reads in the shapes of the platform SDK (issue 12, `sdk_views`).
 
 Every change goes through the one admin writer (`writer.AdminWriter`): validated with the table's
 own rules, persisted in the admin store, swapped. Checks that a change depends on (the environment
-exists, no promotion runs, the deployment is unused) are made under the writer's lock, so two
-concurrent calls cannot both win. The promotion calls are the promotion runner's
-(`promotion.Promotions.actions`); this module only dispatches them.
+exists, no promotion runs) are made under the writer's lock, so two concurrent calls cannot both win.
+The promotion calls are the promotion runner's (`promotion.Promotions.actions`); this module only
+dispatches them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from urllib.parse import parse_qs, unquote
 
 from gateway.environments import sdk_views
 from gateway.environments.changes import (
-    deployment_users,
     env_change,
     model_changes,
     read_json,
@@ -182,30 +181,27 @@ class EnvironmentsApi:
     async def read_deployment(self, req: Request, model_id: str, dep_id: str) -> tuple[int, object]:
         """The SDK's `Deployment`; `production` and `development` name the model's, before any id."""
         model = self.model(model_id)
-        if dep_id in SHORTCUTS:
-            dep = SHORTCUTS[dep_id](model)
-            if dep is None:
-                raise ModelNotFound(f"model '{model_id}' has no {dep_id} deployment")
-        else:
-            dep = self.deployment(model, dep_id)
-        return 200, sdk_views.deployment_view(model, dep)
+        return 200, sdk_views.deployment_view(model, self.shortcut_or_deployment(model, dep_id))
 
     async def change_status(self, req: Request, model_id: str, dep_id: str, action: str) -> tuple[int, object]:
+        """Activate or deactivate; `production` and `development` name the model's (the SDK's literal paths).
+
+        Deactivating a deployment that serves an environment is allowed: it is the operator's kill switch
+        (SPEC §6), and its calls then get 503 `model_unavailable` (`routing.resolve`). The answer is the
+        SDK's `ActivateResponse`/`DeactivateResponse` (`success`, `no_op`) with SPEC §6's deployment keys.
+        """
         await read_json(req, set())
         status = "active" if action == "activate" else "inactive"
         async with self.writer.lock:
             model = self.model(model_id)
-            dep = self.deployment(model, dep_id)
-            if status == "inactive":
-                users = deployment_users(model, dep_id, self.state.overlay)
-                if users:
-                    raise Conflict(f"deployment '{dep_id}' still serves {', '.join(users)}; promote another first")
-            if dep.status != status:
+            dep = self.shortcut_or_deployment(model, dep_id)
+            no_op = dep.status == status
+            if not no_op:
                 table = await self.writer.change(
-                    f"{action} deployment {model_id}/{dep_id}", lambda o: set_status(o, model_id, dep_id, status)
+                    f"{action} deployment {model_id}/{dep.id}", lambda o: set_status(o, model_id, dep.id, status)
                 )
-                dep = table.models[model_id].deployments[dep_id]
-        return 200, deployment_view(dep)
+                dep = table.models[model_id].deployments[dep.id]
+        return 200, {"success": True, "no_op": no_op, **deployment_view(dep)}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -217,6 +213,16 @@ class EnvironmentsApi:
 
     def deployment(self, model: Model, dep_id: str) -> Deployment:
         return find_deployment(model, dep_id)
+
+    def shortcut_or_deployment(self, model: Model, dep_id: str) -> Deployment:
+        """The deployment `dep_id` names; the literals `production` and `development` win over an id
+        (docs/baseten-sdk-management-api.md §0.6)."""
+        if dep_id in SHORTCUTS:
+            dep = SHORTCUTS[dep_id](model)
+            if dep is None:
+                raise ModelNotFound(f"model '{model.id}' has no {dep_id} deployment")
+            return dep
+        return self.deployment(model, dep_id)
 
     def view(self, model: Model, env: Environment) -> dict[str, Any]:
         return environment_view(model, env, self.state.overlay)

@@ -15,13 +15,14 @@ import asyncio
 import collections
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
-from typing import Any, TypeGuard
+from typing import Any
 
+from gateway.environments import sdk_views
 from gateway.environments.changes import deployment_users, env_change, read_json, running_promotion, set_status
 from gateway.environments.planecall import PlaneCaller
+from gateway.environments.promote_body import FIELDS, promote_options
 from gateway.environments.promotion_states import (
     STAGES,
     TERMINAL,
@@ -44,13 +45,14 @@ __all__ = ["STAGES", "STATES", "Promotions", "RollbackWindow", "promote_options"
 
 log = logging.getLogger("gateway.promotion")
 
-MAX_RAMP_SECONDS = 7 * 24 * 3600
 WAKE_REPEAT_SECONDS = 30.0
 SMOKE_TIMEOUT_SECONDS = 60.0
 ROLLBACK_SAMPLE_SECONDS = 0.25
 STATES = tuple(state.value for state in State)
 
 Key = tuple[str, str]  # (model id, environment)
+# The previous deployment's status after a promotion, by `promotion_cleanup_strategy` (KEEP: unchanged).
+CLEANUP_STATUS = {"SCALE_TO_ZERO": "scaled_to_zero", "DEACTIVATE": "inactive"}
 
 
 class PromotionFailed(Exception):
@@ -115,7 +117,7 @@ class Promotions:
     # -- admin calls --------------------------------------------------------------------------
 
     async def promote(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        body = await read_json(req, {"deployment_id", "ramp_up_duration_seconds", "smoke_check", "rollback"})
+        body = await read_json(req, FIELDS)
         options = promote_options(body)
         async with self.writer.lock:
             model = find_model(self.state.table, model_id)
@@ -146,8 +148,10 @@ class Promotions:
             }
             table = await self._write(model_id, env, record, "promote")
             self._launch((model_id, env))
+        # The SDK's answer (issue 12): 200 with the promoted deployment; the promotion's progress is read
+        # from the environment (`in_progress_promotion`).
         model = table.models[model_id]
-        return 202, environment_view(model, model.environments[env], self.state.overlay)
+        return 200, sdk_views.deployment_view(model, model.deployments[dep.id])
 
     async def pause(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
         return await self._control(req, model_id, env, Event.PAUSE, "pause")
@@ -370,20 +374,22 @@ class Promotions:
         if model is None:
             raise PromotionFailed(f"model '{model_id}' is no longer in the routing table")
         demote: str | None = None
-        if previous is not None and previous != candidate and previous in model.deployments:
-            # Only when nothing else uses it: another environment, a canary, a shadow, a promotion.
+        demoted_status = CLEANUP_STATUS.get(record.get("cleanup", "SCALE_TO_ZERO"))  # None: KEEP
+        if demoted_status is not None and previous is not None and previous != candidate:
+            # Only when nothing else uses it: another environment, a canary, a shadow, a promotion;
+            # and only an active one (an operator's deactivation is not undone by a scale to zero).
             users = deployment_users(model, previous, self.state.overlay, leaving=env)
             if users:
                 log.info("previous deployment %s/%s still serves %s: not demoted", model_id, previous, users)
-            else:
+            elif previous in model.deployments and model.deployments[previous].status == "active":
                 demote = previous
 
         def mutate(overlay: dict[str, Any]) -> None:
             change = env_change(overlay, model_id, env)
             change["set"]["deployment"] = candidate
             change["promotion"] = record
-            if demote is not None:
-                set_status(overlay, model_id, demote, "scaled_to_zero")
+            if demote is not None and demoted_status is not None:
+                set_status(overlay, model_id, demote, demoted_status)
 
         await self.writer.change(f"promotion of {model_id}/{env} succeeded", mutate)
         self._publish(model_id, env, record)
@@ -434,49 +440,3 @@ class RollbackWindow:
                 f"({int(delta_errors)} of {int(delta_calls)} calls), above the limit of {self.rule['max_5xx_percent']}%"
             )
         return None
-
-
-def promote_options(body: dict[str, Any]) -> dict[str, Any]:
-    """The promote call's options, checked; a clear 400 for each kind of mistake."""
-    dep = body.get("deployment_id")
-    if not isinstance(dep, str) or not dep:
-        raise ClientError("'deployment_id' (a string) is required")
-    ramp = body.get("ramp_up_duration_seconds")
-    if ramp is not None and (not _number(ramp) or not 0 <= ramp <= MAX_RAMP_SECONDS):
-        raise ClientError(f"'ramp_up_duration_seconds' must be a number from 0 to {MAX_RAMP_SECONDS}")
-    smoke = body.get("smoke_check")
-    if smoke is not None:
-        smoke = _object(smoke, "smoke_check", {"path", "body", "expected_status"})
-        path = smoke.get("path")
-        if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in " \r\n\t"):
-            raise ClientError("'smoke_check.path' must be a path starting with '/' (no spaces)")
-        status = smoke.get("expected_status", 200)
-        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
-            raise ClientError("'smoke_check.expected_status' must be an HTTP status (100-599)")
-    rollback = body.get("rollback")
-    if rollback is not None:
-        rollback = _object(rollback, "rollback", {"max_5xx_percent", "window_seconds", "min_calls"})
-        share, window = rollback.get("max_5xx_percent"), rollback.get("window_seconds")
-        if not _number(share) or not 0 <= share <= 100:
-            raise ClientError("'rollback.max_5xx_percent' (0-100) is required")
-        if not _number(window) or not 0 < window <= 3600:
-            raise ClientError("'rollback.window_seconds' (above 0, at most 3600) is required")
-        calls = rollback.get("min_calls", 10)
-        if not isinstance(calls, int) or isinstance(calls, bool) or calls < 1:
-            raise ClientError("'rollback.min_calls' must be a whole number of at least 1")
-        if not ramp:
-            raise ClientError("'rollback' watches the ramp: it needs 'ramp_up_duration_seconds' above 0")
-    return {"deployment_id": dep, "ramp_up_duration_seconds": ramp or 0, "smoke_check": smoke, "rollback": rollback}
-
-
-def _number(x: Any) -> TypeGuard[float]:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _object(x: Any, name: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(x, dict):
-        raise ClientError(f"'{name}' must be an object")
-    unknown = sorted(set(x) - allowed)
-    if unknown:
-        raise ClientError(f"unknown field '{name}.{unknown[0][:64]}' (expected: {', '.join(sorted(allowed))})")
-    return x

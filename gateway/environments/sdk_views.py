@@ -1,14 +1,19 @@
-"""Models and deployments in the shapes of the platform's management API (issue 12).
+"""Models, deployments and environments in the shapes of the platform's management API (issue 12).
 
 The reference is the `baseten` SDK's `ManagementClient` (0.13.x): its pydantic models `Model`, `Models`,
-`Deployment` and `Deployments` (docs/baseten-sdk-management-api.md §3.A, §3.B). Every required key is
+`Deployment`, `Deployments` and `Environment` (docs/baseten-sdk-management-api.md §3.A-C). Every required key is
 present, also the nullable ones (pydantic's "Field required" otherwise); extra keys are safe (no response
 model forbids them). Facts the table does not have get a fixed value, listed in the README:
 
 - `created_at`: the table records no creation times; `CREATED_AT` (the Unix epoch) is the same in
   every worker and across restarts, where a load time would differ between two calls;
 - `instance_type_name`: no instance types here. `Deployment` allows null; `Model` needs a string;
-- `labels`: `{}`; `region`: the plane's region, as `{"slug", "display_name"}` (both its name).
+- `labels`: `{}`; `region`: the plane's region, as `{"slug", "display_name"}` (both its name);
+- an environment's `promotion_settings`: `PROMOTION_SETTINGS`, the same for every environment (the
+  table has no per-environment promotion settings yet; a promote call can override them, `promote_body`);
+- an environment's `instance_type`: `NO_INSTANCE_TYPE_OBJECT` (required and non-null in the SDK; the
+  gateway runs no replicas, so no instance types); `autoscaling_schedules`: null (none here);
+- `traffic_routing`: the environment's `shadow` as one SHADOW rule (`shadow_rule`), else null.
 
 Pure functions over one table snapshot, so a list and its items agree.
 """
@@ -17,12 +22,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.routing.model import Deployment, Environment, Model, Table
+from gateway.routing.model import Deployment, Environment, Model, Shadow, Table
 
 PRODUCTION = "production"
 CREATED_AT = "1970-01-01T00:00:00Z"  # RFC 3339 with a zone: the SDK's AwareDatetime refuses a naive time
 NO_INSTANCE_TYPE = "n/a"  # Model.instance_type_name is a required non-null string
 STATUS = {"active": "ACTIVE", "scaled_to_zero": "SCALED_TO_ZERO", "inactive": "INACTIVE"}  # the SDK's spelling
+# The SDK's ModelPromotionSettings with this gateway's behaviour: a promotion switches at once unless the
+# promote call asks for a ramp, and the previous deployment is scaled to zero (SPEC §6).
+PROMOTION_SETTINGS = {
+    "redeploy_on_promotion": False,
+    "rolling_deploy": False,
+    "promotion_cleanup_strategy": "SCALE_TO_ZERO",
+    "rolling_deploy_config": None,
+    "ramp_up_while_promoting": False,
+    "ramp_up_duration_seconds": 0,
+}
+NO_INSTANCE_TYPE_OBJECT = {"id": NO_INSTANCE_TYPE, "name": NO_INSTANCE_TYPE, "memory_limit_mib": 0,
+                           "millicpu_limit": 0, "gpu_count": 0, "gpu_type": None, "gpu_memory_limit_mib": None}  # fmt: skip
+SHADOW_RULE_ID = "shadow"  # the table holds one shadow per environment: its rule has this fixed id
+NEVER = "9999-12-31T23:59:59Z"  # a table's shadow does not expire; the SDK's `expires_at` is required
 
 
 def model_view(model: Model) -> dict[str, Any]:
@@ -113,4 +132,50 @@ def autoscaling_view(env: Environment) -> dict[str, Any]:
         "autoscaling_window": None,
         "scale_down_delay": None,
         "target_utilization_percentage": None,
+    }
+
+
+def environment_view(
+    model: Model, env: Environment, candidate: Deployment | None, promotion: dict[str, Any] | None
+) -> dict[str, Any]:
+    """An environment as the SDK's `Environment`. `candidate`: a running promotion's deployment;
+    `promotion`: the environment's latest promotion record (kept after it ends, as the platform does)."""
+    return {
+        "name": env.name,
+        "created_at": CREATED_AT,
+        "model_id": model.id,
+        "current_deployment": deployment_view(model, env.deployment) if env.deployment is not None else None,
+        "candidate_deployment": deployment_view(model, candidate) if candidate is not None else None,
+        "in_progress_promotion": promotion_view(promotion) if promotion is not None else None,
+        "autoscaling_settings": autoscaling_view(env),
+        "promotion_settings": dict(PROMOTION_SETTINGS),
+        "instance_type": dict(NO_INSTANCE_TYPE_OBJECT),
+        "request_backpressure_settings": {"policy": env.backpressure},
+        "autoscaling_schedules": None,
+        "traffic_routing": {"rules": [shadow_rule(model, env.shadow)]} if env.shadow is not None else None,
+    }
+
+
+def promotion_view(promotion: dict[str, Any]) -> dict[str, Any]:
+    """The SDK's `InProgressPromotion`; a ramp moves traffic, not replicas: never a rolling deploy."""
+    return {
+        "status": promotion["status"],
+        "percent_traffic_to_new_version": promotion["percent"],
+        "error_message": promotion.get("error_message"),
+        "rolling_deploy": False,
+    }
+
+
+def shadow_rule(model: Model, shadow: Shadow) -> dict[str, Any]:
+    """An environment's shadow as the SDK's `TrafficRoutingRule`: sampled per call (RANDOM), never
+    cancelled with the client's call (fire and forget, SPEC §6). `percent_traffic` is an int there:
+    rounded; the exact share stays in the older `shadow` key."""
+    return {
+        "id": SHADOW_RULE_ID,
+        "type": "SHADOW",
+        "targets": [{"model_id": model.id, "deployment_id": shadow.deployment.id, "environment": None}],
+        "percent_traffic": round(shadow.percent),
+        "expires_at": NEVER,
+        "sampling_mode": "RANDOM",
+        "propagate_client_cancellation": False,
     }

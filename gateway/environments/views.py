@@ -1,9 +1,10 @@
-"""Looking things up in the serving table and showing them as the admin API does (SPEC §6)."""
+"""Looking things up in the serving table and showing them as the admin API does (SPEC §6, issue 12)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from gateway.environments import sdk_views
 from gateway.environments.changes import latest_promotion
 from gateway.environments.overlay import RUNNING
 from gateway.errors import ModelNotFound
@@ -32,31 +33,15 @@ def find_deployment(model: Model, dep_id: str) -> Deployment:
 
 
 def environment_view(model: Model, env: Environment, overlay: dict[str, Any]) -> dict[str, Any]:
-    """An environment as the admin API shows it (SPEC §6)."""
+    """An environment as the admin API shows it: the SDK's `Environment` (issue 12, `sdk_views`) with the
+    older keys of SPEC §6 that do not clash with it (`region`, `canary`, `shadow`, `backpressure`)."""
     promotion = latest_promotion(overlay, model.id, env.name)
     candidate = None
     if promotion is not None and promotion["status"] in RUNNING:
-        dep = model.deployments.get(promotion["deployment_id"])
-        candidate = deployment_view(dep) if dep is not None else None
-    scaling = env.autoscaling
+        candidate = model.deployments.get(promotion["deployment_id"])
     return {
-        "name": env.name,
-        "model_id": model.id,
+        **sdk_views.environment_view(model, env, candidate, promotion),
         "region": env.region,
-        "current_deployment": deployment_view(env.deployment) if env.deployment is not None else None,
-        "candidate_deployment": candidate,
-        "in_progress_promotion": {
-            "status": promotion["status"],
-            "percent_traffic_to_new_version": promotion["percent"],
-            "error_message": promotion.get("error_message"),
-        }
-        if promotion is not None
-        else None,
-        "autoscaling_settings": {
-            "min_replica": scaling.min_replica,
-            "max_replica": scaling.max_replica,
-            "concurrency_target": scaling.concurrency_target,
-        },
         "canary": {"deployment": env.canary.deployment.id, "percent": env.canary.percent} if env.canary else None,
         "shadow": {
             "deployment": env.shadow.deployment.id,

@@ -137,9 +137,10 @@ class Semantics:
                 self.add(
                     path, "give exactly one of 'secret_env' and 'secret_file' (secrets are never written in the table)"
                 )
-            if spec.get("name") in names:
-                self.add((*path, "name"), f"duplicate webhook secret name {quote(str(spec.get('name')))}")
-            names.add(str(spec.get("name")))
+            name = spec.get("name")
+            if isinstance(name, str) and name in names:  # a non-string name is the schema's problem, not a crash
+                self.add((*path, "name"), f"duplicate webhook secret name {quote(name)}")
+            names.add(str(name))
         retry = as_dict(async_.get("webhook_retry"))
         if isinstance(retry.get("initial_delay_ms"), int) and isinstance(retry.get("max_delay_ms"), int):
             if retry["initial_delay_ms"] > retry["max_delay_ms"]:
