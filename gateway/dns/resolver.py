@@ -107,11 +107,8 @@ class Resolver:
         if entry is not None and entry.value and self._clock() < entry.refresh_at:
             return entry.value  # the hot path: one dict lookup and a clock read
         name = host.lower().removesuffix(".")
-        static = _static_answer(name)
+        static = self._static_of(host, name)
         if static is not None:
-            if len(self._static) >= _MEMO_LIMIT:
-                self._static.clear()
-            self._static[host] = static
             return static
         value: tuple[str, ...] = await self._answer("addresses", name)
         return value
@@ -173,12 +170,7 @@ class Resolver:
         name = host.lower().removesuffix(".")
         entry = self._addresses.get(name)
         if entry is None:
-            static = _static_answer(name)
-            if static is not None:
-                if len(self._static) >= _MEMO_LIMIT:
-                    self._static.clear()
-                self._static[host] = static
-            return static
+            return self._static_of(host, name)
         now = self._clock()
         if now >= entry.refresh_at:
             step = plan(entry, now, self._stale_seconds)
@@ -191,6 +183,15 @@ class Resolver:
         if entry.negative is not None:
             return ()
         return entry.value or None
+
+    def _static_of(self, host: str, name: str) -> tuple[str, ...] | None:
+        """The answer of an IP literal or a localhost name (memoised by `host` as given), else None."""
+        static = _static_answer(name)
+        if static is not None:
+            if len(self._static) >= _MEMO_LIMIT:
+                self._static.clear()
+            self._static[host] = static
+        return static
 
     def close(self) -> None:
         """Cancel every query in flight (background refreshes included); later queries are refused.
