@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from gateway.errors import GatewayError
+from gateway.errors import ClientError, GatewayError
 from gateway.routing.hostpath import parse_host
 
 # Fields the gateway itself sets towards the plane (SPEC §4, §9), replacing any the client sent,
@@ -81,6 +81,27 @@ def normal_host(host: str) -> str:
     if colon != -1:
         h = h[:colon]
     return h[:-1] if h.endswith(".") else h
+
+
+def absolute_form(target: str, host: str | None) -> tuple[str, str] | None:
+    """An absolute-form request target (RFC 9112 §3.2.2, as HTTP proxy clients send them):
+    `http://authority/path?query` -> (authority, "/path?query"); None for an origin-form target.
+
+    The authority is the host that routes. A `Host` field that names another host is refused (400),
+    as are another scheme, userinfo (`user@`) and an empty authority; a missing path is "/".
+    """
+    if target.startswith("/") or "://" not in target[:9]:
+        return None
+    scheme, _, rest = target.partition("://")
+    if scheme.lower() not in ("http", "https"):
+        raise ClientError(f"request target scheme '{scheme[:16]}' is not http or https")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i != -1), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if not authority or "@" in authority:
+        raise ClientError("the request target's authority must be a host[:port], without user information")
+    if host is not None and normal_host(host) != normal_host(authority):
+        raise ClientError("the Host header names another host than the request target")
+    return authority, path if path.startswith("/") else "/" + path
 
 
 def misdirected(sni: str | None, host: str | None, domains: frozenset[str]) -> bool:

@@ -20,6 +20,7 @@ from typing import Protocol
 import httptools
 
 from gateway.errors import ClientError, GatewayError, InternalError, PayloadTooLarge, UnsupportedTransferCoding
+from gateway.headers import absolute_form
 from gateway.tls import sni_of
 
 log = logging.getLogger("gateway.http")
@@ -356,6 +357,8 @@ class HttpConnection(asyncio.Protocol):
         req.version = self.parser.get_http_version()
         req.keep_alive = self.parser.should_keep_alive()
         req.target = b"".join(self.url_parts).decode("latin-1")
+        if req.target[:1] != "/" and (absolute := absolute_form(req.target, req.host)) is not None:
+            req.host, req.target = absolute  # the target's authority routes (RFC 9112 §3.2.2)
         if self.current is None and self.starting is None:
             self.starting = req
         else:
