@@ -1,5 +1,6 @@
 """The management API with the platform's own SDK (issue 12): models, deployments, environments,
-promote, activate/deactivate.
+environment create and patch, promote and its controls (pause, resume, cancel, force_cancel,
+force_roll_forward), activate/deactivate.
 
 Two layers: the pure views validated by the SDK's pydantic models (every model, deployment and
 environment of the example table, and the edge cases), then the real `ManagementClient` against a
@@ -20,6 +21,7 @@ import yaml
 from baseten.client import ManagementClient
 from baseten.client.managementapi import (
     ApiClient,
+    CreateEnvironmentRequest,
     Deployment,
     Environment,
     GetModelsDeploymentsParams,
@@ -27,15 +29,20 @@ from baseten.client.managementapi import (
     Model,
     PromoteToEnvironmentRequest,
     ResponseError,
+    UpdateAutoscalingSettings,
+    UpdateEnvironmentRequest,
+    UpdateEnvironmentResponse,
     UpdatePromotionSettings,
+    UpdateRequestBackpressureSettings,
 )
 
 from gateway.environments.promote_body import promote_options
+from gateway.environments.sdk_settings import settings_changes
 from gateway.environments.sdk_views import deployment_view, deployments_view, model_view, models_view
 from gateway.environments.views import environment_view
 from gateway.errors import ClientError
 from gateway.routing.loader import compile_table
-from gateway.routing.model import Table
+from gateway.routing.model import Autoscaling, Table
 from tests.support import EXAMPLE, REPO, GatewayProcess, example_doc, running_gateway, wait_for, write_table
 from tests.test_environments import AUTH, HOST, TestPlane, table_doc
 
@@ -214,6 +221,39 @@ def test_promote_options_refuse_what_they_cannot_apply(body: dict, text: str) ->
     with pytest.raises(ClientError) as error:
         promote_options({"deployment_id": "v2", **body})
     assert text in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({}, {}),
+        # A partial autoscaling update keeps what it leaves out; null goes back to the default.
+        ({"autoscaling_settings": {"max_replica": 4}}, {"autoscaling": {"min_replica": 1, "max_replica": 4,
+                                                                        "concurrency_target": 2}}),
+        ({"autoscaling_settings": {"concurrency_target": None, "autoscaling_window": None}},
+         {"autoscaling": {"min_replica": 1, "max_replica": 3}}),
+        ({"request_backpressure_settings": {"policy": "REJECT_ON_FULL"}}, {"backpressure": {"policy": "REJECT_ON_FULL"}}),
+        ({"request_backpressure_settings": {"policy": None}}, {"backpressure": {"policy": "QUEUE_ON_FULL"}}),
+        ({"request_backpressure_settings": {}}, {}),  # absent policy: unchanged
+    ],
+)  # fmt: skip
+def test_sdk_settings_map_onto_the_table(body: dict, fields: dict) -> None:
+    assert settings_changes(body, Autoscaling(min_replica=1, max_replica=3, concurrency_target=2)) == fields
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        ({"autoscaling_settings": {"scale_down_delay": 60}}, "autoscaling_settings.scale_down_delay"),
+        ({"autoscaling_settings": None}, "cannot be null"),
+        ({"request_backpressure_settings": None}, "cannot be null"),
+        ({"request_backpressure_settings": {"policy": "X", "size": 3}}, "size"),
+        ({"request_backpressure_settings": {}, "backpressure": {}}, "not both"),
+    ],
+)
+def test_sdk_settings_refuse_what_they_cannot_apply(body: dict, text: str) -> None:
+    with pytest.raises(ClientError, match=text):
+        settings_changes(body, None)
 
 
 def test_the_gateway_never_imports_the_sdk() -> None:
@@ -413,3 +453,102 @@ def test_sdk_deactivate_is_the_kill_switch(live: tuple[GatewayProcess, Managemen
     with pytest.raises(ResponseError) as none:
         sdk.api.post_models_deployments_development_activate(model_id="m1")  # m1 has no development deployment
     assert none.value.status_code == 404
+
+
+def test_sdk_creates_an_environment_and_promotes_into_it(live: tuple[GatewayProcess, ManagementClient]) -> None:
+    gw, sdk = live
+    request = CreateEnvironmentRequest(
+        name="qa",
+        autoscaling_settings=UpdateAutoscalingSettings(max_replica=3),
+        request_backpressure_settings=UpdateRequestBackpressureSettings(policy="REJECT_ON_FULL"),
+    )
+    created = sdk.api.post_models_environments(model_id="m1", request=request)  # 200, the SDK's Environment
+    assert (created.name, created.current_deployment, created.autoscaling_settings.max_replica) == ("qa", None, 3)
+    assert created.request_backpressure_settings.policy == "REJECT_ON_FULL"
+    assert predict(gw, "qa")[0] == 404  # no deployment until its first promotion
+    sdk.api.post_models_environments_promote(
+        model_id="m1", env_name="qa", request=PromoteToEnvironmentRequest(deployment_id="v2")
+    )
+    wait_for(lambda: predict(gw, "qa") == (200, "v2"), "qa to answer from v2")
+    with pytest.raises(ResponseError) as exists:
+        sdk.api.post_models_environments(model_id="m1", request=CreateEnvironmentRequest(name="qa"))
+    assert exists.value.status_code == 409
+
+
+def test_sdk_patch_answers_the_update_wrapper(live: tuple[GatewayProcess, ManagementClient]) -> None:
+    gw, sdk = live
+    request = UpdateEnvironmentRequest(
+        autoscaling_settings=UpdateAutoscalingSettings(min_replica=1, max_replica=4, concurrency_target=2),
+        request_backpressure_settings=UpdateRequestBackpressureSettings(policy="REJECT_ON_FULL"),
+    )
+    answer = sdk.api.patch_models_environments(model_id="m1", env_name="staging", request=request)
+    assert isinstance(answer, UpdateEnvironmentResponse)
+    with pytest.deprecated_call():  # the SDK marks both keys deprecated, but requires them
+        assert (answer.status, answer.message) == ("ACCEPTED", "Environment update accepted")
+    scaling = answer.environment.autoscaling_settings
+    assert (scaling.min_replica, scaling.max_replica, scaling.concurrency_target) == (1, 4, 2)
+    assert answer.environment.request_backpressure_settings.policy == "REJECT_ON_FULL"
+    # Partial: what a patch leaves out stays; an explicit null policy clears it (back to QUEUE_ON_FULL).
+    request = UpdateEnvironmentRequest(
+        autoscaling_settings=UpdateAutoscalingSettings(max_replica=6),
+        request_backpressure_settings=UpdateRequestBackpressureSettings(policy=None),
+    )
+    env = sdk.api.patch_models_environments(model_id="m1", env_name="staging", request=request).environment
+    assert (env.autoscaling_settings.min_replica, env.autoscaling_settings.max_replica) == (1, 6)
+    assert env.request_backpressure_settings.policy == "QUEUE_ON_FULL"
+    assert sdk.api.get_models_environments_env_name(model_id="m1", env_name="staging") == env
+    assert predict(gw, "staging") == (200, "v4")  # a settings change does not move traffic
+    with pytest.raises(ResponseError) as meaningless:
+        timing = UpdateEnvironmentRequest(autoscaling_settings=UpdateAutoscalingSettings(scale_down_delay=60))
+        sdk.api.patch_models_environments(model_id="m1", env_name="staging", request=timing)
+    assert meaningless.value.status_code == 400 and "scale_down_delay" in meaningless.value.body
+
+
+def ramp_to(sdk: ManagementClient, dep: str, seconds: int) -> None:
+    """Promote `dep` into staging with a ramp and wait for its first stage."""
+    override = UpdatePromotionSettings(ramp_up_while_promoting=True, ramp_up_duration_seconds=seconds)
+    request = PromoteToEnvironmentRequest(
+        deployment_id=dep, scale_down_previous_deployment=False, promotion_settings_override=override
+    )
+    sdk.api.post_models_environments_promote(model_id="m1", env_name="staging", request=request)
+
+    def percent() -> int:
+        env = sdk.api.get_models_environments_env_name(model_id="m1", env_name="staging")
+        return env.in_progress_promotion.percent_traffic_to_new_version if env.in_progress_promotion else 0
+
+    wait_for(lambda: percent() >= 10, f"the ramp to {dep} to start")
+
+
+def test_sdk_pause_resume_roll_forward_cancel(live: tuple[GatewayProcess, ManagementClient]) -> None:
+    gw, sdk = live
+    api = sdk.api
+
+    def status() -> str | None:
+        env = api.get_models_environments_env_name(model_id="m1", env_name="staging")
+        return env.in_progress_promotion.status if env.in_progress_promotion else None
+
+    ramp_to(sdk, "v2", 120)
+    assert api.post_models_environments_pause_promotion(model_id="m1", env_name="staging").success is True
+    assert status() == "PAUSED"
+    assert api.post_models_environments_resume_promotion(model_id="m1", env_name="staging").success is True
+    assert status() == "RAMPING_UP"
+    # Roll forward: v2 takes every call at once, the promotion succeeds.
+    assert api.post_models_environments_force_roll_forward_promotion(model_id="m1", env_name="staging").success
+    assert status() == "SUCCEEDED"
+    assert {predict(gw, "staging") for _ in range(10)} == {(200, "v2")}
+    with pytest.raises(ResponseError) as ended:
+        api.post_models_environments_pause_promotion(model_id="m1", env_name="staging")
+    assert ended.value.status_code == 409
+
+    # Cancel after traffic moved ramps down; force_cancel then ends it at once, back on v2.
+    ramp_to(sdk, "v4", 120)
+    canceled = api.post_models_environments_cancel_promotion(model_id="m1", env_name="staging")
+    assert canceled.status == "RAMPING_DOWN" and canceled.message
+    assert api.post_models_environments_force_cancel_promotion(model_id="m1", env_name="staging").success is True
+    assert status() == "CANCELED"
+    assert {predict(gw, "staging") for _ in range(10)} == {(200, "v2")}
+    for call in (api.post_models_environments_force_cancel_promotion,
+                 api.post_models_environments_force_roll_forward_promotion):  # fmt: skip
+        with pytest.raises(ResponseError) as none:
+            call(model_id="m1", env_name="staging")
+        assert none.value.status_code == 409

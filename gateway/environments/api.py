@@ -23,6 +23,7 @@ from gateway.environments.changes import (
     running_promotion,
     set_status,
 )
+from gateway.environments.sdk_settings import settings_changes
 from gateway.environments.views import deployment_view, environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
 from gateway.errors import ClientError, Conflict, EndpointNotFound, MethodNotAllowed, ModelNotFound
@@ -32,12 +33,17 @@ from gateway.routing.model import Deployment, Environment, Model
 
 PRODUCTION = "production"
 RESERVED = "development"
+# The older §6 keys set as sent; the SDK's `autoscaling_settings` and `request_backpressure_settings`
+# go through `sdk_settings` (partial updates).
 PATCHABLE = {
-    "autoscaling_settings": "autoscaling",
     "canary": "canary",
     "shadow": "shadow",
     "backpressure": "backpressure",
 }
+SDK_KEYS = {"autoscaling_settings", "request_backpressure_settings"}
+# The SDK's `UpdateEnvironmentResponse` keys besides the environment; deprecated there, fixed here
+# (a change is applied when the answer is sent, docs/baseten-sdk-management-api.md §1.5).
+UPDATE_ACCEPTED = {"status": "ACCEPTED", "message": "Environment update accepted"}
 MODEL_PATH = re.compile(r"/v1/models(?:/([^/]+)(/deployments)?)?\Z")
 ENV_PATH = re.compile(r"/v1/models/([^/]+)/environments(?:/([^/]+)(?:/([a-z_]+))?)?\Z")
 DEP_PATH = re.compile(r"/v1/models/([^/]+)/deployments/([^/]+)(?:/(activate|deactivate))?\Z")
@@ -122,7 +128,7 @@ class EnvironmentsApi:
         return 200, self.view(model, self.environment(model, env))
 
     async def create_environment(self, req: Request, model_id: str) -> tuple[int, object]:
-        body = await read_json(req, {"name", "autoscaling_settings"})
+        body = await read_json(req, {"name"} | SDK_KEYS)
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise ClientError("'name' (a string) is required")
@@ -131,32 +137,32 @@ class EnvironmentsApi:
             model = self.model(model_id)
             if name in model.environments:
                 raise Conflict(f"environment '{name}' of model '{model_id}' already exists")
-            fields: dict[str, Any] = {}
-            if "autoscaling_settings" in body:
-                fields["autoscaling"] = body["autoscaling_settings"]
+            fields = settings_changes(body, None)
             table = await self.writer.change(
                 f"create environment {model_id}/{name}",
                 lambda o: env_change(o, model_id, name, fresh=True)["set"].update(fields),
             )
         model = table.models[model_id]
-        return 201, self.view(model, model.environments[name])
+        return 200, self.view(model, model.environments[name])  # 200: the SDK accepts no other (issue 12)
 
     async def patch_environment(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        body = await read_json(req, set(PATCHABLE))
-        for key in ("autoscaling_settings", "backpressure"):
-            if key in body and body[key] is None:
-                raise ClientError(f"'{key}' cannot be null (only canary and shadow can be removed)")
+        """The SDK's `UpdateEnvironmentResponse` (`environment`, `status`, `message`), with the environment's
+        keys also at the top level as SPEC §6 answered before (no key clashes)."""
+        body = await read_json(req, set(PATCHABLE) | SDK_KEYS)
+        if "backpressure" in body and body["backpressure"] is None:
+            raise ClientError("'backpressure' cannot be null (only canary and shadow can be removed)")
         async with self.writer.lock:
-            self.environment(self.model(model_id), env)
+            current = self.environment(self.model(model_id), env)
+            fields = settings_changes(body, current.autoscaling)
+            fields.update((PATCHABLE[key], value) for key, value in body.items() if key in PATCHABLE)
 
             def mutate(overlay: dict[str, Any]) -> None:
-                change = env_change(overlay, model_id, env)
-                for key, value in body.items():
-                    change["set"][PATCHABLE[key]] = value
+                env_change(overlay, model_id, env)["set"].update(fields)
 
             table = await self.writer.change(f"update environment {model_id}/{env}", mutate)
         model = table.models[model_id]
-        return 200, self.view(model, model.environments[env])
+        view = self.view(model, model.environments[env])
+        return 200, {**view, "environment": view, **UPDATE_ACCEPTED}
 
     async def delete_environment(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
         if env == PRODUCTION:

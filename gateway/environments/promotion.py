@@ -3,10 +3,10 @@
 A promotion is a record in the overlay (so it survives a restart) and, while it runs, one task
 in the process that owns the admin listener (the control plane). Its states and their transitions
 are the table in `promotion_states`; this module carries them out: the admin calls (promote,
-pause, resume, cancel) and the task that waits out each stage, watches the rollback rule and
-sends the next event. Every state change is a write through the admin writer (validated,
-persisted, swapped), made under its lock on the record as it is then. The ramp's split is sticky
-per caller (`Environment.candidate`, resolved like a canary).
+pause, resume, cancel, force_cancel, force_roll_forward) and the task that waits out each stage,
+watches the rollback rule and sends the next event. Every state change is a write through the
+admin writer (validated, persisted, swapped), made under its lock on the record as it is then.
+The ramp's split is sticky per caller (`Environment.candidate`, resolved like a canary).
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ class Promotions:
             "pause_promotion": self.pause,
             "resume_promotion": self.resume,
             "cancel_promotion": self.cancel,
+            "force_cancel_promotion": self.force_cancel,
+            "force_roll_forward_promotion": self.force_roll_forward,
         }
 
     def __repr__(self) -> str:
@@ -153,16 +155,31 @@ class Promotions:
         model = table.models[model_id]
         return 200, sdk_views.deployment_view(model, model.deployments[dep.id])
 
+    # The answers are the SDK's `SignalPromotionResponse` (`success`) and `CancelPromotionResponse`
+    # (`status`, `message`), with the environment's keys beside them as SPEC §6 answered before (no clash).
+
     async def pause(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        return await self._control(req, model_id, env, Event.PAUSE, "pause")
+        return 200, {"success": True, **await self._control(req, model_id, env, Event.PAUSE, "pause")}
 
     async def resume(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        return await self._control(req, model_id, env, Event.RESUME, "resume")
+        return 200, {"success": True, **await self._control(req, model_id, env, Event.RESUME, "resume")}
 
     async def cancel(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        return await self._control(req, model_id, env, Event.CANCEL, "cancel")
+        """RAMPING_DOWN when traffic already moved (it walks back down), else CANCELED at once."""
+        view = await self._control(req, model_id, env, Event.CANCEL, "cancel")
+        status = view["in_progress_promotion"]["status"]
+        message = "Promotion canceled" if status == State.CANCELED.value else "Promotion canceled; ramping down"
+        return 200, {"status": status, "message": message, **view}
 
-    async def _control(self, req: Request, model_id: str, env: str, event: Event, what: str) -> tuple[int, object]:
+    async def force_cancel(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
+        return 200, {"success": True, **await self._control(req, model_id, env, Event.FORCE_CANCEL, "force-cancel")}
+
+    async def force_roll_forward(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
+        view = await self._control(req, model_id, env, Event.FORCE_ROLL_FORWARD, "roll forward")
+        return 200, {"success": True, **view}
+
+    async def _control(self, req: Request, model_id: str, env: str, event: Event, what: str) -> dict[str, Any]:
+        """Send an admin call's event to the running promotion; the environment as it is afterwards."""
         await read_json(req, set())
         async with self.writer.lock:
             model = find_model(self.state.table, model_id)
@@ -174,14 +191,18 @@ class Promotions:
                 record = advance(promotion, event, self.clock())
             except InvalidTransition:
                 raise Conflict(f"cannot {what} the promotion of environment '{env}': {promotion['status']}") from None
-            if State(record["status"]) in TERMINAL:  # cancelled before any traffic moved: stop the task
+            if State(record["status"]) in TERMINAL:  # ended by this call: stop the task
                 task = self.tasks.get((model_id, env))
                 if task is not None:
                     task.cancel()
-            table = await self._write(model_id, env, record, what)
+            if record["status"] == State.SUCCEEDED.value:  # rolled forward: the candidate serves, as at 100 %
+                await self._succeed((model_id, env), record)
+            else:
+                await self._write(model_id, env, record, what)
+            table = self.state.table  # the snapshot this call swapped in
         self._kick((model_id, env))
         model = table.models[model_id]
-        return 200, environment_view(model, model.environments[env], self.state.overlay)
+        return environment_view(model, model.environments[env], self.state.overlay)
 
     # -- the running promotion ----------------------------------------------------------------
 

@@ -16,6 +16,9 @@ whole decision; the runner (`promotion.Promotions`) and the admin calls only car
     RAMPING_UP --PAUSE--> PAUSED --RESUME--> RAMPING_UP
     RELEASING / RAMPING_UP / PAUSED --CANCEL--> RAMPING_DOWN, or CANCELED when no traffic moved yet
     RAMPING_DOWN --STAGE_ELAPSED--> RAMPING_DOWN (-1 stage), at the last stage: CANCELED (0 %)
+    any running state --FORCE_CANCEL--> CANCELED (0 % at once, no ramp down)
+    RAMPING_UP / PAUSED / RAMPING_DOWN --FORCE_ROLL_FORWARD--> SUCCEEDED (100 % at once); not from
+        RELEASING: the candidate is not yet woken and smoke-checked
     any running state --FAIL--> FAILED (0 %)
 
 Which edge an event takes may depend on the share (`Level`: none, the last stage, some, all), so
@@ -51,6 +54,8 @@ class Event(enum.Enum):
     PAUSE = "pause"  # admin call
     RESUME = "resume"  # admin call
     CANCEL = "cancel"  # admin call
+    FORCE_CANCEL = "force_cancel"  # admin call: back to the previous deployment at once
+    FORCE_ROLL_FORWARD = "force_roll_forward"  # admin call: the candidate takes every call at once
     FAIL = "fail"  # wake timeout, smoke check, rollback rule, the candidate or its model gone
 
 
@@ -120,6 +125,14 @@ TRANSITIONS: Mapping[tuple[State, Event, Level | None], Edge] = MappingProxyType
         (S.RAMPING_DOWN, E.STAGE_ELAPSED, L.SOME): Edge(S.RAMPING_DOWN, Share.DOWN),
         (S.RAMPING_DOWN, E.STAGE_ELAPSED, L.ALL): Edge(S.RAMPING_DOWN, Share.DOWN),
         (S.RAMPING_DOWN, E.FAIL, None): Edge(S.FAILED, Share.ZERO),
+        **{
+            (state, E.FORCE_CANCEL, None): Edge(S.CANCELED, Share.ZERO)
+            for state in (S.RELEASING, S.RAMPING_UP, S.PAUSED, S.RAMPING_DOWN)
+        },
+        **{
+            (state, E.FORCE_ROLL_FORWARD, None): Edge(S.SUCCEEDED, Share.ALL)
+            for state in (S.RAMPING_UP, S.PAUSED, S.RAMPING_DOWN)
+        },
     }
 )
 del S, E, L
