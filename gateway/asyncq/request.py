@@ -8,7 +8,6 @@ and `view` are the decisions and shapes the service and the API share.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -146,8 +145,11 @@ class AsyncRequest:
 
 
 def backoff_seconds(attempt: int, initial_ms: int, max_ms: int) -> float:
-    """The wait after failed attempt number `attempt` (1-based): `initial` doubling, capped at `max`."""
-    return min(initial_ms * 2 ** min(attempt - 1, 40), max_ms) / 1000.0
+    """The wait after failed attempt number `attempt` (1-based): `initial` doubling, capped at `max`
+    (runs' `inference_retry_config` and webhook deliveries' `webhook_retry` alike)."""
+    if attempt < 1:
+        raise ValueError(f"attempt is 1-based, got {attempt}")
+    return min(initial_ms * 2 ** min(attempt - 1, 64), max_ms) / 1000
 
 
 def retryable_status(status: int) -> bool:
@@ -189,11 +191,3 @@ def view(req: AsyncRequest) -> dict:
         "status_at": iso(req.status_at),
         "errors": req.errors,
     }
-
-
-def queue_wait(req: AsyncRequest, now: float) -> float:
-    return max(0.0, now - req.created_at)
-
-
-def finite(value: float) -> float:
-    return value if math.isfinite(value) else 0.0

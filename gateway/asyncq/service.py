@@ -37,6 +37,7 @@ from gateway.asyncq.request import (
     retryable_status,
 )
 from gateway.asyncq.store import LEASE_SECONDS, RegionStore, store_path
+from gateway.calls.admission import concurrency_limit
 from gateway.calls.pipeline import Go, Pipeline
 from gateway.errors import GatewayError, MisdirectedRequest, ModelNotFound, RateLimited
 from gateway.metrics import Metrics
@@ -159,7 +160,7 @@ class AsyncService:
         await store.insert(req)
         count, when = self.open_counts[(region, team.name)]
         self.open_counts[(region, team.name)] = (count + 1, when)
-        self.pending.add((region, req.model_id, req.environment, "" if req.environment else req.deployment_id))
+        self.pending.add(target_of(req))
         self.metrics.async_requests.inc(self._labels(req) + ("QUEUED",))
         self.kick.set()
 
@@ -314,10 +315,9 @@ class AsyncService:
             return 1  # the run fails (or waits) with the error; let one through to record it
         if route.action == "hold":
             return 1  # one run at a time wakes the deployment and waits
-        env = route.model.environments.get(route.environment)
         endpoints = self.pipeline.replicas.get(route)
-        target = env.autoscaling.concurrency_target if env is not None else None
-        limit = (target or 1) * max(1, endpoints.replica_count())
+        replicas = max(1, endpoints.replica_count())
+        limit = concurrency_limit(route.model.environments.get(route.environment), replicas) or replicas  # target 1
         if self.pipeline.holds.waiting((route.model.id, route.deployment.id)):
             return 0
         return limit - endpoints.in_flight_total()
@@ -394,7 +394,7 @@ class AsyncService:
             )  # fmt: skip
             status = answer.status
         except GatewayError as exc:
-            error = exc  # noqa: F841 - read below
+            error = exc
         finally:
             record.end(str(status or (error.status if error else 0)), status, error)
             self.metrics.async_run.observe(self._labels(req), self.loop.time() - started)
@@ -436,7 +436,7 @@ class AsyncService:
         req.set_status("QUEUED", now)
         req.next_at = now + delay
         await store.save(req, release=True)
-        key = (req.region, req.model_id, req.environment, "" if req.environment else req.deployment_id)
+        key = target_of(req)
         self.pending.add(key)
         if delay <= 0:
             self.kick.set()
@@ -448,7 +448,7 @@ class AsyncService:
         self.kick.set()
 
     def _back_off(self, req: AsyncRequest) -> None:
-        key = (req.region, req.model_id, req.environment, "" if req.environment else req.deployment_id)
+        key = target_of(req)
         _, last = self.backoff.get(key, (0.0, 0.0))
         delay = min(BACKOFF_429[1], last * 2 if last else BACKOFF_429[0])
         self.backoff[key] = (time.time() + delay, delay)
@@ -466,7 +466,7 @@ class AsyncService:
         req.set_status(status, now)
         req.completed_at = now
         req.next_at = now
-        key = (req.region, req.model_id, req.environment, "" if req.environment else req.deployment_id)
+        key = target_of(req)
         if status == "SUCCEEDED":
             self.backoff.pop(key, None)
         has_webhook = req.webhook_endpoint is not None and req.webhook_status == "PENDING"
@@ -526,6 +526,11 @@ def queue_report(directory: Path, stores: dict[str, RegionStore]) -> dict:
             out.append({"region": region, "model_id": model, "environment": env, "deployment_id": dep,
                         "priority": None, "queued": 0, "in_progress": n})  # fmt: skip
     return {"store": str(directory), "regions": sorted(stores), "queues": out}
+
+
+def target_of(req: AsyncRequest) -> tuple[str, str, str, str]:
+    """The queue a request waits in: (region, model, environment, deployment; "" for an environment)."""
+    return (req.region, req.model_id, req.environment, "" if req.environment else req.deployment_id)
 
 
 def served_regions(table: Table) -> list[str]:

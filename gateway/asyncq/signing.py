@@ -23,8 +23,9 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
+
+from gateway.asyncq.request import iso
 
 STANDARD_PREFIX = b"whsec_"
 EVENT_TYPE = "async_request_completed"
@@ -88,7 +89,7 @@ def standard_key(secret: bytes) -> bytes:
 
 def payload(request_id: str, model_id: str, deployment_id: str, data: object, errors: list[dict], when: float) -> bytes:
     """The webhook body (SPEC §10); `when` in unix seconds, written as ISO-8601 UTC with microseconds."""
-    stamp = datetime.fromtimestamp(when, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = iso(when)
     doc = {
         "request_id": request_id,
         "model_id": model_id,

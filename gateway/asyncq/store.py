@@ -238,8 +238,7 @@ class RegionStore:
         owner, until = self.owner, now + LEASE_SECONDS
 
         def claim(conn: sqlite3.Connection) -> list[AsyncRequest]:
-            target = "model_id=? AND environment=?" + ("" if environment else " AND deployment_id=?")
-            args: tuple = (model_id, environment) if environment else (model_id, environment, deployment_id)
+            target, args = _target(model_id, environment, deployment_id)
             conn.execute(
                 f"UPDATE requests SET status='EXPIRED', status_at=?, completed_at=?, next_at=?,"
                 f" errors=json_array(json_object('code','MODEL_NOT_READY','message',"
@@ -380,8 +379,7 @@ class RegionStore:
 
     def queue_counts(self, model_id: str, environment: str, deployment_id: str) -> tuple[int, int]:
         """(queued, in progress) of one target."""
-        target = "model_id=? AND environment=?" + ("" if environment else " AND deployment_id=?")
-        args: tuple = (model_id, environment) if environment else (model_id, environment, deployment_id)
+        target, args = _target(model_id, environment, deployment_id)
         rows = self.reader.execute(
             f"SELECT status, COUNT(*) FROM requests WHERE {target} AND status IN ('QUEUED','IN_PROGRESS')"
             " GROUP BY status",
@@ -404,6 +402,13 @@ class RegionStore:
             " GROUP BY model_id, environment, deployment_id"
         ).fetchall()
         return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def _target(model_id: str, environment: str, deployment_id: str) -> tuple[str, tuple]:
+    """The WHERE clause and arguments of one target: a model's environment, or a deployment of it."""
+    if environment:
+        return "model_id=? AND environment=?", (model_id, environment)
+    return "model_id=? AND environment=? AND deployment_id=?", (model_id, environment, deployment_id)
 
 
 def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:

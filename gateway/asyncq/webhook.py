@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway.asyncq.request import backoff_seconds
 from gateway.asyncq.signing import load_secrets, payload, signature_headers, verify_baseten, verify_standard
 from gateway.errors import ClientError, GatewayError
 from gateway.upstream.connect import Connector
@@ -244,11 +245,7 @@ def _no_check(addresses: tuple[str, ...]) -> None:
     """A listed host: the operator vouches for every address."""
 
 
-def retry_delay(attempt: int, initial_delay_ms: int, max_delay_ms: int) -> float:
-    """Seconds to wait after failed delivery number `attempt` (1-based): doubling from initial, capped."""
-    if attempt < 1:
-        raise ValueError(f"attempt is 1-based, got {attempt}")
-    return min(initial_delay_ms * 2 ** min(attempt - 1, 64), max_delay_ms) / 1000
+retry_delay = backoff_seconds  # the delivery schedule is the runs' back-off (gateway.asyncq.request)
 
 
 def outcome_of(status: int, location: str | None = None) -> Delivery:

@@ -185,8 +185,7 @@ def _async_route(
     if path.endpoint != "async_queue_status" and deployment.status == "inactive":
         raise ModelUnavailable(f"deployment '{deployment.id}' is inactive")
     action = "async_status" if path.endpoint == "async_queue_status" else "async"
-    target = "/run_remote" if model.kind == "chain" else "/predict"
-    return Route(action, model, env_name, deployment, path.endpoint, target, region, key, side)
+    return Route(action, model, env_name, deployment, path.endpoint, _run_path(model), region, key, side)
 
 
 def resolve_async_run(table: Table, model_id: str, environment: str, deployment_id: str, region: str,
@@ -210,8 +209,12 @@ def resolve_async_run(table: Table, model_id: str, environment: str, deployment_
     else:
         _check_status(deployment)
         action = "proxy"
-    target = "/run_remote" if model.kind == "chain" else "/predict"
-    return Route(action, model, env_name, deployment, "predict", target, region, key, side)
+    return Route(action, model, env_name, deployment, "predict", _run_path(model), region, key, side)
+
+
+def _run_path(model: Model) -> str:
+    """What the plane of an async call receives: the model's predict, or the chain's run_remote."""
+    return "/run_remote" if model.kind == "chain" else "/predict"
 
 
 def _pinned_region(table: Table, model: Model, host: HostTarget) -> str | None:
