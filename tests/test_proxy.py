@@ -23,7 +23,15 @@ import psutil
 import pytest
 
 from tests.planes import HANDSHAKE_TIMEOUT, STALL_SECONDS, Plane, RawPlane, huge_chunk, read_head
-from tests.support import GatewayProcess, example_doc, free_port, running_gateway, write_table
+from tests.support import (
+    GatewayProcess,
+    example_doc,
+    free_port,
+    parse_response,
+    raw_request,
+    running_gateway,
+    write_table,
+)
 
 STD = "model-abc123.api.example.com"
 REGIONAL_US = "model-abc123-prod-us.api.example.com"
@@ -858,5 +866,32 @@ def test_200_concurrent_calls_get_their_own_answers(gw: GatewayProcess) -> None:
                 await asyncio.gather(*(one(session, i) for i in range(200)))
             assert len(ids) == 200, "request ids must be fresh per call"
             assert len(plane.requests) == 200
+
+    asyncio.run(scenario())
+
+
+# -- absolute-form request targets (RFC 9112 §3.2.2, issue 13) -----------------------------------
+
+
+def test_a_client_behind_an_http_proxy_setting_reaches_the_model(gw: GatewayProcess) -> None:
+    async def scenario() -> None:
+        async with Plane() as plane, aiohttp.ClientSession() as session:
+            serve(gw, table(plane))
+            # aiohttp with proxy= sends the absolute form, as curl -x and requests' proxies do.
+            async with session.post(f"http://{STD}/production/predict?q=1", data=b'{"x": 1}', headers={"Authorization": AUTH},
+                                    proxy=gw.url) as r:  # fmt: skip
+                body = await r.read()
+                assert r.status == 200, body
+                assert r.headers["x-baseten-deployment-id"] == "v1"
+            assert plane.requests[-1] == ("POST", "/predict?q=1")
+
+            raw = await raw_request(
+                gw.port,
+                f"POST http://{STD}/production/predict HTTP/1.1\r\nHost: model-xyz789.api.example.com\r\n"
+                f"Authorization: {AUTH}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode(),
+            )
+            status, _, answer = parse_response(raw)
+            assert status == 400 and "another host" in json.loads(answer)["error"]
+            assert len(plane.requests) == 1  # nothing of the refused call was forwarded
 
     asyncio.run(scenario())

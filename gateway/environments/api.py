@@ -31,7 +31,7 @@ from gateway.http.server import Request
 from gateway.routing.hostpath import is_env_name
 from gateway.routing.model import Deployment, Environment, Model
 
-PRODUCTION = "production"
+PRODUCTION = sdk_views.PRODUCTION
 RESERVED = "development"
 # The older §6 keys set as sent; the SDK's `autoscaling_settings` and `request_backpressure_settings`
 # go through `sdk_settings` (partial updates).
