@@ -337,7 +337,7 @@ def _async_settings(a: dict[str, Any]) -> AsyncSettings:
     retry = as_dict(a.get("webhook_retry"))
     d = WebhookRetry()
     return AsyncSettings(
-        result_ttl_seconds=int(a.get("result_ttl_seconds", 3600)),
+        result_ttl_seconds=int(a.get("result_ttl_seconds", AsyncSettings().result_ttl_seconds)),
         webhook_secrets=tuple(
             tuple(sorted((str(k), str(v)) for k, v in spec.items())) for spec in a.get("webhook_secrets", [])
         ),
