@@ -202,7 +202,8 @@ class CallRecord:
             return
         self.ended = True
         p = self.pipeline
-        self._count_error(error)
+        if error is not None:
+            self._count_error(error)
         if self.endpoint is not None:
             self.endpoints.finished(self.endpoint, outcome_of(error, status) if judge else "cancelled")
             self.endpoint = None

@@ -160,7 +160,7 @@ class Exchange:
         kept = self.kept
         if kept is None:
             return
-        self.kept_size += sum(len(c) for c in chunks)
+        self.kept_size += sum(map(len, chunks))
         if self.kept_size > MAX_KEPT_BODY_BYTES:
             self.kept = None  # too big to keep: this call is not retried
         else:

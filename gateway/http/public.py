@@ -15,6 +15,7 @@ from typing import NamedTuple
 from gateway.asyncq.api import answer as answer_async
 from gateway.asyncq.service import AsyncService
 from gateway.calls.admission import RETRY_AFTER_FULL, RETRY_AFTER_NOT_READY
+from gateway.calls.constants import RouteConstants
 from gateway.calls.holds import Reason, Released
 from gateway.calls.pipeline import CallRecord, Go, Pipeline
 from gateway.errors import (
@@ -48,6 +49,7 @@ class Context(NamedTuple):
     record: CallRecord  # the pipeline's accounting of the call
     route: Route
     table: Table
+    constants: RouteConstants  # the route's labels and identity fields
     tee: Tee | None = None  # a sampled call's shadow copy in the making (SPEC §6)
 
 
@@ -114,12 +116,13 @@ class PublicHandler:
         """Send the call to its deployment, or hold it (scaled to zero, backpressure), or refuse it (SPEC §6)."""
         dep = route.deployment
         protocol = "websocket" if route.endpoint == "websocket" else "http"
-        labels = self.pipeline.constants.of(route).labels[protocol]
+        constants = self.pipeline.constants.of(route)
+        labels = constants.labels[protocol]
         decision = self.pipeline.admit(route, released=held is not None)
-        if isinstance(decision, GatewayError):
-            self._answer(req, decision, request_id, labels, started)
-            return "answered"
         if not isinstance(decision, Go):
+            if isinstance(decision, GatewayError):
+                self._answer(req, decision, request_id, labels, started)
+                return "answered"
             return self._hold(req, route, request_id, started, held, labels, decision)
         tee = None
         env = route.model.environments.get(route.environment)
@@ -130,7 +133,7 @@ class PublicHandler:
             self._answer(req, ModelUnavailable(f"deployment '{dep.id}' has no address"), request_id, labels, started)
             return "answered"
         record = self.pipeline.begin(labels, decision, started)
-        context = Context(record, route, self.state.table, tee)
+        context = Context(record, route, self.state.table, constants, tee)
         conn = self.pool.take_idle(ep.upstream, dep.plane.tls, self.connector.still_current)
         if conn is not None:
             self._start(req, route, ep.upstream, conn, request_id, context)
@@ -210,8 +213,8 @@ class PublicHandler:
         body, size = replay
         exchange = Exchange(req, conn, request_id, dep.timeouts, self._done, context, dep.id)
         self.exchanges.add(exchange)
-        head = request_head(req, route.upstream_target, self._identity(route, ep.upstream), request_id, self.scheme,
-                            body_length=size)  # fmt: skip
+        head = request_head(req, route.upstream_target, self._identity(context, ep.upstream), request_id,
+                            self.scheme, body_length=size)  # fmt: skip
         exchange.replay(head, body)
 
     def _retry_endpoint(self, record: CallRecord, tried: set[Endpoint], attempt: int) -> Endpoint | None:
@@ -237,7 +240,7 @@ class PublicHandler:
         if route.endpoint in RETRIED_ENDPOINTS and route.deployment.retry_on_reset:
             exchange.retry_after_reset(self._retry_after_reset)
         self.exchanges.add(exchange)
-        head = request_head(req, route.upstream_target, self._identity(route, up), request_id, self.scheme)
+        head = request_head(req, route.upstream_target, self._identity(context, up), request_id, self.scheme)
         exchange.start(head)
 
     # -- one retry after a reset (SPEC §12 retry_on_reset, issue 10) ---------------------------
@@ -291,9 +294,8 @@ class PublicHandler:
 
     # -- upstream selection and connections ---------------------------------------------------
 
-    def _identity(self, route: Route, up: Upstream) -> list[bytes]:
-        constants = self.pipeline.constants
-        return [constants.host_line(up), constants.of(route).identity]
+    def _identity(self, context: Context, up: Upstream) -> list[bytes]:
+        return [self.pipeline.constants.host_line(up), context.constants.identity]
 
     async def _connect(self, dep: Deployment, up: Upstream, table: Table) -> UpstreamConnection:
         """A connection to `up`: an idle one still in its host's answer, or a new one through the

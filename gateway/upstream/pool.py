@@ -245,7 +245,7 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self) -> None:
         """Back to the pool if the last exchange left it clean; closed otherwise."""
         if self.clean:
-            self.pool.put_idle(self)
+            self.pool.park(self)
         else:
             self.close()
 
@@ -286,7 +286,8 @@ class Pool:
         """The warmest idle connection to `up`, or None.
 
         With `current(host, address)`, a connection whose address left its host's DNS answer is
-        closed instead of lent (issue 10: warm connections follow a DNS change).
+        closed instead of lent (issue 10: warm connections follow a DNS change); a literal address
+        is its own answer.
         """
         conns = self.idle.get(self.key(up, tls))
         if not conns:
@@ -299,15 +300,24 @@ class Pool:
                 and not conn.eof
                 and now - conn.idle_since < IDLE_EXPIRY_SECONDS
                 and now - conn.born < MAX_AGE_SECONDS
-                and (current is None or not conn.address or current(up.host, conn.address))
+                and (current is None or not conn.address or conn.address == up.host or current(up.host, conn.address))
             ):
                 return conn
             conn.close()
         return None
 
     def put_idle(self, conn: UpstreamConnection) -> None:
-        conns = self.idle.setdefault(conn.key, collections.deque())
-        if len(conns) >= MAX_IDLE_PER_HOST or not conn.clean:
+        if conn.clean:
+            self.park(conn)
+        else:
+            conn.close()
+
+    def park(self, conn: UpstreamConnection) -> None:
+        """Keep `conn`, known clean, for a later call (`put_idle` without the check)."""
+        conns = self.idle.get(conn.key)
+        if conns is None:
+            conns = self.idle[conn.key] = collections.deque()
+        if len(conns) >= MAX_IDLE_PER_HOST:
             conn.close()
             return
         conn.idle_since = time.monotonic()
