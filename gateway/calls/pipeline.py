@@ -29,7 +29,7 @@ from gateway.metrics import Metrics
 from gateway.routing.model import Table
 from gateway.routing.resolve import Route
 from gateway.state import TableState
-from gateway.upstream.balance import Endpoint, EndpointSet, RetryBudget
+from gateway.upstream.balance import Endpoint, EndpointSet, Outcome, RetryBudget
 from gateway.upstream.connect import Connector
 from gateway.upstream.replicas import ReplicaSets
 
@@ -205,7 +205,13 @@ class CallRecord:
         if error is not None:
             self._count_error(error)
         if self.endpoint is not None:
-            self.endpoints.finished(self.endpoint, outcome_of(error, status) if judge else "cancelled")
+            if not judge:
+                outcome: Outcome = "cancelled"
+            elif error is None and status < 400:  # the common case, as outcome_of would judge it
+                outcome = "ok"
+            else:
+                outcome = outcome_of(error, status)
+            self.endpoints.finished(self.endpoint, outcome)
             self.endpoint = None
         p.metrics.inflight.dec(self.labels)
         p.metrics.requests.inc(self.labels + (code,))

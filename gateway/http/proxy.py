@@ -136,7 +136,7 @@ class Exchange:
             self.request_sent = True
         elif body.complete and not req.chunked and body.error is None:
             if self.kept is not None:
-                self._keep(body.chunks)
+                self._keep(body.chunks, body.buffered)
             head += body.chunks  # the whole body is here already: one write for head and body
             body.chunks, body.buffered = [], 0
             self.request_sent = True
@@ -156,11 +156,11 @@ class Exchange:
         self.request_sent = True
         self.upstream.start(self, head + body, head_only=self.head_only)
 
-    def _keep(self, chunks: list[bytes]) -> None:
+    def _keep(self, chunks: list[bytes], size: int) -> None:
         kept = self.kept
         if kept is None:
             return
-        self.kept_size += sum(map(len, chunks))
+        self.kept_size += size
         if self.kept_size > MAX_KEPT_BODY_BYTES:
             self.kept = None  # too big to keep: this call is not retried
         else:
@@ -168,7 +168,7 @@ class Exchange:
 
     def write(self, data: bytes) -> None:
         if self.kept is not None:
-            self._keep([data])
+            self._keep([data], len(data))
         if self.req.chunked:
             self.upstream.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
         else:

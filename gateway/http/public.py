@@ -295,7 +295,8 @@ class PublicHandler:
     # -- upstream selection and connections ---------------------------------------------------
 
     def _identity(self, context: Context, up: Upstream) -> list[bytes]:
-        return [self.pipeline.constants.host_line(up), context.constants.identity]
+        constants = self.pipeline.constants
+        return [constants.hosts.get(up) or constants.host_line(up), context.constants.identity]
 
     async def _connect(self, dep: Deployment, up: Upstream, table: Table) -> UpstreamConnection:
         """A connection to `up`: an idle one still in its host's answer, or a new one through the
