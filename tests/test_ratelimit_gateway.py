@@ -123,9 +123,15 @@ def assert_refused(status: int, headers: dict[str, str], body: bytes, message: s
 def test_a_key_with_5_rps_burst_5_gets_5_calls_then_429_with_the_fields_and_recovers(gw: GatewayProcess) -> None:
     async def scenario() -> None:
         async with Plane() as plane, aiohttp.ClientSession() as session:
-            configure(gw, limited_doc(plane.url, "127.0.0.1:9", {"rate5": {"requests_per_second": 5, "burst": 5}}))
-            for _ in range(5):  # a fresh bucket holds five
-                assert (await call(session, gw, "rate5"))[0] == 200
+            keys = {"rate5": {"requests_per_second": 5, "burst": 5}, "free": None}
+            configure(gw, limited_doc(plane.url, "127.0.0.1:9", keys))
+            firsts = [await call(session, gw, "rate5") for _ in range(5)]  # a fresh bucket holds five
+            assert [status for status, _, _ in firsts] == [200] * 5
+            # Successful answers tell the limits too: the first call left 4 tokens of 5.
+            assert firsts[0][1]["ratelimit-policy"] == '"key";q=5;w=1'
+            assert firsts[0][1]["ratelimit"] == '"key";r=4;t=1'
+            status, headers, _ = await call(session, gw, "free")
+            assert status == 200 and "ratelimit" not in headers and "ratelimit-policy" not in headers
             # Twenty at once: the bucket refills one token per 0.2 s, so most of them are refused.
             answers = await asyncio.gather(*(call(session, gw, "rate5") for _ in range(20)))
             refused = [a for a in answers if a[0] != 200]
@@ -134,7 +140,7 @@ def test_a_key_with_5_rps_burst_5_gets_5_calls_then_429_with_the_fields_and_reco
             assert_refused(status, headers, body, "API key 'rate5' is past its rate limit")
             assert headers["ratelimit-policy"] == '"key";q=5;w=1'
             assert re.fullmatch(r'"key";r=0;t=[01]', headers["ratelimit"]), headers["ratelimit"]
-            admitted = 5 + sum(1 for a in answers if a[0] == 200)
+            admitted = 6 + sum(1 for a in answers if a[0] == 200)
             assert len(plane.requests) == admitted  # a refused call never reaches the plane
             await until(ok_again(session, gw, "rate5"), "the key's bucket to refill")
 

@@ -206,6 +206,12 @@ class Permit:
     def __repr__(self) -> str:
         return f"<Permit {', '.join(f'{c.limit} {c.name!r}' for c in self.counters) or 'none'}>"
 
+    def header_lines(self, now: float) -> bytes:
+        """`RateLimit-Policy` and `RateLimit` lines for an answer the call gets (HTTP/1.1); b"" unlimited."""
+        if not self.counters:
+            return b""
+        return b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in fields(now, self.counters))
+
     def release(self) -> None:
         for c in self.counters:
             c.in_flight -= 1

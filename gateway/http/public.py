@@ -220,6 +220,7 @@ class PublicHandler:
             return
         body, size = replay
         exchange = Exchange(req, conn, request_id, dep.timeouts, self._done, context, dep.id)
+        exchange.answered_by += record.permit.header_lines(self.loop.time())
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(route, ep.upstream), request_id, self.scheme,
                             body_length=size)  # fmt: skip
@@ -247,6 +248,8 @@ class PublicHandler:
             exchange = Exchange(*args)
         if route.endpoint in RETRIED_ENDPOINTS and route.deployment.retry_on_reset:
             exchange.retry_after_reset(self._retry_after_reset)
+        # The key's limits on its answers too (IETF RateLimit fields; a refusal has them as well).
+        exchange.answered_by += context.record.permit.header_lines(self.loop.time())
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(route, up), request_id, self.scheme)
         exchange.start(head)
