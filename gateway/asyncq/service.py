@@ -40,7 +40,7 @@ from gateway.asyncq.request import (
 from gateway.asyncq.store import LEASE_SECONDS, RegionStore, store_path
 from gateway.calls.admission import concurrency_limit
 from gateway.calls.pipeline import Go, Pipeline
-from gateway.calls.ratelimit import TokenBucket
+from gateway.calls.ratelimit import TokenBucket, default_burst
 from gateway.errors import GatewayError, MisdirectedRequest, ModelNotFound, RateLimited
 from gateway.metrics import Metrics
 from gateway.routing.model import Table
@@ -224,13 +224,13 @@ class AsyncService:
                 "webhook_secrets_error": self.secret_error}  # fmt: skip
 
     def _take(self, team: str, kind: str, rate: float) -> None:
-        """A token of the team's `kind` bucket (per worker; burst = one second's worth), else 429."""
+        """A token of the team's `kind` bucket (per worker; burst = one second's worth, at least 1), else 429."""
         now = self.loop.time()
         bucket = self.limits.get((team, kind))
         if bucket is None:
-            bucket = self.limits[(team, kind)] = TokenBucket(rate, rate, now)
+            bucket = self.limits[(team, kind)] = TokenBucket(rate, default_burst(rate), now)
         elif bucket.rate != rate:  # the table changed the limit
-            bucket.retune(rate, rate, now)
+            bucket.retune(rate, default_burst(rate), now)
         if not bucket.take(now):
             wait = max(1, math.ceil(bucket.wait(now)))
             raise RateLimited(

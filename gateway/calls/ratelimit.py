@@ -91,7 +91,7 @@ class Counter:
 
     def retune(self, spec: RateLimit, now: float) -> None:
         """Apply `spec`; the same limit as before changes nothing (a reload keeps the state)."""
-        if spec == self.spec:
+        if spec is self.spec or spec == self.spec:  # the same table's object: the common case, cheap
             return
         rate = spec.requests_per_second
         if rate is None:
