@@ -309,3 +309,27 @@ def test_an_open_grpc_call_keeps_its_slot_until_it_ends(gw: GatewayProcess, grpc
                 assert unary(ch, "Echo")(b"third", metadata=metadata, timeout=10) == b"third"
 
     asyncio.run(scenario())
+
+
+def test_a_held_grpc_call_gives_its_slot_back_when_its_hold_times_out(
+    gw: GatewayProcess, grpc_plane: GrpcPlane
+) -> None:
+    async def scenario() -> None:
+        async with Plane() as plane, aiohttp.ClientSession() as session:
+            doc = limited_doc(plane.url, grpc_plane.address, {"grpc-h": {"max_concurrent": 1}})
+            doc["gateway"]["hold_timeout_seconds"] = 1
+            doc["models"]["abc123"]["environments"]["cold"] = {"deployment": "v0"}  # v0 is scaled to zero
+            configure(gw, doc)
+            metadata = (("authorization", f"Api-Key {secret('grpc-h')}"), ("x-baseten-environment", "cold"))
+            with channel(gw, GRPC_HOST) as ch, futures.ThreadPoolExecutor(1) as pool:
+                held = pool.submit(unary(ch, "Echo"), b"held", metadata=metadata, timeout=10)
+                await until(
+                    lambda: metric(session, gw, "gateway_held_requests", protocol="grpc"), "the gRPC call to be held"
+                )
+                assert (await call(session, gw, "grpc-h"))[0] == 429  # the held call holds the key's slot
+                with pytest.raises(grpc.RpcError) as timed_out:
+                    held.result(10)
+                assert timed_out.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            assert (await call(session, gw, "grpc-h"))[0] == 200
+
+    asyncio.run(scenario())
