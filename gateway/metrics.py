@@ -160,6 +160,13 @@ class Metrics:
             ("model", "region", "outcome"),
         )  # fmt: skip
         self.all += (self.async_depth, self.async_wait, self.async_run, self.async_requests, self.webhooks)
+        # Rate limits per API key and per team (SPEC §12 rate_limit): labelled by the key's name, never the key
+        self.rate_limited = Counter(
+            "gateway_rate_limited_total",
+            "Calls refused by a rate_limit, by limit (key, team), the key's or team's name, and kind (rate, concurrency).",
+            ("limit", "name", "kind"),
+        )
+        self.all += (self.rate_limited,)
 
     def render(self) -> bytes:
         lines: list[str] = []

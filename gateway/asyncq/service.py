@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -39,6 +40,7 @@ from gateway.asyncq.request import (
 from gateway.asyncq.store import LEASE_SECONDS, RegionStore, store_path
 from gateway.calls.admission import concurrency_limit
 from gateway.calls.pipeline import Go, Pipeline
+from gateway.calls.ratelimit import TokenBucket, default_burst
 from gateway.errors import GatewayError, MisdirectedRequest, ModelNotFound, RateLimited
 from gateway.metrics import Metrics
 from gateway.routing.model import Table
@@ -79,7 +81,7 @@ class AsyncService:
         self.secrets: tuple[bytes, ...] = ()
         self.secret_error: str | None = None
         self._load_secrets(state.table)
-        self.limits: dict[tuple[str, str], tuple[float, float]] = {}  # (team, kind) -> (tokens, when)
+        self.limits: dict[tuple[str, str], TokenBucket] = {}  # (team, kind) -> its bucket
         self.open_counts: dict[tuple[str, str], tuple[int, float]] = {}  # (region, team) -> (count, when)
         # Targets known to have queued work: this worker's submits and requeues at once, the store's
         # whole list (other workers' submits, a restart's backlog) every SCAN_SECONDS.
@@ -222,18 +224,19 @@ class AsyncService:
                 "webhook_secrets_error": self.secret_error}  # fmt: skip
 
     def _take(self, team: str, kind: str, rate: float) -> None:
-        """A token of the team's `kind` bucket (per worker; burst = one second's worth), else 429."""
+        """A token of the team's `kind` bucket (per worker; burst = one second's worth, at least 1), else 429."""
         now = self.loop.time()
-        tokens, when = self.limits.get((team, kind), (rate, now))
-        tokens = min(rate, tokens + (now - when) * rate)
-        if tokens < 1.0:
-            wait = max(1, int((1.0 - tokens) / rate + 0.999))
-            self.limits[(team, kind)] = (tokens, now)
+        bucket = self.limits.get((team, kind))
+        if bucket is None:
+            bucket = self.limits[(team, kind)] = TokenBucket(rate, default_burst(rate), now)
+        elif bucket.rate != rate:  # the table changed the limit
+            bucket.retune(rate, default_burst(rate), now)
+        if not bucket.take(now):
+            wait = max(1, math.ceil(bucket.wait(now)))
             raise RateLimited(
                 f"team '{team}' is past its async {'submit' if kind == 'submit' else 'status call'} rate; retry later",
                 headers=(("retry-after", str(wait)),),
             )
-        self.limits[(team, kind)] = (tokens - 1.0, now)
 
     # -- the scheduler --------------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ then asks the worker's one `Pipeline` what to do with the call (`admit`), carrie
 own wire, and reports the end once (`CallRecord.end`). What is decided here is decided the same
 way for HTTP/1.1, WebSocket and gRPC calls:
 
+- rate limits and concurrency caps per API key and per team (`gateway.calls.ratelimit`): taken
+  once when a call arrives (`limit`), before backpressure and the hold, given back at its end;
 - admission by the environment's backpressure over the deployment's in-flight calls of every
   protocol (SPEC §6); a call released from the hold goes before new ones;
 - one hold and one waker per deployment, shared by the protocols (`gateway.calls.holds`);
@@ -23,10 +25,11 @@ from gateway.calls.admission import RETRY_AFTER_REJECT, admission, concurrency_l
 from gateway.calls.constants import Constants
 from gateway.calls.holds import Holds, Key, Reason, Waiting
 from gateway.calls.outcome import error_kind, outcome_of
+from gateway.calls.ratelimit import NO_PERMIT, Limiter, Permit
 from gateway.environments.planecall import PlaneCaller
 from gateway.errors import GatewayError, ModelUnavailable, RateLimited
 from gateway.metrics import Metrics
-from gateway.routing.model import Table
+from gateway.routing.model import ApiKey, Table
 from gateway.routing.resolve import Route
 from gateway.state import TableState
 from gateway.upstream.balance import Endpoint, EndpointSet, Outcome, RetryBudget
@@ -63,6 +66,7 @@ class Pipeline:
         self.caller = PlaneCaller(metrics)
         self.background: set[asyncio.Task] = set()
         self.constants = Constants()  # labels and identity fields of the serving table's routes
+        self.limiter = Limiter(metrics, self.loop.time)  # rate_limit of keys and teams, per worker
         state.on_swap.append(self._table_swapped)
 
     def __repr__(self) -> str:
@@ -75,6 +79,16 @@ class Pipeline:
         self.connector.close()
 
     # -- admission ----------------------------------------------------------------------------
+
+    def limit(self, key: ApiKey) -> Permit:
+        """Once per call, when it arrives: its share of `key`'s and its team's `rate_limit`, to be
+        released when it ends (`CallRecord.end` releases it for an admitted call); RateLimited past one."""
+        table = self.state.table
+        if key.rate_limit is None:  # the common case, without a call: no limit of its own, nor its team's
+            team = table.teams.get(key.team)
+            if team is None or team.rate_limit is None:
+                return NO_PERMIT
+        return self.limiter.admit(table, key)
 
     def admit(self, route: Route, *, released: bool = False, endpoint_needed: bool = True) -> Decision:
         """What to do with a routed call now (SPEC §6). `released`: it comes out of the hold, so it
@@ -109,13 +123,14 @@ class Pipeline:
         bound = self.state.table.gateway.max_held_calls_per_deployment
         return self.holds.add(held, route, labels, reason, deadline, bound)
 
-    def begin(self, labels: tuple, go: Go, started: float) -> CallRecord:
-        return CallRecord(self, labels, go, started)
+    def begin(self, labels: tuple, go: Go, started: float, permit: Permit = NO_PERMIT) -> CallRecord:
+        return CallRecord(self, labels, go, started, permit)
 
     # -- releasing held calls -------------------------------------------------------------------
 
     def _table_swapped(self, table: Table) -> None:
         self.constants = Constants()  # a new object: a call in flight keeps its own table's
+        self.limiter.prune()
         self.connector.table_swapped(table)
         self.replicas.sync(table)  # after the connector: discovery asks its new resolver
         if self.holds.total:
@@ -164,10 +179,11 @@ class Pipeline:
 class CallRecord:
     """One admitted call's accounting, done once whatever protocol carried it."""
 
-    __slots__ = ("pipeline", "labels", "started", "endpoints", "endpoint", "ended")
+    __slots__ = ("pipeline", "labels", "started", "endpoints", "endpoint", "ended", "permit")
 
-    def __init__(self, pipeline: Pipeline, labels: tuple, go: Go, started: float) -> None:
+    def __init__(self, pipeline: Pipeline, labels: tuple, go: Go, started: float, permit: Permit = NO_PERMIT) -> None:
         self.pipeline = pipeline
+        self.permit = permit  # the key's and team's open-call slots (gateway.calls.ratelimit)
         self.labels = labels  # model, environment, deployment, region, protocol
         self.started = started
         self.endpoints = go.endpoints
@@ -201,6 +217,8 @@ class CallRecord:
         if self.ended:
             return
         self.ended = True
+        if self.permit.counters:
+            self.permit.release()
         p = self.pipeline
         if error is not None:
             self._count_error(error)

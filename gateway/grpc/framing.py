@@ -276,5 +276,18 @@ def trailers(code: int, message: str, request_id: str) -> list[tuple[bytes, byte
     return fields
 
 
+RETRY_FIELDS = ("retry-after", "ratelimit-policy", "ratelimit")  # an error's fields that gRPC answers carry too
+
+
 def error_trailers(error: GatewayError, request_id: str) -> list[tuple[bytes, bytes]]:
-    return trailers(error.grpc_status, error.message, request_id)
+    """The trailers of a call the gateway answers. A refusal's retry information (429s and their
+    RESOURCE_EXHAUSTED: rate limits, backpressure) rides along as metadata: `retry-after` and the
+    IETF RateLimit fields as in HTTP, and `grpc-retry-pushback-ms`, which gRPC clients with a retry
+    policy obey (gRFC A6)."""
+    fields = trailers(error.grpc_status, error.message, request_id)
+    for name, value in error.headers:
+        if name in RETRY_FIELDS:
+            fields.append((name.encode(), value.encode()))
+            if name == "retry-after" and value.isdigit():
+                fields.append((b"grpc-retry-pushback-ms", b"%d" % (int(value) * 1000)))
+    return fields

@@ -18,6 +18,7 @@ import asyncio
 from typing import Protocol
 
 from gateway.calls.holds import Key, Reason, Released
+from gateway.calls.ratelimit import NO_PERMIT, Permit
 from gateway.errors import GatewayError, ModelNotReady, UpstreamTimeout
 from gateway.grpc.framing import CANCELLED, CallHead, error_trailers
 from gateway.grpc.h2server import ServerStream
@@ -38,7 +39,7 @@ class HeldCall:
     """The stream's handler while its call is held (`gateway.calls.holds.Waiting`)."""
 
     __slots__ = ("owner", "stream", "head", "route", "request_id", "started", "labels", "key", "reason", "data",
-                 "ended", "timer", "deadline", "deadline_is_clients", "done", "hold_timeout")  # fmt: skip
+                 "ended", "timer", "deadline", "deadline_is_clients", "done", "hold_timeout", "permit")  # fmt: skip
 
     def __init__(
         self, owner: Owner, stream: ServerStream, head: CallHead, route: Route, request_id: str, started: float,
@@ -58,6 +59,7 @@ class HeldCall:
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
         self.hold_timeout = hold_timeout
+        self.permit: Permit = NO_PERMIT  # the key's rate_limit slots, given back when the call ends here
         self.deadline_is_clients = head.timeout is not None and head.timeout < hold_timeout
         self.deadline = started + (head.timeout if self.deadline_is_clients and head.timeout else hold_timeout)
 
@@ -116,6 +118,7 @@ class HeldCall:
 
     def _end(self, code: int) -> None:
         self.done = True
+        self.permit.release()
         owed = sum(flow for _, flow in self.data)
         self.data = []
         if owed and not self.stream.reset:

@@ -19,6 +19,8 @@ Per worker, the HPACK block caches of all connections together stay under CACHE_
 
 from __future__ import annotations
 
+from gateway.calls.ratelimit import TokenBucket
+
 # -- output the peer does not read
 
 # The transport's write buffer limits (asyncio's defaults, written down): above the high-water mark
@@ -96,25 +98,13 @@ class CacheBudget:
 WORKER_CACHE = CacheBudget(CACHE_BYTES_PER_WORKER)
 
 
-class ResetBudget:
-    """A token bucket of client stream resets: `burst` at once, refilled at `rate` per second."""
+class ResetBudget(TokenBucket):
+    """A token bucket of client stream resets: `burst` at once, refilled at `rate` per second;
+    `spend(now)` is False once it is empty (the connection is to be closed)."""
 
-    __slots__ = ("burst", "rate", "tokens", "at")
+    __slots__ = ()
 
     def __init__(self, now: float, burst: int = RESET_BURST, rate: float = RESET_RATE) -> None:
-        self.burst = burst
-        self.rate = rate
-        self.tokens = float(burst)
-        self.at = now
+        super().__init__(rate, burst, now)
 
-    def __repr__(self) -> str:
-        return f"<ResetBudget {self.tokens:.0f}/{self.burst} +{self.rate:g}/s>"
-
-    def spend(self, now: float) -> bool:
-        """One reset at time `now`; False once the bucket is empty (the connection is to be closed)."""
-        self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
+    spend = TokenBucket.take

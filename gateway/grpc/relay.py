@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from gateway.calls.admission import RETRY_AFTER_FULL
 from gateway.calls.holds import Released
 from gateway.calls.pipeline import CallRecord, Go, Pipeline
+from gateway.calls.ratelimit import Permit
 from gateway.errors import GatewayError, MisdirectedRequest, RateLimited, UpstreamBroken, UpstreamTimeout
 from gateway.grpc.framing import (
     CANCELLED,
@@ -82,21 +84,24 @@ class GrpcRelay:
                     f"open a connection for {head.authority[:100]}"
                 )
             route = resolve_grpc(table, head.call)
+            permit = self.pipeline.limit(route.api_key)  # the key's rate_limit, as for HTTP
         except GatewayError as error:
             stream.respond(ERROR_HEAD + error_trailers(error, request_id), end=True)
             self.observe(UNROUTED, error.grpc_status, started)
             return DISCARD
-        return self._dispatch(stream, head, route, request_id, started, None)[1]
+        return self._dispatch(stream, head, route, request_id, started, None, permit)[1]
 
     def _dispatch(
         self, stream: ServerStream, head: CallHead, route: Route, request_id: str, started: float,
-        held: HeldCall | None,
+        held: HeldCall | None, permit: Permit,
     ) -> tuple[Released, Handler]:  # fmt: skip
-        """Admit the call like any other (SPEC §6: backpressure, holds) and relay it, hold it or answer it."""
+        """Admit the call like any other (SPEC §6: backpressure, holds) and relay it, hold it or answer it.
+        `permit` (the key's rate_limit slots) goes to the call's record or its hold, or is released here."""
         dep = route.deployment
         labels = self.pipeline.constants.of(route).labels["grpc"]
         decision = self.pipeline.admit(route, released=held is not None, endpoint_needed=False)
         if isinstance(decision, GatewayError):
+            permit.release()
             stream.respond(ERROR_HEAD + error_trailers(decision, request_id), end=True)
             self.observe(labels, decision.grpc_status, started)
             return "answered", DISCARD
@@ -105,12 +110,16 @@ class GrpcRelay:
                 held = HeldCall(self, stream, head, route, request_id, started,
                                 self.state.table.gateway.hold_timeout_seconds)  # fmt: skip
             held.labels = labels
+            held.permit = permit  # released when the held call ends (HeldCall._end)
             if not self.pipeline.hold(held, route, labels, decision, held.deadline):
                 self.pipeline.holds.finish(held)
-                held.answer(RateLimited(f"too many calls are waiting for deployment '{dep.id}'; retry later"))
+                held.answer(RateLimited(
+                    f"too many calls are waiting for deployment '{dep.id}'; retry later",
+                    headers=(("retry-after", RETRY_AFTER_FULL),),
+                ))  # fmt: skip
                 return "answered", DISCARD
             return "held", held
-        record = self.pipeline.begin(labels, decision, started)
+        record = self.pipeline.begin(labels, decision, started, permit)
         return "sent", RelayedCall(self, stream, head, route, request_id, started, record)
 
     def release_held(self, held: HeldCall) -> Released:
@@ -120,7 +129,9 @@ class GrpcRelay:
         except GatewayError as error:
             held.answer(error)
             return "answered"
-        outcome, handler = self._dispatch(held.stream, held.head, route, held.request_id, held.started, held)
+        outcome, handler = self._dispatch(
+            held.stream, held.head, route, held.request_id, held.started, held, held.permit
+        )
         if outcome == "sent":
             held.stream.handler = handler
             data, ended = held.take_data()

@@ -10,6 +10,7 @@ import asyncio
 from typing import Protocol
 
 from gateway.calls.holds import Key, Reason, Released
+from gateway.calls.ratelimit import NO_PERMIT, Permit
 from gateway.http.server import Request
 from gateway.routing.resolve import Route
 
@@ -23,7 +24,7 @@ class Owner(Protocol):
 class HeldRequest:
     """One held HTTP call (`gateway.calls.holds.Waiting`): what is needed to go on with it."""
 
-    __slots__ = ("owner", "req", "request_id", "started", "labels", "key", "reason", "timer", "route")
+    __slots__ = ("owner", "req", "request_id", "started", "labels", "key", "reason", "timer", "route", "permit")
 
     def __init__(self, owner: Owner, req: Request, request_id: str, started: float) -> None:
         self.owner = owner
@@ -35,6 +36,7 @@ class HeldRequest:
         self.reason: Reason = "wake"
         self.timer: asyncio.TimerHandle | None = None
         self.route: Route | None = None
+        self.permit: Permit = NO_PERMIT  # the key's rate_limit slots, held while the call waits
 
     def __repr__(self) -> str:
         return f"<HeldRequest {self.request_id[:8]} {self.key[0]}/{self.key[1]} {self.reason}>"

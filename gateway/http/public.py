@@ -18,6 +18,7 @@ from gateway.calls.admission import RETRY_AFTER_FULL, RETRY_AFTER_NOT_READY
 from gateway.calls.constants import RouteConstants
 from gateway.calls.holds import Reason, Released
 from gateway.calls.pipeline import CallRecord, Go, Pipeline
+from gateway.calls.ratelimit import Permit
 from gateway.errors import (
     ClientError,
     GatewayError,
@@ -97,23 +98,26 @@ class PublicHandler:
         try:
             route = self._route(req)
             self._admit(req, route)
+            permit = self.pipeline.limit(route.api_key)  # every call of a key counts: async submits too
         except GatewayError as error:
             self._answer(req, error, request_id, UNROUTED, started)
             return
         if isinstance(route, RequestLookup) or route.action in ASYNC_ACTIONS:
-            req.conn.spawn(req, self._async(req, route, request_id, started))
+            req.conn.spawn(req, self._async(req, route, request_id, started, permit))
             return
         if route.action == "wake":
+            permit.release()
             self._wake(req, route, request_id)
             self._observe(self.pipeline.constants.of(route).labels["http"], 202, started)
             req.conn.finish(req)
             return
-        self._dispatch(req, route, request_id, started, None)
+        self._dispatch(req, route, request_id, started, None, permit)
 
     def _dispatch(
-        self, req: Request, route: Route, request_id: str, started: float, held: HeldRequest | None
+        self, req: Request, route: Route, request_id: str, started: float, held: HeldRequest | None, permit: Permit
     ) -> Released:  # fmt: skip
-        """Send the call to its deployment, or hold it (scaled to zero, backpressure), or refuse it (SPEC §6)."""
+        """Send the call to its deployment, or hold it (scaled to zero, backpressure), or refuse it (SPEC §6).
+        `permit` (the key's rate_limit slots) goes to the call's record, or is released here."""
         dep = route.deployment
         protocol = "websocket" if route.endpoint == "websocket" else "http"
         constants = self.pipeline.constants.of(route)
@@ -121,18 +125,20 @@ class PublicHandler:
         decision = self.pipeline.admit(route, released=held is not None)
         if not isinstance(decision, Go):
             if isinstance(decision, GatewayError):
+                permit.release()
                 self._answer(req, decision, request_id, labels, started)
                 return "answered"
-            return self._hold(req, route, request_id, started, held, labels, decision)
+            return self._hold(req, route, request_id, started, held, labels, decision, permit)
         tee = None
         env = route.model.environments.get(route.environment)
         if env is not None and env.shadow is not None and protocol == "http" and sampled(env.shadow):
             tee = self.shadows.tee(req, route, env.shadow, self.state.table)
         ep = decision.endpoint
         if ep is None:  # admit gives HTTP calls an endpoint; defensively, 503 rather than a crash
+            permit.release()
             self._answer(req, ModelUnavailable(f"deployment '{dep.id}' has no address"), request_id, labels, started)
             return "answered"
-        record = self.pipeline.begin(labels, decision, started)
+        record = self.pipeline.begin(labels, decision, started, permit)
         context = Context(record, route, self.state.table, constants, tee)
         conn = self.pool.take_idle(ep.upstream, dep.plane.tls, self.connector.still_current)
         if conn is not None:
@@ -141,9 +147,14 @@ class PublicHandler:
             req.conn.spawn(req, self._connect_and_start(req, route, request_id, context, ep), finish=False)
         return "sent"
 
-    async def _async(self, req: Request, route: Route | RequestLookup, request_id: str, started: float) -> None:
+    async def _async(
+        self, req: Request, route: Route | RequestLookup, request_id: str, started: float, permit: Permit
+    ) -> None:  # fmt: skip
         """An async inference call (SPEC §10): the queue's API answers it."""
-        status = await answer_async(self.asyncs, req, route, request_id)
+        try:
+            status = await answer_async(self.asyncs, req, route, request_id)
+        finally:
+            permit.release()
         labels = UNROUTED if isinstance(route, RequestLookup) else self.pipeline.constants.of(route).labels["http"]
         self._observe(labels, status, started)
 
@@ -212,6 +223,8 @@ class PublicHandler:
             return
         body, size = replay
         exchange = Exchange(req, conn, request_id, dep.timeouts, self._done, context, dep.id)
+        if record.permit.counters:
+            exchange.answered_by += record.permit.header_lines(self.loop.time())
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(context, ep.upstream), request_id,
                             self.scheme, body_length=size)  # fmt: skip
@@ -239,6 +252,9 @@ class PublicHandler:
             exchange = Exchange(*args)
         if route.endpoint in RETRIED_ENDPOINTS and route.deployment.retry_on_reset:
             exchange.retry_after_reset(self._retry_after_reset)
+        # The key's limits on its answers too (IETF RateLimit fields; a refusal has them as well).
+        if context.record.permit.counters:
+            exchange.answered_by += context.record.permit.header_lines(self.loop.time())
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(context, up), request_id, self.scheme)
         exchange.start(head)
@@ -320,13 +336,15 @@ class PublicHandler:
 
     def _hold(
         self, req: Request, route: Route, request_id: str, started: float, held: HeldRequest | None, labels: tuple,
-        reason: Reason,
+        reason: Reason, permit: Permit,
     ) -> Released:  # fmt: skip
         if held is None:
             held = HeldRequest(self, req, request_id, started)
+        held.permit = permit  # kept while held: a held call is an open call of its key
         deadline = held.started + self.state.table.gateway.hold_timeout_seconds
         if not self.pipeline.hold(held, route, labels, reason, deadline):
             self.pipeline.holds.finish(held)
+            permit.release()
             error = RateLimited(
                 f"too many calls are waiting for deployment '{route.deployment.id}'; retry later",
                 headers=(("retry-after", RETRY_AFTER_FULL),),
@@ -345,9 +363,10 @@ class PublicHandler:
             if isinstance(route, RequestLookup):  # cannot happen: only routed calls are held
                 raise ModelUnavailable("the call cannot be routed anymore")
         except GatewayError as error:  # the table changed under it: removed, inactive, ...
+            held.permit.release()
             self._answer(req, error, held.request_id, held.labels, held.started)
             return "answered"
-        return self._dispatch(req, route, held.request_id, held.started, held)
+        return self._dispatch(req, route, held.request_id, held.started, held, held.permit)
 
     def held_expired(self, held: HeldRequest) -> None:
         dep_id = held.key[1]
@@ -362,11 +381,13 @@ class PublicHandler:
                 headers=(("retry-after", RETRY_AFTER_FULL),),
             )
         held.req.conn.on_lost = None
+        held.permit.release()
         self._answer(held.req, error, held.request_id, held.labels, held.started)
 
     def _held_client_lost(self, held: HeldRequest) -> None:
         """The client went away while held: nothing was sent anywhere."""
         if self.pipeline.holds.drop(held):
+            held.permit.release()
             self._observe(held.labels, 499, held.started)
             held.req.conn.finish(held.req)
 

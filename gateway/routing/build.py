@@ -21,6 +21,7 @@ from gateway.routing.model import (
     Model,
     Plane,
     PlaneTLS,
+    RateLimit,
     Region,
     Shadow,
     Table,
@@ -178,6 +179,7 @@ class Builder:
                 int(limits.get("max_queued", defaults.max_queued)),
                 float(limits.get("status_calls_per_second", defaults.status_calls_per_second)),
             ),
+            _rate_limit(t.get("rate_limit")),
         )
 
     def build_model(self, model_id: str, m: dict[str, Any]) -> Model:
@@ -330,7 +332,21 @@ class Builder:
             sha256=bytes.fromhex(k["sha256"]),
             environments=frozenset(envs) if envs is not None else None,
             models=frozenset(models) if models is not None else None,
+            rate_limit=_rate_limit(k.get("rate_limit")),
         )
+
+
+def _rate_limit(r: Any) -> RateLimit | None:
+    """A key's or a team's `rate_limit` (SPEC §12); None when it sets no limit at all."""
+    r = as_dict(r)
+    rate, burst, concurrent = r.get("requests_per_second"), r.get("burst"), r.get("max_concurrent")
+    if rate is None and concurrent is None:
+        return None
+    return RateLimit(
+        float(rate) if rate is not None else None,
+        int(burst) if burst is not None else None,
+        int(concurrent) if concurrent is not None else None,
+    )
 
 
 def _async_settings(a: dict[str, Any]) -> AsyncSettings:

@@ -193,10 +193,21 @@ class AsyncLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """`rate_limit` of an API key or a team (SPEC §12): a token bucket of `requests_per_second`
+    refilled, `burst` deep, and at most `max_concurrent` calls open at once; None = no such limit."""
+
+    requests_per_second: float | None = None
+    burst: int | None = None  # with requests_per_second only; default max(1, requests_per_second)
+    max_concurrent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Team:
     name: str
     regional_environments: Mapping[str, str] = field(default_factory=lambda: EMPTY)  # env name -> region
     async_limits: AsyncLimits = field(default_factory=AsyncLimits)
+    rate_limit: RateLimit | None = None  # shared by every key of the team (gateway.calls.ratelimit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +217,7 @@ class ApiKey:
     sha256: bytes  # raw 32-byte digest of the whole key
     environments: frozenset[str] | None = None  # None = every environment
     models: frozenset[str] | None = None  # None = every model of the team
+    rate_limit: RateLimit | None = None  # this key's own limits (gateway.calls.ratelimit)
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,6 +181,14 @@ class Semantics:
                 if env == RESERVED_ENV:
                     self.add(path, "'development' is reserved and is never a regional environment")
                 self.ref(path, region, self.regions, "region")
+        for name, team in (self.teams or {}).items():
+            self.check_rate_limit(("teams", name, "rate_limit"), as_dict(team).get("rate_limit"))
+
+    def check_rate_limit(self, path: DocPath, limit: Any) -> None:
+        """SPEC §12 `rate_limit`: the schema checks each number; a burst is the depth of a rate's bucket."""
+        limit = as_dict(limit)
+        if "burst" in limit and "requests_per_second" not in limit:
+            self.add(path + ("burst",), "a burst needs requests_per_second (it is the depth of that rate's bucket)")
 
     def check_api_keys(self) -> None:
         names: dict[str, int] = {}
@@ -204,6 +212,7 @@ class Semantics:
                     )
                 digests.setdefault(digest, i)
             team_known = self.ref(path + ("team",), key.get("team"), self.teams, "team")
+            self.check_rate_limit(path + ("rate_limit",), key.get("rate_limit"))
             for j, model_id in enumerate(_list(key.get("models"))):
                 if self.ref(path + ("models", j), model_id, self.models, "model") and team_known:
                     owner = as_dict(as_dict(self.models).get(model_id)).get("team")
