@@ -42,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve a routing table")
-    s.add_argument("--config", required=True, help="routing table (YAML or JSON)")
+    config = os.environ.get("GATEWAY_CONFIG") or None  # the container image's mounted table (Dockerfile)
+    s.add_argument(
+        "--config", required=config is None, default=config, help="routing table (YAML or JSON; env GATEWAY_CONFIG)"
+    )
     s.add_argument("--store", default=None, help="admin store for §6 changes (default: <config>.admin.json)")
     s.add_argument(
         "--queue-store", default=None, metavar="DIR",
