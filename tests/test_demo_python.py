@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from gateway.demo.pycalls import BEGIN, END
-from tests.support import REPO, example_doc, free_port, write_table
+from tests.support import REPO, example_doc, free_port, interrupt, write_table
 
 
 def test_the_printed_python_calls_work_against_the_demo(tmp_path: Path) -> None:
@@ -34,11 +33,4 @@ def test_the_printed_python_calls_work_against_the_demo(tmp_path: Path) -> None:
             "regional 200 us", "standard 200 eu", "streamed 200 4 events", "urllib 200 production"
         ]  # fmt: skip
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        interrupt(proc)
