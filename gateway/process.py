@@ -65,5 +65,5 @@ def render(processes: Iterable[tuple[str, int]]) -> list[str]:
         for label, values in rows:
             labels = f'{{worker="{label}"}}' if label else ""
             value = values[name]
-            lines.append(f"{name}{labels} {'+Inf' if value == float('inf') else format(value, '.17g')}")
+            lines.append(f"{name}{labels} {'+Inf' if value == float('inf') else repr(float(value))}")
     return lines
