@@ -9,6 +9,7 @@ import sys
 from urllib.parse import urlsplit
 
 from gateway.errors import GatewayError
+from gateway.ports import EXIT_CODE, PortUnavailable
 from gateway.routing.loader import TableInvalid, load_table
 from gateway.routing.resolve import Call, RequestLookup, Route, resolve
 from gateway.runner import OptionsError, ServeOptions, check_options, run_gateway
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    except PortUnavailable as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CODE
     except KeyboardInterrupt:
         return 0
 
@@ -38,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve a routing table")
-    s.add_argument("--config", required=True, help="routing table (YAML or JSON)")
+    config = os.environ.get("GATEWAY_CONFIG") or None  # the container image's mounted table (Dockerfile)
+    s.add_argument(
+        "--config", required=config is None, default=config, help="routing table (YAML or JSON; env GATEWAY_CONFIG)"
+    )
     s.add_argument("--store", default=None, help="admin store for §6 changes (default: <config>.admin.json)")
     s.add_argument(
         "--queue-store", default=None, metavar="DIR",
@@ -75,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--admin-port", type=int, default=9090)
     d.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC listener")
     d.add_argument("--config", default=None, help="table to use (default: routing_config/example.yaml)")
+    d.add_argument("--python", action="store_true", help="also print the calls as a Python script (Host headers)")
     d.add_argument("--print-only", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(func=_demo)
     return p

@@ -8,7 +8,10 @@ text exposition format (version 0.0.4) on scrape.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
+
+from gateway import process
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -167,6 +170,8 @@ class Metrics:
             ("limit", "name", "kind"),
         )
         self.all += (self.rate_limited,)
+        # process_* (read from /proc at scrape time): (worker label or "", pid) of each process shown
+        self.processes: Callable[[], Iterable[tuple[str, int]]] = lambda: [("", os.getpid())]
 
     def render(self) -> bytes:
         lines: list[str] = []
@@ -174,6 +179,7 @@ class Metrics:
             lines.append(f"# HELP {metric.name} {metric.help}")
             lines.append(f"# TYPE {metric.name} {metric.kind}")
             lines.extend(metric.samples())
+        lines.extend(process.render(self.processes()))
         return ("\n".join(lines) + "\n").encode()
 
 

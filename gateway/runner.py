@@ -22,6 +22,7 @@ from gateway.grpc.listener import GrpcListener, tls_context
 from gateway.http.public import PublicHandler
 from gateway.http.server import HttpConnection, serve
 from gateway.metrics import Metrics
+from gateway.ports import binding
 from gateway.state import TableState
 from gateway.tls import server_context
 from gateway.upstream.connect import Connector
@@ -135,16 +136,18 @@ class DataPlane:
         )
         self.asyncs.start()
         self.public.asyncs = self.asyncs
-        self.server = await serve(
-            self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,
-            reuse_port=opts.reuse_port,
-        )  # fmt: skip
+        with binding("--port", opts.host, opts.port):
+            self.server = await serve(
+                self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx,
+                tracker=self.connections, reuse_port=opts.reuse_port,
+            )  # fmt: skip
         if opts.grpc_port is not None:
             cert, key = opts.grpc_tls_cert, opts.grpc_tls_key
             self.grpc = GrpcListener(
                 self.state, self.metrics, tls_context(cert, key) if cert and key else None, self.pipeline
             )
-            await self.grpc.start(opts.host, opts.grpc_port, reuse_port=opts.reuse_port)
+            with binding("--grpc-port", opts.host, opts.grpc_port):
+                await self.grpc.start(opts.host, opts.grpc_port, reuse_port=opts.reuse_port)
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let calls in flight finish (up to `timeout`), then close every connection."""
@@ -235,7 +238,8 @@ class Gateway:
         if self.control is not None and self.data.asyncs is not None:
             self.control.admin.serve_async(self.data.asyncs)
         if self.control is not None and opts.admin_port is not None:
-            await self.control.listen(opts.admin_host, opts.admin_port)
+            with binding("--admin-port", opts.admin_host, opts.admin_port):
+                await self.control.listen(opts.admin_host, opts.admin_port)
         if opts.watch_interval > 0:
             self.tasks.append(asyncio.get_running_loop().create_task(self.state.watch(opts.watch_interval)))
         install_signals(self.stopping, self.state)
@@ -265,7 +269,11 @@ class Gateway:
         self.data.close()
 
     async def run(self) -> None:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.drain()  # close what did open (a busy port fails the start half-way)
+            raise
         await self.stopping.wait()
         log.info("draining (up to %gs)", self.opts.drain_timeout)
         await self.drain()

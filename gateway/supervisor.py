@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
@@ -32,6 +33,7 @@ from pathlib import Path
 from gateway.asyncq.service import QueueFiles
 from gateway.environments.control import ControlPlane
 from gateway.metrics import Metrics, merge, snapshot
+from gateway.ports import EXIT_CODE, PortUnavailable, binding, check_free
 from gateway.runner import DataPlane, ServeOptions, install_signals, install_uvloop, queue_directory
 from gateway.state import TableState
 
@@ -44,8 +46,12 @@ def worker_main(opts: ServeOptions, index: int, metrics_dir: str) -> None:
     """Entry point of a worker process (spawned: a fresh interpreter, nothing inherited)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
     install_uvloop()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(Worker(opts, index, Path(metrics_dir)).run())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(Worker(opts, index, Path(metrics_dir)).run())
+    except PortUnavailable as exc:  # taken since the supervisor checked it: the supervisor stops (monitor)
+        print(f"gateway: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CODE)
 
 
 class Worker:
@@ -106,6 +112,7 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, BaseProcess] = {}
         self.stopping = asyncio.Event()
+        self.failed: int | None = None  # the exit code when a worker could not start (a port taken meanwhile)
         self.state.on_swap.append(lambda table: self.signal_workers(signal.SIGHUP))
 
     def start_worker(self, index: int) -> None:
@@ -138,20 +145,27 @@ class Supervisor:
         while not self.stopping.is_set():
             await asyncio.sleep(MONITOR_SECONDS)
             for index, proc in list(self.workers.items()):
-                if not proc.is_alive() and not self.stopping.is_set():
+                if proc.exitcode == EXIT_CODE and not self.stopping.is_set():
+                    self.failed = EXIT_CODE  # it printed why; starting it again would fail the same way
+                    self.stopping.set()
+                elif not proc.is_alive() and not self.stopping.is_set():
                     log.error("worker %d (pid %s) exited with %s; starting it again", index, proc.pid, proc.exitcode)
                     self.start_worker(index)
 
     async def run(self) -> None:
-        for index in range(self.opts.workers):
-            self.start_worker(index)
+        opts = self.opts
+        check_free("--port", opts.host, opts.port, reuse_port=True)  # one line here, not one per worker
+        check_free("--grpc-port", opts.host, opts.grpc_port, reuse_port=True)
         control = ControlPlane(
             self.state, self.metrics, self.request_counts, token=self.opts.admin_token, ready=self.ready,
             admin_metrics=_MergedMetrics(self), describe_extra=self.describe_workers,
         )  # fmt: skip
         queues = QueueFiles(queue_directory(self.opts), self.state)
         control.admin.serve_async(queues)  # GET /v1/async/queues over the workers' files
-        await control.listen(self.opts.admin_host, self.opts.admin_port or 0)
+        with binding("--admin-port", opts.admin_host, opts.admin_port or 0):
+            await control.listen(opts.admin_host, opts.admin_port or 0)
+        for index in range(opts.workers):
+            self.start_worker(index)
         install_signals(self.stopping, self.state)
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self.monitor()), loop.create_task(self.state.watch(self.opts.watch_interval))]
@@ -169,6 +183,11 @@ class Supervisor:
             task.cancel()
         control.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def processes(self) -> list[tuple[str, int]]:
+        """(worker label, pid): the supervisor unlabelled, each live worker as its index."""
+        live = sorted((i, p.pid) for i, p in self.workers.items() if p.pid is not None and p.is_alive())
+        return [("", os.getpid())] + [(str(index), pid) for index, pid in live]
 
     def request_counts(self) -> dict[tuple, float]:
         """`gateway_requests_total` summed over every worker (what promotions' rollback rules watch)."""
@@ -206,11 +225,16 @@ class _MergedMetrics(Metrics):
         merged.table_info.values = dict(self.supervisor.metrics.table_info.values)
         merged.promotion.values = dict(self.supervisor.metrics.promotion.values)  # promotions run here
         merged.promotion_state.values = dict(self.supervisor.metrics.promotion_state.values)
+        merged.processes = self.supervisor.processes  # process_*: the supervisor's, then worker="<index>"
         return merged.render()
 
 
 def run_supervisor(opts: ServeOptions) -> int:
     """`gateway serve --workers N`: the supervisor's process (the control plane) and N data-plane workers."""
     install_uvloop()
-    asyncio.run(Supervisor(opts).run())
-    return 0
+    supervisor = Supervisor(opts)
+    try:
+        asyncio.run(supervisor.run())
+    finally:
+        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)  # also when a port is taken
+    return supervisor.failed or 0

@@ -140,6 +140,18 @@ class GatewayProcess:
             return status, body.decode()
 
 
+def interrupt(proc: subprocess.Popen) -> None:
+    """Ctrl-C for a child (`gateway demo`): SIGINT, then SIGKILL after 10 s; its stdout pipe closed."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
 def wait_for(predicate: Callable[[], Any], what: str = "the condition", timeout: float = 30.0) -> Any:
     """Poll until `predicate()` is truthy and return its value; fail after `timeout` (a bound, not a timing assert)."""
     deadline = time.monotonic() + timeout

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.support import DEMO_KEY, EXAMPLE, REPO, example_doc, free_port, running_gateway, write_table
+from tests.support import DEMO_KEY, EXAMPLE, REPO, example_doc, free_port, interrupt, running_gateway, write_table
 
 HOST = {"Host": "model-abc123.api.example.com", "Authorization": f"Api-Key {DEMO_KEY}"}
 
@@ -299,11 +299,4 @@ def test_demo_prints_calls_that_answer_as_printed(tmp_path: Path) -> None:
         assert 'protocol="grpc",code="OK"' in metrics.stdout
         assert 'protocol="websocket",code="101"' in metrics.stdout
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        interrupt(proc)

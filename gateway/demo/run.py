@@ -13,7 +13,9 @@ from pathlib import Path
 
 from gateway.demo.grpc_plane import GrpcSamplePlane
 from gateway.demo.planes import SamplePlane
+from gateway.demo.pycalls import python_script
 from gateway.demo.webhooks import DEMO_SECRET, DEMO_SECRET_ENV, WebhookReceiver
+from gateway.ports import check_free
 from gateway.routing.loader import TableInvalid, load_table
 from gateway.runner import Gateway, ServeOptions, install_uvloop
 
@@ -168,6 +170,8 @@ async def _run(args: argparse.Namespace, config: str) -> None:
         gateway.public_port, gateway.admin_port or args.admin_port, config, gateway.grpc_port, webhook_port
     ):
         print(f"# {title}\n{command}\n")
+    if args.python:
+        print(python_script(gateway.public_port, DEMO_KEY))
     sys.stdout.flush()
     try:
         await gateway.stopping.wait()
@@ -184,10 +188,15 @@ async def _run(args: argparse.Namespace, config: str) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     try:
         config = str(args.config or default_table())
-        load_table(config)
+        table = load_table(config)
     except (FileNotFoundError, TableInvalid) as exc:
         print(f"gateway demo: {exc}", file=sys.stderr)
         return 2
+    # Every port first, so that a busy one is a line naming it (cli.main prints it), not a half-started demo.
+    for flag, port in (("--port", args.port), ("--admin-port", args.admin_port), ("--grpc-port", args.grpc_port)):
+        check_free(flag, "127.0.0.1", port)
+    for plane in table.planes.values():
+        check_free(f"plane {plane.name}'s url in {config}", plane.url.host, plane.url.port)
     install_uvloop()
     try:
         asyncio.run(_run(args, config))
