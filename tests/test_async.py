@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.dataplane import AUTH, STD, until
+from tests.dataplane import AUTH, STD, metric, until
 from tests.support import GatewayProcess, example_doc, write_table
 
 SECRET_A = "plain-secret-a"
@@ -456,6 +456,11 @@ def test_a_request_waiting_for_a_scaled_to_zero_deployment_expires_and_its_resul
                 await until(lambda: any(c["path"] == "/wake" for c in plane.calls), "a wake of the deployment")
                 st = await status_of(session, gw, req["request_id"])
                 assert st["status"] == "QUEUED"
+
+                async def depth_shows_it() -> bool:  # it waits in the queue, so the depth gauge counts it
+                    return await metric(session, gw, "gateway_async_queue_depth", deployment="v0") == 1
+
+                await until(depth_shows_it, "gateway_async_queue_depth counting the waiting request", timeout=8)
                 await until(lambda: hook.deliveries, "the EXPIRED webhook", timeout=20)
                 d = hook.deliveries[0]["body"]
                 assert d["errors"][0]["code"] == "MODEL_NOT_READY" and d["data"] is None

@@ -246,6 +246,11 @@ class AsyncService:
             busy = False
             try:
                 now = time.time()
+                # The depth before this step's claims: a request claimed only to be put back (its
+                # deployment scaled to zero, full) is waiting, and would never be seen after them.
+                if self.gauge and self.loop.time() - self.gauged >= SCAN_SECONDS:
+                    self.gauged = self.loop.time()
+                    self._gauge()
                 scan = self.loop.time() - self.scanned >= SCAN_SECONDS
                 if scan:
                     self.scanned = self.loop.time()
@@ -259,9 +264,6 @@ class AsyncService:
                 if now - last_purge >= min(PURGE_SECONDS, max(0.5, ttl / 4)):
                     last_purge = now
                     await self._purge(now)
-                if self.gauge and self.loop.time() - self.gauged >= SCAN_SECONDS:
-                    self.gauged = self.loop.time()
-                    self._gauge()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug or a store error must not stop the queue: log and go on
