@@ -183,7 +183,10 @@ class ServerStream:
                 pending[0] = view[size:]
                 conn.send_data(self, view[:size], False)
         if self.trailers is not None:
-            conn.send_headers(self.id, self.trailers, True)
+            if self.trailers:
+                conn.send_headers(self.id, self.trailers, True)
+            else:
+                conn.send_end(self.id)  # no trailers: END_STREAM on an empty DATA frame
             self.trailers = None
             conn.flush_soon()
             self._finish()

@@ -1,0 +1,302 @@
+"""HTTP/2 on the public listener (issue 13): real clients over loopback against a real gateway process.
+
+One TLS port serves HTTP/1.1, HTTP/2 (ALPN) and gRPC; the cleartext port takes h2c with prior
+knowledge and answers an `Upgrade: h2c` offer in HTTP/1.1. The planes are the suite's aiohttp
+`Plane` (in a thread of its own, so that subprocess clients can be used) and grpcio `GrpcPlane`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from aiohttp import web
+
+from tests.planes import Plane
+from tests.support import DEMO_KEY, GatewayProcess, example_doc, running_gateway, write_table
+from tests.test_grpc import AUTH as GRPC_AUTH
+from tests.test_grpc import HOST as GRPC_HOST
+from tests.test_grpc import GrpcPlane, unary
+
+STD = "model-abc123.api.example.com"
+KEY = {"Authorization": f"Api-Key {DEMO_KEY}"}
+WAIT = 10.0
+REQUEST_ID = re.compile(r"[0-9a-f]{32}\Z")
+
+
+class OpenAIPlane(Plane):
+    """The suite's Plane, plus the OpenAI-compatible answers the SDK clients parse."""
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/chat/completions":
+            return await self.chat(request)
+        if request.path == "/v1/embeddings":
+            doc = await request.json()
+            data = [{"object": "embedding", "index": i, "embedding": [float(i), 0.5]} for i in range(len(doc["input"]))]
+            usage = {"prompt_tokens": 1, "total_tokens": 1}
+            return web.json_response({"object": "list", "data": data, "model": doc["model"], "usage": usage})
+        return await super().dispatch(request)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        doc = await request.json()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        words = doc["messages"][-1]["content"].split()
+        for i, word in enumerate(words):
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": doc["model"],
+                     "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}  # fmt: skip
+            await resp.write(b"data: %s\n\n" % json.dumps(chunk).encode())
+            if i + 1 < len(words):  # the next word only once the client has the previous one (streamed, not buffered)
+                gate = self.gate("chat", len(words))[i]
+                await asyncio.wait_for(gate.wait(), WAIT)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+class PlaneThread:
+    """A Plane in an event loop of its own thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.plane: OpenAIPlane = self.run(self._start())
+
+    async def _start(self) -> OpenAIPlane:
+        return await OpenAIPlane().start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    def open_gate(self, name: str, n: int, i: int) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.plane.gate(name, n)[i].set())
+
+    def stop(self) -> None:
+        self.run(self.plane.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def planes() -> Iterator[tuple[PlaneThread, GrpcPlane]]:
+    http, grpc_plane = PlaneThread(), GrpcPlane("us-east-1")
+    yield http, grpc_plane
+    http.stop()
+    grpc_plane.stop()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> dict:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "*.api.example.com", "*.grpc.localhost")
+    folder = tmp_path_factory.mktemp("h2tls")
+    files = {name: folder / f"{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(files["cert"]))
+    cert.private_key_pem.write_to_path(str(files["key"]))
+    return files
+
+
+def table(planes: tuple[PlaneThread, GrpcPlane], folder: Path) -> Path:
+    http, grpc_plane = planes
+    doc = example_doc(http.plane.url, http.plane.url)
+    for plane in doc["planes"].values():
+        plane["grpc"] = grpc_plane.address
+    return write_table(folder / "table.yaml", doc)
+
+
+@pytest.fixture(scope="module")
+def tls_gw(planes, tls, tmp_path_factory) -> Iterator[GatewayProcess]:
+    config = table(planes, tmp_path_factory.mktemp("h2tlsgw"))
+    with running_gateway(config, "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"])) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def h2c_gw(planes, tmp_path_factory) -> Iterator[GatewayProcess]:
+    with running_gateway(table(planes, tmp_path_factory.mktemp("h2cgw"))) as gw:
+        yield gw
+
+
+def curl(*args: str) -> tuple[str, dict[str, str], str]:
+    """curl's answer: the HTTP version it used, the response headers and the body."""
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", str(WAIT), "-D", "-", "-w", "\n%{http_version}", *args],
+        capture_output=True, text=True, timeout=2 * WAIT, check=True,
+    ).stdout  # fmt: skip
+    head, _, rest = out.partition("\n\n")
+    body, _, version = rest.rpartition("\n")
+    headers = dict(line.lower().split(": ", 1) for line in head.split("\n")[1:])
+    return version, headers, body
+
+
+def curl_predict(gw: GatewayProcess, *args: str, scheme: str = "http") -> tuple[str, dict[str, str], dict]:
+    url = f"{scheme}://{STD}:{gw.port}/production/predict"
+    version, headers, body = curl(
+        "--resolve", f"{STD}:{gw.port}:127.0.0.1", "-H", f"Authorization: {KEY['Authorization']}", "-d", "hello",
+        *args, url,
+    )  # fmt: skip
+    return version, headers, json.loads(body)
+
+
+def test_curl_http2_over_tls_negotiates_h2_by_alpn(tls_gw, tls) -> None:
+    version, headers, echo = curl_predict(tls_gw, "--http2", "--cacert", str(tls["ca"]), scheme="https")
+    assert version == "2"
+    assert echo["method"] == "POST" and echo["path"] == "/predict" and echo["body"] == "hello"
+    seen = {k.lower(): v for k, v in echo["headers"]}
+    assert seen["x-forwarded-proto"] == "https" and seen["x-forwarded-host"] == f"{STD}:{tls_gw.port}"
+    assert seen["x-baseten-model-id"] == "abc123" and "authorization" not in seen
+    assert REQUEST_ID.match(headers["x-baseten-request-id"]) and headers["x-baseten-deployment-id"] == "v1"
+
+
+def test_curl_http11_over_tls_still_works(tls_gw, tls) -> None:
+    version, _, echo = curl_predict(tls_gw, "--http1.1", "--cacert", str(tls["ca"]), scheme="https")
+    assert version == "1.1" and echo["body"] == "hello"
+
+
+def test_curl_prior_knowledge_h2c_on_the_cleartext_port(h2c_gw) -> None:
+    version, headers, echo = curl_predict(h2c_gw, "--http2-prior-knowledge")
+    assert version == "2" and echo["path"] == "/predict" and echo["body"] == "hello"
+    assert {k.lower(): v for k, v in echo["headers"]}["x-forwarded-proto"] == "http"
+    assert REQUEST_ID.match(headers["x-baseten-request-id"])
+
+
+def test_an_h2c_upgrade_offer_is_answered_in_http11(h2c_gw, planes) -> None:
+    url = f"http://{STD}:{h2c_gw.port}/production/sync/v1/models"
+    version, headers, body = curl(
+        "--http2", "--resolve", f"{STD}:{h2c_gw.port}:127.0.0.1", "-H", f"Authorization: {KEY['Authorization']}", url
+    )
+    echo = json.loads(body)
+    assert version == "1.1" and echo["path"] == "/v1/models"
+    seen = {k.lower() for k, _ in echo["headers"]}
+    assert "upgrade" not in seen and "http2-settings" not in seen  # the offer is the gateway's, not the plane's
+
+
+def test_an_h2c_upgrade_offer_with_a_body_and_a_pipelined_request(h2c_gw) -> None:
+    async def scenario() -> list[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h2c_gw.port)
+        head = (f"POST /production/predict HTTP/1.1\r\nHost: {STD}\r\nAuthorization: {KEY['Authorization']}\r\n"
+                "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n")  # fmt: skip
+        second = f"POST /production/predict HTTP/1.1\r\nHost: {STD}\r\nAuthorization: {KEY['Authorization']}\r\n"
+        writer.write((head + "Content-Length: 5\r\n\r\nfirst" + second + "Content-Length: 6\r\n\r\nsecond").encode())
+        bodies = []
+        for _ in range(2):
+            status_and_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            length = int(re.search(rb"content-length: (\d+)", status_and_head, re.I).group(1))  # type: ignore[union-attr]
+            bodies.append(await asyncio.wait_for(reader.readexactly(length), WAIT))
+            assert status_and_head.startswith(b"HTTP/1.1 200 "), status_and_head + bodies[-1]
+        writer.close()
+        return bodies
+
+    first, second = (json.loads(b) for b in asyncio.run(scenario()))
+    assert (first["body"], second["body"]) == ("first", "second")
+
+
+def ssl_context(tls: dict) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(tls["ca"]))
+
+
+def test_httpx_http2_predict_and_sse_streamed_as_it_arrives(tls_gw, tls, planes) -> None:
+    http = planes[0]
+    n = 3
+    with httpx.Client(http2=True, verify=ssl_context(tls), timeout=WAIT) as client:
+        base = f"https://127.0.0.1:{tls_gw.port}"
+        resp = client.post(base + "/production/predict", content=b"x" * 100_000, headers={"host": STD, **KEY})
+        assert resp.http_version == "HTTP/2" and resp.status_code == 200
+        assert resp.json()["body"] == "x" * 100_000
+        url = base + f"/production/sync/sse?n={n}"
+        with client.stream("GET", url, headers={"host": STD, **KEY}) as stream:
+            assert stream.http_version == "HTTP/2"
+            assert stream.headers["content-type"] == "text/event-stream"
+            events = []
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    http.open_gate("sse", n, len(events) - 1)  # the plane writes event i+1 only now
+        assert events == ["0", "1", "2"]
+
+
+def test_httpx_http2_errors_are_the_gateways_json_bodies(tls_gw, tls) -> None:
+    with httpx.Client(http2=True, verify=ssl_context(tls), timeout=WAIT) as client:
+        base = f"https://127.0.0.1:{tls_gw.port}"
+        missing = client.post(base + "/production/predict", content=b"{}", headers={"host": STD})
+        unknown = client.post(base + "/production/predict", content=b"{}", headers={"host": "nope.example.org", **KEY})
+        too_big = (
+            client.post(
+                base + "/production/predict",
+                headers={"host": STD, "content-length": str(200 << 20), **KEY},
+                content=b"",
+            )
+            if False
+            else None
+        )  # noqa: SIM108 - httpx recomputes Content-Length; the raw h2 test below sends one
+    assert missing.http_version == "HTTP/2" and missing.status_code == 401
+    assert missing.json()["error_code"] == "unauthorized", missing.text
+    assert REQUEST_ID.match(missing.headers["x-baseten-request-id"])
+    assert unknown.status_code == 404 and unknown.json()["error_code"], unknown.text
+    assert too_big is None
+
+
+def test_openai_sdk_streams_chat_over_http2(tls_gw, tls, planes) -> None:
+    openai = pytest.importorskip("openai")
+    httpx2 = pytest.importorskip("httpx2")
+    http = planes[0]
+    words = ["one", "two", "three"]
+    with httpx2.Client(http2=True, verify=ssl_context(tls), headers={"host": STD}, timeout=WAIT) as http_client:
+        client = openai.OpenAI(
+            base_url=f"https://127.0.0.1:{tls_gw.port}/production/sync/v1", api_key="unused",
+            default_headers={"Authorization": KEY["Authorization"]}, http_client=http_client, max_retries=0,
+        )  # fmt: skip
+        got = []
+        with client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": " ".join(words)}], stream=True
+        ) as stream:
+            assert stream.response.http_version == "HTTP/2"
+            for chunk in stream:
+                got.append(chunk.choices[0].delta.content)
+                http.open_gate("chat", len(words), len(got) - 1)
+    assert got == words
+
+
+def test_grpc_through_the_public_tls_port(tls_gw, tls) -> None:
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls["ca"].read_bytes())
+    options = [("grpc.ssl_target_name_override", GRPC_HOST), ("grpc.default_authority", GRPC_HOST)]
+    with grpc.secure_channel(f"127.0.0.1:{tls_gw.port}", credentials, options=options) as ch:
+        assert unary(ch, "Echo")(b"over :443", metadata=GRPC_AUTH, timeout=WAIT) == b"over :443"
+        with pytest.raises(grpc.RpcError) as info:
+            unary(ch, "Echo")(b"no key", timeout=WAIT)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_grpc_h2c_on_the_public_cleartext_port(h2c_gw) -> None:
+    options = [("grpc.default_authority", GRPC_HOST)]
+    with grpc.insecure_channel(f"127.0.0.1:{h2c_gw.port}", options=options) as ch:
+        assert unary(ch, "Echo")(b"h2c", metadata=GRPC_AUTH, timeout=WAIT) == b"h2c"
+
+
+def test_h2load_bounded_run_has_no_errors(h2c_gw, tmp_path) -> None:
+    (tmp_path / "body.json").write_bytes(b'{"prompt": "h2load"}')
+    out = subprocess.run(
+        ["h2load", "-n", "2000", "-c", "4", "-m", "8", "-H", f"authorization: {KEY['Authorization']}",
+         "-H", f":authority: {STD}", "-d", str(tmp_path / "body.json"), f"http://127.0.0.1:{h2c_gw.port}/production/predict"],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    requests = re.search(
+        r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out
+    )
+    statuses = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    assert requests is not None and statuses is not None, out
+    assert requests.groups() == ("2000", "2000", "2000", "0", "0"), out
+    assert statuses.group(1) == "2000", out
