@@ -302,13 +302,22 @@ def plane(planes) -> CountingPlane:
     return planes[0]
 
 
-@pytest.fixture(scope="module")
-def gateway(planes, tmp_path_factory) -> Iterator:
+class PublicPort:
+    """The same gateway seen through its public port, where HTTP/2 (h2c prior knowledge) and gRPC are
+    served too (issue 13): every flood test runs against both listeners."""
+
+    def __init__(self, gw) -> None:
+        self.proc = gw.proc
+        self.grpc_port = gw.port
+
+
+@pytest.fixture(scope="module", params=["grpc-port", "public-port"])
+def gateway(request, planes, tmp_path_factory) -> Iterator:
     table = write_table(
         tmp_path_factory.mktemp("hostile") / "table.yaml", table_doc(*planes, f"127.0.0.1:{free_port()}")
     )
     with running_gateway(table, grpc_port=free_port()) as gw:
-        yield gw
+        yield gw if request.param == "grpc-port" else PublicPort(gw)
 
 
 class Client(RawClient):

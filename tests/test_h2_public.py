@@ -21,6 +21,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from gateway.http.server import H2_PREFACE
 from tests.planes import Plane
 from tests.support import DEMO_KEY, GatewayProcess, example_doc, running_gateway, write_table
 from tests.test_grpc import AUTH as GRPC_AUTH
@@ -300,3 +301,53 @@ def test_h2load_bounded_run_has_no_errors(h2c_gw, tmp_path) -> None:
     assert requests is not None and statuses is not None, out
     assert requests.groups() == ("2000", "2000", "2000", "0", "0"), out
     assert statuses.group(1) == "2000", out
+
+
+class Relay:
+    """A TCP relay in front of the gateway that keeps the first bytes of each connection (the wire's
+    own word on the protocol a client chose)."""
+
+    def __init__(self, thread: PlaneThread, port: int) -> None:
+        self.thread = thread
+        self.target = port
+        self.openings: list[bytes] = []
+        self.server = thread.run(self._start())
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _start(self) -> asyncio.Server:
+        return await asyncio.start_server(self._relay, "127.0.0.1", 0)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        first = await reader.read(65536)
+        self.openings.append(first[:24])
+        up_writer.write(first)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.run(self.server.wait_closed())
+
+
+def test_baseten_performance_client_http_version_2(h2c_gw, planes) -> None:
+    client_module = pytest.importorskip("baseten_performance_client")
+    relay = Relay(planes[0], h2c_gw.port)
+    try:
+        # The client reaches the gateway as its proxy: absolute-form targets route by their host (RFC 9112 §3.2.2).
+        client = client_module.PerformanceClient(
+            base_url=f"http://{STD}/production/sync", api_key=DEMO_KEY, http_version=2,
+            proxy=f"http://127.0.0.1:{relay.port}",
+        )  # fmt: skip
+        answer = client.embed(input=["a", "b", "c"], model="m")
+    finally:
+        relay.close()
+    assert [d.embedding for d in answer.data] == [[0.0, 0.5], [1.0, 0.5], [2.0, 0.5]]
+    assert relay.openings and all(first == H2_PREFACE for first in relay.openings), relay.openings
+    assert REQUEST_ID.match(answer.response_headers[0]["x-baseten-request-id"])
