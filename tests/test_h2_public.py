@@ -351,3 +351,126 @@ def test_baseten_performance_client_http_version_2(h2c_gw, planes) -> None:
     assert [d.embedding for d in answer.data] == [[0.0, 0.5], [1.0, 0.5], [2.0, 0.5]]
     assert relay.openings and all(first == H2_PREFACE for first in relay.openings), relay.openings
     assert REQUEST_ID.match(answer.response_headers[0]["x-baseten-request-id"])
+
+
+class RawH2:
+    """A client of its own on the `h2` library, for what real clients never send (or never show)."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        import h2.config
+        import h2.connection
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        config = h2.config.H2Configuration(client_side=True, validate_inbound_headers=False, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config)
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def request(self, path: str, headers: list, end: bool = True) -> int:
+        stream = self.conn.get_next_available_stream_id()
+        fields = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", STD),
+                  ("authorization", KEY["Authorization"]), *headers]  # fmt: skip
+        self.conn.send_headers(stream, fields, end_stream=end)
+        self.flush()
+        return stream
+
+    def until_end(self, stream: int, stop_after_data: bool = False) -> tuple[dict, bytes, int | None]:
+        """The response's fields, its body and the RST_STREAM code if the stream was reset."""
+        import h2.events
+
+        fields: dict = {}
+        body = b""
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                return fields, body, None
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                    fields = {k.decode(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream:
+                    body += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                    if stop_after_data:
+                        self.flush()
+                        return fields, body, None
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                    self.flush()
+                    return fields, body, None
+                elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream:
+                    return fields, body, event.error_code
+            self.flush()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_declared_body_over_the_limit_gets_413_before_any_data(h2c_gw) -> None:
+    client = RawH2(h2c_gw.port)
+    stream = client.request("/production/predict", [("content-length", str(100 * 1024 * 1024 + 1))], end=False)
+    fields, body, _ = client.until_end(stream)
+    client.close()
+    assert fields[":status"] == "413" and json.loads(body)["error_code"] == "payload_too_large"
+
+
+def test_data_beyond_the_content_length_resets_the_stream_and_the_connection_goes_on(h2c_gw) -> None:
+    client = RawH2(h2c_gw.port)
+    stream = client.request("/production/sync/sink", [("content-length", "3")], end=False)
+    client.conn.send_data(stream, b"smuggled", end_stream=True)
+    client.flush()
+    _, _, reset = client.until_end(stream)
+    assert reset == 1  # PROTOCOL_ERROR (RFC 9113 §8.1.1: a malformed request)
+    fine = client.request("/production/predict", [("content-length", "2")], end=False)
+    client.conn.send_data(fine, b"ok", end_stream=True)
+    client.flush()
+    fields, body, _ = client.until_end(fine)
+    client.close()
+    assert fields[":status"] == "200" and json.loads(body)["body"] == "ok"
+
+
+def test_connection_specific_fields_of_the_plane_never_reach_an_h2_client(h2c_gw) -> None:
+    client = RawH2(h2c_gw.port)
+    stream = client.request("/production/sync/stream?n=2", [])
+    fields, body, _ = client.until_end(stream)
+    client.close()
+    assert fields[":status"] == "200" and body == b"data: 0\n\ndata: 1\n\n"
+    assert not {"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"} & set(fields)
+
+
+def test_a_client_reset_cancels_the_plane_call(h2c_gw, planes) -> None:
+    http = planes[0]
+    http.run(_renew_gone(http.plane))
+    client = RawH2(h2c_gw.port)
+    stream = client.request("/production/sync/sse-gone", [])
+    _, first, _ = client.until_end(stream, stop_after_data=True)
+    assert first == b"data: 0\n\n"
+    client.conn.reset_stream(stream)
+    client.flush()
+    outcome = http.run(asyncio.wait_for(asyncio.shield(http.plane.gone), WAIT))
+    client.close()
+    assert outcome != "still connected"
+
+
+async def _renew_gone(plane: Plane) -> None:
+    plane.gone = asyncio.get_running_loop().create_future()
+
+
+def test_large_bodies_both_ways_keep_to_the_flow_control_windows(tls_gw, tls, planes) -> None:
+    import hashlib
+
+    size = 24 * 1024 * 1024  # many times the gateway's stream window and the client's
+    upload = bytes(range(256)) * (size // 256)
+    with httpx.Client(http2=True, verify=ssl_context(tls), timeout=WAIT) as client:
+        base = f"https://127.0.0.1:{tls_gw.port}"
+        sink = client.post(base + "/production/sync/sink", content=upload, headers={"host": STD, **KEY})
+        assert sink.http_version == "HTTP/2" and sink.status_code == 200
+        assert sink.json() == {"length": size, "sha256": hashlib.sha256(upload).hexdigest()}
+        digest = hashlib.sha256()
+        with client.stream("GET", base + f"/production/sync/huge?size={size}", headers={"host": STD, **KEY}) as resp:
+            for chunk in resp.iter_bytes():
+                digest.update(chunk)
+    assert digest.hexdigest() == planes[0].plane.huge_sha256

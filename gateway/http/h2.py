@@ -22,7 +22,7 @@ from gateway.grpc.h2server import App, Handler, Headers, ServerStream
 from gateway.grpc.wire import INTERNAL_ERROR, PROTOCOL_ERROR
 from gateway.http.proxy import RESPONSE_DROP, Exchange
 from gateway.http.server import Handler as HttpHandler
-from gateway.http.server import HttpConnection, Request
+from gateway.http.server import HttpConnection, Request, request_field
 from gateway.http.shadow import ShadowExchange
 
 GRPC = b"application/grpc"
@@ -113,21 +113,8 @@ class H2Call(HttpConnection):
             if name == b"cookie":
                 cookies.append(value)  # one field again for HTTP/1.1 (RFC 9113 §8.2.3)
                 continue
-            req.headers.append((name, value))
-            if name == b"host":
-                req.host = req.host or value.decode("latin-1")
-            elif name == b"authorization":
-                if req.authorization is not None:
-                    raise ClientError("more than one Authorization header")
-                req.authorization = value.decode("latin-1")
-            elif name == b"content-length":
-                if not value.isdigit() or (req.content_length is not None and req.content_length != int(value)):
-                    raise ClientError("invalid Content-Length")
-                req.content_length = int(value)
-            elif name == b"expect":
-                req.expect_continue = value.lower() == b"100-continue"
-            elif name == b"x-baseten-routing-key":
-                req.routing_key = value.decode("latin-1")
+            if name != b"host" or req.host is None:  # a host beside :authority is the same (request_problem)
+                request_field(req, name, value)
         if cookies:
             req.headers.append((b"cookie", b"; ".join(cookies)))
         if self.stream.ended:
