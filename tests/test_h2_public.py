@@ -8,8 +8,10 @@ knowledge and answers an `Upgrade: h2c` offer in HTTP/1.1. The planes are the su
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
+import socket
 import ssl
 import subprocess
 import threading
@@ -17,9 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import httpx
+import httpx2
+import openai
 import pytest
+import trustme
 from aiohttp import web
+from baseten_performance_client import PerformanceClient
 
 from gateway.http.server import H2_PREFACE
 from tests.planes import Plane
@@ -99,7 +108,6 @@ def planes() -> Iterator[tuple[PlaneThread, GrpcPlane]]:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory) -> dict:
-    trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "*.api.example.com", "*.grpc.localhost")
     folder = tmp_path_factory.mktemp("h2tls")
@@ -251,8 +259,6 @@ def test_httpx_http2_errors_are_the_gateways_json_bodies(tls_gw, tls) -> None:
 
 
 def test_openai_sdk_streams_chat_over_http2(tls_gw, tls, planes) -> None:
-    openai = pytest.importorskip("openai")
-    httpx2 = pytest.importorskip("httpx2")
     http = planes[0]
     words = ["one", "two", "three"]
     with httpx2.Client(http2=True, verify=ssl_context(tls), headers={"host": STD}, timeout=WAIT) as http_client:
@@ -337,11 +343,10 @@ class Relay:
 
 
 def test_baseten_performance_client_http_version_2(h2c_gw, planes) -> None:
-    client_module = pytest.importorskip("baseten_performance_client")
     relay = Relay(planes[0], h2c_gw.port)
     try:
         # The client reaches the gateway as its proxy: absolute-form targets route by their host (RFC 9112 §3.2.2).
-        client = client_module.PerformanceClient(
+        client = PerformanceClient(
             base_url=f"http://{STD}/production/sync", api_key=DEMO_KEY, http_version=2,
             proxy=f"http://127.0.0.1:{relay.port}",
         )  # fmt: skip
@@ -357,11 +362,6 @@ class RawH2:
     """A client of its own on the `h2` library, for what real clients never send (or never show)."""
 
     def __init__(self, port: int) -> None:
-        import socket
-
-        import h2.config
-        import h2.connection
-
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
         config = h2.config.H2Configuration(client_side=True, validate_inbound_headers=False, header_encoding=None)
         self.conn = h2.connection.H2Connection(config)
@@ -381,8 +381,6 @@ class RawH2:
 
     def until_end(self, stream: int, stop_after_data: bool = False) -> tuple[dict, bytes, int | None]:
         """The response's fields, its body and the RST_STREAM code if the stream was reset."""
-        import h2.events
-
         fields: dict = {}
         body = b""
         while True:
@@ -460,8 +458,6 @@ async def _renew_gone(plane: Plane) -> None:
 
 
 def test_large_bodies_both_ways_keep_to_the_flow_control_windows(tls_gw, tls, planes) -> None:
-    import hashlib
-
     size = 24 * 1024 * 1024  # many times the gateway's stream window and the client's
     upload = bytes(range(256)) * (size // 256)
     with httpx.Client(http2=True, verify=ssl_context(tls), timeout=WAIT) as client:
@@ -474,3 +470,15 @@ def test_large_bodies_both_ways_keep_to_the_flow_control_windows(tls_gw, tls, pl
             for chunk in resp.iter_bytes():
                 digest.update(chunk)
     assert digest.hexdigest() == planes[0].plane.huge_sha256
+
+
+def test_the_websocket_endpoint_over_h2_asks_for_http11(h2c_gw) -> None:
+    client = RawH2(h2c_gw.port)
+    stream = client.conn.get_next_available_stream_id()
+    fields = [(":method", "GET"), (":scheme", "http"), (":path", "/production/websocket"), (":authority", STD),
+              ("authorization", KEY["Authorization"])]  # fmt: skip
+    client.conn.send_headers(stream, fields, end_stream=True)
+    client.flush()
+    answer, body, _ = client.until_end(stream)
+    client.close()
+    assert answer[":status"] == "426" and json.loads(body)["error_code"] == "client_error"
