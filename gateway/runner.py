@@ -18,7 +18,7 @@ from pathlib import Path
 from gateway.asyncq.service import AsyncService
 from gateway.calls.pipeline import Pipeline
 from gateway.environments.control import ControlPlane
-from gateway.grpc.h2server import H2Connection
+from gateway.grpc.h2server import H2Connection, H2Server
 from gateway.grpc.listener import GrpcListener, tls_context
 from gateway.http.h2 import PublicApp
 from gateway.http.public import PublicHandler
@@ -142,7 +142,7 @@ class DataPlane:
         self.public.asyncs = self.asyncs
         # HTTP/2 connections of the public port: HTTP calls to the public handler, gRPC to a relay of its own.
         h2 = self.h2 = GrpcListener(self.state, self.metrics, None, self.pipeline)
-        h2.server.app = PublicApp(self.public, h2.relay)
+        h2.server = H2Server(PublicApp(self.public, h2.relay), extended_connect=True)  # WebSocket too (RFC 8441)
         self.server = await serve(
             self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,
             reuse_port=opts.reuse_port, h2=lambda: H2Connection(h2.server),

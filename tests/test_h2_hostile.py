@@ -248,8 +248,12 @@ def test_resets_past_the_burst_end_the_connection_with_enhance_your_calm(conn, t
     )
     conn.data_received(pairs)
     assert app.opened == [] and transport.closed
-    goaway = wire.frame(wire.GOAWAY, 0, 0, struct.pack(">LL", 2 * limits.RESET_BURST + 1, wire.ENHANCE_YOUR_CALM))
-    assert goaway in b"".join(transport.written)
+    # The GOAWAY names the last stream seen: the burst's, or one or two later if the bucket refilled
+    # meanwhile (RESET_RATE per second of a loaded machine's parse time).
+    written = b"".join(transport.written)
+    at = written.rindex(wire.frame(wire.GOAWAY, 0, 0, b"\0" * 8)[:9])
+    last, code = struct.unpack(">LL", written[at + 9 : at + 17])
+    assert code == wire.ENHANCE_YOUR_CALM and 2 * limits.RESET_BURST + 1 <= last <= 2 * limits.RESET_BURST + 3
 
 
 @in_loop

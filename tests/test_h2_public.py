@@ -366,6 +366,7 @@ class RawH2:
         config = h2.config.H2Configuration(client_side=True, validate_inbound_headers=False, header_encoding=None)
         self.conn = h2.connection.H2Connection(config)
         self.conn.initiate_connection()
+        self.pending: list = []
         self.flush()
 
     def flush(self) -> None:
@@ -379,29 +380,41 @@ class RawH2:
         self.flush()
         return stream
 
-    def until_end(self, stream: int, stop_after_data: bool = False) -> tuple[dict, bytes, int | None]:
+    def events(self) -> Iterator:
+        """The connection's events, in order; those not taken by one wait are left for the next."""
+        while True:
+            while self.pending:
+                yield self.pending.pop(0)
+            data = self.sock.recv(65536)
+            if not data:
+                return
+            self.pending += self.conn.receive_data(data)
+            self.flush()
+
+    def until_end(
+        self, stream: int, stop_after_data: bool = False, stop_after_head: bool = False
+    ) -> tuple[dict, bytes, int | None]:
         """The response's fields, its body and the RST_STREAM code if the stream was reset."""
         fields: dict = {}
         body = b""
-        while True:
-            data = self.sock.recv(65536)
-            if not data:
-                return fields, body, None
-            for event in self.conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
-                    fields = {k.decode(): v.decode() for k, v in event.headers}
-                elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream:
-                    body += event.data
-                    self.conn.acknowledge_received_data(event.flow_controlled_length, stream)
-                    if stop_after_data:
-                        self.flush()
-                        return fields, body, None
-                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
-                    self.flush()
-                    return fields, body, None
-                elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream:
-                    return fields, body, event.error_code
-            self.flush()
+        for event in self.events():
+            if getattr(event, "stream_id", None) != stream:
+                continue
+            if isinstance(event, h2.events.ResponseReceived):
+                fields = {k.decode(): v.decode() for k, v in event.headers}
+                if stop_after_head:
+                    break
+            elif isinstance(event, h2.events.DataReceived):
+                body += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                self.flush()
+                if stop_after_data:
+                    break
+            elif isinstance(event, h2.events.StreamEnded):
+                break
+            elif isinstance(event, h2.events.StreamReset):
+                return fields, body, event.error_code
+        return fields, body, None
 
     def close(self) -> None:
         self.sock.close()
@@ -482,3 +495,34 @@ def test_the_websocket_endpoint_over_h2_asks_for_http11(h2c_gw) -> None:
     answer, body, _ = client.until_end(stream)
     client.close()
     assert answer[":status"] == "426" and json.loads(body)["error_code"] == "client_error"
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (RFC 6455 §5.2), payload under 126 bytes."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
+
+
+def test_websocket_over_h2_by_extended_connect(h2c_gw) -> None:
+    client = RawH2(h2c_gw.port)
+    while not client.conn.remote_settings.enable_connect_protocol:  # SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441 §3)
+        client.conn.receive_data(client.sock.recv(65536))
+    stream = client.conn.get_next_available_stream_id()
+    fields = [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+              (":path", "/production/websocket"), (":authority", STD), ("sec-websocket-version", "13"),
+              ("authorization", KEY["Authorization"])]  # fmt: skip
+    client.conn.send_headers(stream, fields)
+    client.flush()
+    answer, _, _ = client.until_end(stream, stop_after_data=False, stop_after_head=True)
+    assert answer[":status"] == "200" and "sec-websocket-accept" not in answer, answer
+    assert REQUEST_ID.match(answer["x-baseten-request-id"])
+    client.conn.send_data(stream, ws_frame(0x1, b"hello over h2"))
+    client.flush()
+    _, echoed, _ = client.until_end(stream, stop_after_data=True)
+    assert echoed == b"\x81\x0dhello over h2"
+    client.conn.send_data(stream, ws_frame(0x8, b"\x03\xe8bye"))  # close 1000
+    client.flush()
+    _, closing, reset = client.until_end(stream)
+    client.close()
+    assert closing == b"\x88\x02\x03\xe8" and reset is None  # the plane's close frame, then END_STREAM

@@ -298,7 +298,7 @@ class H2Connection(wire.FrameConnection):
         # The settings are in force from the first byte, not from the client's ACK: a client may use
         # the larger frame size and windows as soon as it has read them (RFC 9113 §6.5.3), and grpc
         # core does, in the same write as its ACK.
-        self.start(SETTINGS)
+        self.start(self.server.settings)
         self.flush()
         self.idle_handle = self.loop.call_later(IDLE_SECONDS, self._idle_check)
         if self.server.draining:
@@ -350,7 +350,7 @@ class H2Connection(wire.FrameConnection):
         if not stream_id & 1:
             raise H2Error(wire.PROTOCOL_ERROR, "a client opened an even-numbered stream")
         self.highest = stream_id
-        problem = request_problem(fields)
+        problem = request_problem(fields, self.server.extended_connect)
         if problem is not None:
             self._malformed(stream_id, problem)
         elif self.draining or len(self.streams) >= MAX_STREAMS:
@@ -484,8 +484,11 @@ class H2Connection(wire.FrameConnection):
 class H2Server:
     """The gRPC listener: accepts HTTP/2 connections and hands each stream to the app."""
 
-    def __init__(self, app: App, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, app: App, ssl_context: ssl.SSLContext | None = None, *, extended_connect: bool = False) -> None:
         self.app = app
+        # RFC 8441 extended CONNECT (the public listener's WebSocket over HTTP/2): advertised and accepted.
+        self.extended_connect = extended_connect
+        self.settings = {**SETTINGS, wire.ENABLE_CONNECT_PROTOCOL: 1} if extended_connect else SETTINGS
         self.ssl = ssl_context
         self.loop = asyncio.get_running_loop()
         self.connections: set[H2Connection] = set()

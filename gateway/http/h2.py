@@ -15,12 +15,14 @@ connection is not read. The plane's connection-specific fields (RFC 9113 §8.2.2
 
 from __future__ import annotations
 
+import base64
+import os
 from typing import Any
 
 from gateway.errors import ClientError, GatewayError, InternalError
 from gateway.grpc.h2server import App, Handler, Headers, ServerStream
 from gateway.grpc.wire import INTERNAL_ERROR, PROTOCOL_ERROR
-from gateway.http.proxy import RESPONSE_DROP, Exchange
+from gateway.http.proxy import RESPONSE_DROP, UPGRADE_DROP, Exchange, TunnelExchange
 from gateway.http.server import Handler as HttpHandler
 from gateway.http.server import HttpConnection, Request, request_field
 from gateway.http.shadow import ShadowExchange
@@ -34,10 +36,13 @@ class H2Output:
     __slots__ = ()
 
     def on_response_head(self: Any, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status = status
         tokens = self.upstream.connection_tokens  # fields the plane's Connection header names are hop-by-hop too
-        drop = RESPONSE_DROP.union(tokens) if tokens else RESPONSE_DROP
-        fields = [(b":status", b"%d" % status)]
+        self._respond(status, status, headers, RESPONSE_DROP.union(tokens) if tokens else RESPONSE_DROP)
+
+    def _respond(self: Any, status: int, shown: int, headers: list[tuple[bytes, bytes]], drop: frozenset) -> None:
+        """HEADERS with `shown` as :status, the plane's fields but `drop`, and the gateway's own."""
+        self.status = status
+        fields = [(b":status", b"%d" % shown)]
         fields += [(name, value) for name, value in headers if name not in drop]
         fields += [tuple(line.split(b": ", 1)) for line in self.answered_by.split(b"\r\n") if line]
         self.client.stream.respond(fields)
@@ -63,6 +68,30 @@ class H2Exchange(H2Output, Exchange):
 
 class H2ShadowExchange(H2Output, ShadowExchange):
     __slots__ = ()
+
+
+# What the plane's 101 carries that an extended CONNECT's 200 does not (RFC 8441 §5: no key, no accept).
+TUNNEL_DROP = UPGRADE_DROP | {b"connection", b"upgrade", b"sec-websocket-accept"}
+
+
+class H2TunnelExchange(H2Output, TunnelExchange):
+    """A WebSocket over an HTTP/2 stream (RFC 8441): the plane gets an HTTP/1.1 upgrade, the client a
+    200 on its extended CONNECT, and the stream's DATA carries the WebSocket bytes both ways."""
+
+    __slots__ = ()
+
+    def on_response_head(self: Any, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if status == 101:
+            self._respond(101, 200, headers, TUNNEL_DROP)
+        else:  # refused: its answer is relayed and the stream ends with it
+            H2Output.on_response_head(self, status, reason, headers)
+
+    on_tunnel_data = H2Output.on_response_body
+
+    def on_tunnel_closed(self: Any) -> None:
+        """The plane's side ended: the stream ends too (after the close frame, already relayed)."""
+        self.client.stream.send_trailers([])
+        self._finish()
 
 
 class H2Call(HttpConnection):
@@ -92,6 +121,7 @@ class H2Call(HttpConnection):
         self.body_waiter = None
         self.write_paused_callbacks = []
         self.on_lost = None
+        self.tunnel = None
 
     def __repr__(self) -> str:
         return f"<H2Call {self.stream!r} {self.current!r}>"
@@ -101,9 +131,12 @@ class H2Call(HttpConnection):
         req = self.current = Request(self)
         req.version = "2"
         cookies = []
+        protocol = None
         for name, value in fields:
             if name[:1] == b":":
-                if name == b":method":
+                if name == b":protocol":
+                    protocol = value
+                elif name == b":method":
                     req.method = value.decode("ascii", "replace")
                 elif name == b":path":
                     req.target = value.decode("latin-1")
@@ -117,6 +150,8 @@ class H2Call(HttpConnection):
                 request_field(req, name, value)
         if cookies:
             req.headers.append((b"cookie", b"; ".join(cookies)))
+        if protocol is not None:
+            return self._extended_connect(req, protocol)
         if self.stream.ended:
             if req.content_length:
                 raise ClientError("the request ended before its Content-Length")
@@ -126,6 +161,16 @@ class H2Call(HttpConnection):
             req.chunked = True  # the plane reads a body of unknown length as chunks (RFC 9112 §7.1)
         return req
 
+    def _extended_connect(self, req: Request, protocol: bytes) -> Request:
+        """RFC 8441: a CONNECT with `:protocol websocket` is, to the plane, an HTTP/1.1 upgrade
+        request (RFC 6455 §4.1, with a key of the gateway's; the client's stream carries no body)."""
+        req.method = "GET"
+        req.upgrade = protocol
+        req.connection_tokens = (b"upgrade",)
+        req.headers.append((b"sec-websocket-key", base64.b64encode(os.urandom(16))))
+        req.body.feed_eof()
+        return req
+
     # -- the stream's events (h2server.Handler)
 
     def client_data(self, data: bytes, flow: int) -> None:
@@ -133,11 +178,18 @@ class H2Call(HttpConnection):
         if req is None or self.stream.done:
             self.stream.ack(flow)
             return
+        if self.tunnel is not None:
+            self.tunnel(data)
+            self._took(flow)
+            return
         body = req.body
         if req.content_length is not None and body.received + len(data) > req.content_length:
             self._malformed("more DATA than the request's Content-Length")  # RFC 9113 §8.1.1
             return
         body.feed(data)
+        self._took(flow)
+
+    def _took(self, flow: int) -> None:
         if self.paused:
             self.owed += flow
         else:
@@ -145,6 +197,10 @@ class H2Call(HttpConnection):
 
     def client_end(self) -> None:
         req = self.current
+        if self.tunnel is not None:  # the client's side of the WebSocket ended (its FIN): so does the session
+            self.stream.send_trailers([])
+            self.connection_lost(None)
+            return
         if req is None or req.body.complete:
             return
         if req.content_length is not None and req.body.received != req.content_length:
@@ -204,6 +260,9 @@ class H2Call(HttpConnection):
         if not self.paused and self.owed:
             owed, self.owed = self.owed, 0
             self.stream.ack(owed)
+
+    def start_tunnel(self, sink: Any) -> None:
+        self.tunnel = sink
 
     def write(self, data: bytes) -> None:
         self.stream.send_data(data)

@@ -27,7 +27,7 @@ from gateway.errors import (
     UpgradeRequired,
 )
 from gateway.headers import misdirected
-from gateway.http.h2 import H2Exchange, H2ShadowExchange
+from gateway.http.h2 import H2Exchange, H2ShadowExchange, H2TunnelExchange
 from gateway.http.hold import HeldRequest
 from gateway.http.proxy import MAX_BODY_BYTES, Exchange, TunnelExchange, body_limit_error, new_request_id, request_head
 from gateway.http.server import Request
@@ -52,9 +52,10 @@ class Context(NamedTuple):
     tee: Tee | None = None  # a sampled call's shadow copy in the making (SPEC §6)
 
 
-# The exchange for (HTTP/2 stream, shadowed); a WebSocket is HTTP/1.1 only (`_admit` refuses it on h2).
-EXCHANGES: dict[tuple[bool, bool], type[Exchange]] = {
-    (False, False): Exchange, (False, True): ShadowExchange, (True, False): H2Exchange, (True, True): H2ShadowExchange,
+# The exchange of a call by (on an HTTP/2 stream, kind).
+EXCHANGES: dict[tuple[bool, str], type[Exchange]] = {
+    (False, "http"): Exchange, (False, "shadow"): ShadowExchange, (False, "websocket"): TunnelExchange,
+    (True, "http"): H2Exchange, (True, "shadow"): H2ShadowExchange, (True, "websocket"): H2TunnelExchange,
 }  # fmt: skip
 RETRIED_ENDPOINTS = frozenset({"predict", "run_remote", "sync"})  # SPEC §12 retry_on_reset: calls, not sessions
 
@@ -213,7 +214,7 @@ class PublicHandler:
             self._start(req, route, ep.upstream, conn, request_id, context)  # callbacks finish it
             return
         body, size = replay
-        exchange = EXCHANGES[req.conn.h2, False](req, conn, request_id, dep.timeouts, self._done, context, dep.id)
+        exchange = EXCHANGES[req.conn.h2, "http"](req, conn, request_id, dep.timeouts, self._done, context, dep.id)
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(route, ep.upstream), request_id, self.scheme,
                             body_length=size)  # fmt: skip
@@ -234,11 +235,11 @@ class PublicHandler:
     ) -> None:  # fmt: skip
         args = (req, conn, request_id, route.deployment.timeouts, self._done, context, route.deployment.id)
         if route.endpoint == "websocket":
-            exchange: Exchange = TunnelExchange(*args)
+            exchange: Exchange = EXCHANGES[req.conn.h2, "websocket"](*args)
         elif context.tee is not None:
-            exchange = EXCHANGES[req.conn.h2, True](*args, tee=context.tee)  # type: ignore[call-arg]
+            exchange = EXCHANGES[req.conn.h2, "shadow"](*args, tee=context.tee)  # type: ignore[call-arg]
         else:
-            exchange = EXCHANGES[req.conn.h2, False](*args)
+            exchange = EXCHANGES[req.conn.h2, "http"](*args)
         if route.endpoint in RETRIED_ENDPOINTS and route.deployment.retry_on_reset:
             exchange.retry_after_reset(self._retry_after_reset)
         self.exchanges.add(exchange)
