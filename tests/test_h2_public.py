@@ -526,3 +526,33 @@ def test_websocket_over_h2_by_extended_connect(h2c_gw) -> None:
     _, closing, reset = client.until_end(stream)
     client.close()
     assert closing == b"\x88\x02\x03\xe8" and reset is None  # the plane's close frame, then END_STREAM
+
+
+def test_an_authority_other_than_the_tls_server_name_is_misdirected(tls_gw, tls) -> None:
+    # A connection opened for one model host is not reused for another (RFC 9110 §15.5.20, issue 9).
+    other = "model-xyz789.api.example.com"
+    url = f"https://{STD}:{tls_gw.port}/production/predict"
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", str(WAIT), "-o", "/dev/null", "-w", "%{http_version} %{http_code}", "--http2",
+         "--cacert", str(tls["ca"]), "--resolve", f"{STD}:{tls_gw.port}:127.0.0.1", "-H", f"Host: {other}",
+         "-H", f"Authorization: {KEY['Authorization']}", "-d", "{}", url],
+        capture_output=True, text=True, timeout=2 * WAIT, check=True,
+    ).stdout  # fmt: skip
+    assert out == "2 421"
+
+
+def test_an_h2c_upgrade_offer_with_a_chunked_body_is_answered_and_the_connection_closed(h2c_gw) -> None:
+    async def scenario() -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h2c_gw.port)
+        writer.write(
+            (f"POST /production/predict HTTP/1.1\r\nHost: {STD}\r\nAuthorization: {KEY['Authorization']}\r\n"
+             "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+             "Transfer-Encoding: chunked\r\n\r\n5\r\nchunk\r\n3\r\ned!\r\n0\r\n\r\n").encode()
+        )  # fmt: skip
+        answer = await asyncio.wait_for(reader.read(), WAIT)  # to the end: the gateway closes the connection
+        writer.close()
+        return answer.partition(b"\r\n\r\n")[::2]
+
+    head, body = asyncio.run(scenario())
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower(), head
+    assert json.loads(body)["body"] == "chunked!"

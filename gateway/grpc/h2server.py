@@ -80,7 +80,7 @@ class ServerStream:
 
     __slots__ = (
         "conn", "id", "handler", "ended", "finished", "reset", "owed", "pending", "trailers", "blocked",
-        "send_window", "recv_window", "credit",
+        "send_window", "recv_window", "credit", "quiet",
     )  # fmt: skip
 
     def __init__(self, conn: H2Connection, stream_id: int) -> None:
@@ -97,6 +97,7 @@ class ServerStream:
         self.pending: deque[bytes | memoryview] = deque()  # response data waiting for window
         self.trailers: Headers | None = None  # trailers to send once `pending` is written
         self.blocked = False  # send_data returned False: the handler waits for client_drained
+        self.quiet = False  # an early answer needs no RST_STREAM: the rest of the request fits the window
 
     def __repr__(self) -> str:
         state = "reset" if self.reset else "finished" if self.finished else "open"
@@ -221,7 +222,7 @@ class ServerStream:
 
     def _finish(self) -> None:
         self.finished = True
-        if not self.ended:
+        if not (self.ended or self.quiet):
             # The answer is complete while the client is still sending: tell it to stop (gRPC servers do).
             self.conn.reset_stream(self.id, NO_ERROR)
         self._close()

@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from gateway.errors import ClientError, GatewayError, InternalError
-from gateway.grpc.h2server import App, Handler, Headers, ServerStream
+from gateway.grpc.h2server import STREAM_WINDOW, App, Handler, Headers, ServerStream
 from gateway.grpc.wire import INTERNAL_ERROR, PROTOCOL_ERROR
 from gateway.http.proxy import RESPONSE_DROP, UPGRADE_DROP, Exchange, TunnelExchange
 from gateway.http.server import Handler as HttpHandler
@@ -159,6 +159,10 @@ class H2Call(HttpConnection):
             req.body.feed_eof()
         elif req.content_length is None:
             req.chunked = True  # the plane reads a body of unknown length as chunks (RFC 9112 §7.1)
+        elif req.content_length <= STREAM_WINDOW:
+            # After an early answer (401, 404, ...) the rest of such a body is dropped as it comes,
+            # without RST_STREAM(NO_ERROR), which some clients (curl 7.88) take for a failed request.
+            self.stream.quiet = True
         return req
 
     def _extended_connect(self, req: Request, protocol: bytes) -> Request:
@@ -289,7 +293,7 @@ class PublicApp:
 
     def open(self, stream: ServerStream, headers: Headers) -> Handler:
         for name, value in headers:
-            if name == b"content-type" and value[:16] == GRPC:
+            if name == b"content-type" and value[:16] == GRPC and value[16:17] in (b"", b"+", b";"):  # not grpc-web
                 return self.grpc.open(stream, headers)
         call = H2Call(self.handler, stream)
         try:
