@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -35,7 +36,7 @@ from tests.planes import Plane
 from tests.support import DEMO_KEY, GatewayProcess, example_doc, running_gateway, write_table
 from tests.test_grpc import AUTH as GRPC_AUTH
 from tests.test_grpc import HOST as GRPC_HOST
-from tests.test_grpc import GrpcPlane, unary
+from tests.test_grpc import GrpcPlane, unary, wait_until_not_ready
 
 STD = "model-abc123.api.example.com"
 KEY = {"Authorization": f"Api-Key {DEMO_KEY}"}
@@ -556,3 +557,29 @@ def test_an_h2c_upgrade_offer_with_a_chunked_body_is_answered_and_the_connection
     head, body = asyncio.run(scenario())
     assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower(), head
     assert json.loads(body)["body"] == "chunked!"
+
+
+async def _forget_gate(plane: Plane, name: str) -> None:
+    plane.gates.pop(name, None)
+
+
+def test_a_drain_lets_an_h2_stream_finish(planes, tmp_path) -> None:
+    http = planes[0]
+    http.run(_forget_gate(http.plane, "sse"))
+    gw = GatewayProcess(table(planes, tmp_path)).start()
+    try:
+        url = f"http://{STD}:{gw.port}/production/sync/sse?n=2"
+        curl = subprocess.Popen(
+            ["curl", "-sS", "-N", "--max-time", str(WAIT), "--http2-prior-knowledge", "-w", "%{http_version}",
+             "--resolve", f"{STD}:{gw.port}:127.0.0.1", "-H", f"Authorization: {KEY['Authorization']}", url],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert curl.stdout is not None and curl.stdout.readline() == "data: 0\n"
+        gw.signal(signal.SIGTERM)  # GOAWAY: the stream in flight goes on
+        wait_until_not_ready(gw)
+        http.open_gate("sse", 2, 0)
+        rest, _ = curl.communicate(timeout=WAIT)
+        assert curl.returncode == 0 and rest.lstrip("\n") == "data: 1\n\n2"  # the event, then HTTP/2
+        assert gw.proc is not None and gw.proc.wait(WAIT) == 0
+    finally:
+        gw.stop()
