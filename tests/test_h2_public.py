@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,12 +29,14 @@ import httpx2
 import openai
 import pytest
 import trustme
+import yaml
 from aiohttp import web
 from baseten_performance_client import PerformanceClient
 
 from gateway.http.server import H2_PREFACE
+from tests.dataplane import configure
 from tests.planes import Plane
-from tests.support import DEMO_KEY, GatewayProcess, example_doc, running_gateway, write_table
+from tests.support import DEMO_KEY, GatewayProcess, example_doc, running_gateway, wait_for, write_table
 from tests.test_grpc import AUTH as GRPC_AUTH
 from tests.test_grpc import HOST as GRPC_HOST
 from tests.test_grpc import GrpcPlane, unary, wait_until_not_ready
@@ -583,3 +586,35 @@ def test_a_drain_lets_an_h2_stream_finish(planes, tmp_path) -> None:
         assert gw.proc is not None and gw.proc.wait(WAIT) == 0
     finally:
         gw.stop()
+
+
+def test_an_h2_call_to_a_scaled_to_zero_deployment_is_held_then_released(planes, tmp_path) -> None:
+    """The pipeline's hold is the same for an HTTP/2 stream (SPEC §6): held while the deployment wakes."""
+    http = planes[0]
+    doc = yaml.safe_load(table(planes, tmp_path).read_text())
+    doc["models"]["abc123"]["environments"]["cold"] = {"deployment": "v0"}
+    gw = GatewayProcess(write_table(tmp_path / "table.yaml", doc)).start()
+    try:
+        url = f"http://{STD}:{gw.port}/environments/cold/predict"
+        curl = subprocess.Popen(
+            ["curl", "-sS", "--max-time", str(WAIT), "--http2-prior-knowledge", "-w", "\n%{http_version}",
+             "--resolve", f"{STD}:{gw.port}:127.0.0.1", "-H", f"Authorization: {KEY['Authorization']}",
+             "-d", "held", url],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for(lambda: held_gauge(gw) == 1, "the held gauge to show the h2 call")
+        assert curl.poll() is None
+        doc["models"]["abc123"]["deployments"]["v0"]["status"] = "active"
+        configure(gw, doc)
+        out, _ = curl.communicate(timeout=WAIT)
+        body, _, version = out.rpartition("\n")
+        assert curl.returncode == 0 and version == "2" and json.loads(body)["body"] == "held"
+        assert held_gauge(gw) == 0 and any(r[1] == "/wake" for r in http.plane.requests)
+    finally:
+        gw.stop()
+
+
+def held_gauge(gw: GatewayProcess) -> float:
+    with urllib.request.urlopen(gw.admin_url + "/metrics", timeout=WAIT) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("gateway_held_requests{"))
