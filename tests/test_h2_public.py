@@ -618,3 +618,11 @@ def held_gauge(gw: GatewayProcess) -> float:
     with urllib.request.urlopen(gw.admin_url + "/metrics", timeout=WAIT) as resp:
         text = resp.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("gateway_held_requests{"))
+
+
+def test_grpc_web_is_an_http_call_not_a_grpc_one(h2c_gw) -> None:
+    client = RawH2(h2c_gw.port)
+    stream = client.request("/production/sync/t.Plane/Echo", [("content-type", "application/grpc-web+proto")])
+    fields, body, _ = client.until_end(stream)
+    client.close()
+    assert fields[":status"] == "200" and json.loads(body)["path"] == "/t.Plane/Echo"  # the HTTP plane's echo
