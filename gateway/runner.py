@@ -18,7 +18,9 @@ from pathlib import Path
 from gateway.asyncq.service import AsyncService
 from gateway.calls.pipeline import Pipeline
 from gateway.environments.control import ControlPlane
+from gateway.grpc.h2server import H2Connection, H2Server
 from gateway.grpc.listener import GrpcListener, tls_context
+from gateway.http.h2 import PublicApp
 from gateway.http.public import PublicHandler
 from gateway.http.server import HttpConnection, serve
 from gateway.metrics import Metrics
@@ -99,6 +101,7 @@ class DataPlane:
         self.pipeline: Pipeline | None = None  # likewise: the call pipeline every listener shares
         self.server: asyncio.base_events.Server | None = None
         self.grpc: GrpcListener | None = None
+        self.h2: GrpcListener | None = None  # the public port's HTTP/2 connections (issue 13): no socket of its own
         self.connections: set[HttpConnection] = set()
         self.asyncs: AsyncService | None = None  # the async queue (SPEC §10): an adapter of the pipeline
 
@@ -119,13 +122,15 @@ class DataPlane:
     @property
     def busy(self) -> bool:
         """Calls in flight on any listener."""
-        return any(c.current is not None for c in self.connections) or (self.grpc is not None and self.grpc.busy)
+        listeners = (self.grpc, self.h2)
+        return any(c.current is not None for c in self.connections) or any(g is not None and g.busy for g in listeners)
 
     async def start(self) -> None:
         opts = self.opts
         ctx = None
         if opts.tls_cert:
-            ctx = server_context(opts.tls_cert, opts.tls_key or opts.tls_cert)
+            # One TLS port for HTTP/1.1, HTTP/2 and gRPC, as the platform's own :443 (issue 13).
+            ctx = server_context(opts.tls_cert, opts.tls_key or opts.tls_cert, ["h2", "http/1.1"])
         # One call pipeline per worker for every listener: admission, holds, replicas, the connector (issue 10).
         self.pipeline = Pipeline(
             self.state, self.metrics, Connector(self.state.table.gateway.dns_nameservers, self.metrics)
@@ -136,10 +141,13 @@ class DataPlane:
         )
         self.asyncs.start()
         self.public.asyncs = self.asyncs
+        # HTTP/2 connections of the public port: HTTP calls to the public handler, gRPC to a relay of its own.
+        h2 = self.h2 = GrpcListener(self.state, self.metrics, None, self.pipeline)
+        h2.server = H2Server(PublicApp(self.public, h2.relay), extended_connect=True)  # WebSocket too (RFC 8441)
         with binding("--port", opts.host, opts.port):
             self.server = await serve(
                 self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx,
-                tracker=self.connections, reuse_port=opts.reuse_port,
+                tracker=self.connections, reuse_port=opts.reuse_port, h2=lambda: H2Connection(h2.server),
             )  # fmt: skip
         if opts.grpc_port is not None:
             cert, key = opts.grpc_tls_cert, opts.grpc_tls_key
@@ -153,14 +161,16 @@ class DataPlane:
         """Stop accepting, let calls in flight finish (up to `timeout`), then close every connection."""
         if self.server is not None:
             self.server.close()
-        if self.grpc is not None:
-            self.grpc.stop_accepting()  # GOAWAY: clients open no new streams; open ones go on
+        for listener in (self.grpc, self.h2):
+            if listener is not None:
+                listener.stop_accepting()  # GOAWAY: clients open no new streams; open ones go on
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline and self.busy:
             await asyncio.sleep(0.05)
-        if self.grpc is not None:
-            await self.grpc.close()
+        for listener in (self.grpc, self.h2):
+            if listener is not None:
+                await listener.close()
         for conn in list(self.connections):
             conn.close()
         if self.asyncs is not None:

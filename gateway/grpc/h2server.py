@@ -80,7 +80,7 @@ class ServerStream:
 
     __slots__ = (
         "conn", "id", "handler", "ended", "finished", "reset", "owed", "pending", "trailers", "blocked",
-        "send_window", "recv_window", "credit",
+        "send_window", "recv_window", "credit", "quiet",
     )  # fmt: skip
 
     def __init__(self, conn: H2Connection, stream_id: int) -> None:
@@ -97,6 +97,7 @@ class ServerStream:
         self.pending: deque[bytes | memoryview] = deque()  # response data waiting for window
         self.trailers: Headers | None = None  # trailers to send once `pending` is written
         self.blocked = False  # send_data returned False: the handler waits for client_drained
+        self.quiet = False  # an early answer needs no RST_STREAM: the rest of the request fits the window
 
     def __repr__(self) -> str:
         state = "reset" if self.reset else "finished" if self.finished else "open"
@@ -183,7 +184,10 @@ class ServerStream:
                 pending[0] = view[size:]
                 conn.send_data(self, view[:size], False)
         if self.trailers is not None:
-            conn.send_headers(self.id, self.trailers, True)
+            if self.trailers:
+                conn.send_headers(self.id, self.trailers, True)
+            else:
+                conn.send_end(self.id)  # no trailers: END_STREAM on an empty DATA frame
             self.trailers = None
             conn.flush_soon()
             self._finish()
@@ -218,7 +222,7 @@ class ServerStream:
 
     def _finish(self) -> None:
         self.finished = True
-        if not self.ended:
+        if not (self.ended or self.quiet):
             # The answer is complete while the client is still sending: tell it to stop (gRPC servers do).
             self.conn.reset_stream(self.id, NO_ERROR)
         self._close()
@@ -295,7 +299,7 @@ class H2Connection(wire.FrameConnection):
         # The settings are in force from the first byte, not from the client's ACK: a client may use
         # the larger frame size and windows as soon as it has read them (RFC 9113 §6.5.3), and grpc
         # core does, in the same write as its ACK.
-        self.start(SETTINGS)
+        self.start(self.server.settings)
         self.flush()
         self.idle_handle = self.loop.call_later(IDLE_SECONDS, self._idle_check)
         if self.server.draining:
@@ -347,7 +351,7 @@ class H2Connection(wire.FrameConnection):
         if not stream_id & 1:
             raise H2Error(wire.PROTOCOL_ERROR, "a client opened an even-numbered stream")
         self.highest = stream_id
-        problem = request_problem(fields)
+        problem = request_problem(fields, self.server.extended_connect)
         if problem is not None:
             self._malformed(stream_id, problem)
         elif self.draining or len(self.streams) >= MAX_STREAMS:
@@ -481,8 +485,11 @@ class H2Connection(wire.FrameConnection):
 class H2Server:
     """The gRPC listener: accepts HTTP/2 connections and hands each stream to the app."""
 
-    def __init__(self, app: App, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, app: App, ssl_context: ssl.SSLContext | None = None, *, extended_connect: bool = False) -> None:
         self.app = app
+        # RFC 8441 extended CONNECT (the public listener's WebSocket over HTTP/2): advertised and accepted.
+        self.extended_connect = extended_connect
+        self.settings = {**SETTINGS, wire.ENABLE_CONNECT_PROTOCOL: 1} if extended_connect else SETTINGS
         self.ssl = ssl_context
         self.loop = asyncio.get_running_loop()
         self.connections: set[H2Connection] = set()

@@ -11,16 +11,19 @@ import re
 from collections.abc import Iterable, Sequence
 
 # The request pseudo-header fields (§8.3.1); `:protocol` only exists once a server sends
-# SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441 §4), which this one does not.
+# SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441 §4), which only the public listener does.
 PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+EXTENDED_PSEUDO = PSEUDO | {b":protocol"}
 # Connection-specific fields (§8.2.2): malformed in HTTP/2, whatever their value; `te` only as `trailers`.
 CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 # A field name is a token (RFC 9110 §5.1) in lowercase (§8.2.1: uppercase is malformed).
 NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 
 
-def request_problem(fields: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """Why a request's header fields are malformed, or None when they are not."""
+def request_problem(fields: Sequence[tuple[bytes, bytes]], extended_connect: bool = False) -> str | None:
+    """Why a request's header fields are malformed, or None when they are not (`extended_connect`:
+    the server allows `:protocol`, RFC 8441)."""
+    pseudo = EXTENDED_PSEUDO if extended_connect else PSEUDO
     seen: set[bytes] = set()
     regular = False
     authority = host = path = method = None
@@ -28,7 +31,7 @@ def request_problem(fields: Sequence[tuple[bytes, bytes]]) -> str | None:
         if name[:1] == b":":
             if regular:
                 return f"pseudo-header field {_show(name)} after a regular field (RFC 9113 §8.3)"
-            if name not in PSEUDO:
+            if name not in pseudo:
                 return f"unknown pseudo-header field {_show(name)} (RFC 9113 §8.3)"
             if name in seen:
                 return f"duplicate pseudo-header field {_show(name)} (RFC 9113 §8.3)"
@@ -54,7 +57,9 @@ def request_problem(fields: Sequence[tuple[bytes, bytes]]) -> str | None:
             host = value
     if method is None:
         return "no :method (RFC 9113 §8.3.1)"
-    if method != b"CONNECT" and (b":scheme" not in seen or not path):
+    if b":protocol" in seen and method != b"CONNECT":
+        return ":protocol without CONNECT (RFC 8441 §4)"
+    if (method != b"CONNECT" or b":protocol" in seen) and (b":scheme" not in seen or not path):
         return "no :scheme, or no or an empty :path (RFC 9113 §8.3.1)"
     if host is not None and authority is not None and host.lower() != authority.lower():
         return "host disagrees with :authority (RFC 9113 §8.3.1)"

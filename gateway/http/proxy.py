@@ -26,7 +26,8 @@ HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
 # Identity, credentials and client-forged proxy fields: gateway/headers.py, shared with gRPC.
-REQUEST_DROP = HOP_BY_HOP | PROTECTED | {b"host", b"content-length", b"expect"}
+# `http2-settings` goes with an h2c upgrade offer, which the gateway ignores (RFC 9113 §3.1, issue 13).
+REQUEST_DROP = HOP_BY_HOP | PROTECTED | {b"host", b"content-length", b"expect", b"http2-settings"}
 RESPONSE_DROP = HOP_BY_HOP | {b"x-baseten-request-id", b"x-baseten-deployment-id"}  # both set by the gateway
 PAUSE_UPSTREAM = 8  # client reading paused because the plane is not reading our writes
 

@@ -29,6 +29,7 @@ from gateway.errors import (
     UpgradeRequired,
 )
 from gateway.headers import misdirected
+from gateway.http.h2 import H2Exchange, H2ShadowExchange, H2TunnelExchange
 from gateway.http.hold import HeldRequest
 from gateway.http.proxy import MAX_BODY_BYTES, Exchange, TunnelExchange, body_limit_error, new_request_id, request_head
 from gateway.http.server import Request
@@ -54,6 +55,11 @@ class Context(NamedTuple):
     tee: Tee | None = None  # a sampled call's shadow copy in the making (SPEC §6)
 
 
+# The exchange of a call by (on an HTTP/2 stream, kind).
+EXCHANGES: dict[tuple[bool, str], type[Exchange]] = {
+    (False, "http"): Exchange, (False, "shadow"): ShadowExchange, (False, "websocket"): TunnelExchange,
+    (True, "http"): H2Exchange, (True, "shadow"): H2ShadowExchange, (True, "websocket"): H2TunnelExchange,
+}  # fmt: skip
 RETRIED_ENDPOINTS = frozenset({"predict", "run_remote", "sync"})  # SPEC §12 retry_on_reset: calls, not sessions
 
 
@@ -222,7 +228,7 @@ class PublicHandler:
             self._start(req, route, ep.upstream, conn, request_id, context)  # callbacks finish it
             return
         body, size = replay
-        exchange = Exchange(req, conn, request_id, dep.timeouts, self._done, context, dep.id)
+        exchange = EXCHANGES[req.conn.h2, "http"](req, conn, request_id, dep.timeouts, self._done, context, dep.id)
         if record.permit.counters:
             exchange.answered_by += record.permit.header_lines(self.loop.time())
         self.exchanges.add(exchange)
@@ -245,11 +251,11 @@ class PublicHandler:
     ) -> None:  # fmt: skip
         args = (req, conn, request_id, route.deployment.timeouts, self._done, context, route.deployment.id)
         if route.endpoint == "websocket":
-            exchange: Exchange = TunnelExchange(*args)
+            exchange: Exchange = EXCHANGES[req.conn.h2, "websocket"](*args)
         elif context.tee is not None:
-            exchange = ShadowExchange(*args, tee=context.tee)
+            exchange = EXCHANGES[req.conn.h2, "shadow"](*args, tee=context.tee)  # type: ignore[call-arg]
         else:
-            exchange = Exchange(*args)
+            exchange = EXCHANGES[req.conn.h2, "http"](*args)
         if route.endpoint in RETRIED_ENDPOINTS and route.deployment.retry_on_reset:
             exchange.retry_after_reset(self._retry_after_reset)
         # The key's limits on its answers too (IETF RateLimit fields; a refusal has them as well).

@@ -39,6 +39,7 @@ BODY_MIN_RATE = 500  # bytes per second of reading time
 SWEEP_SECONDS = 1.0
 LINGER_SECONDS = 2.0  # after an early answer (413, 401, ...) to a body still arriving
 LINGER_MAX_BYTES = 16 * 1024 * 1024
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # an h2c client with prior knowledge (RFC 9113 §3.3)
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, phrase) for code, phrase in _REASONS.items()}
@@ -168,6 +169,41 @@ class Request:
         return f"<Request {self.method} {self.target[:80]!r} host={self.host!r}>"
 
 
+def request_field(req: Request, name: bytes, value: bytes) -> None:
+    """Take one request header field (its name lowercased): kept to forward, and read for routing and framing."""
+    req.headers.append((name, value))
+    if name == b"host":
+        if req.host is not None:
+            raise ClientError("more than one Host header")  # RFC 9112 §3.2
+        req.host = value.decode("latin-1")
+    elif name == b"authorization":
+        if req.authorization is not None:
+            # One credential per request (RFC 9110 §11.6.2 has no list form): which of two a
+            # gateway and a plane would each pick is exactly the ambiguity to refuse.
+            raise ClientError("more than one Authorization header")
+        req.authorization = value.decode("latin-1")
+    elif name == b"content-length":
+        if not value.isdigit() or (req.content_length is not None and req.content_length != int(value)):
+            raise ClientError("invalid Content-Length")
+        req.content_length = int(value)
+    elif name == b"transfer-encoding":
+        # llhttp rejects a coding list whose last item is not "chunked"; any other coding before
+        # it would be forwarded unannounced (the body re-chunked, its gzip bytes taken as content).
+        if value.strip().lower() != b"chunked" or req.chunked:
+            raise UnsupportedTransferCoding(
+                "only the chunked transfer coding is accepted; send other codings as Content-Encoding"
+            )
+        req.chunked = True
+    elif name == b"expect":
+        req.expect_continue = value.lower() == b"100-continue"
+    elif name == b"x-baseten-routing-key":
+        req.routing_key = value.decode("latin-1")
+    elif name == b"connection":
+        req.connection_tokens += tuple(t.strip().lower() for t in value.split(b","))
+    elif name == b"upgrade":
+        req.upgrade = value
+
+
 # A handler answers a request and then calls `request.conn.finish(request)`, either before it
 # returns (the synchronous fast path) or later from a callback or a task started with `spawn`.
 Handler = Callable[[Request], None]
@@ -184,9 +220,15 @@ class HttpConnection(asyncio.Protocol):
     PAUSE_BODY = 1
     PAUSE_PIPELINE = 2
     PAUSE_WRITE = 4  # the client is not reading what we send
+    h2 = False  # a stream of an HTTP/2 connection (gateway.http.h2.H2Call), not a connection of its own
 
-    def __init__(self, handler: Handler, *, scheme: str = "http", tracker: set | None = None) -> None:
+    def __init__(
+        self, handler: Handler, *, scheme: str = "http", tracker: set | None = None,
+        h2: Callable[[], asyncio.Protocol] | None = None,
+    ) -> None:  # fmt: skip
         self.handler = handler
+        self.h2_protocol = h2  # serves the connections that choose HTTP/2 (ALPN h2, or the h2c preface)
+        self.sniffed: bytes | None = b"" if h2 is not None and scheme == "http" else None
         self.scheme = scheme
         self.tracker = tracker
         self.loop = asyncio.get_running_loop()
@@ -225,6 +267,10 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.last_read = self.loop.time()
+        ssl_object = transport.get_extra_info("ssl_object")
+        if self.h2_protocol is not None and ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self._hand_over(b"")
+            return
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.sni = sni_of(transport)  # the handshake is done by now
@@ -246,6 +292,8 @@ class HttpConnection(asyncio.Protocol):
             self.tunnel(data)
             return
         self.last_read = self.loop.time()
+        if self.sniffed is not None:
+            data = self._sniff(data)
         if self.lingering:
             self.lingered += len(data)
             if self.lingered > LINGER_MAX_BYTES:
@@ -258,10 +306,39 @@ class HttpConnection(asyncio.Protocol):
             if req is not None:
                 self._start(req)  # after the whole read is parsed: a small body is complete by now
 
+    def _sniff(self, data: bytes) -> bytes:
+        """The first bytes of a cleartext connection: the h2c preface hands it to the HTTP/2 server."""
+        data = self.sniffed + data  # type: ignore[operator]
+        if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+            self.sniffed = data
+            return b""
+        self.sniffed = None
+        if data.startswith(H2_PREFACE):
+            self._hand_over(data)
+            return b""
+        return data
+
+    def _hand_over(self, data: bytes) -> None:
+        protocol = self.h2_protocol() if self.h2_protocol is not None else None
+        if self.tracker is not None:
+            self.tracker.discard(self)
+        self.closed = True
+        if protocol is None or self.transport is None:
+            return
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        if data:
+            protocol.data_received(data)
+
     def _feed(self, data: bytes) -> None:
+        if not data:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            if self.req.upgrade is not None and self.req.upgrade.strip().lower() == b"h2c":
+                self._refuse_h2c(data[upgrade.args[0] :])
+                return
             # The handler of the upgrade request decides (and answers); nothing after it is parsed.
             # Bytes after the head already belong to the upgraded protocol: keep them for the tunnel.
             self.upgrade_tail = data[upgrade.args[0] :]
@@ -277,6 +354,21 @@ class HttpConnection(asyncio.Protocol):
             cause = exc.__context__
             error = cause if isinstance(cause, GatewayError) else ClientError(f"malformed HTTP request: {exc}")
             self._reject(error)
+
+    def _refuse_h2c(self, tail: bytes) -> None:
+        """An h2c upgrade offer (curl --http2 on http://) is ignored and answered in HTTP/1.1 (RFC 9110
+        §7.8). llhttp stopped after the head (it skips the body of an upgrade): the body is read here."""
+        req = self.req
+        req.upgrade = None
+        req.body.complete = not req.has_body  # llhttp called the head a complete message
+        self.parser = httptools.HttpRequestParser(self)
+        if req.chunked:  # rare: its end is found by a parser of its own, and the connection ends with it
+            self.must_close = req.keep_alive = False
+            self.tunnel = _ChunkedBody(self).feed
+        elif req.content_length:
+            self.tunnel = _LengthBody(self, req.content_length).feed
+        if tail:
+            self.data_received(tail)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too once the client half-closes
@@ -316,38 +408,7 @@ class HttpConnection(asyncio.Protocol):
             # Chunked trailer fields are never header fields (RFC 9110 §6.5.1): they are not used for
             # auth or routing and not forwarded; they still count towards the head limits above.
             return
-        name = name.lower()
-        req.headers.append((name, value))
-        if name == b"host":
-            if req.host is not None:
-                raise ClientError("more than one Host header")  # RFC 9112 §3.2
-            req.host = value.decode("latin-1")
-        elif name == b"authorization":
-            if req.authorization is not None:
-                # One credential per request (RFC 9110 §11.6.2 has no list form): which of two a
-                # gateway and a plane would each pick is exactly the ambiguity to refuse.
-                raise ClientError("more than one Authorization header")
-            req.authorization = value.decode("latin-1")
-        elif name == b"content-length":
-            if not value.isdigit() or (req.content_length is not None and req.content_length != int(value)):
-                raise ClientError("invalid Content-Length")
-            req.content_length = int(value)
-        elif name == b"transfer-encoding":
-            # llhttp rejects a coding list whose last item is not "chunked"; any other coding before
-            # it would be forwarded unannounced (the body re-chunked, its gzip bytes taken as content).
-            if value.strip().lower() != b"chunked" or req.chunked:
-                raise UnsupportedTransferCoding(
-                    "only the chunked transfer coding is accepted; send other codings as Content-Encoding"
-                )
-            req.chunked = True
-        elif name == b"expect":
-            req.expect_continue = value.lower() == b"100-continue"
-        elif name == b"x-baseten-routing-key":
-            req.routing_key = value.decode("latin-1")
-        elif name == b"connection":
-            req.connection_tokens += tuple(t.strip().lower() for t in value.split(b","))
-        elif name == b"upgrade":
-            req.upgrade = value
+        request_field(req, name.lower(), value)
 
     def on_headers_complete(self) -> None:
         self.head_started = None
@@ -531,6 +592,52 @@ class HttpConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+class _LengthBody:
+    """The Content-Length body of a request llhttp did not read (an h2c upgrade offer), then the next request."""
+
+    def __init__(self, conn: HttpConnection, length: int) -> None:
+        self.conn = conn
+        self.left = length
+
+    def feed(self, data: bytes) -> None:
+        conn = self.conn
+        body, rest = data[: self.left], data[self.left :]
+        self.left -= len(body)
+        if body:
+            conn.on_body(body)
+        if self.left == 0:
+            conn.tunnel = None
+            conn.on_message_complete()
+            if rest:
+                conn.data_received(rest)
+
+
+class _ChunkedBody:
+    """The chunked body of a request llhttp did not read; what follows it is not read (the connection closes)."""
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.done = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.feed_data(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self.conn.on_message_complete()
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if not self.done:
+                self.conn.req.body.fail(ClientError("malformed chunked request body"))
+
+
 _NO_REQUEST = Request.__new__(Request)  # placeholder until the first request line arrives
 
 
@@ -610,11 +717,11 @@ class _Sweeper:
 
 async def serve(
     handler: Handler, host: str, port: int, *, scheme: str = "http", ssl=None, sock=None,
-    reuse_port: bool = False, tracker: set | None = None,
+    reuse_port: bool = False, tracker: set | None = None, h2: Callable[[], asyncio.Protocol] | None = None,
 ) -> asyncio.base_events.Server:  # fmt: skip
     loop = asyncio.get_running_loop()
     conns: set[HttpConnection] = tracker if tracker is not None else set()
-    factory = lambda: HttpConnection(handler, scheme=scheme, tracker=conns)  # noqa: E731
+    factory = lambda: HttpConnection(handler, scheme=scheme, tracker=conns, h2=h2)  # noqa: E731
     sweeper = _Sweeper(conns)
     if sock is not None:
         server = await loop.create_server(factory, sock=sock, ssl=ssl, backlog=2048)
