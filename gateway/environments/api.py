@@ -11,6 +11,8 @@ dispatches them.
 from __future__ import annotations
 
 import re
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -24,6 +26,7 @@ from gateway.environments.changes import (
     set_status,
 )
 from gateway.environments.sdk_settings import settings_changes
+from gateway.environments.traffic_rules import rules_after
 from gateway.environments.views import deployment_view, environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
 from gateway.errors import ClientError, Conflict, EndpointNotFound, MethodNotAllowed, ModelNotFound
@@ -41,6 +44,7 @@ PATCHABLE = {
     "backpressure": "backpressure",
 }
 SDK_KEYS = {"autoscaling_settings", "request_backpressure_settings"}
+PATCH_ONLY = {"traffic_routing_settings"}  # the SDK's UpdateEnvironmentRequest, not its create
 # The SDK's `UpdateEnvironmentResponse` keys besides the environment; deprecated there, fixed here
 # (a change is applied when the answer is sent, docs/baseten-sdk-management-api.md §1.5).
 UPDATE_ACCEPTED = {"status": "ACCEPTED", "message": "Environment update accepted"}
@@ -148,16 +152,26 @@ class EnvironmentsApi:
     async def patch_environment(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
         """The SDK's `UpdateEnvironmentResponse` (`environment`, `status`, `message`), with the environment's
         keys also at the top level as SPEC §6 answered before (no key clashes)."""
-        body = await read_json(req, set(PATCHABLE) | SDK_KEYS)
+        body = await read_json(req, set(PATCHABLE) | SDK_KEYS | PATCH_ONLY)
         if "backpressure" in body and body["backpressure"] is None:
             raise ClientError("'backpressure' cannot be null (only canary and shadow can be removed)")
         async with self.writer.lock:
-            current = self.environment(self.model(model_id), env)
+            model = self.model(model_id)
+            current = self.environment(model, env)
             fields = settings_changes(body, current.autoscaling)
             fields.update((PATCHABLE[key], value) for key, value in body.items() if key in PATCHABLE)
+            rules = None
+            if body.get("traffic_routing_settings") is not None:
+                stored = (self.state.overlay.get("models", {}).get(model_id, {}).get("environments", {})
+                          .get(env, {}).get("traffic_routing") or [])  # fmt: skip
+                rules = rules_after(stored, body["traffic_routing_settings"], self.state.table.models, model, env,
+                                    time.time(), new_rule_id)  # fmt: skip
 
             def mutate(overlay: dict[str, Any]) -> None:
-                env_change(overlay, model_id, env)["set"].update(fields)
+                change = env_change(overlay, model_id, env)
+                change["set"].update(fields)
+                if rules is not None:
+                    change["traffic_routing"] = rules
 
             table = await self.writer.change(f"update environment {model_id}/{env}", mutate)
         model = table.models[model_id]
@@ -238,6 +252,10 @@ SHORTCUTS: dict[str, Callable[[Model], Deployment | None]] = {
     PRODUCTION: sdk_views.production_deployment,
     RESERVED: lambda model: model.development,
 }
+
+
+def new_rule_id() -> str:
+    return secrets.token_hex(4)
 
 
 def query_name(req: Request) -> str | None:

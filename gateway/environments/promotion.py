@@ -34,9 +34,10 @@ from gateway.environments.promotion_states import (
     describe,
     stage_seconds,
 )
+from gateway.environments.traffic_rules import promotion_problems
 from gateway.environments.views import environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
-from gateway.errors import ClientError, Conflict, GatewayError
+from gateway.errors import ClientError, Conflict, GatewayError, InvalidChange
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Table
@@ -136,6 +137,10 @@ class Promotions:
                     f"deployment '{dep.id}' runs in region '{dep.region}', but environment '{env}' is pinned "
                     f"to region '{environment.region}': a regional environment never leaves its region"
                 )
+            problems = promotion_problems(self.state.table.models, model_id, env, dep)
+            if problems:
+                raise InvalidChange("a shadow rule would send a regional environment's traffic out of its region: "
+                                    + problems[0], problems)  # fmt: skip
             now = self.clock()
             record = {
                 **options,
@@ -251,7 +256,7 @@ class Promotions:
                     continue
                 if await self._step(key, state, Event.STAGE_ELAPSED) in TERMINAL:
                     return
-        except PromotionFailed as failure:
+        except (PromotionFailed, InvalidChange) as failure:  # InvalidChange: the table refused the switch
             log.warning("promotion of %s/%s failed: %s", *key, failure)
             try:
                 await self._step(key, None, Event.FAIL, error_message=str(failure))

@@ -13,7 +13,8 @@ model forbids them). Facts the table does not have get a fixed value, listed in 
   table has no per-environment promotion settings yet; a promote call can override them, `promote_body`);
 - an environment's `instance_type`: `NO_INSTANCE_TYPE_OBJECT` (required and non-null in the SDK; the
   gateway runs no replicas, so no instance types); `autoscaling_schedules`: null (none here);
-- `traffic_routing`: the environment's `shadow` as one SHADOW rule (`shadow_rule`), else null.
+- `traffic_routing`: the environment's `shadow` as one SHADOW rule (`shadow_rule`), then the admin
+  API's unexpired rules (`traffic_rules`); null when there are none.
 
 Pure functions over one table snapshot, so a list and its items agree.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.environments.traffic_rules import expiry, rule_view
 from gateway.routing.model import Deployment, Environment, Model, Shadow, Table
 
 PRODUCTION = "production"
@@ -136,10 +138,13 @@ def autoscaling_view(env: Environment) -> dict[str, Any]:
 
 
 def environment_view(
-    model: Model, env: Environment, candidate: Deployment | None, promotion: dict[str, Any] | None
+    model: Model, env: Environment, candidate: Deployment | None, promotion: dict[str, Any] | None, now: float = 0.0
 ) -> dict[str, Any]:
     """An environment as the SDK's `Environment`. `candidate`: a running promotion's deployment;
-    `promotion`: the environment's latest promotion record (kept after it ends, as the platform does)."""
+    `promotion`: the environment's latest promotion record (kept after it ends, as the platform does);
+    `now`: Unix seconds, to leave out the rules that expired."""
+    rules = [shadow_rule(model, env.shadow)] if env.shadow is not None else []
+    rules += [rule_view(rule) for rule in env.shadow_rules if expiry(rule.stored) > now]
     return {
         "name": env.name,
         "created_at": CREATED_AT,
@@ -152,7 +157,7 @@ def environment_view(
         "instance_type": dict(NO_INSTANCE_TYPE_OBJECT),
         "request_backpressure_settings": {"policy": env.backpressure},
         "autoscaling_schedules": None,
-        "traffic_routing": {"rules": [shadow_rule(model, env.shadow)]} if env.shadow is not None else None,
+        "traffic_routing": {"rules": rules} if rules else None,
     }
 
 
