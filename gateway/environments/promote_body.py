@@ -32,12 +32,17 @@ FIELDS = {"deployment_id", "ramp_up_duration_seconds", "smoke_check", "rollback"
           "environment_settings_update"}  # fmt: skip
 
 
-def promote_options(body: dict[str, Any]) -> dict[str, Any]:
-    """The promote call's options, checked; a clear 400 for each kind of mistake."""
+def promote_options(body: dict[str, Any], settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The promote call's options, checked; a clear 400 for each kind of mistake.
+
+    `settings`: the environment's stored promotion settings (`promotion_settings_update`), the
+    defaults that the body's `promotion_settings_override` overrides field by field.
+    """
     dep = body.get("deployment_id")
     if not isinstance(dep, str) or not dep:
         raise ClientError("'deployment_id' (a string) is required")
     override = _object(body.get("promotion_settings_override") or {}, "promotion_settings_override", SETTINGS)
+    override = {**(settings or {}), **{key: value for key, value in override.items() if value is not None}}
     cleanup = cleanup_strategy(body, override)
     _environment_settings_update(body.get("environment_settings_update"))
     for name in ("scale_down_previous_deployment", "preserve_env_instance_type"):
@@ -89,6 +94,50 @@ def cleanup_strategy(body: dict[str, Any], override: dict[str, Any]) -> str:
     if body.get("scale_down_previous_deployment") is False:
         return "KEEP"
     return strategy or "SCALE_TO_ZERO"
+
+
+# `POST /v1/models/{id}/deployments/{dep}/promote` (and `development/promote`): the SDK's `PromoteRequest`,
+# a promotion into production whose scale-down flag has another name (docs/baseten-sdk-management-api.md §0.8).
+DEPLOYMENT_FIELDS = {"scale_down_previous_production", "preserve_env_instance_type", "environment_settings_update",
+                     "promotion_settings_override"}  # fmt: skip
+
+
+def production_promote_body(body: dict[str, Any], dep_id: str) -> dict[str, Any]:
+    """The environment promote body for a deployment-level promote of `dep_id` into production."""
+    mapped = {key: value for key, value in body.items() if key != "scale_down_previous_production"}
+    if "scale_down_previous_production" in body:
+        mapped["scale_down_previous_deployment"] = body["scale_down_previous_production"]
+    return {**mapped, "deployment_id": dep_id}
+
+
+def promotion_settings_update(current: dict[str, Any], update: Any) -> dict[str, Any]:
+    """An environment's stored promotion settings after the SDK's `UpdateModelPromotionSettings`.
+
+    Partial, like the SDK sends it: an absent field is unchanged, a null one goes back to the default
+    (`sdk_views.PROMOTION_SETTINGS`). The fields this gateway acts on are checked here; the
+    rolling-deploy and redeploy fields are kept and shown, with no effect (no replicas here).
+    """
+    update = _object(update, "promotion_settings", SETTINGS)
+    settings = {**current}
+    for key, value in update.items():
+        if value is None:
+            settings.pop(key, None)
+        else:
+            settings[key] = value
+    strategy = settings.get("promotion_cleanup_strategy")
+    if strategy is not None and strategy not in CLEANUP:
+        raise ClientError(f"'promotion_settings.promotion_cleanup_strategy' must be one of {', '.join(CLEANUP)}")
+    for key in ("ramp_up_while_promoting", "redeploy_on_promotion", "rolling_deploy"):
+        if not isinstance(settings.get(key, False), bool):
+            raise ClientError(f"'promotion_settings.{key}' must be true or false")
+    ramp = settings.get("ramp_up_duration_seconds", 0)
+    if not isinstance(ramp, int) or isinstance(ramp, bool) or not 0 <= ramp <= MAX_RAMP_SECONDS:
+        raise ClientError(
+            f"'promotion_settings.ramp_up_duration_seconds' must be a whole number from 0 to {MAX_RAMP_SECONDS}"
+        )
+    if settings.get("rolling_deploy_config") is not None and not isinstance(settings["rolling_deploy_config"], dict):
+        raise ClientError("'promotion_settings.rolling_deploy_config' must be an object")
+    return settings
 
 
 def _environment_settings_update(update: Any) -> None:

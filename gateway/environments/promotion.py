@@ -20,9 +20,16 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.environments import sdk_views
-from gateway.environments.changes import deployment_users, env_change, read_json, running_promotion, set_status
+from gateway.environments.changes import (
+    deployment_users,
+    env_change,
+    promotion_settings,
+    read_json,
+    running_promotion,
+    set_status,
+)
 from gateway.environments.planecall import PlaneCaller
-from gateway.environments.promote_body import FIELDS, promote_options
+from gateway.environments.promote_body import DEPLOYMENT_FIELDS, FIELDS, production_promote_body, promote_options
 from gateway.environments.promotion_states import (
     STAGES,
     TERMINAL,
@@ -37,7 +44,7 @@ from gateway.environments.promotion_states import (
 from gateway.environments.traffic_rules import promotion_problems
 from gateway.environments.views import environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
-from gateway.errors import ClientError, Conflict, GatewayError, InvalidChange
+from gateway.errors import ClientError, Conflict, GatewayError, InvalidChange, ModelNotFound
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Table
@@ -92,6 +99,7 @@ class Promotions:
             "cancel_promotion": self.cancel,
             "force_cancel_promotion": self.force_cancel,
             "force_roll_forward_promotion": self.force_roll_forward,
+            "deployments/promote": self.promote_deployment,  # api.PROMOTE_DEPLOYMENT
         }
 
     def __repr__(self) -> str:
@@ -120,8 +128,23 @@ class Promotions:
     # -- admin calls --------------------------------------------------------------------------
 
     async def promote(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        body = await read_json(req, FIELDS)
-        options = promote_options(body)
+        return await self.begin(model_id, env, await read_json(req, FIELDS))
+
+    async def promote_deployment(self, req: Request, model_id: str, dep_id: str) -> tuple[int, object]:
+        """`POST /v1/models/{id}/deployments/{dep}/promote` (and `development/promote`): the SDK's
+        `PromoteRequest`, a promotion of the deployment into production."""
+        body = await read_json(req, DEPLOYMENT_FIELDS)
+        model = find_model(self.state.table, model_id)
+        if dep_id == "development":
+            if model.development is None:
+                raise ModelNotFound(f"model '{model_id}' has no development deployment")
+            dep_id = model.development.id
+        return await self.begin(model_id, sdk_views.PRODUCTION, production_promote_body(body, dep_id))
+
+    async def begin(self, model_id: str, env: str, body: dict[str, Any]) -> tuple[int, object]:
+        """Start a promotion; the SDK's answer (issue 12): 200 with the promoted deployment, and in
+        `previous_deployment` what its cleanup will do (the progress is read from the environment)."""
+        options = promote_options(body, promotion_settings(self.state.overlay, model_id, env))
         async with self.writer.lock:
             model = find_model(self.state.table, model_id)
             environment = find_environment(model, env)
@@ -155,10 +178,13 @@ class Promotions:
             }
             table = await self._write(model_id, env, record, "promote")
             self._launch((model_id, env))
-        # The SDK's answer (issue 12): 200 with the promoted deployment; the promotion's progress is read
-        # from the environment (`in_progress_promotion`).
         model = table.models[model_id]
-        return 200, sdk_views.deployment_view(model, model.deployments[dep.id])
+        previous = record["previous_deployment_id"]
+        cleanup = None
+        if previous is not None:
+            users = deployment_users(model, previous, self.state.overlay, leaving=env)
+            cleanup = {"id": previous, "cleanup": "KEEP" if users else options["cleanup"], "still_used_by": users}
+        return 200, {**sdk_views.deployment_view(model, model.deployments[dep.id]), "previous_deployment": cleanup}
 
     # The answers are the SDK's `SignalPromotionResponse` (`success`) and `CancelPromotionResponse`
     # (`status`, `message`), with the environment's keys beside them as SPEC §6 answered before (no clash).

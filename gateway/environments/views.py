@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from gateway.environments import sdk_views
-from gateway.environments.changes import latest_promotion
+from gateway.environments.changes import latest_promotion, promotion_settings
 from gateway.environments.overlay import RUNNING
 from gateway.errors import ModelNotFound
 from gateway.routing.model import Deployment, Environment, Model, Table
@@ -43,7 +43,14 @@ def environment_view(
     if promotion is not None and promotion["status"] in RUNNING:
         candidate = model.deployments.get(promotion["deployment_id"])
     return {
-        **sdk_views.environment_view(model, env, candidate, promotion, time.time() if now is None else now),
+        **sdk_views.environment_view(
+            model,
+            env,
+            candidate,
+            promotion,
+            time.time() if now is None else now,
+            promotion_settings(overlay, model.id, env.name),
+        ),
         "region": env.region,
         "canary": {"deployment": env.canary.deployment.id, "percent": env.canary.percent} if env.canary else None,
         "shadow": {
