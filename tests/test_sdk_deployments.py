@@ -27,6 +27,7 @@ from baseten.client.managementapi import (
     GetModelsEnvironmentsStartupsSummaryParams,
     PromoteRequest,
     PromoteToEnvironmentRequest,
+    PromotionEnvironmentSettingsUpdate,
     ResponseError,
     UpdateAutoscalingSettings,
     UpdateEnvironmentGroupManageAccess,
@@ -332,3 +333,41 @@ def test_sdk_null_shapes_and_team_models(live: tuple[GatewayProcess, ManagementC
     with pytest.raises(ResponseError) as not_served:
         api.post_models_deployments_retry(model_id="m1", deployment_id="v1")  # no builds here
     assert not_served.value.status_code == 404
+
+
+def test_sdk_promote_gives_the_environment_its_settings_update(
+    live: tuple[GatewayProcess, ManagementClient, ShadowPlane],
+) -> None:
+    gw, sdk, plane = live
+    api = sdk.api
+    broken = PromotionEnvironmentSettingsUpdate(
+        autoscaling_settings=UpdateAutoscalingSettings(min_replica=5, max_replica=2)
+    )
+    with pytest.raises(ResponseError) as refused:  # checked at the call, not when the switch would fail
+        api.post_models_environments_promote(model_id="m1", env_name="staging",
+            request=PromoteToEnvironmentRequest(deployment_id="v2", environment_settings_update=broken))  # fmt: skip
+    assert refused.value.status_code == 400 and "problems" in refused.value.body
+    update = PromotionEnvironmentSettingsUpdate(
+        autoscaling_settings=UpdateAutoscalingSettings(concurrency_target=1),
+        request_backpressure_settings=UpdateRequestBackpressureSettings(policy="REJECT_ON_FULL"),
+        promotion_settings=UpdatePromotionSettings(promotion_cleanup_strategy="KEEP"),
+    )
+    api.post_models_environments_promote(model_id="m1", env_name="staging",
+        request=PromoteToEnvironmentRequest(deployment_id="v2", environment_settings_update=update))  # fmt: skip
+    wait_for(lambda: predict(gw, "staging") == (200, "v2"), "staging to answer from v2")
+    env = api.get_models_environments_env_name(model_id="m1", env_name="staging")
+    assert (env.autoscaling_settings.concurrency_target, env.request_backpressure_settings.policy) == (
+        1,
+        "REJECT_ON_FULL",
+    )
+    assert env.promotion_settings.promotion_cleanup_strategy == "KEEP"
+    assert status_of(sdk, "v4") == "ACTIVE"  # this promotion already followed KEEP
+    plane.slow.add("v2")
+    before = plane.arrived["v2"]
+    first: list[tuple[int, str | None]] = []
+    slow = threading.Thread(target=lambda: first.append(predict(gw, "staging")))
+    slow.start()
+    wait_for(lambda: plane.arrived["v2"] == before + 1, "a call to be in flight")
+    assert predict(gw, "staging")[0] == 429  # the settings the promotion gave admit one call at a time
+    slow.join(30)
+    assert first == [(200, "v2")]

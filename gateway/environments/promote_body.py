@@ -10,7 +10,9 @@ here (docs/baseten-sdk-management-api.md §0.8): `scale_down_previous_deployment
   `ramp_up_duration_seconds` is absent) are honoured; the rolling-deploy and redeploy fields move
   replicas, which this gateway does not run: accepted, no effect;
 - `preserve_env_instance_type`: no instance types here: accepted, no effect;
-- `environment_settings_update`: accepted when empty; a set field is refused (400), not dropped.
+- `environment_settings_update`: its `autoscaling_settings`, `request_backpressure_settings` and
+  `promotion_settings` are the environment's once the promotion succeeds (checked at the promote
+  call); the fields without meaning here are refused when set (400), not dropped.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def promote_options(body: dict[str, Any], settings: dict[str, Any] | None = None
     override = _object(body.get("promotion_settings_override") or {}, "promotion_settings_override", SETTINGS)
     override = {**(settings or {}), **{key: value for key, value in override.items() if value is not None}}
     cleanup = cleanup_strategy(body, override)
-    _environment_settings_update(body.get("environment_settings_update"))
+    settings_update = environment_settings_update(body.get("environment_settings_update"))
     for name in ("scale_down_previous_deployment", "preserve_env_instance_type"):
         if not isinstance(body.get(name, True), bool):
             raise ClientError(f"'{name}' must be true or false")
@@ -77,7 +79,7 @@ def promote_options(body: dict[str, Any], settings: dict[str, Any] | None = None
         if not ramp:
             raise ClientError("'rollback' watches the ramp: it needs 'ramp_up_duration_seconds' above 0")
     return {"deployment_id": dep, "ramp_up_duration_seconds": ramp or 0, "smoke_check": smoke, "rollback": rollback,
-            "cleanup": cleanup}  # fmt: skip
+            "cleanup": cleanup, "environment_settings_update": settings_update}  # fmt: skip
 
 
 def cleanup_strategy(body: dict[str, Any], override: dict[str, Any]) -> str:
@@ -140,18 +142,23 @@ def promotion_settings_update(current: dict[str, Any], update: Any) -> dict[str,
     return settings
 
 
-def _environment_settings_update(update: Any) -> None:
-    """Accepted when it changes nothing: applying settings with a promotion is not served yet (PATCH the
-    environment first); a refusal names the field rather than dropping it silently."""
+def environment_settings_update(update: Any) -> dict[str, Any] | None:
+    """The SDK's `PromotionEnvironmentSettingsUpdate`: the environment's `autoscaling_settings`,
+    `request_backpressure_settings` and `promotion_settings` that the environment takes when the
+    promotion succeeds (None: none). `region`, `instance_type_id` and `autoscaling_schedule_settings`
+    have no meaning here (a regional environment's region is its team's; no instance types or
+    schedules): null is accepted, a value refused with the field named, never dropped silently."""
     if update is None:
-        return
+        return None
     fields = _object(update, "environment_settings_update", ENV_SETTINGS)
-    for name in sorted(fields):
-        if fields[name] is not None:
-            raise ClientError(
-                f"'environment_settings_update.{name}' is not applied by this gateway yet: "
-                "PATCH the environment before promoting"
-            )
+    for name in ("region", "instance_type_id", "autoscaling_schedule_settings"):
+        if fields.get(name) is not None:
+            raise ClientError(f"'environment_settings_update.{name}' has no meaning here; send null or leave it out")
+    kept = {name: value for name, value in fields.items() if value is not None and name in APPLIED}
+    return kept or None
+
+
+APPLIED = ("autoscaling_settings", "request_backpressure_settings", "promotion_settings")
 
 
 def _number(x: Any) -> TypeGuard[float]:

@@ -29,7 +29,14 @@ from gateway.environments.changes import (
     set_status,
 )
 from gateway.environments.planecall import PlaneCaller
-from gateway.environments.promote_body import DEPLOYMENT_FIELDS, FIELDS, production_promote_body, promote_options
+from gateway.environments.promote_body import (
+    DEPLOYMENT_FIELDS,
+    FIELDS,
+    environment_settings_update,
+    production_promote_body,
+    promote_options,
+    promotion_settings_update,
+)
 from gateway.environments.promotion_states import (
     STAGES,
     TERMINAL,
@@ -41,6 +48,7 @@ from gateway.environments.promotion_states import (
     describe,
     stage_seconds,
 )
+from gateway.environments.sdk_settings import settings_changes
 from gateway.environments.traffic_rules import promotion_problems
 from gateway.environments.views import environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
@@ -144,7 +152,12 @@ class Promotions:
     async def begin(self, model_id: str, env: str, body: dict[str, Any]) -> tuple[int, object]:
         """Start a promotion; the SDK's answer (issue 12): 200 with the promoted deployment, and in
         `previous_deployment` what its cleanup will do (the progress is read from the environment)."""
-        options = promote_options(body, promotion_settings(self.state.overlay, model_id, env))
+        settings = promotion_settings(self.state.overlay, model_id, env)
+        update = environment_settings_update(body.get("environment_settings_update")) or {}
+        if "promotion_settings" in update:  # this promotion already follows the settings it gives the environment
+            settings = promotion_settings_update(settings, update["promotion_settings"])
+        options = promote_options(body, settings)
+        del options["environment_settings_update"]
         async with self.writer.lock:
             model = find_model(self.state.table, model_id)
             environment = find_environment(model, env)
@@ -164,9 +177,15 @@ class Promotions:
             if problems:
                 raise InvalidChange("a shadow rule would send a regional environment's traffic out of its region: "
                                     + problems[0], problems)  # fmt: skip
+            on_success = None
+            if update:
+                on_success = {"set": settings_changes(update, environment.autoscaling),
+                              "promotion_settings": settings if "promotion_settings" in update else None}  # fmt: skip
+                await self.writer.check(lambda o: keep_settings(o, model_id, env, on_success))
             now = self.clock()
             record = {
                 **options,
+                "on_success": on_success,
                 "status": State.RELEASING.value,
                 "percent": 0,
                 "previous_deployment_id": environment.deployment.id if environment.deployment else None,
@@ -437,6 +456,7 @@ class Promotions:
                 demote = previous
 
         def mutate(overlay: dict[str, Any]) -> None:
+            keep_settings(overlay, model_id, env, record.get("on_success"))
             change = env_change(overlay, model_id, env)
             change["set"]["deployment"] = candidate
             change["promotion"] = record
@@ -461,6 +481,16 @@ class Promotions:
         self.metrics.promotion.set((model_id, env, record["deployment_id"]), record["percent"])
         for state in STATES:
             self.metrics.promotion_state.set((model_id, env, state), 1 if record["status"] == state else 0)
+
+
+def keep_settings(overlay: dict[str, Any], model_id: str, env: str, on_success: dict[str, Any] | None) -> None:
+    """The environment takes the settings its promotion's `environment_settings_update` gave (issue 12)."""
+    if not on_success:
+        return
+    change = env_change(overlay, model_id, env)
+    change["set"].update(on_success["set"])
+    if on_success.get("promotion_settings") is not None:
+        change["promotion_settings"] = on_success["promotion_settings"]
 
 
 class RollbackWindow:
