@@ -10,8 +10,6 @@ late, so a call can be kept in flight). Nothing asserts on time: waits are bound
 from __future__ import annotations
 
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,9 +40,9 @@ from gateway.environments.groups import groups_view
 from gateway.environments.promote_body import production_promote_body, promote_options, promotion_settings_update
 from gateway.errors import ClientError
 from gateway.routing.loader import compile_table
-from tests.support import GatewayProcess, wait_for, write_table
-from tests.test_environments import AUTH, HOST
-from tests.test_sdk_traffic import ShadowPlane, traffic_doc
+from tests.support import wait_for
+from tests.test_sdk_management import predict
+from tests.test_sdk_traffic import Live, sdk_gateway, traffic_doc
 
 TOKEN = "sdk-deployments-secret"
 
@@ -106,28 +104,9 @@ def test_the_deployment_level_promote_body_renames_its_scale_down_flag() -> None
 
 
 @pytest.fixture
-def live(tmp_path: Path) -> Iterator[tuple[GatewayProcess, ManagementClient, ShadowPlane]]:
-    us, eu = ShadowPlane(), ShadowPlane()
-    gw = GatewayProcess(write_table(tmp_path / "table.yaml", doc(us.url, eu.url)), "--admin-token", TOKEN)
-    gw.start()
-    try:
-        with ManagementClient(api_key=TOKEN, base_url_override=gw.admin_url) as sdk:
-            yield gw, sdk, us
-    finally:
-        gw.stop()
-        us.stop()
-        eu.stop()
-
-
-def predict(gw: GatewayProcess, env: str) -> tuple[int, str | None]:
-    req = urllib.request.Request(
-        f"{gw.url}/environments/{env}/predict", data=b"{}", headers=dict(AUTH, Host=HOST), method="POST"
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as answer:
-            return answer.status, answer.headers.get("x-baseten-deployment-id")
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers.get("x-baseten-deployment-id")
+def live(tmp_path: Path) -> Iterator[Live]:
+    with sdk_gateway(tmp_path / "table.yaml", doc, TOKEN) as running:
+        yield running
 
 
 def status_of(sdk: ManagementClient, dep: str) -> str:
@@ -135,7 +114,7 @@ def status_of(sdk: ManagementClient, dep: str) -> str:
 
 
 def test_sdk_environment_activate_deactivate_and_delete(
-    live: tuple[GatewayProcess, ManagementClient, ShadowPlane],
+    live: Live,
 ) -> None:
     gw, sdk, _ = live
     off = sdk.api.post_models_environments_deactivate(model_id="m1", env_name="staging")  # its deployment, v4
@@ -156,7 +135,7 @@ def test_sdk_environment_activate_deactivate_and_delete(
 
 
 def test_sdk_deployment_level_promote_is_into_production(
-    live: tuple[GatewayProcess, ManagementClient, ShadowPlane],
+    live: Live,
 ) -> None:
     gw, sdk, _ = live
     promoted = sdk.api.post_models_deployments_promote(model_id="m1", deployment_id="v2", request=PromoteRequest())
@@ -172,7 +151,7 @@ def test_sdk_deployment_level_promote_is_into_production(
     assert predict(gw, "production") == (200, "v2")
 
 
-def test_sdk_deployment_settings_change_admission(live: tuple[GatewayProcess, ManagementClient, ShadowPlane]) -> None:
+def test_sdk_deployment_settings_change_admission(live: Live) -> None:
     gw, sdk, plane = live
     answer = sdk.api.patch_models_deployments_autoscaling_settings(
         model_id="m1", deployment_id="v4", request=UpdateAutoscalingSettings(concurrency_target=1)
@@ -205,7 +184,7 @@ def test_sdk_deployment_settings_change_admission(live: tuple[GatewayProcess, Ma
     assert unused.value.status_code == 409
 
 
-def test_sdk_environment_groups(live: tuple[GatewayProcess, ManagementClient, ShadowPlane]) -> None:
+def test_sdk_environment_groups(live: Live) -> None:
     gw, sdk, _ = live
     groups = sdk.api.get_environment_groups()
     assert [(g.team_id, g.name) for g in groups.items][:2] == [("acme", "canary"), ("acme", "prod-us")]
@@ -239,7 +218,7 @@ def settings(sdk: ManagementClient, env: str, **fields: object) -> None:
     assert all(stored[key] == value for key, value in fields.items() if value is not None)
 
 
-def test_sdk_promotion_settings_are_honoured(live: tuple[GatewayProcess, ManagementClient, ShadowPlane]) -> None:
+def test_sdk_promotion_settings_are_honoured(live: Live) -> None:
     gw, sdk, _ = live
     api = sdk.api
     settings(sdk, "staging", promotion_cleanup_strategy="KEEP")
@@ -281,7 +260,7 @@ def test_sdk_promotion_settings_are_honoured(live: tuple[GatewayProcess, Managem
 
 
 def test_sdk_promote_keeps_a_deployment_still_used_elsewhere(
-    live: tuple[GatewayProcess, ManagementClient, ShadowPlane],
+    live: Live,
 ) -> None:
     gw, sdk, _ = live
     settings(sdk, "production", promotion_cleanup_strategy="DEACTIVATE")
@@ -300,7 +279,7 @@ def test_sdk_promote_keeps_a_deployment_still_used_elsewhere(
     assert promoted.id == "v1"
 
 
-def test_sdk_null_shapes_and_team_models(live: tuple[GatewayProcess, ManagementClient, ShadowPlane]) -> None:
+def test_sdk_null_shapes_and_team_models(live: Live) -> None:
     _, sdk, _ = live
     api = sdk.api
     window = {"start_epoch_millis": 0, "end_epoch_millis": 1000}
@@ -336,7 +315,7 @@ def test_sdk_null_shapes_and_team_models(live: tuple[GatewayProcess, ManagementC
 
 
 def test_sdk_promote_gives_the_environment_its_settings_update(
-    live: tuple[GatewayProcess, ManagementClient, ShadowPlane],
+    live: Live,
 ) -> None:
     gw, sdk, plane = live
     api = sdk.api

@@ -10,12 +10,13 @@ rule's copies of the same calls have all arrived.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import socket
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,10 @@ from gateway.routing.loader import compile_table
 from gateway.routing.model import Table
 from tests.support import GatewayProcess, wait_for, write_table
 from tests.test_environments import AUTH, HOST, TestPlane, table_doc
+from tests.test_sdk_management import predict as sdk_predict
 
 TOKEN = "sdk-traffic-secret"
+Live = tuple[GatewayProcess, ManagementClient, "ShadowPlane"]
 SLOW_SECONDS = 3.0
 
 
@@ -200,13 +203,14 @@ def test_user_session_sampling_is_sticky_per_caller_and_expiry_stops_a_rule() ->
 # -- the real SDK against a running gateway ------------------------------------------------------
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[tuple[GatewayProcess, ManagementClient, ShadowPlane]]:
+@contextlib.contextmanager
+def sdk_gateway(config: Path, doc: Callable[[str, str], dict], token: str) -> Iterator[Live]:
+    """A gateway in front of two ShadowPlanes (us, eu) and an SDK client of its admin listener."""
     us, eu = ShadowPlane(), ShadowPlane()
-    gw = GatewayProcess(write_table(tmp_path / "table.yaml", traffic_doc(us.url, eu.url)), "--admin-token", TOKEN)
+    gw = GatewayProcess(write_table(config, doc(us.url, eu.url)), "--admin-token", token)
     gw.start()
     try:
-        with ManagementClient(api_key=TOKEN, base_url_override=gw.admin_url) as sdk:
+        with ManagementClient(api_key=token, base_url_override=gw.admin_url) as sdk:
             yield gw, sdk, us
     finally:
         gw.stop()
@@ -214,12 +218,17 @@ def live(tmp_path: Path) -> Iterator[tuple[GatewayProcess, ManagementClient, Sha
         eu.stop()
 
 
-def predict(gw: GatewayProcess, env: str, timeout: float = 30) -> str | None:
-    req = urllib.request.Request(
-        f"{gw.url}/environments/{env}/predict", data=b"{}", headers=dict(AUTH, Host=HOST), method="POST"
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as answer:
-        return answer.headers.get("x-baseten-deployment-id")
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    with sdk_gateway(tmp_path / "table.yaml", traffic_doc, TOKEN) as running:
+        yield running
+
+
+def predict(gw: GatewayProcess, env: str) -> str | None:
+    """A call through the public listener: the deployment that answered it (200 expected)."""
+    status, dep = sdk_predict(gw, env)
+    assert status == 200, status
+    return dep
 
 
 def patch_rules(sdk: ManagementClient, env: str, settings: UpdateTrafficRoutingSettings):  # noqa: ANN201
@@ -228,7 +237,7 @@ def patch_rules(sdk: ManagementClient, env: str, settings: UpdateTrafficRoutingS
 
 
 def test_sdk_shadow_rules_send_copies_until_they_expire(
-    live: tuple[GatewayProcess, ManagementClient, ShadowPlane],
+    live: Live,
 ) -> None:
     gw, sdk, us = live
     short = sdk_rule(deployment_id="v2", expires=4)
@@ -248,7 +257,7 @@ def test_sdk_shadow_rules_send_copies_until_they_expire(
     assert [r.id for r in env.traffic_routing.rules] == [rules[1].id]  # type: ignore[union-attr]
 
 
-def test_sdk_replaces_and_deletes_rules_by_id(live: tuple[GatewayProcess, ManagementClient, ShadowPlane]) -> None:
+def test_sdk_replaces_and_deletes_rules_by_id(live: Live) -> None:
     gw, sdk, us = live
     env = patch_rules(sdk, "staging", UpdateTrafficRoutingSettings(rules=[sdk_rule(environment="production")]))
     (rule,) = env.traffic_routing.rules  # type: ignore[union-attr]
@@ -277,7 +286,7 @@ def test_sdk_replaces_and_deletes_rules_by_id(live: tuple[GatewayProcess, Manage
     assert us.copies["w1"] == 1
 
 
-def test_sdk_refuses_other_teams_and_other_regions(live: tuple[GatewayProcess, ManagementClient, ShadowPlane]) -> None:
+def test_sdk_refuses_other_teams_and_other_regions(live: Live) -> None:
     gw, sdk, us = live
     for env, target, text in (("staging", {"deployment_id": "g1"}, "no model of team 'acme'"),
                               ("prod-us", {"deployment_id": "v3"}, "pinned to region 'us'"),
@@ -321,7 +330,7 @@ def abandoned_call(gw: GatewayProcess, plane: ShadowPlane) -> None:
                  "the call and its copies to reach the plane")  # fmt: skip
 
 
-def test_sdk_propagate_client_cancellation(live: tuple[GatewayProcess, ManagementClient, ShadowPlane]) -> None:
+def test_sdk_propagate_client_cancellation(live: Live) -> None:
     gw, sdk, us = live
     us.slow |= {"v4", "v2", "w1"}  # staging's primary and both targets answer late
     follow = sdk_rule(deployment_id="v2", propagate=True)
