@@ -339,3 +339,23 @@ def test_sdk_propagate_client_cancellation(live: Live) -> None:
     wait_for(lambda: metric(gw, "v2", "cancelled") == 1, "the copy that follows the client to be cancelled")
     wait_for(lambda: metric(gw, "w1", "success") == 1, "the fire-and-forget copy to be answered")
     assert metric(gw, "v2", "success") == 0 and metric(gw, "w1", "cancelled") == 0
+
+
+def test_with_workers_every_worker_sends_the_rules_copies(tmp_path: Path) -> None:
+    us, eu = ShadowPlane(), ShadowPlane()
+    gw = GatewayProcess(write_table(tmp_path / "table.yaml", traffic_doc(us.url, eu.url)), "--admin-token", TOKEN,
+                        "--workers", "2").start()  # fmt: skip
+    try:
+        with ManagementClient(api_key=TOKEN, base_url_override=gw.admin_url) as sdk:
+            env = patch_rules(sdk, "staging", UpdateTrafficRoutingSettings(rules=[sdk_rule(deployment_id="w1")]))
+        assert env.traffic_routing is not None
+        routing = gw.admin("GET", "/v1/routing", TOKEN)[1]
+        assert isinstance(routing, dict)
+        wait_for(lambda: {w["digest"] for w in gw.admin("GET", "/v1/routing", TOKEN)[1]["workers"]} == {routing["digest"]},  # type: ignore[index]
+                 "both workers to serve the rule")  # fmt: skip
+        assert [predict(gw, "staging") for _ in range(20)] == ["v4"] * 20  # a new connection each: both workers
+        wait_for(lambda: us.copies["w1"] == 20, "a copy of every call, whichever worker served it")
+    finally:
+        assert gw.stop() == 0
+        us.stop()
+        eu.stop()
