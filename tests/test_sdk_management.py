@@ -214,7 +214,8 @@ def test_promote_options_take_the_sdk_fields(body: dict, cleanup: str, ramp: flo
         ({"scale_down_previous_deployment": "no"}, "'scale_down_previous_deployment' must be true or false"),
         ({"promotion_settings_override": {"promotion_cleanup_strategy": "BURN"}}, "must be one of SCALE_TO_ZERO"),
         ({"promotion_settings_override": {"colour": 1}}, "unknown field 'promotion_settings_override.colour'"),
-        ({"environment_settings_update": {"autoscaling_settings": {"max_replica": 4}}}, "not applied by this gateway"),
+        ({"environment_settings_update": {"region": "eu"}}, "'environment_settings_update.region' has no meaning here"),
+        ({"environment_settings_update": {"instance_type_id": "1x4"}}, "has no meaning here"),
     ],
 )
 def test_promote_options_refuse_what_they_cannot_apply(body: dict, text: str) -> None:

@@ -11,25 +11,38 @@ dispatches them.
 from __future__ import annotations
 
 import re
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from gateway.environments import sdk_views
 from gateway.environments.changes import (
+    MAX_BODY,
     env_change,
+    env_entry,
     model_changes,
     read_json,
     running_promotion,
     set_status,
 )
-from gateway.environments.sdk_settings import settings_changes
+from gateway.environments.groups import GROUP_PATH, group_view, groups_view, known_team, team_group
+from gateway.environments.promote_body import promotion_settings_update
+from gateway.environments.sdk_settings import (
+    NO_MEANING,
+    SCALING_FIELDS,
+    autoscaling_doc,
+    backpressure_doc,
+    settings_changes,
+)
+from gateway.environments.traffic_rules import rules_after
 from gateway.environments.views import deployment_view, environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
 from gateway.errors import ClientError, Conflict, EndpointNotFound, MethodNotAllowed, ModelNotFound
 from gateway.http.server import Request
 from gateway.routing.hostpath import is_env_name
-from gateway.routing.model import Deployment, Environment, Model
+from gateway.routing.model import Autoscaling, Deployment, Environment, Model
 
 PRODUCTION = sdk_views.PRODUCTION
 RESERVED = "development"
@@ -41,12 +54,22 @@ PATCHABLE = {
     "backpressure": "backpressure",
 }
 SDK_KEYS = {"autoscaling_settings", "request_backpressure_settings"}
+PATCH_ONLY = {"traffic_routing_settings", "promotion_settings"}  # the SDK's UpdateEnvironmentRequest
 # The SDK's `UpdateEnvironmentResponse` keys besides the environment; deprecated there, fixed here
 # (a change is applied when the answer is sent, docs/baseten-sdk-management-api.md §1.5).
 UPDATE_ACCEPTED = {"status": "ACCEPTED", "message": "Environment update accepted"}
 MODEL_PATH = re.compile(r"/v1/models(?:/([^/]+)(/deployments)?)?\Z")
 ENV_PATH = re.compile(r"/v1/models/([^/]+)/environments(?:/([^/]+)(?:/([a-z_]+))?)?\Z")
-DEP_PATH = re.compile(r"/v1/models/([^/]+)/deployments/([^/]+)(?:/(activate|deactivate))?\Z")
+DEP_PATH = re.compile(
+    r"/v1/models/([^/]+)/deployments/([^/]+)"
+    r"(?:/(activate|deactivate|promote|autoscaling_settings|request_backpressure_settings))?\Z"
+)
+NULL_PATH = re.compile(r"/v1/models/([^/]+)/(deployments|environments)/([^/]+)/(logs|metrics|startups(?:/summary)?)\Z")
+TEAM_MODELS = re.compile(r"/v1/teams/([^/]+)/models\Z")
+ENV_STATUS = ("activate", "deactivate")  # an environment's: its current deployment's status (the SDK's)
+# The promotion runner's deployment-level promote (`PromoteRequest`) among `actions`: a key with a '/',
+# so no `/environments/{env}/{action}` path can name it.
+PROMOTE_DEPLOYMENT = "deployments/promote"
 
 Handler = Callable[..., Awaitable[tuple[int, object]]]
 
@@ -62,7 +85,12 @@ class EnvironmentsApi:
     # -- dispatch -------------------------------------------------------------------------
 
     def handles(self, path: str) -> bool:
-        return path == "/v1/models" or path.startswith("/v1/models/")
+        return (
+            path == "/v1/models"
+            or path.startswith("/v1/models/")
+            or GROUP_PATH.match(path) is not None
+            or TEAM_MODELS.match(path) is not None
+        )
 
     async def __call__(self, req: Request, path: str) -> tuple[int, object]:
         methods, args = self.route(path)
@@ -74,6 +102,22 @@ class EnvironmentsApi:
     def route(self, path: str) -> tuple[dict[str, Handler], tuple]:
         """The handlers by method for `path`, and their arguments (each segment decoded after the split:
         the SDK sends every path argument percent-encoded, docs/baseten-sdk-management-api.md §0.3)."""
+        found = GROUP_PATH.match(path)
+        if found is not None:
+            team, name = (unquote(part) if part else part for part in found.groups())
+            if name is None:
+                return {"GET": self.list_groups}, (team,)
+            return {"GET": self.read_group, "PATCH": self.patch_group}, (team, name)
+        found = TEAM_MODELS.match(path)
+        if found is not None:
+            return {"GET": self.list_team_models}, (unquote(found.group(1)),)
+        found = NULL_PATH.match(path)
+        if found is not None:
+            model_id, kind, name, what = found.groups()
+            methods: dict[str, Handler] = {"GET": self.null_shape}
+            if kind == "deployments" and what == "logs":
+                methods["POST"] = self.null_shape  # GetDeploymentLogsRequest: the same empty answer
+            return methods, (unquote(model_id), kind, unquote(name), what)
         found = MODEL_PATH.match(path)
         if found is not None:
             model_id, deployments = found.groups()
@@ -86,12 +130,14 @@ class EnvironmentsApi:
         if found is not None:
             model_id, env, action = (unquote(part) if part else part for part in found.groups())
             if env is None:
-                methods: dict[str, Handler] = {"GET": self.list_environments, "POST": self.create_environment}
+                methods = {"GET": self.list_environments, "POST": self.create_environment}
                 args: tuple = (model_id,)
             elif action is None:
                 methods = {"GET": self.read_environment, "PATCH": self.patch_environment,
                            "DELETE": self.delete_environment}  # fmt: skip
                 args = (model_id, env)
+            elif action in ENV_STATUS:
+                methods, args = {"POST": self.change_environment_status}, (model_id, env, action)
             else:
                 action_handler: Handler | None = self.actions.get(action)
                 if action_handler is None:
@@ -102,8 +148,15 @@ class EnvironmentsApi:
             if found is None:
                 raise EndpointNotFound(f"no admin endpoint '{path[:128]}'")
             model_id, dep_id, action = (unquote(part) if part else part for part in found.groups())
+            args = (model_id, dep_id)
             if action is None:
-                methods, args = {"GET": self.read_deployment}, (model_id, dep_id)
+                methods = {"GET": self.read_deployment}
+            elif action == "promote":
+                methods = {"POST": self.actions[PROMOTE_DEPLOYMENT]}
+            elif action == "autoscaling_settings":
+                methods = {"PATCH": self.patch_deployment_autoscaling}
+            elif action == "request_backpressure_settings":
+                methods = {"PATCH": self.patch_deployment_backpressure}
             else:
                 methods, args = {"POST": self.change_status}, (model_id, dep_id, action)
         return methods, args
@@ -115,6 +168,20 @@ class EnvironmentsApi:
 
     async def read_model(self, req: Request, model_id: str) -> tuple[int, object]:
         return 200, sdk_views.model_view(self.model(model_id))
+
+    async def list_team_models(self, req: Request, team: str) -> tuple[int, object]:
+        known_team(self.state.table, team)
+        return 200, sdk_views.models_view(self.state.table, query_name(req), team)
+
+    async def null_shape(self, req: Request, model_id: str, kind: str, name: str, what: str) -> tuple[int, object]:
+        """Logs, metrics time series and replica startups: the SDK's empty shapes (none of them here)."""
+        await req.body.read_all(MAX_BODY)
+        model = self.model(model_id)
+        if kind == "environments":
+            self.environment(model, name)
+        else:
+            self.shortcut_or_deployment(model, name)
+        return 200, sdk_views.NULL_SHAPES[what]
 
     # -- environments -----------------------------------------------------------------------
 
@@ -128,7 +195,7 @@ class EnvironmentsApi:
         return 200, self.view(model, self.environment(model, env))
 
     async def create_environment(self, req: Request, model_id: str) -> tuple[int, object]:
-        body = await read_json(req, {"name"} | SDK_KEYS)
+        body = await read_json(req, {"name", "promotion_settings"} | SDK_KEYS)
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise ClientError("'name' (a string) is required")
@@ -138,26 +205,47 @@ class EnvironmentsApi:
             if name in model.environments:
                 raise Conflict(f"environment '{name}' of model '{model_id}' already exists")
             fields = settings_changes(body, None)
-            table = await self.writer.change(
-                f"create environment {model_id}/{name}",
-                lambda o: env_change(o, model_id, name, fresh=True)["set"].update(fields),
+            settings = (
+                promotion_settings_update({}, body["promotion_settings"]) if body.get("promotion_settings") else None
             )
+
+            def mutate(overlay: dict[str, Any]) -> None:
+                change = env_change(overlay, model_id, name, fresh=True)
+                change["set"].update(fields)
+                if settings:
+                    change["promotion_settings"] = settings
+
+            table = await self.writer.change(f"create environment {model_id}/{name}", mutate)
         model = table.models[model_id]
         return 200, self.view(model, model.environments[name])  # 200: the SDK accepts no other (issue 12)
 
     async def patch_environment(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
         """The SDK's `UpdateEnvironmentResponse` (`environment`, `status`, `message`), with the environment's
         keys also at the top level as SPEC §6 answered before (no key clashes)."""
-        body = await read_json(req, set(PATCHABLE) | SDK_KEYS)
+        body = await read_json(req, set(PATCHABLE) | SDK_KEYS | PATCH_ONLY)
         if "backpressure" in body and body["backpressure"] is None:
             raise ClientError("'backpressure' cannot be null (only canary and shadow can be removed)")
         async with self.writer.lock:
-            current = self.environment(self.model(model_id), env)
+            model = self.model(model_id)
+            current = self.environment(model, env)
             fields = settings_changes(body, current.autoscaling)
             fields.update((PATCHABLE[key], value) for key, value in body.items() if key in PATCHABLE)
+            entry = env_entry(self.state.overlay, model_id, env)
+            extra: dict[str, Any] = {}  # overlay keys beside `set` (not table fields)
+            if body.get("traffic_routing_settings") is not None:
+                extra["traffic_routing"] = rules_after(
+                    entry.get("traffic_routing") or [], body["traffic_routing_settings"], self.state.table.models,
+                    model, env, time.time(), new_rule_id,
+                )  # fmt: skip
+            if body.get("promotion_settings") is not None:
+                extra["promotion_settings"] = promotion_settings_update(
+                    entry.get("promotion_settings") or {}, body["promotion_settings"]
+                )
 
             def mutate(overlay: dict[str, Any]) -> None:
-                env_change(overlay, model_id, env)["set"].update(fields)
+                change = env_change(overlay, model_id, env)
+                change["set"].update(fields)
+                change.update(extra)
 
             table = await self.writer.change(f"update environment {model_id}/{env}", mutate)
         model = table.models[model_id]
@@ -209,6 +297,87 @@ class EnvironmentsApi:
                 dep = table.models[model_id].deployments[dep.id]
         return 200, {"success": True, "no_op": no_op, **deployment_view(dep)}
 
+    async def change_environment_status(self, req: Request, model_id: str, env: str, action: str) -> tuple[int, object]:
+        """The SDK's environment activate/deactivate: "a deployment associated with an environment",
+        its current one (404 before its first promotion)."""
+        environment = self.environment(self.model(model_id), env)
+        if environment.deployment is None:
+            raise ModelNotFound(f"environment '{env}' of model '{model_id}' has no deployment yet")
+        return await self.change_status(req, model_id, environment.deployment.id, action)
+
+    async def patch_deployment_autoscaling(self, req: Request, model_id: str, dep_id: str) -> tuple[int, object]:
+        """The SDK's `UpdateAutoscalingSettingsResponse`; the settings belong to the environments the
+        deployment serves (here a deployment has none of its own), and each of them gets the update."""
+        body = await read_json(req, set(SCALING_FIELDS) | set(NO_MEANING))
+
+        def fields(env: Environment) -> dict[str, Any]:
+            return {"autoscaling": autoscaling_doc(env.autoscaling, body)}
+
+        changed = await self.change_served(model_id, dep_id, "autoscaling settings", fields)
+        status = "ACCEPTED" if changed else "UNCHANGED"
+        return 200, {"status": status, "message": f"Autoscaling settings {status.lower()}"}
+
+    async def patch_deployment_backpressure(self, req: Request, model_id: str, dep_id: str) -> tuple[int, object]:
+        """The SDK's `RequestBackpressureSettings` after the update, for the environments the deployment serves."""
+        body = await read_json(req, {"policy"})
+        update = backpressure_doc(body)
+        await self.change_served(
+            model_id, dep_id, "backpressure", lambda env: {"backpressure": update} if update else {}
+        )
+        model = self.model(model_id)
+        env = sdk_views.serving_environment(model, self.shortcut_or_deployment(model, dep_id))
+        return 200, {"policy": env.backpressure if env is not None else None}
+
+    async def change_served(
+        self, model_id: str, dep_id: str, what: str, fields: Callable[[Environment], dict[str, Any]]
+    ) -> bool:
+        """Set `fields(env)` on every environment the deployment serves as its current one; whether any changed.
+
+        409 when it serves none: the settings are an environment's here, and there is none to hold them.
+        """
+        async with self.writer.lock:
+            model = self.model(model_id)
+            dep = self.shortcut_or_deployment(model, dep_id)
+            served = {name: env for name, env in model.environments.items() if env.deployment is not None and env.deployment.id == dep.id}  # fmt: skip
+            if not served:
+                raise Conflict(f"deployment '{dep.id}' serves no environment: {what} are an environment's here "
+                               "(PATCH the environment, or promote the deployment first)")  # fmt: skip
+            changes = {name: fields(env) for name, env in served.items()}
+            current = {
+                name: {"autoscaling": env.autoscaling, "backpressure": env.backpressure} for name, env in served.items()
+            }
+            changes = {name: change for name, change in changes.items() if change and not same(change, current[name])}
+            if not changes:
+                return False
+
+            def mutate(overlay: dict[str, Any]) -> None:
+                for name, change in changes.items():
+                    env_change(overlay, model_id, name)["set"].update(change)
+
+            await self.writer.change(f"{what} of deployment {model_id}/{dep.id}", mutate)
+        return True
+
+    # -- environment groups (the team's environment names) -----------------------------------
+
+    async def list_groups(self, req: Request, team: str | None) -> tuple[int, object]:
+        return 200, groups_view(self.state.table, team)
+
+    async def read_group(self, req: Request, team: str | None, name: str) -> tuple[int, object]:
+        return 200, group_view(self.state.table, *team_group(self.state.table, team, name))
+
+    async def patch_group(self, req: Request, team: str | None, name: str) -> tuple[int, object]:
+        """`UpdateEnvironmentGroupRequest`: restricting who may manage an environment has no meaning here
+        (one admin token manages everything): `is_restricted: false` is accepted, `true` refused."""
+        body = await read_json(req, {"manage_access"})
+        access = body.get("manage_access")
+        if access is not None:
+            if not isinstance(access, dict) or set(access) - {"is_restricted", "user_ids"}:
+                raise ClientError("'manage_access' must be an object with 'is_restricted' (and 'user_ids')")
+            if access.get("is_restricted") or access.get("user_ids"):
+                raise ClientError("manage_access: restricting an environment to some users has no meaning here "
+                                  "(the admin token manages every environment)")  # fmt: skip
+        return 200, group_view(self.state.table, *team_group(self.state.table, team, name))
+
     # -- helpers ------------------------------------------------------------------------------
 
     def model(self, model_id: str) -> Model:
@@ -238,6 +407,19 @@ SHORTCUTS: dict[str, Callable[[Model], Deployment | None]] = {
     PRODUCTION: sdk_views.production_deployment,
     RESERVED: lambda model: model.development,
 }
+
+
+def same(change: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a deployment-level settings change leaves the environment as it is."""
+    scaling = change.get("autoscaling")
+    if scaling is not None and Autoscaling(**scaling) != current["autoscaling"]:
+        return False
+    policy = (change.get("backpressure") or {}).get("policy")
+    return policy is None or policy == current["backpressure"]
+
+
+def new_rule_id() -> str:
+    return secrets.token_hex(4)
 
 
 def query_name(req: Request) -> str | None:

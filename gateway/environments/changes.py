@@ -31,8 +31,19 @@ def set_status(overlay: dict[str, Any], model_id: str, dep_id: str, status: str)
     model_changes(overlay, model_id).setdefault("deployments", {}).setdefault(dep_id, {})["status"] = status
 
 
+def env_entry(overlay: dict[str, Any], model_id: str, env: str) -> dict[str, Any]:
+    """The overlay entry of one environment as stored ({} when the admin API never changed it); read only."""
+    entry = overlay.get("models", {}).get(model_id, {}).get("environments", {}).get(env, {})
+    return {} if entry.get("deleted") else entry
+
+
 def latest_promotion(overlay: dict[str, Any], model_id: str, env: str) -> dict[str, Any] | None:
-    return overlay.get("models", {}).get(model_id, {}).get("environments", {}).get(env, {}).get("promotion")
+    return env_entry(overlay, model_id, env).get("promotion")
+
+
+def promotion_settings(overlay: dict[str, Any], model_id: str, env: str) -> dict[str, Any]:
+    """The environment's promotion settings written through the admin API (issue 12); {}: the defaults."""
+    return env_entry(overlay, model_id, env).get("promotion_settings") or {}
 
 
 def running_promotion(overlay: dict[str, Any], model_id: str, env: str) -> dict[str, Any] | None:

@@ -11,6 +11,8 @@ changes:
   created through the API, so the file's entry of that name (if any) is not used at all.
 - `promotion`: the environment's latest promotion; while one runs with a share above 0, its candidate
   becomes `Environment.candidate` (the ramp's split).
+- `traffic_routing`: the environment's shadow rules (issue 12), composed into `Environment.shadow_rules`
+  (`traffic_rules.compose_rules`: team and residency checked like a table's shadow).
 
 Only the models the overlay touches are patched: their documents are compiled together with the file's
 global sections by the same loader, so every rule of the table (references, residency, names) holds for
@@ -30,6 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from gateway.environments.traffic_rules import compose_rules
 from gateway.routing.loader import TableInvalid, compile_source, compile_table, read_table_file, table_dir
 from gateway.routing.model import Canary, Environment, Model, Table
 from gateway.routing.source import model_document
@@ -114,6 +117,8 @@ def compose(base: Base, overlay: Mapping[str, Any]) -> Table:
     models = dict(base.table.models)
     for model_id, model in compiled.models.items():
         models[model_id] = _with_candidates(model, touched[model_id], problems)
+    for model_id in compiled.models:  # after every model is in place: a rule may target another model
+        models[model_id] = _with_rules(models, models[model_id], touched[model_id], problems)
     if problems:
         raise TableInvalid(problems)
     return dataclasses.replace(
@@ -187,6 +192,17 @@ def _with_candidates(model: Model, changes: Mapping[str, Any], problems: list[st
     if envs is None:
         return model
     return dataclasses.replace(model, environments=MappingProxyType(envs))
+
+
+def _with_rules(models: Mapping[str, Model], model: Model, changes: Mapping[str, Any], problems: list[str]) -> Model:
+    """Put each environment's traffic routing rules (issue 12, `traffic_rules`) on it."""
+    envs = dict(model.environments)
+    found = False
+    for name, change in (changes.get("environments") or {}).items():
+        if change.get("traffic_routing") and name in envs:
+            envs[name] = compose_rules(models, model, envs[name], change["traffic_routing"], problems)
+            found = True
+    return dataclasses.replace(model, environments=MappingProxyType(envs)) if found else model
 
 
 def default_store_path(config: str) -> str:

@@ -10,7 +10,9 @@ here (docs/baseten-sdk-management-api.md §0.8): `scale_down_previous_deployment
   `ramp_up_duration_seconds` is absent) are honoured; the rolling-deploy and redeploy fields move
   replicas, which this gateway does not run: accepted, no effect;
 - `preserve_env_instance_type`: no instance types here: accepted, no effect;
-- `environment_settings_update`: accepted when empty; a set field is refused (400), not dropped.
+- `environment_settings_update`: its `autoscaling_settings`, `request_backpressure_settings` and
+  `promotion_settings` are the environment's once the promotion succeeds (checked at the promote
+  call); the fields without meaning here are refused when set (400), not dropped.
 """
 
 from __future__ import annotations
@@ -32,14 +34,19 @@ FIELDS = {"deployment_id", "ramp_up_duration_seconds", "smoke_check", "rollback"
           "environment_settings_update"}  # fmt: skip
 
 
-def promote_options(body: dict[str, Any]) -> dict[str, Any]:
-    """The promote call's options, checked; a clear 400 for each kind of mistake."""
+def promote_options(body: dict[str, Any], settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The promote call's options, checked; a clear 400 for each kind of mistake.
+
+    `settings`: the environment's stored promotion settings (`promotion_settings_update`), the
+    defaults that the body's `promotion_settings_override` overrides field by field.
+    """
     dep = body.get("deployment_id")
     if not isinstance(dep, str) or not dep:
         raise ClientError("'deployment_id' (a string) is required")
     override = _object(body.get("promotion_settings_override") or {}, "promotion_settings_override", SETTINGS)
+    override = {**(settings or {}), **{key: value for key, value in override.items() if value is not None}}
     cleanup = cleanup_strategy(body, override)
-    _environment_settings_update(body.get("environment_settings_update"))
+    settings_update = environment_settings_update(body.get("environment_settings_update"))
     for name in ("scale_down_previous_deployment", "preserve_env_instance_type"):
         if not isinstance(body.get(name, True), bool):
             raise ClientError(f"'{name}' must be true or false")
@@ -72,7 +79,7 @@ def promote_options(body: dict[str, Any]) -> dict[str, Any]:
         if not ramp:
             raise ClientError("'rollback' watches the ramp: it needs 'ramp_up_duration_seconds' above 0")
     return {"deployment_id": dep, "ramp_up_duration_seconds": ramp or 0, "smoke_check": smoke, "rollback": rollback,
-            "cleanup": cleanup}  # fmt: skip
+            "cleanup": cleanup, "environment_settings_update": settings_update}  # fmt: skip
 
 
 def cleanup_strategy(body: dict[str, Any], override: dict[str, Any]) -> str:
@@ -91,18 +98,67 @@ def cleanup_strategy(body: dict[str, Any], override: dict[str, Any]) -> str:
     return strategy or "SCALE_TO_ZERO"
 
 
-def _environment_settings_update(update: Any) -> None:
-    """Accepted when it changes nothing: applying settings with a promotion is not served yet (PATCH the
-    environment first); a refusal names the field rather than dropping it silently."""
+# `POST /v1/models/{id}/deployments/{dep}/promote` (and `development/promote`): the SDK's `PromoteRequest`,
+# a promotion into production whose scale-down flag has another name (docs/baseten-sdk-management-api.md §0.8).
+DEPLOYMENT_FIELDS = {"scale_down_previous_production", "preserve_env_instance_type", "environment_settings_update",
+                     "promotion_settings_override"}  # fmt: skip
+
+
+def production_promote_body(body: dict[str, Any], dep_id: str) -> dict[str, Any]:
+    """The environment promote body for a deployment-level promote of `dep_id` into production."""
+    mapped = {key: value for key, value in body.items() if key != "scale_down_previous_production"}
+    if "scale_down_previous_production" in body:
+        mapped["scale_down_previous_deployment"] = body["scale_down_previous_production"]
+    return {**mapped, "deployment_id": dep_id}
+
+
+def promotion_settings_update(current: dict[str, Any], update: Any) -> dict[str, Any]:
+    """An environment's stored promotion settings after the SDK's `UpdateModelPromotionSettings`.
+
+    Partial, like the SDK sends it: an absent field is unchanged, a null one goes back to the default
+    (`sdk_views.PROMOTION_SETTINGS`). The fields this gateway acts on are checked here; the
+    rolling-deploy and redeploy fields are kept and shown, with no effect (no replicas here).
+    """
+    update = _object(update, "promotion_settings", SETTINGS)
+    settings = {**current}
+    for key, value in update.items():
+        if value is None:
+            settings.pop(key, None)
+        else:
+            settings[key] = value
+    strategy = settings.get("promotion_cleanup_strategy")
+    if strategy is not None and strategy not in CLEANUP:
+        raise ClientError(f"'promotion_settings.promotion_cleanup_strategy' must be one of {', '.join(CLEANUP)}")
+    for key in ("ramp_up_while_promoting", "redeploy_on_promotion", "rolling_deploy"):
+        if not isinstance(settings.get(key, False), bool):
+            raise ClientError(f"'promotion_settings.{key}' must be true or false")
+    ramp = settings.get("ramp_up_duration_seconds", 0)
+    if not isinstance(ramp, int) or isinstance(ramp, bool) or not 0 <= ramp <= MAX_RAMP_SECONDS:
+        raise ClientError(
+            f"'promotion_settings.ramp_up_duration_seconds' must be a whole number from 0 to {MAX_RAMP_SECONDS}"
+        )
+    if settings.get("rolling_deploy_config") is not None and not isinstance(settings["rolling_deploy_config"], dict):
+        raise ClientError("'promotion_settings.rolling_deploy_config' must be an object")
+    return settings
+
+
+def environment_settings_update(update: Any) -> dict[str, Any] | None:
+    """The SDK's `PromotionEnvironmentSettingsUpdate`: the environment's `autoscaling_settings`,
+    `request_backpressure_settings` and `promotion_settings` that the environment takes when the
+    promotion succeeds (None: none). `region`, `instance_type_id` and `autoscaling_schedule_settings`
+    have no meaning here (a regional environment's region is its team's; no instance types or
+    schedules): null is accepted, a value refused with the field named, never dropped silently."""
     if update is None:
-        return
+        return None
     fields = _object(update, "environment_settings_update", ENV_SETTINGS)
-    for name in sorted(fields):
-        if fields[name] is not None:
-            raise ClientError(
-                f"'environment_settings_update.{name}' is not applied by this gateway yet: "
-                "PATCH the environment before promoting"
-            )
+    for name in ("region", "instance_type_id", "autoscaling_schedule_settings"):
+        if fields.get(name) is not None:
+            raise ClientError(f"'environment_settings_update.{name}' has no meaning here; send null or leave it out")
+    kept = {name: value for name, value in fields.items() if value is not None and name in APPLIED}
+    return kept or None
+
+
+APPLIED = ("autoscaling_settings", "request_backpressure_settings", "promotion_settings")
 
 
 def _number(x: Any) -> TypeGuard[float]:

@@ -20,9 +20,23 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.environments import sdk_views
-from gateway.environments.changes import deployment_users, env_change, read_json, running_promotion, set_status
+from gateway.environments.changes import (
+    deployment_users,
+    env_change,
+    promotion_settings,
+    read_json,
+    running_promotion,
+    set_status,
+)
 from gateway.environments.planecall import PlaneCaller
-from gateway.environments.promote_body import FIELDS, promote_options
+from gateway.environments.promote_body import (
+    DEPLOYMENT_FIELDS,
+    FIELDS,
+    environment_settings_update,
+    production_promote_body,
+    promote_options,
+    promotion_settings_update,
+)
 from gateway.environments.promotion_states import (
     STAGES,
     TERMINAL,
@@ -34,9 +48,11 @@ from gateway.environments.promotion_states import (
     describe,
     stage_seconds,
 )
+from gateway.environments.sdk_settings import settings_changes
+from gateway.environments.traffic_rules import promotion_problems
 from gateway.environments.views import environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
-from gateway.errors import ClientError, Conflict, GatewayError
+from gateway.errors import ClientError, Conflict, GatewayError, InvalidChange, ModelNotFound
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Table
@@ -91,6 +107,7 @@ class Promotions:
             "cancel_promotion": self.cancel,
             "force_cancel_promotion": self.force_cancel,
             "force_roll_forward_promotion": self.force_roll_forward,
+            "deployments/promote": self.promote_deployment,  # api.PROMOTE_DEPLOYMENT
         }
 
     def __repr__(self) -> str:
@@ -119,8 +136,28 @@ class Promotions:
     # -- admin calls --------------------------------------------------------------------------
 
     async def promote(self, req: Request, model_id: str, env: str) -> tuple[int, object]:
-        body = await read_json(req, FIELDS)
-        options = promote_options(body)
+        return await self.begin(model_id, env, await read_json(req, FIELDS))
+
+    async def promote_deployment(self, req: Request, model_id: str, dep_id: str) -> tuple[int, object]:
+        """`POST /v1/models/{id}/deployments/{dep}/promote` (and `development/promote`): the SDK's
+        `PromoteRequest`, a promotion of the deployment into production."""
+        body = await read_json(req, DEPLOYMENT_FIELDS)
+        model = find_model(self.state.table, model_id)
+        if dep_id == "development":
+            if model.development is None:
+                raise ModelNotFound(f"model '{model_id}' has no development deployment")
+            dep_id = model.development.id
+        return await self.begin(model_id, sdk_views.PRODUCTION, production_promote_body(body, dep_id))
+
+    async def begin(self, model_id: str, env: str, body: dict[str, Any]) -> tuple[int, object]:
+        """Start a promotion; the SDK's answer (issue 12): 200 with the promoted deployment, and in
+        `previous_deployment` what its cleanup will do (the progress is read from the environment)."""
+        settings = promotion_settings(self.state.overlay, model_id, env)
+        update = environment_settings_update(body.get("environment_settings_update")) or {}
+        if "promotion_settings" in update:  # this promotion already follows the settings it gives the environment
+            settings = promotion_settings_update(settings, update["promotion_settings"])
+        options = promote_options(body, settings)
+        del options["environment_settings_update"]
         async with self.writer.lock:
             model = find_model(self.state.table, model_id)
             environment = find_environment(model, env)
@@ -136,9 +173,19 @@ class Promotions:
                     f"deployment '{dep.id}' runs in region '{dep.region}', but environment '{env}' is pinned "
                     f"to region '{environment.region}': a regional environment never leaves its region"
                 )
+            problems = promotion_problems(self.state.table.models, model_id, env, dep)
+            if problems:
+                raise InvalidChange("a shadow rule would send a regional environment's traffic out of its region: "
+                                    + problems[0], problems)  # fmt: skip
+            on_success = None
+            if update:
+                on_success = {"set": settings_changes(update, environment.autoscaling),
+                              "promotion_settings": settings if "promotion_settings" in update else None}  # fmt: skip
+                await self.writer.check(lambda o: keep_settings(o, model_id, env, on_success))
             now = self.clock()
             record = {
                 **options,
+                "on_success": on_success,
                 "status": State.RELEASING.value,
                 "percent": 0,
                 "previous_deployment_id": environment.deployment.id if environment.deployment else None,
@@ -150,10 +197,13 @@ class Promotions:
             }
             table = await self._write(model_id, env, record, "promote")
             self._launch((model_id, env))
-        # The SDK's answer (issue 12): 200 with the promoted deployment; the promotion's progress is read
-        # from the environment (`in_progress_promotion`).
         model = table.models[model_id]
-        return 200, sdk_views.deployment_view(model, model.deployments[dep.id])
+        previous = record["previous_deployment_id"]
+        cleanup = None
+        if previous is not None:
+            users = deployment_users(model, previous, self.state.overlay, leaving=env)
+            cleanup = {"id": previous, "cleanup": "KEEP" if users else options["cleanup"], "still_used_by": users}
+        return 200, {**sdk_views.deployment_view(model, model.deployments[dep.id]), "previous_deployment": cleanup}
 
     # The answers are the SDK's `SignalPromotionResponse` (`success`) and `CancelPromotionResponse`
     # (`status`, `message`), with the environment's keys beside them as SPEC §6 answered before (no clash).
@@ -251,7 +301,7 @@ class Promotions:
                     continue
                 if await self._step(key, state, Event.STAGE_ELAPSED) in TERMINAL:
                     return
-        except PromotionFailed as failure:
+        except (PromotionFailed, InvalidChange) as failure:  # InvalidChange: the table refused the switch
             log.warning("promotion of %s/%s failed: %s", *key, failure)
             try:
                 await self._step(key, None, Event.FAIL, error_message=str(failure))
@@ -406,6 +456,7 @@ class Promotions:
                 demote = previous
 
         def mutate(overlay: dict[str, Any]) -> None:
+            keep_settings(overlay, model_id, env, record.get("on_success"))
             change = env_change(overlay, model_id, env)
             change["set"]["deployment"] = candidate
             change["promotion"] = record
@@ -430,6 +481,16 @@ class Promotions:
         self.metrics.promotion.set((model_id, env, record["deployment_id"]), record["percent"])
         for state in STATES:
             self.metrics.promotion_state.set((model_id, env, state), 1 if record["status"] == state else 0)
+
+
+def keep_settings(overlay: dict[str, Any], model_id: str, env: str, on_success: dict[str, Any] | None) -> None:
+    """The environment takes the settings its promotion's `environment_settings_update` gave (issue 12)."""
+    if not on_success:
+        return
+    change = env_change(overlay, model_id, env)
+    change["set"].update(on_success["set"])
+    if on_success.get("promotion_settings") is not None:
+        change["promotion_settings"] = on_success["promotion_settings"]
 
 
 class RollbackWindow:

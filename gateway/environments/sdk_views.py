@@ -9,11 +9,12 @@ model forbids them). Facts the table does not have get a fixed value, listed in 
   every worker and across restarts, where a load time would differ between two calls;
 - `instance_type_name`: no instance types here. `Deployment` allows null; `Model` needs a string;
 - `labels`: `{}`; `region`: the plane's region, as `{"slug", "display_name"}` (both its name);
-- an environment's `promotion_settings`: `PROMOTION_SETTINGS`, the same for every environment (the
-  table has no per-environment promotion settings yet; a promote call can override them, `promote_body`);
+- an environment's `promotion_settings`: `PROMOTION_SETTINGS` with what the admin API stored for it
+  (`promote_body.promotion_settings_update`; a promote call can override them for itself);
 - an environment's `instance_type`: `NO_INSTANCE_TYPE_OBJECT` (required and non-null in the SDK; the
   gateway runs no replicas, so no instance types); `autoscaling_schedules`: null (none here);
-- `traffic_routing`: the environment's `shadow` as one SHADOW rule (`shadow_rule`), else null.
+- `traffic_routing`: the environment's `shadow` as one SHADOW rule (`shadow_rule`), then the admin
+  API's unexpired rules (`traffic_rules`); null when there are none.
 
 Pure functions over one table snapshot, so a list and its items agree.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.environments.traffic_rules import expiry, rule_view
 from gateway.routing.model import Deployment, Environment, Model, Shadow, Table
 
 PRODUCTION = "production"
@@ -36,7 +38,7 @@ PROMOTION_SETTINGS = {
     "promotion_cleanup_strategy": "SCALE_TO_ZERO",
     "rolling_deploy_config": None,
     "ramp_up_while_promoting": False,
-    "ramp_up_duration_seconds": 0,
+    "ramp_up_duration_seconds": 600,  # the SDK's default: the ramp's length once ramp_up_while_promoting is set
 }
 NO_INSTANCE_TYPE_OBJECT = {"id": NO_INSTANCE_TYPE, "name": NO_INSTANCE_TYPE, "memory_limit_mib": 0,
                            "millicpu_limit": 0, "gpu_count": 0, "gpu_type": None, "gpu_memory_limit_mib": None}  # fmt: skip
@@ -59,10 +61,12 @@ def model_view(model: Model) -> dict[str, Any]:
     }
 
 
-def models_view(table: Table, name: str | None = None) -> dict[str, Any]:
-    """`GET /v1/models`: every model, by id; `name` (the SDK's query filter) keeps the one so named."""
+def models_view(table: Table, name: str | None = None, team: str | None = None) -> dict[str, Any]:
+    """`GET /v1/models`: every model, by id; `name` (the SDK's query filter) keeps the one so named;
+    `team` (`GET /v1/teams/{team}/models`) keeps that team's."""
     ids = sorted(table.models) if name is None else [name] if name in table.models else []
-    return {"models": [model_view(table.models[model_id]) for model_id in ids]}
+    models = [table.models[model_id] for model_id in ids]
+    return {"models": [model_view(model) for model in models if team is None or model.team == team]}
 
 
 def deployment_view(model: Model, dep: Deployment) -> dict[str, Any]:
@@ -136,10 +140,19 @@ def autoscaling_view(env: Environment) -> dict[str, Any]:
 
 
 def environment_view(
-    model: Model, env: Environment, candidate: Deployment | None, promotion: dict[str, Any] | None
+    model: Model,
+    env: Environment,
+    candidate: Deployment | None,
+    promotion: dict[str, Any] | None,
+    now: float = 0.0,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An environment as the SDK's `Environment`. `candidate`: a running promotion's deployment;
-    `promotion`: the environment's latest promotion record (kept after it ends, as the platform does)."""
+    `promotion`: the environment's latest promotion record (kept after it ends, as the platform does);
+    `now`: Unix seconds, to leave out the rules that expired; `settings`: the environment's stored
+    promotion settings (over `PROMOTION_SETTINGS`)."""
+    rules = [shadow_rule(model, env.shadow)] if env.shadow is not None else []
+    rules += [rule_view(rule) for rule in env.shadow_rules if expiry(rule.stored) > now]
     return {
         "name": env.name,
         "created_at": CREATED_AT,
@@ -148,11 +161,11 @@ def environment_view(
         "candidate_deployment": deployment_view(model, candidate) if candidate is not None else None,
         "in_progress_promotion": promotion_view(promotion) if promotion is not None else None,
         "autoscaling_settings": autoscaling_view(env),
-        "promotion_settings": dict(PROMOTION_SETTINGS),
+        "promotion_settings": {**PROMOTION_SETTINGS, **(settings or {})},
         "instance_type": dict(NO_INSTANCE_TYPE_OBJECT),
         "request_backpressure_settings": {"policy": env.backpressure},
         "autoscaling_schedules": None,
-        "traffic_routing": {"rules": [shadow_rule(model, env.shadow)]} if env.shadow is not None else None,
+        "traffic_routing": {"rules": rules} if rules else None,
     }
 
 
@@ -179,3 +192,33 @@ def shadow_rule(model: Model, shadow: Shadow) -> dict[str, Any]:
         "sampling_mode": "RANDOM",
         "propagate_client_cancellation": False,
     }
+
+
+# The SDK's answers for what has no meaning here (no replicas, builds or log store; the gateway's
+# own metrics are Prometheus text at /metrics): its empty shapes, so a caller's code runs unchanged.
+EMPTY_PAGE = {"pagination": {"has_more": False}}
+NULL_SHAPES: dict[str, dict[str, Any]] = {
+    "logs": {"logs": []},
+    "metrics": {
+        "start_epoch_millis": 0,
+        "end_epoch_millis": 0,
+        "mode": "CURRENT",
+        "step_seconds": None,
+        "metric_descriptors": [],
+        "metric_values": [],
+    },  # fmt: skip
+    "startups": {"items": [], **EMPTY_PAGE, "total_count": 0},
+    "startups/summary": {
+        "start_epoch_millis": 0,
+        "end_epoch_millis": 0,
+        "phase_duration_ms": [],
+        "total_duration_ms": {
+            "sample_count": 0,
+            "mean_ms": None,
+            "p50_ms": None,
+            "p90_ms": None,
+            "p95_ms": None,
+            "p99_ms": None,
+        },
+    },  # fmt: skip
+}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from gateway.environments import sdk_views
-from gateway.environments.changes import latest_promotion
+from gateway.environments.changes import latest_promotion, promotion_settings
 from gateway.environments.overlay import RUNNING
 from gateway.errors import ModelNotFound
 from gateway.routing.model import Deployment, Environment, Model, Table
@@ -32,7 +33,9 @@ def find_deployment(model: Model, dep_id: str) -> Deployment:
     return dep
 
 
-def environment_view(model: Model, env: Environment, overlay: dict[str, Any]) -> dict[str, Any]:
+def environment_view(
+    model: Model, env: Environment, overlay: dict[str, Any], now: float | None = None
+) -> dict[str, Any]:
     """An environment as the admin API shows it: the SDK's `Environment` (issue 12, `sdk_views`) with the
     older keys of SPEC §6 that do not clash with it (`region`, `canary`, `shadow`, `backpressure`)."""
     promotion = latest_promotion(overlay, model.id, env.name)
@@ -40,7 +43,14 @@ def environment_view(model: Model, env: Environment, overlay: dict[str, Any]) ->
     if promotion is not None and promotion["status"] in RUNNING:
         candidate = model.deployments.get(promotion["deployment_id"])
     return {
-        **sdk_views.environment_view(model, env, candidate, promotion),
+        **sdk_views.environment_view(
+            model,
+            env,
+            candidate,
+            promotion,
+            time.time() if now is None else now,
+            promotion_settings(overlay, model.id, env.name),
+        ),
         "region": env.region,
         "canary": {"deployment": env.canary.deployment.id, "percent": env.canary.percent} if env.canary else None,
         "shadow": {

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from gateway.environments.overlay import compose
 from gateway.environments.store import StoreConflict, StoreError
 from gateway.errors import Conflict, InternalError, InvalidChange
 from gateway.routing.loader import TableInvalid
@@ -46,6 +47,20 @@ class AdminWriter:
     @property
     def revision(self) -> int:
         return int(self.state.overlay.get("revision", 0))
+
+    async def check(self, mutate: Mutation) -> None:
+        """Whether a change would be valid now, without applying it: raises InvalidChange as `change` would.
+
+        For a change made later (a promotion's settings, applied when it succeeds), refused up front.
+        """
+        overlay = copy.deepcopy(self.state.overlay)
+        mutate(overlay)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, compose, self.state.base, overlay)
+        except TableInvalid as exc:
+            raise InvalidChange(
+                "the change breaks the routing table's rules: " + exc.problems[0], exc.problems
+            ) from None
 
     async def change(self, reason: str, mutate: Mutation) -> Table:
         """Apply one change to a copy of the overlay; serve and persist it, or refuse it whole.

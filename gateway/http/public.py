@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import NamedTuple
 
 from gateway.asyncq.api import answer as answer_async
@@ -33,7 +34,7 @@ from gateway.http.h2 import H2Exchange, H2ShadowExchange, H2TunnelExchange
 from gateway.http.hold import HeldRequest
 from gateway.http.proxy import MAX_BODY_BYTES, Exchange, TunnelExchange, body_limit_error, new_request_id, request_head
 from gateway.http.server import Request
-from gateway.http.shadow import ShadowExchange, Shadows, Tee, sampled
+from gateway.http.shadow import ShadowExchange, Shadows, Tee, picked
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Table, Upstream
 from gateway.routing.resolve import Call, RequestLookup, Route, resolve
@@ -137,8 +138,9 @@ class PublicHandler:
             return self._hold(req, route, request_id, started, held, labels, decision, permit)
         tee = None
         env = route.model.environments.get(route.environment)
-        if env is not None and env.shadow is not None and protocol == "http" and sampled(env.shadow):
-            tee = self.shadows.tee(req, route, env.shadow, self.state.table)
+        if env is not None and (env.shadow is not None or env.shadow_rules) and protocol == "http":
+            targets = picked(env, route.model.id, req.routing_key or route.api_key.name, time.time())
+            tee = self.shadows.tee(req, route, targets, self.state.table) if targets else None
         ep = decision.endpoint
         if ep is None:  # admit gives HTTP calls an endpoint; defensively, 503 rather than a crash
             permit.release()

@@ -13,7 +13,7 @@ client's connection, so the client's response, latency and errors never depend o
 Outcomes, in `gateway_shadow_requests_total{...,outcome}`:
 `success` (the shadow answered 1xx-3xx), `error_status` (it answered 4xx/5xx), `failed` (no
 connection, broken, or timed out), `dropped` (the queue was full), `too_large` (the body passed
-the cap).
+the cap), `cancelled` (the client went away and the rule propagates client cancellation, issue 12).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from gateway.errors import GatewayError, UpstreamBroken
 from gateway.http.proxy import Exchange, new_request_id, request_head
 from gateway.http.server import Request
 from gateway.metrics import Metrics
-from gateway.routing.model import Deployment, Shadow, Table, Upstream
-from gateway.routing.resolve import Route
+from gateway.routing.model import Deployment, Environment, Shadow, Table, Upstream
+from gateway.routing.resolve import Route, in_canary
 
 log = logging.getLogger("gateway.shadow")
 
@@ -46,6 +46,28 @@ def sampled(shadow: Shadow, rng: Callable[[], float] = random.random) -> bool:
     return rng() * 100.0 < shadow.percent
 
 
+def picked(
+    env: Environment, model_id: str, caller: str, now: float, rng: Callable[[], float] = random.random
+) -> list[Shadow]:
+    """The shadows this call is copied to: the table's shadow, then the admin API's rules (issue 12).
+
+    A rule past its `expires_at` sends nothing (checked per call, so no reload is needed at the
+    expiry); USER_SESSION picks by the caller's stable bucket (the routing key, else the API key, as
+    the canary does), RANDOM draws per call.
+    """
+    shadows = [env.shadow] if env.shadow is not None and sampled(env.shadow, rng) else []
+    for rule in env.shadow_rules:
+        shadow = rule.shadow
+        if shadow is None or (shadow.expires_at is not None and shadow.expires_at <= now):
+            continue
+        if shadow.sampling_mode == "USER_SESSION":
+            if in_canary(shadow.percent, model_id, env.name, caller, salt=f"shadow{rule.id}"):
+                shadows.append(shadow)
+        elif sampled(shadow, rng):
+            shadows.append(shadow)
+    return shadows
+
+
 class Copy(NamedTuple):
     """A shadow copy ready to send."""
 
@@ -56,44 +78,58 @@ class Copy(NamedTuple):
     parts: list[bytes]  # head and body
     size: int
     head_only: bool  # a HEAD call: the answer has no body
+    cancelled: asyncio.Future | None  # set when the client went away (propagate_client_cancellation)
 
 
 class Tee:
-    """What a sampled call needs to become a shadow copy: the route and a capped body copy."""
+    """What a sampled call needs to become shadow copies: the route, its shadows and one capped body copy."""
 
-    __slots__ = ("shadows", "route", "shadow", "table", "labels", "parts", "size")
+    __slots__ = ("shadows", "route", "targets", "table", "parts", "size", "cancels")
 
-    def __init__(self, shadows: Shadows, route: Route, shadow: Shadow, table: Table) -> None:
+    def __init__(self, shadows: Shadows, route: Route, targets: list[Shadow], table: Table) -> None:
         self.shadows = shadows
         self.route = route
-        self.shadow = shadow
+        self.targets = targets
         self.table = table
-        dep = shadow.deployment
-        self.labels = (route.model.id, route.environment, dep.id, dep.region, "http")
-        self.parts: list[bytes] | None = []  # None once the body passed the cap
+        self.parts: list[bytes] | None = []  # None once the body passed every cap
         self.size = 0
+        self.cancels: list[asyncio.Future] = []
+
+    def labels(self, shadow: Shadow) -> tuple:
+        dep = shadow.deployment
+        return (self.route.model.id, self.route.environment, dep.id, dep.region, "http")
 
     def add(self, data: bytes) -> None:
         if self.parts is None:
             return
         self.size += len(data)
-        if self.size > self.shadow.max_body_bytes:
-            self.parts = None
-            self.shadows.count(self.labels, "too_large")
-        else:
+        for shadow in [t for t in self.targets if self.size > t.max_body_bytes]:
+            self.targets.remove(shadow)
+            self.shadows.count(self.labels(shadow), "too_large")
+        if self.targets:
             self.parts.append(data)
+        else:
+            self.parts = None
 
     def complete(self, req: Request) -> None:
         if self.parts is not None:
-            self.shadows.submit(self._copy(req))
+            for shadow in self.targets:
+                self.shadows.submit(self._copy(req, shadow))
             self.parts = None
 
-    def _copy(self, req: Request) -> Copy:
-        dep = self.shadow.deployment
+    def client_lost(self) -> None:
+        """Cancel the copies of the rules that follow the client's cancellation (queued or in flight)."""
+        self.parts = None
+        for cancel in self.cancels:
+            if not cancel.done():
+                cancel.set_result(None)
+
+    def _copy(self, req: Request, shadow: Shadow) -> Copy:
+        dep = shadow.deployment
         up = random.choice(dep.endpoints) if dep.endpoints else dep.plane.url
         identity = (
             b"host: %s\r\nx-baseten-model-id: %s\r\nx-baseten-environment: %s\r\nx-baseten-deployment-id: %s\r\n%s"
-            % (up.authority.encode(), self.route.model.id.encode(), self.route.environment.encode(),
+            % (up.authority.encode(), dep.model_id.encode(), (shadow.environment or self.route.environment).encode(),
                dep.id.encode(), SHADOW_HEADER)
         )  # fmt: skip
         scheme = self.shadows.scheme
@@ -101,7 +137,11 @@ class Tee:
             req, self.route.upstream_target, [identity], new_request_id(), scheme, body_length=self.size
         )
         parts = head + self.parts  # type: ignore[operator]
-        return Copy(self.labels, dep, up, self.table, parts, self.size, req.method == "HEAD")
+        cancel = None
+        if shadow.propagate_cancellation:
+            cancel = self.shadows.loop.create_future()
+            self.cancels.append(cancel)
+        return Copy(self.labels(shadow), dep, up, self.table, parts, self.size, req.method == "HEAD", cancel)
 
 
 class ShadowExchange(Exchange):
@@ -131,6 +171,10 @@ class ShadowExchange(Exchange):
         super().write_eof()
         self.tee.complete(self.req)
 
+    def client_lost(self) -> None:
+        self.tee.client_lost()
+        super().client_lost()
+
 
 Connect = Callable[[Deployment, Upstream, Table], Awaitable[Any]]
 
@@ -150,13 +194,15 @@ class Shadows:
     def __repr__(self) -> str:
         return f"<Shadows {len(self.queue)} queued ({self.queued_bytes} bytes) | {len(self.senders)} sending>"
 
-    def tee(self, req: Request, route: Route, shadow: Shadow, table: Table) -> Tee | None:
-        """A tee for a sampled call, or None when its declared body is already over the cap."""
-        tee = Tee(self, route, shadow, table)
-        if req.content_length is not None and req.content_length > shadow.max_body_bytes:
-            self.count(tee.labels, "too_large")
-            return None
-        return tee
+    def tee(self, req: Request, route: Route, targets: list[Shadow], table: Table) -> Tee | None:
+        """A tee for a sampled call, or None when its declared body is already over every cap."""
+        tee = Tee(self, route, [], table)
+        for shadow in targets:
+            if req.content_length is not None and req.content_length > shadow.max_body_bytes:
+                self.count(tee.labels(shadow), "too_large")
+            else:
+                tee.targets.append(shadow)
+        return tee if tee.targets else None
 
     def count(self, labels: tuple, outcome: str) -> None:
         self.metrics.shadow.inc(labels + (outcome,))
@@ -189,6 +235,8 @@ class Shadows:
 
     async def _send(self, copy: Copy) -> str:
         dep = copy.deployment
+        if copy.cancelled is not None and copy.cancelled.done():
+            return "cancelled"
         try:
             conn = await self.connect(dep, copy.upstream, copy.table)
         except GatewayError as error:
@@ -198,6 +246,12 @@ class Shadows:
         conn.start(sink, copy.parts, head_only=copy.head_only)
         try:
             async with asyncio.timeout(min(SEND_TIMEOUT_SECONDS, dep.timeouts.total_seconds)):
+                if copy.cancelled is not None:
+                    await asyncio.wait((sink.done, copy.cancelled), return_when=asyncio.FIRST_COMPLETED)
+                    if not sink.done.done():
+                        sink.done.cancel()
+                        conn.close()  # the client went away: so does its copy (propagate_client_cancellation)
+                        return "cancelled"
                 status = await sink.done
         except (TimeoutError, GatewayError) as error:
             conn.close()

@@ -16,6 +16,7 @@ from typing import Literal, NoReturn
 DeploymentStatus = Literal["active", "scaled_to_zero", "inactive"]
 ModelKind = Literal["model", "chain"]
 BackpressurePolicy = Literal["QUEUE_ON_FULL", "REJECT_ON_FULL"]
+SamplingMode = Literal["RANDOM", "USER_SESSION"]
 
 EMPTY: Mapping = MappingProxyType({})
 
@@ -149,6 +150,22 @@ class Shadow:
     deployment: Deployment
     percent: float  # 0..100
     max_body_bytes: int = 1024 * 1024
+    # The fields below come from the admin API's traffic routing rules (issue 12); a table file's
+    # shadow keeps the defaults: drawn per call, never expires, fire and forget.
+    sampling_mode: SamplingMode = "RANDOM"  # USER_SESSION: sticky per caller, like a canary
+    expires_at: float | None = None  # Unix seconds; past it, the shadow sends nothing
+    propagate_cancellation: bool = False  # the copy is cancelled when the client goes away
+    environment: str | None = None  # the x-baseten-environment of a copy to an environment target
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowRule:
+    """A traffic routing rule of the admin API (issue 12): the rule as stored, and the shadow it
+    sends to now (None: its target deployment or environment is gone, so it sends nothing)."""
+
+    id: str
+    stored: Mapping[str, object]
+    shadow: Shadow | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +187,7 @@ class Environment:
     # A promotion in progress (SPEC §6): the candidate and its current share of the traffic.
     # Set only by the admin overlay (gateway/environments), never by the table file.
     candidate: Canary | None = None
+    shadow_rules: tuple[ShadowRule, ...] = ()  # the admin API's traffic routing rules (issue 12)
 
 
 @dataclass(frozen=True, slots=True)
