@@ -160,6 +160,11 @@ class Metrics:
             ("model", "region", "outcome"),
         )  # fmt: skip
         self.all += (self.async_depth, self.async_wait, self.async_run, self.async_requests, self.webhooks)
+        # The access log (issue 13): lines dropped because the writer fell behind (a call never waits for it)
+        self.access_log_dropped = Counter(
+            "gateway_access_log_dropped_total", "Access log lines dropped: the buffer was full or a write failed.", ()
+        )
+        self.all += (self.access_log_dropped,)
 
     def render(self) -> bytes:
         lines: list[str] = []

@@ -38,6 +38,7 @@ from gateway.asyncq.request import (
 )
 from gateway.asyncq.store import LEASE_SECONDS, RegionStore, store_path
 from gateway.calls.admission import concurrency_limit
+from gateway.calls.info import CallInfo
 from gateway.calls.pipeline import Go, Pipeline
 from gateway.errors import GatewayError, MisdirectedRequest, ModelNotFound, RateLimited
 from gateway.metrics import Metrics
@@ -382,7 +383,11 @@ class AsyncService:
         labels = self.pipeline.constants.of(route).labels["http"]
         self.metrics.async_wait.observe(self._labels(req), max(0.0, now - req.created_at))
         started = self.loop.time()
-        record = self.pipeline.begin(labels, decision, started)
+        info = None
+        if self.pipeline.observer is not None:  # a line per run in the access log, a span per run (issue 13)
+            info = CallInfo(req.request_id, "", "", "POST", route.upstream_target, "async", route)
+            info.bytes_in = len(req.body)
+        record = self.pipeline.begin(labels, decision, started, info)
         error: GatewayError | None = None
         status = 0
         answer = None
@@ -393,6 +398,8 @@ class AsyncService:
                 request_id=req.request_id, upstream=decision.endpoint.upstream, max_answer_bytes=MAX_RESULT_BYTES,
             )  # fmt: skip
             status = answer.status
+            if info is not None:
+                info.bytes_out = len(answer.body)
         except GatewayError as exc:
             error = exc
         finally:
