@@ -48,6 +48,6 @@ class CallInfo:
     def __repr__(self) -> str:
         return f"<CallInfo {self.request_id[:8]} {self.protocol} {self.method} {self.target[:40]}>"
 
-    def trace_lines(self) -> bytes:
-        """The `trace` fields as HTTP/1.1 header lines."""
-        return b"".join(b"%s: %s\r\n" % field for field in self.trace)
+    def trace_lines(self) -> bytes | None:
+        """The `trace` fields as HTTP/1.1 header lines; None without tracing (the client's pass through)."""
+        return b"".join(b"%s: %s\r\n" % field for field in self.trace) if self.trace else None

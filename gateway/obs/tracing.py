@@ -114,15 +114,15 @@ class Tracing:
         self.propagator.inject(carrier, context=trace.set_span_in_context(span))
         info.trace = tuple((k.encode(), v.encode()) for k, v in carrier.items())
 
-    def attempt_ended(self, info: CallInfo, code: str, error_type: str | None) -> None:
+    def attempt_ended(self, info: CallInfo, code: str, error_type: str | None, ended_ns: int | None = None) -> None:
         span, info.attempt = info.attempt, None
         if span is None:
             return
         _finish(span, info.protocol, code, error_type, client=True)
-        span.end()
+        span.end(end_time=ended_ns)
 
     def ended(self, info: CallInfo, code: str, error_type: str | None, ended_ns: int) -> None:
-        self.attempt_ended(info, code, error_type)
+        self.attempt_ended(info, code, error_type, ended_ns)  # the same instant: the client span ends within
         span = info.span
         if span is not None:
             _finish(span, info.protocol, code, error_type, client=False)
