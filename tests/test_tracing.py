@@ -233,21 +233,25 @@ def test_grpc_calls_are_traced_and_the_plane_gets_the_client_span(tmp_path: Path
     assert received == [traceparent(client)]  # the client's own was replaced, not doubled
 
 
-def test_sampling_ratio_zero_records_nothing_but_follows_a_sampled_client(tmp_path: Path) -> None:
+def test_sampling_ratio_zero_records_nothing_but_follows_the_clients_flag(tmp_path: Path) -> None:
     exporter = InMemorySpanExporter()
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"
 
     async def scenario() -> Plane:
         async with Plane() as plane, gateway(table(tmp_path, plane.url), exporter, ratio=0.0) as gw:
             for _ in range(5):
                 assert await post(gw.public_port) == 200
+            assert await post(gw.public_port, traceparent=unsampled) == 200
             assert exporter.get_finished_spans() == ()
             assert await post(gw.public_port, traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01") == 200
         return plane
 
     plane = asyncio.run(scenario())
-    assert len(by_kind(exporter, SpanKind.SERVER)) == 1  # the client's sampled flag is followed (ParentBased)
-    unsampled = [s["headers"]["traceparent"] for s in plane.seen[:5]]
-    assert all(int(h[-2:], 16) & 1 == 0 and TRACE_ID not in h for h in unsampled)  # propagated, sampled flag off
+    [server] = by_kind(exporter, SpanKind.SERVER)  # the client's sampled flag is followed
+    assert f"{server.parent.span_id:016x}" == PARENT_ID
+    assert all("traceparent" not in s["headers"] for s in plane.seen[:5])  # not traced: nothing added
+    assert plane.seen[5]["headers"]["traceparent"] == unsampled  # the client's passes through unchanged
+    assert ids(plane.seen[6]["headers"]["traceparent"]) != f"00-{TRACE_ID}-{PARENT_ID}"  # the client span's
 
 
 def test_without_tracing_the_clients_traceparent_passes_through_unchanged(tmp_path: Path) -> None:

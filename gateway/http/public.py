@@ -56,6 +56,7 @@ RETRIED_ENDPOINTS = frozenset({"predict", "run_remote", "sync"})  # SPEC §12 re
 
 
 ASYNC_ACTIONS = frozenset({"async", "async_status"})
+LOGGED_FIELDS = frozenset({b"user-agent", b"referer", b"traceparent", b"tracestate"})  # CallInfo's (issue 13)
 ROUTE_CACHE_SIZE = 8192
 SWEEP_SECONDS = 0.25
 
@@ -306,11 +307,11 @@ class PublicHandler:
 
     def _info(self, req: Request, request_id: str, route: object, protocol: str) -> CallInfo:
         """What the access log and tracing record of an HTTP call (only built when they are on)."""
-        header = req.header
+        fields = {name: value for name, value in req.headers if name in LOGGED_FIELDS}  # one pass over the head
         return CallInfo(
             request_id, req.conn.peer, req.host or "", req.method, req.target, protocol, route,
-            agent=_text(header(b"user-agent")), referer=_text(header(b"referer")),
-            parent=_text(header(b"traceparent")), parent_state=_text(header(b"tracestate")),
+            agent=_text(fields.get(b"user-agent")), referer=_text(fields.get(b"referer")),
+            parent=_text(fields.get(b"traceparent")), parent_state=_text(fields.get(b"tracestate")),
         )  # fmt: skip
 
     def _sweep(self) -> None:
