@@ -262,3 +262,31 @@ def test_formats_escape_what_the_client_controls() -> None:
     assert '"POST /p?q=\\x22x\\x22\\x01 HTTP/1.1"' in line and '"a\\x5Cb"' in line and 'ttfb_ms="-"' in line
     assert json.loads(format_json(e))["target"] == '/p?q="x"\x01'
     assert REQUEST_ID.match(json.loads(format_json(e))["request_id"])
+
+
+def test_an_async_run_logs_a_line_of_its_own(tmp_path: Path) -> None:
+    from tests.test_async import ENV, AsyncPlane, async_doc, status_of
+
+    log = tmp_path / "access.log"
+
+    async def scenario() -> str:
+        async with AsyncPlane() as plane, aiohttp.ClientSession() as session:
+            config = write_table(tmp_path / "table.yaml", async_doc(plane.url))
+            gw = GatewayProcess(config, "--queue-store", str(tmp_path / "q"), "--access-log", str(log), env=ENV)
+            gw.start()
+            try:
+                status, request_id, _ = await post(session, gw, "/production/async_predict", b'{"model_input": {}}')
+                assert status == 201
+                async with asyncio.timeout(20):
+                    while (await status_of(session, gw, request_id))["status"] != "SUCCEEDED":
+                        await asyncio.sleep(0.05)
+            finally:
+                assert gw.stop() == 0
+        return request_id
+
+    request_id = asyncio.run(scenario())
+    records = [json.loads(line) for line in lines_of(log)]
+    run, submit = sorted((r for r in records if r["request_id"] == request_id), key=lambda r: r["protocol"])
+    assert run["protocol"] == "async" and submit["protocol"] == "http" and submit["status"] == "201"
+    assert run["status"] == "200" and run["target"] == "/predict" and run["deployment"] == "v1"
+    assert run["bytes_in"] == len(b"{}") and run["bytes_out"] > 0 and run["upstream"].startswith("127.0.0.1:")
