@@ -66,10 +66,10 @@ async def gateway(
         data.close()
 
 
-async def post(port: int, path: str = "/production/predict", **headers: str) -> int:
+async def post(port: int, path: str = "/production/predict", body: bytes = b"{}", **headers: str) -> int:
     async with aiohttp.ClientSession() as session:
         async with session.post(
-            f"http://127.0.0.1:{port}{path}", data=b"{}", headers={"Host": STD, **KEY_HEADER, **headers}
+            f"http://127.0.0.1:{port}{path}", data=body, headers={"Host": STD, **KEY_HEADER, **headers}
         ) as resp:  # fmt: skip
             await resp.read()
             return resp.status
@@ -267,6 +267,28 @@ def test_without_tracing_the_clients_traceparent_passes_through_unchanged(tmp_pa
     plane = asyncio.run(scenario())
     [seen] = plane.seen
     assert seen["headers"]["traceparent"] == header and seen["headers"]["tracestate"] == "v=1"
+
+
+def test_an_async_run_is_traced_and_its_plane_request_carries_the_client_span(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+
+    def run_spans() -> list:
+        return [s for s in by_kind(exporter, SpanKind.SERVER) if dict(s.attributes)["baseten.protocol"] == "async"]
+
+    async def scenario() -> Plane:
+        async with Plane() as plane, gateway(table(tmp_path, plane.url), exporter) as gw:
+            assert await post(gw.public_port, "/production/async_predict", b'{"model_input": {}}') == 201
+            async with asyncio.timeout(20):
+                while not run_spans():
+                    await asyncio.sleep(0.05)
+        return plane
+
+    plane = asyncio.run(scenario())
+    [run] = run_spans()
+    assert run.name == "POST /predict" and dict(run.attributes)["http.response.status_code"] == 200  # the run is regional
+    [client] = [c for c in by_kind(exporter, SpanKind.CLIENT) if c.parent.span_id == run.context.span_id]
+    [seen] = [s for s in plane.seen if s["path"] == "/predict"]
+    assert ids(seen["headers"]["traceparent"]) == traceparent(client)
 
 
 def test_opentelemetry_is_not_imported_when_tracing_is_off() -> None:

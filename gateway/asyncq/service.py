@@ -396,6 +396,7 @@ class AsyncService:
                 table, route.deployment, route.environment, "POST", route.upstream_target, req.body,
                 timeout=MAX_RUN_SECONDS,  # no client waits on the line: a run may last an hour (SPEC §10)
                 request_id=req.request_id, upstream=decision.endpoint.upstream, max_answer_bytes=MAX_RESULT_BYTES,
+                extra=(info.trace_lines() or b"") if info is not None else b"",
             )  # fmt: skip
             status = answer.status
             if info is not None:
