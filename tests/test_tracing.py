@@ -285,7 +285,9 @@ def test_an_async_run_is_traced_and_its_plane_request_carries_the_client_span(tm
 
     plane = asyncio.run(scenario())
     [run] = run_spans()
-    assert run.name == "POST /predict" and dict(run.attributes)["http.response.status_code"] == 200  # the run is regional
+    assert (
+        run.name == "POST /predict" and dict(run.attributes)["http.response.status_code"] == 200
+    )  # the run is regional
     [client] = [c for c in by_kind(exporter, SpanKind.CLIENT) if c.parent.span_id == run.context.span_id]
     [seen] = [s for s in plane.seen if s["path"] == "/predict"]
     assert ids(seen["headers"]["traceparent"]) == traceparent(client)
