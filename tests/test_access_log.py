@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import yaml
 from gateway.metrics import Counter
 from gateway.obs.accesslog import AccessLog, Entry, format_combined, format_json
 from tests.planes import Plane
-from tests.support import EXAMPLE, KEY_HEADER, GatewayProcess, free_port, write_table
+from tests.support import EXAMPLE, KEY_HEADER, REPO, GatewayProcess, free_port, write_table
 from tests.test_grpc import HOST as GRPC_HOST
 from tests.test_grpc import OPTIONS, GrpcPlane
 
@@ -201,10 +203,14 @@ def test_workers_append_whole_lines_to_one_file(tmp_path: Path) -> None:
 
 
 def test_a_path_that_cannot_be_written_is_a_usage_error(tmp_path: Path) -> None:
-    from gateway.cli import main
+    def serve(*flags: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(EXAMPLE), "--admin-port", "0", *flags]
+        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
 
-    assert main(["serve", "--config", str(EXAMPLE), "--access-log", str(tmp_path / "no" / "such" / "dir.log")]) == 2
-    assert main(["serve", "--config", str(EXAMPLE), "--otel", "--otel-sample-ratio", "1.5"]) == 2
+    missing = serve("--access-log", str(tmp_path / "no" / "such" / "dir.log"))
+    assert missing.returncode == 2 and "--access-log" in missing.stderr and "No such file" in missing.stderr
+    ratio = serve("--otel", "--otel-sample-ratio", "1.5")
+    assert ratio.returncode == 2 and "--otel-sample-ratio must be between 0 and 1" in ratio.stderr
 
 
 # -- the writer --------------------------------------------------------------------------------
