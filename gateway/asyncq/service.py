@@ -384,8 +384,10 @@ class AsyncService:
         self.metrics.async_wait.observe(self._labels(req), max(0.0, now - req.created_at))
         started = self.loop.time()
         info = None
-        if self.pipeline.observer is not None:  # a line per run in the access log, a span per run (issue 13)
-            info = CallInfo(req.request_id, "", "", "POST", route.upstream_target, "async", route)
+        observer = self.pipeline.observer
+        traced = None if observer is None else observer.wanted("")
+        if traced is not None:  # a line per run in the access log, a span per traced run (issue 13)
+            info = CallInfo(req.request_id, "", "", "POST", route.upstream_target, "async", route, traced=traced)
             info.bytes_in = len(req.body)
         record = self.pipeline.begin(labels, decision, started, info)
         error: GatewayError | None = None

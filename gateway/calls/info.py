@@ -1,8 +1,9 @@
 """What the access log and tracing know of a call beyond its metric labels (issue 13).
 
-An adapter builds a `CallInfo` only when its worker observes calls (`Pipeline.observer` is set:
-`--access-log` or `--otel`), in one place per adapter, and hands it to `Pipeline.begin` (or
-`Pipeline.unadmitted`); without an observer it builds none and nothing here is computed. The
+An adapter builds a `CallInfo` only when its worker observes the call (`Pipeline.observer` is set
+and `Observer.wanted` says so: `--access-log`, or `--otel` and the call is traced), in one place
+per adapter, and hands it to `Pipeline.begin` (or `Pipeline.unadmitted`); otherwise it builds
+none and nothing here is computed. The
 adapter fills in what only its wire knows (bytes, first byte, upstream address); the pipeline's
 `CallRecord` reports it once, at the call's end, whatever protocol carried it.
 """
@@ -16,12 +17,13 @@ class CallInfo:
     __slots__ = (
         "request_id", "client", "host", "method", "target", "protocol", "route", "agent", "referer",
         "parent", "parent_state", "bytes_in", "bytes_out", "first_byte", "upstream", "side", "shadowed",
-        "span", "attempt", "attempts", "trace",
+        "span", "attempt", "attempts", "trace", "traced",
     )  # fmt: skip
 
     def __init__(
         self, request_id: str, client: str, host: str, method: str, target: str, protocol: str,
         route: Any = None, *, agent: str = "", referer: str = "", parent: str = "", parent_state: str = "",
+        traced: bool = False,
     ) -> None:  # fmt: skip
         self.request_id = request_id
         self.client = client  # the client's address
@@ -40,7 +42,8 @@ class CallInfo:
         self.upstream = ""  # the plane address of the last attempt
         self.side: str = getattr(route, "side", "")  # primary, canary or candidate (SPEC §6)
         self.shadowed = False  # a shadow copy of the call was sent (SPEC §6)
-        self.span: Any = None  # the server span (tracing on)
+        self.traced = traced  # the tracing decision, taken before this was built (`Observer.wanted`)
+        self.span: Any = None  # the server span (a traced call)
         self.attempt: Any = None  # the client span of the attempt in flight
         self.attempts = 0
         self.trace: tuple[tuple[bytes, bytes], ...] = ()  # traceparent/tracestate for the plane request

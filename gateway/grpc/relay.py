@@ -147,16 +147,21 @@ class GrpcRelay:
         info = self._info(stream, request_id, head, route) if self.pipeline.observer is not None else None
         self.pipeline.unadmitted(labels, status_name(code), started, info)
 
-    @staticmethod
-    def _info(stream: ServerStream, request_id: str, head: CallHead | None, route: Route | None) -> CallInfo:
-        """What the access log and tracing record of a gRPC call (only built when they are on)."""
-        client = stream.client
+    def _info(
+        self, stream: ServerStream, request_id: str, head: CallHead | None, route: Route | None
+    ) -> CallInfo | None:  # fmt: skip
+        """What the access log and tracing record of a gRPC call (an observer is on); None when
+        neither wants it (tracing only, and the call is not traced)."""
         fields = dict(head.metadata + head.transport) if head is not None else {}
         text = lambda name: fields.get(name, b"").decode("latin-1")
+        traced = self.pipeline.observer.wanted(text(b"traceparent"))  # type: ignore[union-attr]
+        if traced is None:
+            return None
+        client = stream.client
         return CallInfo(
             request_id, client[0] if client else "", head.authority if head else "", "POST",
             head.path.decode("latin-1") if head else "", "grpc", route, agent=text(b"user-agent"),
-            parent=text(b"traceparent"), parent_state=text(b"tracestate"),
+            parent=text(b"traceparent"), parent_state=text(b"tracestate"), traced=traced,
         )  # fmt: skip
 
 

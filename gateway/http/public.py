@@ -134,7 +134,8 @@ class PublicHandler:
         info = None
         if self.pipeline.observer is not None:
             info = self._info(req, request_id, route, protocol)
-            info.shadowed = tee is not None
+            if info is not None:
+                info.shadowed = tee is not None
         record = self.pipeline.begin(labels, decision, started, info)
         context = Context(record, route, self.state.table, tee)
         conn = self.pool.take_idle(ep.upstream, dep.plane.tls, self.connector.still_current)
@@ -302,16 +303,22 @@ class PublicHandler:
         info = None
         if self.pipeline.observer is not None:
             info = self._info(req, request_id, route, labels[4])
-            info.bytes_in = req.body.received
+            if info is not None:
+                info.bytes_in = req.body.received
         self.pipeline.unadmitted(labels, str(status), started, info)
 
-    def _info(self, req: Request, request_id: str, route: object, protocol: str) -> CallInfo:
-        """What the access log and tracing record of an HTTP call (only built when they are on)."""
+    def _info(self, req: Request, request_id: str, route: object, protocol: str) -> CallInfo | None:
+        """What the access log and tracing record of an HTTP call (an observer is on); None when
+        neither wants it (tracing only, and the call is not traced)."""
         fields = {name: value for name, value in req.headers if name in LOGGED_FIELDS}  # one pass over the head
+        parent = _text(fields.get(b"traceparent"))
+        traced = self.pipeline.observer.wanted(parent)  # type: ignore[union-attr]
+        if traced is None:
+            return None
         return CallInfo(
             request_id, req.conn.peer, req.host or "", req.method, req.target, protocol, route,
-            agent=_text(fields.get(b"user-agent")), referer=_text(fields.get(b"referer")),
-            parent=_text(fields.get(b"traceparent")), parent_state=_text(fields.get(b"tracestate")),
+            agent=_text(fields.get(b"user-agent")), referer=_text(fields.get(b"referer")), parent=parent,
+            parent_state=_text(fields.get(b"tracestate")), traced=traced,
         )  # fmt: skip
 
     def _sweep(self) -> None:

@@ -35,6 +35,13 @@ class Observer:
         if self.tracing is not None:
             self.tracing.close()
 
+    def wanted(self, parent: str) -> bool | None:
+        """Whether an adapter should build a `CallInfo` for a call whose client sent the traceparent
+        `parent` ("" for none): None for no (no access log, not traced: a call costs nothing more),
+        else whether it is traced (the one sampling decision, `CallInfo.traced`)."""
+        traced = self.tracing is not None and self.tracing.sampled(parent)
+        return traced if traced or self.access_log is not None else None
+
     def started(self, info: CallInfo, labels: tuple, started: float) -> None:
         if self.tracing is not None:
             self.tracing.server(info, labels, self._wall_ns(started))

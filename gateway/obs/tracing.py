@@ -71,19 +71,17 @@ class Tracing:
     def close(self) -> None:
         self.provider.shutdown()  # exports what is batched
 
-    def sampled(self, info: CallInfo) -> bool:
-        """Whether to trace the call: the client's sampled flag when it sent a valid traceparent
-        (W3C: `00-<32 hex>-<16 hex>-<2 hex flags>`), else a draw at the ratio."""
-        parent = info.parent
+    def sampled(self, parent: str) -> bool:
+        """Whether to trace a call whose client sent `parent`: its sampled flag when it is a valid
+        traceparent (W3C: `00-<32 hex>-<16 hex>-<2 hex flags>`), else a draw at the ratio."""
         if len(parent) >= 55 and parent[2] == "-" and parent[35] == "-" and parent[52] == "-":
             flags = parent[53:55]
             if all(c in "0123456789abcdef" for c in flags):
                 return bool(int(flags, 16) & 1)
-        info.parent = ""  # malformed: ignored, as the SDK's propagator would
-        return self.random() < self.ratio
+        return self.random() < self.ratio  # none, or malformed (the propagator ignores it too)
 
     def server(self, info: CallInfo, labels: tuple, started_ns: int) -> None:
-        if not self.sampled(info):
+        if not info.traced:
             return  # no span; no attempt spans; the client's trace fields pass through
         carrier = {}
         if info.parent:
