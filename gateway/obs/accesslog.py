@@ -59,15 +59,17 @@ class Entry(NamedTuple):
 
 
 def format_json(e: Entry) -> str:
-    # Written out rather than json.dumps of a dict: 4x cheaper (measured: 43 -> ~10 us a line), and
-    # every string still goes through json's own (C) escaping.
+    # Written out rather than json.dumps of a dict (measured 43 -> ~10 µs a line). What the client
+    # sends (host, method, target, user agent, referer) goes through json's C escaper; the rest is
+    # the gateway's own: hex request ids, addresses, status codes, and route names that the table's
+    # schema restricts to [A-Za-z0-9_-] (model, environment, deployment, region).
     ttfb = "null" if e.first_byte is None else f"{e.first_byte * 1000:.3f}"
     return (
-        f'{{"time":"{_iso(e.time)}","request_id":{_q(e.request_id)},"client":{_q(e.client)},"host":{_q(e.host)},'
-        f'"method":{_q(e.method)},"target":{_q(e.target)},"protocol":"{e.protocol}","model":{_q(e.model)},'
-        f'"environment":{_q(e.environment)},"deployment":{_q(e.deployment)},"region":{_q(e.region)},'
-        f'"status":{_q(e.status)},"bytes_in":{e.bytes_in},"bytes_out":{e.bytes_out},"ttfb_ms":{ttfb},'
-        f'"total_ms":{e.total * 1000:.3f},"upstream":{_q(e.upstream)},"side":{_q(e.side)},'
+        f'{{"time":"{_iso(e.time)}","request_id":"{e.request_id}","client":"{e.client}","host":{_q(e.host)},'
+        f'"method":{_q(e.method)},"target":{_q(e.target)},"protocol":"{e.protocol}","model":"{e.model}",'
+        f'"environment":"{e.environment}","deployment":"{e.deployment}","region":"{e.region}",'
+        f'"status":"{e.status}","bytes_in":{e.bytes_in},"bytes_out":{e.bytes_out},"ttfb_ms":{ttfb},'
+        f'"total_ms":{e.total * 1000:.3f},"upstream":"{e.upstream}","side":"{e.side}",'
         f'"shadow":{"true" if e.shadowed else "false"},"user_agent":{_q(e.agent)},"referer":{_q(e.referer)}}}'
     )
 
