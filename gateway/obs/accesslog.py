@@ -122,6 +122,7 @@ class AccessLog:
         self.path = path
         self.format = FORMATTERS[fmt]
         self.dropped = dropped
+        dropped.inc((), 0)  # exported as 0 from the start, not only after a first drop
         self.capacity = capacity
         self.fd = 1 if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.queue: collections.deque[Entry] = collections.deque()  # append/popleft are thread-safe
