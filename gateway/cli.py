@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key")
     s.add_argument("--grpc-tls-cert", help="TLS on the gRPC listener: certificate chain (PEM)")
     s.add_argument("--grpc-tls-key", help="TLS on the gRPC listener: private key (PEM)")
+    s.add_argument("--access-log", metavar="FILE|-", help="one line per call to FILE (appended) or stdout (-)")
+    s.add_argument("--access-log-format", choices=("json", "combined"), default="json")
+    s.add_argument("--otel", action="store_true", help="OpenTelemetry tracing, OTLP/HTTP (OTEL_EXPORTER_OTLP_*)")
+    s.add_argument("--otel-sample-ratio", type=float, default=1.0, help="share of calls traced (default 1.0)")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("check", help="validate a routing table and list every problem")
@@ -99,6 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
         admin_port=args.admin_port, admin_token=args.admin_token, grpc_port=args.grpc_port,
         workers=args.workers, drain_timeout=args.drain_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key,
         grpc_tls_cert=args.grpc_tls_cert, grpc_tls_key=args.grpc_tls_key, queue_store=args.queue_store,
+        access_log=args.access_log, access_log_format=args.access_log_format, otel=args.otel,
+        otel_sample_ratio=args.otel_sample_ratio,
     )  # fmt: skip
     check_options(opts)
     return run_supervisor(opts) if opts.workers > 1 else run_gateway(opts)

@@ -172,6 +172,11 @@ class Metrics:
         self.all += (self.rate_limited,)
         # process_* (read from /proc at scrape time): (worker label or "", pid) of each process shown
         self.processes: Callable[[], Iterable[tuple[str, int]]] = lambda: [("", os.getpid())]
+        # The access log (issue 13): lines dropped because the writer fell behind (a call never waits for it)
+        self.access_log_dropped = Counter(
+            "gateway_access_log_dropped_total", "Access log lines dropped: the buffer was full or a write failed.", ()
+        )
+        self.all += (self.access_log_dropped,)
 
     def render(self) -> bytes:
         lines: list[str] = []

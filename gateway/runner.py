@@ -24,6 +24,7 @@ from gateway.http.h2 import PublicApp
 from gateway.http.public import PublicHandler
 from gateway.http.server import HttpConnection, serve
 from gateway.metrics import Metrics
+from gateway.obs.setup import check_observing, observer
 from gateway.ports import binding
 from gateway.state import TableState
 from gateway.tls import server_context
@@ -53,6 +54,10 @@ class ServeOptions:
     watch_interval: float = 1.0
     queue_store: str | None = None  # directory of the embedded async stores (SPEC §10); None: next to the table
     queue_gauge: bool = True  # this process reports the async queue depth (one worker of N: they share the files)
+    access_log: str | None = None  # SPEC §12 --access-log FILE ("-": stdout); None: off (issue 13)
+    access_log_format: str = "json"  # or "combined"
+    otel: bool = False  # OpenTelemetry tracing (the [otel] extra)
+    otel_sample_ratio: float = 1.0
     extra: dict = field(default_factory=dict)
 
 
@@ -74,6 +79,10 @@ def check_options(opts: ServeOptions) -> None:
         raise OptionsError("--grpc-tls-cert and --grpc-tls-key go together")
     if opts.grpc_tls_cert and opts.grpc_port is None:
         raise OptionsError("--grpc-tls-cert needs --grpc-port")
+    try:
+        check_observing(opts)
+    except ValueError as error:
+        raise OptionsError(str(error)) from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -104,6 +113,7 @@ class DataPlane:
         self.h2: GrpcListener | None = None  # the public port's HTTP/2 connections (issue 13): no socket of its own
         self.connections: set[HttpConnection] = set()
         self.asyncs: AsyncService | None = None  # the async queue (SPEC §10): an adapter of the pipeline
+        self.span_exporter: object = None  # tests: the SDK's in-memory exporter in place of OTLP
 
     def __repr__(self) -> str:
         port = self.public_port if self.server is not None else None
@@ -135,6 +145,7 @@ class DataPlane:
         self.pipeline = Pipeline(
             self.state, self.metrics, Connector(self.state.table.gateway.dns_nameservers, self.metrics)
         )
+        self.pipeline.observer = observer(opts, self.metrics, self.span_exporter)
         self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http", self.pipeline)
         self.asyncs = AsyncService(
             self.state, self.pipeline, self.metrics, queue_directory(opts), gauge=opts.queue_gauge
@@ -181,6 +192,8 @@ class DataPlane:
             self.public.close()
         if self.pipeline is not None:
             self.pipeline.close()
+            if self.pipeline.observer is not None:
+                self.pipeline.observer.close()  # after the drain: every call's line is written
         self.pool.close()
 
 

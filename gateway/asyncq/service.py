@@ -39,6 +39,7 @@ from gateway.asyncq.request import (
 )
 from gateway.asyncq.store import LEASE_SECONDS, RegionStore, store_path
 from gateway.calls.admission import concurrency_limit
+from gateway.calls.info import CallInfo
 from gateway.calls.pipeline import Go, Pipeline
 from gateway.calls.ratelimit import TokenBucket, default_burst
 from gateway.errors import GatewayError, MisdirectedRequest, ModelNotFound, RateLimited
@@ -387,7 +388,13 @@ class AsyncService:
         labels = self.pipeline.constants.of(route).labels["http"]
         self.metrics.async_wait.observe(self._labels(req), max(0.0, now - req.created_at))
         started = self.loop.time()
-        record = self.pipeline.begin(labels, decision, started)
+        info = None
+        observer = self.pipeline.observer
+        traced = None if observer is None else observer.wanted("")
+        if traced is not None:  # a line per run in the access log, a span per traced run (issue 13)
+            info = CallInfo(req.request_id, "", "", "POST", route.upstream_target, "async", route, traced=traced)
+            info.bytes_in = len(req.body)
+        record = self.pipeline.begin(labels, decision, started, info)
         error: GatewayError | None = None
         status = 0
         answer = None
@@ -396,8 +403,11 @@ class AsyncService:
                 table, route.deployment, route.environment, "POST", route.upstream_target, req.body,
                 timeout=MAX_RUN_SECONDS,  # no client waits on the line: a run may last an hour (SPEC §10)
                 request_id=req.request_id, upstream=decision.endpoint.upstream, max_answer_bytes=MAX_RESULT_BYTES,
+                extra=(info.trace_lines() or b"") if info is not None else b"",
             )  # fmt: skip
             status = answer.status
+            if info is not None:
+                info.bytes_out = len(answer.body)
         except GatewayError as exc:
             error = exc
         finally:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from gateway.calls.admission import RETRY_AFTER_REJECT, admission, concurrency_limit
 from gateway.calls.constants import Constants
 from gateway.calls.holds import Holds, Key, Reason, Waiting
+from gateway.calls.info import CallInfo
 from gateway.calls.outcome import error_kind, outcome_of
 from gateway.calls.ratelimit import NO_PERMIT, Limiter, Permit
 from gateway.environments.planecall import PlaneCaller
@@ -35,6 +36,9 @@ from gateway.state import TableState
 from gateway.upstream.balance import Endpoint, EndpointSet, Outcome, RetryBudget
 from gateway.upstream.connect import Connector
 from gateway.upstream.replicas import ReplicaSets
+
+if TYPE_CHECKING:
+    from gateway.obs.observer import Observer
 
 log = logging.getLogger("gateway.calls")
 
@@ -67,6 +71,8 @@ class Pipeline:
         self.background: set[asyncio.Task] = set()
         self.constants = Constants()  # labels and identity fields of the serving table's routes
         self.limiter = Limiter(metrics, self.loop.time)  # rate_limit of keys and teams, per worker
+        # The access log and tracing (issue 13); None: off, and adapters build no CallInfo.
+        self.observer: Observer | None = None
         state.on_swap.append(self._table_swapped)
 
     def __repr__(self) -> str:
@@ -123,8 +129,21 @@ class Pipeline:
         bound = self.state.table.gateway.max_held_calls_per_deployment
         return self.holds.add(held, route, labels, reason, deadline, bound)
 
-    def begin(self, labels: tuple, go: Go, started: float, permit: Permit = NO_PERMIT) -> CallRecord:
-        return CallRecord(self, labels, go, started, permit)
+    def begin(
+        self, labels: tuple, go: Go, started: float, info: CallInfo | None = None, *, permit: Permit = NO_PERMIT,
+        attempt: bool = True,
+    ) -> CallRecord:  # fmt: skip
+        """Account an admitted call; `info` (only with an observer) is reported at its end, `permit`
+        (the key's rate_limit slots) released at its end. Without `attempt` the adapter names the
+        first attempt's address itself (`CallRecord.attempt_to`)."""
+        return CallRecord(self, labels, go, started, info, attempt, permit)
+
+    def unadmitted(self, labels: tuple, code: str, started: float, info: CallInfo | None = None) -> None:
+        """Count a call the pipeline never admitted (refused, answered by the gateway, held and dropped)."""
+        self.metrics.requests.inc(labels + (code,))
+        self.metrics.duration.observe(labels, self.loop.time() - started)
+        if info is not None and self.observer is not None:
+            self.observer.unadmitted(info, labels, code, started)
 
     # -- releasing held calls -------------------------------------------------------------------
 
@@ -179,9 +198,12 @@ class Pipeline:
 class CallRecord:
     """One admitted call's accounting, done once whatever protocol carried it."""
 
-    __slots__ = ("pipeline", "labels", "started", "endpoints", "endpoint", "ended", "permit")
+    __slots__ = ("pipeline", "labels", "started", "endpoints", "endpoint", "ended", "info", "permit")
 
-    def __init__(self, pipeline: Pipeline, labels: tuple, go: Go, started: float, permit: Permit = NO_PERMIT) -> None:
+    def __init__(
+        self, pipeline: Pipeline, labels: tuple, go: Go, started: float, info: CallInfo | None = None,
+        attempt: bool = True, permit: Permit = NO_PERMIT,
+    ) -> None:  # fmt: skip
         self.pipeline = pipeline
         self.permit = permit  # the key's and team's open-call slots (gateway.calls.ratelimit)
         self.labels = labels  # model, environment, deployment, region, protocol
@@ -193,6 +215,11 @@ class CallRecord:
         if go.endpoint is not None:
             go.endpoints.started(go.endpoint)
         pipeline.budget.record_request()
+        self.info = info  # the access log's and tracing's view of the call; None when neither is on
+        if info is not None and pipeline.observer is not None:
+            pipeline.observer.started(info, labels, started)
+            if attempt and go.endpoint is not None:
+                pipeline.observer.attempt(info, go.endpoint.upstream.authority)
 
     def __repr__(self) -> str:
         return f"<CallRecord {'/'.join(self.labels[:3])} {'ended' if self.ended else 'in flight'}>"
@@ -203,12 +230,20 @@ class CallRecord:
         if self.endpoint is not None:
             self.endpoints.finished(self.endpoint, outcome_of(error, error.status))
             self.endpoint = None
+        if self.info is not None and self.pipeline.observer is not None:
+            self.pipeline.observer.attempt_failed(self.info, error)
 
     def retry_on(self, ep: Endpoint) -> None:
         """Go on with another attempt, on `ep`."""
         self.pipeline.budget.record_retry()
         self.endpoints.started(ep)
         self.endpoint = ep
+        self.attempt_to(ep.upstream.authority)
+
+    def attempt_to(self, address: str) -> None:
+        """An attempt starts on the plane at `address` (observed calls only: the log's upstream, a client span)."""
+        if self.info is not None and self.pipeline.observer is not None:
+            self.pipeline.observer.attempt(self.info, address)
 
     def end(self, code: str, status: int = 0, error: GatewayError | None = None, *, judge: bool = True) -> None:
         """The call is over: `code` labels the request metric (HTTP status or gRPC code name);
@@ -234,6 +269,8 @@ class CallRecord:
         p.metrics.inflight.dec(self.labels)
         p.metrics.requests.inc(self.labels + (code,))
         p.metrics.duration.observe(self.labels, p.loop.time() - self.started)
+        if self.info is not None and p.observer is not None:
+            p.observer.ended(self.info, self.labels, code, self.started, error)
         if p.holds.full_waiting:  # a slot freed: the longest-waiting call of that deployment may go
             p.slot_freed((self.labels[0], self.labels[2]))
 

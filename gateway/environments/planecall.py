@@ -64,22 +64,27 @@ class PlaneCaller:
         request_id: str | None = None,
         upstream: Upstream | None = None,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        extra: bytes = b"",
     ) -> Answer:
         """`method path` on the deployment (`upstream`, else its first replica, or its plane's url
         with `to_plane`).
 
-        Carries the identity headers of SPEC §4. Raises a GatewayError when the plane cannot be
+        Carries the identity headers of SPEC §4, and `extra` header lines (a traced run's traceparent). Raises a GatewayError when the plane cannot be
         reached, breaks the call or does not answer within `timeout`.
         """
         up: Upstream = upstream or (dep.plane.url if to_plane or not dep.endpoints else dep.endpoints[0])
         region = table.regions[dep.plane.region]
         request_id = request_id or new_request_id()
         head = (
-            f"{method} {path} HTTP/1.1\r\nhost: {up.authority}\r\nx-baseten-model-id: {dep.model_id}\r\n"
-            f"x-baseten-environment: {environment}\r\nx-baseten-deployment-id: {dep.id}\r\n"
-            f"x-baseten-request-id: {request_id}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-        ).encode()
+            (
+                f"{method} {path} HTTP/1.1\r\nhost: {up.authority}\r\nx-baseten-model-id: {dep.model_id}\r\n"
+                f"x-baseten-environment: {environment}\r\nx-baseten-deployment-id: {dep.id}\r\n"
+                f"x-baseten-request-id: {request_id}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n"
+            ).encode()
+            + extra
+            + b"\r\n"
+        )
         try:
             async with asyncio.timeout(timeout):
                 connector = self._connector(table)

@@ -32,7 +32,16 @@ class Owner(Protocol):
 
     def held_dropped(self, held: HeldCall) -> None: ...
 
-    def observe(self, labels: tuple, code: int, started: float) -> None: ...
+    def observe(
+        self,
+        labels: tuple,
+        code: int,
+        started: float,
+        stream: ServerStream,
+        request_id: str,
+        head: CallHead | None,
+        route: Route | None = None,
+    ) -> None: ...
 
 
 class HeldCall:
@@ -123,4 +132,4 @@ class HeldCall:
         self.data = []
         if owed and not self.stream.reset:
             self.stream.ack(owed)
-        self.owner.observe(self.labels, code, self.started)
+        self.owner.observe(self.labels, code, self.started, self.stream, self.request_id, self.head, self.route)

@@ -16,6 +16,7 @@ import logging
 
 from gateway.calls.admission import RETRY_AFTER_FULL
 from gateway.calls.holds import Released
+from gateway.calls.info import CallInfo
 from gateway.calls.pipeline import CallRecord, Go, Pipeline
 from gateway.calls.ratelimit import Permit
 from gateway.errors import GatewayError, MisdirectedRequest, RateLimited, UpstreamBroken, UpstreamTimeout
@@ -38,7 +39,7 @@ from gateway.grpc.h2server import DISCARD, Handler, Headers, ServerStream
 from gateway.grpc.hold import HeldCall
 from gateway.grpc.upstream import PlaneAddress, PlaneConnection, Planes, PlaneStream
 from gateway.headers import forwarded_value, misdirected
-from gateway.http.proxy import new_request_id
+from gateway.http.proxy import TRACE_FIELDS, new_request_id
 from gateway.metrics import Metrics
 from gateway.routing.resolve import Route, resolve_grpc
 from gateway.state import TableState
@@ -73,6 +74,7 @@ class GrpcRelay:
         started = self.loop.time()
         request_id = new_request_id()
         table = self.state.table
+        head: CallHead | None = None
         try:
             head = read_head(headers)
             sni = stream.sni
@@ -87,7 +89,7 @@ class GrpcRelay:
             permit = self.pipeline.limit(route.api_key)  # the key's rate_limit, as for HTTP
         except GatewayError as error:
             stream.respond(ERROR_HEAD + error_trailers(error, request_id), end=True)
-            self.observe(UNROUTED, error.grpc_status, started)
+            self.observe(UNROUTED, error.grpc_status, started, stream, request_id, head)
             return DISCARD
         return self._dispatch(stream, head, route, request_id, started, None, permit)[1]
 
@@ -103,7 +105,7 @@ class GrpcRelay:
         if isinstance(decision, GatewayError):
             permit.release()
             stream.respond(ERROR_HEAD + error_trailers(decision, request_id), end=True)
-            self.observe(labels, decision.grpc_status, started)
+            self.observe(labels, decision.grpc_status, started, stream, request_id, head, route)
             return "answered", DISCARD
         if not isinstance(decision, Go):
             if held is None:
@@ -119,7 +121,10 @@ class GrpcRelay:
                 ))  # fmt: skip
                 return "answered", DISCARD
             return "held", held
-        record = self.pipeline.begin(labels, decision, started, permit)
+        info = self._info(stream, request_id, head, route) if self.pipeline.observer is not None else None
+        record = self.pipeline.begin(
+            labels, decision, started, info, permit=permit, attempt=False
+        )  # the plane's gRPC address
         return "sent", RelayedCall(self, stream, head, route, request_id, started, record)
 
     def release_held(self, held: HeldCall) -> Released:
@@ -147,10 +152,30 @@ class GrpcRelay:
     def identity(self, route: Route) -> tuple[tuple[bytes, bytes], ...]:
         return self.pipeline.constants.of(route).grpc_identity
 
-    def observe(self, labels: tuple, code: int, started: float) -> None:
+    def observe(
+        self, labels: tuple, code: int, started: float, stream: ServerStream, request_id: str,
+        head: CallHead | None, route: Route | None = None,
+    ) -> None:  # fmt: skip
         """Count a call the pipeline never admitted (refused, answered from the hold)."""
-        self.metrics.requests.inc(labels + (status_name(code),))
-        self.metrics.duration.observe(labels, self.loop.time() - started)
+        info = self._info(stream, request_id, head, route) if self.pipeline.observer is not None else None
+        self.pipeline.unadmitted(labels, status_name(code), started, info)
+
+    def _info(
+        self, stream: ServerStream, request_id: str, head: CallHead | None, route: Route | None
+    ) -> CallInfo | None:  # fmt: skip
+        """What the access log and tracing record of a gRPC call (an observer is on); None when
+        neither wants it (tracing only, and the call is not traced)."""
+        fields = dict(head.metadata + head.transport) if head is not None else {}
+        text = lambda name: fields.get(name, b"").decode("latin-1")
+        traced = self.pipeline.observer.wanted(text(b"traceparent"))  # type: ignore[union-attr]
+        if traced is None:
+            return None
+        client = stream.client
+        return CallInfo(
+            request_id, client[0] if client else "", head.authority if head else "", "POST",
+            head.path.decode("latin-1") if head else "", "grpc", route, agent=text(b"user-agent"),
+            parent=text(b"traceparent"), parent_state=text(b"tracestate"), traced=traced,
+        )  # fmt: skip
 
 
 class RelayedCall:
@@ -191,6 +216,7 @@ class RelayedCall:
         self.timer: asyncio.TimerHandle | None = relay.loop.call_at(started + self.timeout, self._deadline)
         table = relay.state.table
         self.group: PlaneAddress = relay.planes.acquire(dep.plane.grpc or "", table.regions[dep.plane.region])
+        record.attempt_to(self.group.address)
         self.group.connect(self, dep.timeouts.connect_seconds)
 
     def __repr__(self) -> str:
@@ -225,6 +251,9 @@ class RelayedCall:
         stream = self.stream
         client = stream.client
         peer = client[0] if client else ""
+        metadata, info = head.metadata, self.record.info
+        if info is not None and info.trace:  # tracing: the gateway's traceparent replaces the client's (issue 13)
+            metadata = tuple(f for f in metadata if f[0] not in TRACE_FIELDS) + info.trace
         return [
             (b":method", b"POST"),
             (b":scheme", b"http"),
@@ -233,7 +262,7 @@ class RelayedCall:
             (b"te", b"trailers"),
             (b"grpc-timeout", format_timeout(self.timeout - (self.relay.loop.time() - self.started))),
             *head.transport,
-            *head.metadata,
+            *metadata,
             *self.relay.identity(self.route),
             (b"x-baseten-request-id", self.request_id.encode()),
             (b"x-forwarded-for", peer.encode()),
@@ -253,6 +282,8 @@ class RelayedCall:
         except GatewayError as error:
             self.fail(error)
             return
+        if self.record.info is not None:
+            self.record.info.bytes_in += len(data)
         plane = self.plane
         if plane is None:
             self.early.append(data)
@@ -288,6 +319,8 @@ class RelayedCall:
         if self.done:
             return
         status, fields = response_fields(headers, self.request_id.encode() if end else None)
+        if self.record.info is not None:
+            self.record.info.first_byte = self.relay.loop.time()
         if status != b"200":
             code = HTTP_STATUS.get(int(status) if status.isdigit() else 0, UNKNOWN)
             self._answer(code, f"the plane answered HTTP status {status.decode('latin-1')[:3]}")
@@ -300,6 +333,8 @@ class RelayedCall:
             self.responded = True
 
     def plane_data(self, data: bytes, flow: int) -> None:
+        if self.record.info is not None:
+            self.record.info.bytes_out += len(data)
         if self.done or self.stream.send_data(data):
             if self.plane is not None:
                 self.plane.ack(flow)

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from gateway.calls.info import CallInfo
 from gateway.errors import ConnectionReset, GatewayError, PayloadTooLarge, UpstreamBroken, UpstreamTimeout
 from gateway.headers import PROTECTED, forwarded_value, shadows_protected
 from gateway.http.server import HttpConnection, Request, status_line
@@ -28,6 +29,7 @@ HOP_BY_HOP = frozenset(
 # Identity, credentials and client-forged proxy fields: gateway/headers.py, shared with gRPC.
 # `http2-settings` goes with an h2c upgrade offer, which the gateway ignores (RFC 9113 §3.1, issue 13).
 REQUEST_DROP = HOP_BY_HOP | PROTECTED | {b"host", b"content-length", b"expect", b"http2-settings"}
+TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})  # replaced by the gateway's own when it traces (issue 13)
 RESPONSE_DROP = HOP_BY_HOP | {b"x-baseten-request-id", b"x-baseten-deployment-id"}  # both set by the gateway
 PAUSE_UPSTREAM = 8  # client reading paused because the plane is not reading our writes
 
@@ -37,12 +39,19 @@ def new_request_id() -> str:
 
 
 def request_head(
-    req: Request, target: str, identity: list[bytes], request_id: str, scheme: str, body_length: int | None = None
+    req: Request,
+    target: str,
+    identity: list[bytes],
+    request_id: str,
+    scheme: str,
+    body_length: int | None = None,
+    trace: bytes | None = None,
 ) -> list[bytes]:
     """The head sent to the plane, as parts to write; `identity` holds the host and x-baseten-* lines.
 
     With `body_length`, the body is framed by that Content-Length whatever the client sent (a
-    shadow copy is sent whole).
+    shadow copy is sent whole). With `trace` (tracing on) the gateway's traceparent/tracestate
+    lines replace the client's (SPEC §4: without tracing they pass through).
     """
     conn = req.conn
     forwarded = conn.forwarded  # per connection: its peer, and in practice its host, do not change
@@ -57,6 +66,9 @@ def request_head(
     if req.host is not None:
         parts.append(b"x-forwarded-host: %s\r\n" % req.host.encode("latin-1"))
     drop = REQUEST_DROP.union(req.connection_tokens) if req.connection_tokens else REQUEST_DROP
+    if trace is not None:
+        parts.append(trace)
+        drop = drop | TRACE_FIELDS
     for name, value in req.headers:
         # `x_baseten_model_id` is `x-baseten-model-id` to a CGI-style plane (issue 9 §3)
         if name not in drop and not (b"_" in name and shadows_protected(name)):
@@ -82,7 +94,7 @@ class Exchange:
     __slots__ = (
         "req", "client", "upstream", "request_id", "loop", "on_done", "finished", "out", "head_sent", "status",
         "chunked_out", "request_sent", "error", "timeouts", "started", "last_activity", "head_only",
-        "context", "answered_by", "kept", "kept_size", "on_reset",
+        "context", "answered_by", "kept", "kept_size", "on_reset", "info",
     )  # fmt: skip
 
     def __init__(
@@ -113,6 +125,7 @@ class Exchange:
         self.kept: list[bytes] | None = None
         self.kept_size = 0
         self.on_reset: Callable[[Exchange, GatewayError], bool] | None = None
+        self.info: CallInfo | None = None  # an observed call's (issue 13): bytes and first byte counted into it
         if deployment_id:
             self.answered_by += b"x-baseten-deployment-id: %s\r\n" % deployment_id.encode()
 
@@ -195,6 +208,8 @@ class Exchange:
 
     def on_response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
+        if self.info is not None:
+            self.info.first_byte = self.loop.time()
         req, client = self.req, self.client
         out = self.out
         out.append(status_line(status, reason or None))
@@ -224,6 +239,8 @@ class Exchange:
         client.response_started = True
 
     def on_response_body(self, data: bytes) -> None:
+        if self.info is not None:
+            self.info.bytes_out += len(data)
         if self.chunked_out:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
@@ -348,6 +365,8 @@ class TunnelExchange(Exchange):
             super().on_response_head(status, reason, headers)
             return
         self.status = 101
+        if self.info is not None:
+            self.info.first_byte = self.loop.time()
         out = self.out
         out.append(status_line(101, reason or None))
         for name, value in headers:
@@ -366,10 +385,14 @@ class TunnelExchange(Exchange):
 
     def to_upstream(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        if self.info is not None:
+            self.info.bytes_in += len(data)
         self.upstream.write(data)
 
     def on_tunnel_data(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        if self.info is not None:
+            self.info.bytes_out += len(data)
         self.client.write(data)
 
     def on_tunnel_closed(self) -> None:

@@ -18,6 +18,7 @@ from gateway.asyncq.service import AsyncService
 from gateway.calls.admission import RETRY_AFTER_FULL, RETRY_AFTER_NOT_READY
 from gateway.calls.constants import RouteConstants
 from gateway.calls.holds import Reason, Released
+from gateway.calls.info import CallInfo
 from gateway.calls.pipeline import CallRecord, Go, Pipeline
 from gateway.calls.ratelimit import Permit
 from gateway.errors import (
@@ -65,6 +66,7 @@ RETRIED_ENDPOINTS = frozenset({"predict", "run_remote", "sync"})  # SPEC §12 re
 
 
 ASYNC_ACTIONS = frozenset({"async", "async_status"})
+LOGGED_FIELDS = frozenset({b"user-agent", b"referer", b"traceparent", b"tracestate"})  # CallInfo's (issue 13)
 ROUTE_CACHE_SIZE = 8192
 SWEEP_SECONDS = 0.25
 
@@ -115,7 +117,7 @@ class PublicHandler:
         if route.action == "wake":
             permit.release()
             self._wake(req, route, request_id)
-            self._observe(self.pipeline.constants.of(route).labels["http"], 202, started)
+            self._observe(self.pipeline.constants.of(route).labels["http"], 202, started, req, request_id, route)
             req.conn.finish(req)
             return
         self._dispatch(req, route, request_id, started, None, permit)
@@ -146,7 +148,12 @@ class PublicHandler:
             permit.release()
             self._answer(req, ModelUnavailable(f"deployment '{dep.id}' has no address"), request_id, labels, started)
             return "answered"
-        record = self.pipeline.begin(labels, decision, started, permit)
+        info = None
+        if self.pipeline.observer is not None:
+            info = self._info(req, request_id, route, protocol)
+            if info is not None:
+                info.shadowed = tee is not None
+        record = self.pipeline.begin(labels, decision, started, info, permit=permit)
         context = Context(record, route, self.state.table, constants, tee)
         conn = self.pool.take_idle(ep.upstream, dep.plane.tls, self.connector.still_current)
         if conn is not None:
@@ -164,7 +171,7 @@ class PublicHandler:
         finally:
             permit.release()
         labels = UNROUTED if isinstance(route, RequestLookup) else self.pipeline.constants.of(route).labels["http"]
-        self._observe(labels, status, started)
+        self._observe(labels, status, started, req, request_id, route)
 
     def _route(self, req: Request) -> Route | RequestLookup:
         sni = req.conn.sni
@@ -217,14 +224,14 @@ class PublicHandler:
                 tried.add(ep)
                 retry = self._retry_endpoint(record, tried, attempt)
                 if retry is None:
-                    record.end(str(error.status))
+                    self._end(req, context, str(error.status))
                     req.conn.send_error(error, (("x-baseten-request-id", request_id),))
                     req.conn.finish(req)
                     return
                 ep, attempt = retry, attempt + 1  # nothing of the request was sent: safe on another replica (issue 5)
         if req.conn.closed:
             self.pool.put_idle(conn)  # unused and clean: keep it for the next call
-            record.end("499", 499)
+            self._end(req, context, "499", 499)
             return
         if replay is None:
             self._start(req, route, ep.upstream, conn, request_id, context)  # callbacks finish it
@@ -233,9 +240,10 @@ class PublicHandler:
         exchange = EXCHANGES[req.conn.h2, "http"](req, conn, request_id, dep.timeouts, self._done, context, dep.id)
         if record.permit.counters:
             exchange.answered_by += record.permit.header_lines(self.loop.time())
+        exchange.info = info = record.info
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(context, ep.upstream), request_id,
-                            self.scheme, body_length=size)  # fmt: skip
+                            self.scheme, body_length=size, trace=info.trace_lines() if info is not None else None)  # fmt: skip
         exchange.replay(head, body)
 
     def _retry_endpoint(self, record: CallRecord, tried: set[Endpoint], attempt: int) -> Endpoint | None:
@@ -263,8 +271,12 @@ class PublicHandler:
         # The key's limits on its answers too (IETF RateLimit fields; a refusal has them as well).
         if context.record.permit.counters:
             exchange.answered_by += context.record.permit.header_lines(self.loop.time())
+        exchange.info = info = context.record.info
         self.exchanges.add(exchange)
-        head = request_head(req, route.upstream_target, self._identity(context, up), request_id, self.scheme)
+        trace = info.trace_lines() if info is not None else None
+        head = request_head(
+            req, route.upstream_target, self._identity(context, up), request_id, self.scheme, trace=trace
+        )
         exchange.start(head)
 
     # -- one retry after a reset (SPEC §12 retry_on_reset, issue 10) ---------------------------
@@ -297,18 +309,46 @@ class PublicHandler:
         self.exchanges.discard(exchange)
         context: Context = exchange.context
         # Only the plane's faults eject a replica: a 413 mid-upload or a client gone never does (issue 10).
-        context.record.end(str(exchange.status), exchange.status, exchange.error)
+        self._end(exchange.req, context, str(exchange.status), exchange.status, exchange.error)
         exchange.req.conn.finish(exchange.req)
+
+    def _end(
+        self, req: Request, context: Context, code: str, status: int = 0, error: GatewayError | None = None
+    ) -> None:
+        record = context.record
+        if record.info is not None:  # the request body's size, for the access log
+            record.info.bytes_in += req.body.received
+        record.end(code, status, error)
 
     def _answer(self, req: Request, error: GatewayError, request_id: str, labels: tuple, started: float) -> None:
         req.conn.send_error(error, (("x-baseten-request-id", request_id),))
-        self._observe(labels, error.status, started)
+        self._observe(labels, error.status, started, req, request_id)
         req.conn.finish(req)
 
-    def _observe(self, labels: tuple, status: int, started: float) -> None:
+    def _observe(
+        self, labels: tuple, status: int, started: float, req: Request, request_id: str, route: object = None
+    ) -> None:  # fmt: skip
         """Count a call the pipeline never admitted (refused, answered by the gateway, or held and dropped)."""
-        self.metrics.requests.inc(labels + (str(status),))
-        self.metrics.duration.observe(labels, self.loop.time() - started)
+        info = None
+        if self.pipeline.observer is not None:
+            info = self._info(req, request_id, route, labels[4])
+            if info is not None:
+                info.bytes_in = req.body.received
+        self.pipeline.unadmitted(labels, str(status), started, info)
+
+    def _info(self, req: Request, request_id: str, route: object, protocol: str) -> CallInfo | None:
+        """What the access log and tracing record of an HTTP call (an observer is on); None when
+        neither wants it (tracing only, and the call is not traced)."""
+        fields = {name: value for name, value in req.headers if name in LOGGED_FIELDS}  # one pass over the head
+        parent = _text(fields.get(b"traceparent"))
+        traced = self.pipeline.observer.wanted(parent)  # type: ignore[union-attr]
+        if traced is None:
+            return None
+        return CallInfo(
+            request_id, req.conn.peer, req.host or "", req.method, req.target, protocol, route,
+            agent=_text(fields.get(b"user-agent")), referer=_text(fields.get(b"referer")), parent=parent,
+            parent_state=_text(fields.get(b"tracestate")), traced=traced,
+        )  # fmt: skip
 
     def _sweep(self) -> None:
         now = self.loop.time()
@@ -396,7 +436,7 @@ class PublicHandler:
         """The client went away while held: nothing was sent anywhere."""
         if self.pipeline.holds.drop(held):
             held.permit.release()
-            self._observe(held.labels, 499, held.started)
+            self._observe(held.labels, 499, held.started, held.req, held.request_id)
             held.req.conn.finish(held.req)
 
     # -- wake ------------------------------------------------------------------------------
@@ -410,3 +450,7 @@ class PublicHandler:
         ).encode()  # fmt: skip
         req.conn.send_simple(202, body, (("x-baseten-request-id", request_id),))
         self.pipeline.wake_soon(route, request_id)
+
+
+def _text(value: bytes | None) -> str:
+    return "" if value is None else value.decode("latin-1")

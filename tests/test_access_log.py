@@ -1,0 +1,298 @@
+"""The access log (SPEC §12 `--access-log`, issue 13): one line per call, parsed line by line.
+
+Real gateway processes in front of a real aiohttp plane (and a grpcio plane); the log file is read
+after the gateway's SIGTERM drain, which must have written every line. The writer itself
+(`gateway.obs.accesslog.AccessLog`) is driven directly for its bounds: a full buffer drops and
+counts, `close` writes everything waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
+import grpc
+import yaml
+
+from gateway.metrics import Counter
+from gateway.obs.accesslog import AccessLog, Entry, format_combined, format_json
+from tests.planes import Plane
+from tests.support import EXAMPLE, KEY_HEADER, REPO, GatewayProcess, free_port, write_table
+from tests.test_grpc import HOST as GRPC_HOST
+from tests.test_grpc import OPTIONS, GrpcPlane
+
+STD = "model-abc123.api.example.com"
+REQUEST_ID = re.compile(r"[0-9a-f]{32}\Z")
+# Apache/nginx combined, then the gateway's key="value" fields.
+COMBINED = re.compile(
+    r'(?P<client>\S+) - - \[(?P<time>\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000)\] "(?P<request>[^"]*)" '
+    r'(?P<status>\S+) (?P<bytes>\S+) "(?P<referer>[^"]*)" "(?P<agent>[^"]*)"(?P<extra>.*)\Z'
+)
+PAIR = re.compile(r' (\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def table(tmp_path: Path, plane: Plane, grpc_plane: GrpcPlane | None = None) -> Path:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["planes"]["us-east-1"]["url"] = plane.url
+    doc["planes"]["eu-west-1"]["url"] = plane.url
+    if grpc_plane is not None:
+        doc["planes"]["us-east-1"]["grpc"] = grpc_plane.address
+    return write_table(tmp_path / "t.yaml", doc)
+
+
+async def post(session: aiohttp.ClientSession, gw: GatewayProcess, path: str, body: bytes, **headers: str):
+    async with session.post(gw.url + path, data=body, headers={"Host": STD, **KEY_HEADER, **headers}) as resp:
+        return resp.status, resp.headers.get("x-baseten-request-id", ""), await resp.read()
+
+
+def lines_of(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_json_lines_one_per_call_with_route_bytes_and_times(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+
+    async def scenario() -> list[tuple[int, str, bytes]]:
+        async with Plane() as plane:
+            gw = GatewayProcess(table(tmp_path, plane), "--access-log", str(log)).start()
+            try:
+                async with aiohttp.ClientSession() as session:
+                    answers = [
+                        await post(session, gw, "/production/predict", b'{"n": 1}', **{"User-Agent": "t/1"}),
+                        await post(session, gw, "/environments/staging/predict", b"{}"),
+                        await post(session, gw, "/production/nope", b"{}"),  # 404: never admitted, still a line
+                    ]
+                    async with session.post(gw.url + "/production/predict", headers={"Host": STD}) as resp:
+                        answers.append((resp.status, resp.headers["x-baseten-request-id"], await resp.read()))
+            finally:
+                assert gw.stop() == 0
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert [a[0] for a in answers] == [200, 200, 404, 401]
+    records = [json.loads(line) for line in lines_of(log)]  # every line is one JSON document
+    assert len(records) == 4
+    by_id = {r["request_id"]: r for r in records}
+    assert set(by_id) == {a[1] for a in answers}  # the same id the client (and plane) saw
+    first = by_id[answers[0][1]]
+    assert first["status"] == "200" and first["method"] == "POST" and first["target"] == "/production/predict"
+    assert (first["model"], first["environment"], first["deployment"], first["region"]) == (
+        "abc123", "production", "v1", "us",
+    )  # fmt: skip
+    assert first["protocol"] == "http" and first["host"] == STD and first["client"] == "127.0.0.1"
+    assert first["bytes_in"] == len(b'{"n": 1}') and first["bytes_out"] == len(answers[0][2])
+    assert first["upstream"].startswith("127.0.0.1:") and first["side"] == "primary" and first["shadow"] is False
+    assert first["user_agent"] == "t/1"
+    assert 0 <= first["ttfb_ms"] <= first["total_ms"]
+    staging = by_id[answers[1][1]]
+    assert staging["environment"] == "staging" and staging["side"] in ("primary", "canary")
+    assert staging["deployment"] == ("v2" if staging["side"] == "canary" else "v1")
+    missing = by_id[answers[2][1]]
+    assert missing["status"] == "404" and missing["model"] == "" and missing["upstream"] == ""
+    assert missing["ttfb_ms"] is None and missing["target"] == "/production/nope"
+    assert by_id[answers[3][1]]["status"] == "401"
+
+
+def test_combined_format_parses_as_combined_with_the_gateway_fields(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+
+    async def scenario() -> str:
+        async with Plane() as plane:
+            gw = GatewayProcess(
+                table(tmp_path, plane), "--access-log", str(log), "--access-log-format", "combined"
+            ).start()
+            try:
+                async with aiohttp.ClientSession() as session:
+                    _, request_id, _ = await post(
+                        session, gw, "/production/predict?x=1", b"abc", Referer='http://r/"q"', **{"User-Agent": "ua"}
+                    )
+            finally:
+                assert gw.stop() == 0
+        return request_id
+
+    request_id = asyncio.run(scenario())
+    [line] = lines_of(log)
+    m = COMBINED.match(line)
+    assert m is not None, line
+    assert m["client"] == "127.0.0.1" and m["request"] == "POST /production/predict?x=1 HTTP/1.1"
+    assert m["status"] == "200" and int(m["bytes"]) > 0 and m["agent"] == "ua"
+    assert m["referer"] == "http://r/\\x22q\\x22"  # quotes escaped as nginx does: the line stays parseable
+    extra = dict(PAIR.findall(m["extra"]))
+    assert extra["request_id"] == request_id and extra["model"] == "abc123" and extra["deployment"] == "v1"
+    assert extra["region"] == "us" and extra["bytes_in"] == "3" and extra["side"] == "primary"
+    assert float(extra["ttfb_ms"]) <= float(extra["total_ms"])
+
+
+def test_websocket_and_grpc_calls_log_a_line_each(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    grpc_plane = GrpcPlane("us-east-1")
+
+    async def scenario() -> None:
+        async with Plane() as plane:
+            gw = GatewayProcess(table(tmp_path, plane, grpc_plane), "--access-log", str(log), grpc_port=free_port())
+            gw.start()
+            try:
+                async with aiohttp.ClientSession() as session:
+                    async with session.ws_connect(
+                        gw.url + "/production/websocket", headers={"Host": STD, **KEY_HEADER}
+                    ) as ws:  # fmt: skip
+                        await ws.send_str("hello")
+                        assert (await ws.receive(timeout=10)).data == "hello"
+                await asyncio.to_thread(grpc_calls, gw)
+            finally:
+                assert gw.stop() == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        grpc_plane.stop()
+    records = [json.loads(line) for line in lines_of(log)]
+    by_protocol = {r["protocol"]: r for r in records}
+    assert sorted(r["protocol"] for r in records) == ["grpc", "grpc", "websocket"]
+    ws = by_protocol["websocket"]
+    assert ws["status"] == "101" and ws["bytes_in"] > 0 and ws["bytes_out"] > 0 and ws["deployment"] == "v1"
+    grpc_ok, grpc_refused = sorted((r for r in records if r["protocol"] == "grpc"), key=lambda r: r["status"])
+    assert grpc_ok["status"] == "OK" and grpc_ok["target"] == "/t.Plane/Echo" and grpc_ok["host"] == GRPC_HOST
+    assert grpc_ok["upstream"] == grpc_plane.address and grpc_ok["bytes_in"] == grpc_ok["bytes_out"] > 0
+    assert grpc_refused["status"] == "UNAUTHENTICATED" and grpc_refused["upstream"] == ""
+
+
+def grpc_calls(gw: GatewayProcess) -> None:
+    options = [*OPTIONS, ("grpc.default_authority", GRPC_HOST)]
+    with grpc.insecure_channel(f"127.0.0.1:{gw.grpc_port}", options=options) as ch:
+        echo = ch.unary_unary("/t.Plane/Echo")
+        assert echo(b"ping", metadata=(("authorization", KEY_HEADER["Authorization"]),), timeout=10) == b"ping"
+        try:
+            echo(b"ping", timeout=10)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_workers_append_whole_lines_to_one_file(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    calls = 200
+
+    async def scenario() -> set[str]:
+        async with Plane() as plane:
+            gw = GatewayProcess(table(tmp_path, plane), "--access-log", str(log), "--workers", "2").start()
+            try:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8)) as session:
+                    sem = asyncio.Semaphore(8)
+
+                    async def one(i: int) -> str:
+                        async with sem:
+                            status, request_id, _ = await post(session, gw, "/production/predict", b"x" * i)
+                            assert status == 200
+                            return request_id
+
+                    ids = set(await asyncio.gather(*(one(i) for i in range(calls))))
+            finally:
+                assert gw.stop() == 0
+        return ids
+
+    ids = asyncio.run(scenario())
+    records = [json.loads(line) for line in lines_of(log)]  # a torn line would not parse
+    assert len(records) == calls and {r["request_id"] for r in records} == ids
+    assert sorted(r["bytes_in"] for r in records) == list(range(calls))
+
+
+def test_a_path_that_cannot_be_written_is_a_usage_error(tmp_path: Path) -> None:
+    def serve(*flags: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(EXAMPLE), "--admin-port", "0", *flags]
+        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    missing = serve("--access-log", str(tmp_path / "no" / "such" / "dir.log"))
+    assert missing.returncode == 2 and "--access-log" in missing.stderr and "No such file" in missing.stderr
+    ratio = serve("--otel", "--otel-sample-ratio", "1.5")
+    assert ratio.returncode == 2 and "--otel-sample-ratio must be between 0 and 1" in ratio.stderr
+
+
+# -- the writer --------------------------------------------------------------------------------
+
+
+def entry(i: int, **fields: object) -> Entry:
+    base = dict(
+        time=1_700_000_000.25, request_id=f"{i:032x}", client="10.0.0.1", host=STD, method="POST",
+        target="/production/predict", protocol="http", model="abc123", environment="production", deployment="v1",
+        region="us", status="200", bytes_in=3, bytes_out=i, first_byte=0.001, total=0.002, upstream="10.1.0.1:80",
+        side="primary", shadowed=False, agent="", referer="",
+    )  # fmt: skip
+    base.update(fields)
+    return Entry(**base)  # type: ignore[arg-type]
+
+
+def test_close_writes_every_line_waiting(tmp_path: Path) -> None:
+    dropped = Counter("d", "", ())
+    writer = AccessLog(str(tmp_path / "a.log"), "json", dropped)
+    for i in range(20_000):
+        writer.append(entry(i))
+    writer.close()
+    records = [json.loads(line) for line in lines_of(tmp_path / "a.log")]
+    assert [r["bytes_out"] for r in records] == list(range(20_000)) and dropped.get(()) == 0
+    assert records[0]["time"] == "2023-11-14T22:13:20.250Z"
+
+
+def test_a_full_buffer_drops_lines_and_counts_them_without_waiting(tmp_path: Path) -> None:
+    dropped = Counter("gateway_access_log_dropped_total", "", ())
+    writer = AccessLog(str(tmp_path / "a.log"), "json", dropped, capacity=100)
+    blocked = threading.Event()
+    release = threading.Event()
+    real_format = writer.format
+
+    def slow(e: Entry) -> str:  # the disk stalls: the writer thread is stuck on its first line
+        blocked.set()
+        release.wait(10)
+        return real_format(e)
+
+    writer.format = slow
+    writer.append(entry(0))
+    writer.wakeup.set()
+    assert blocked.wait(10)
+    for i in range(1, 301):  # the call side goes on: 100 fit, the rest are dropped and counted
+        writer.append(entry(i))
+    assert dropped.get(()) == 200
+    release.set()
+    writer.close()
+    assert len(lines_of(tmp_path / "a.log")) == 101
+
+
+def test_formats_escape_what_the_client_controls() -> None:
+    e = entry(1, target='/p?q="x"\x01', agent="a\\b", first_byte=None)
+    line = format_combined(e)
+    assert '"POST /p?q=\\x22x\\x22\\x01 HTTP/1.1"' in line and '"a\\x5Cb"' in line and 'ttfb_ms="-"' in line
+    assert json.loads(format_json(e))["target"] == '/p?q="x"\x01'
+    assert REQUEST_ID.match(json.loads(format_json(e))["request_id"])
+
+
+def test_an_async_run_logs_a_line_of_its_own(tmp_path: Path) -> None:
+    from tests.test_async import ENV, AsyncPlane, async_doc, status_of
+
+    log = tmp_path / "access.log"
+
+    async def scenario() -> str:
+        async with AsyncPlane() as plane, aiohttp.ClientSession() as session:
+            config = write_table(tmp_path / "table.yaml", async_doc(plane.url))
+            gw = GatewayProcess(config, "--queue-store", str(tmp_path / "q"), "--access-log", str(log), env=ENV)
+            gw.start()
+            try:
+                status, request_id, _ = await post(session, gw, "/production/async_predict", b'{"model_input": {}}')
+                assert status == 201
+                async with asyncio.timeout(20):
+                    while (await status_of(session, gw, request_id))["status"] != "SUCCEEDED":
+                        await asyncio.sleep(0.05)
+            finally:
+                assert gw.stop() == 0
+        return request_id
+
+    request_id = asyncio.run(scenario())
+    records = [json.loads(line) for line in lines_of(log)]
+    run, submit = sorted((r for r in records if r["request_id"] == request_id), key=lambda r: r["protocol"])
+    assert run["protocol"] == "async" and submit["protocol"] == "http" and submit["status"] == "201"
+    assert run["status"] == "200" and run["target"] == "/predict" and run["deployment"] == "v1"
+    assert run["bytes_in"] == len(b"{}") and run["bytes_out"] > 0 and run["upstream"].startswith("127.0.0.1:")
