@@ -24,7 +24,7 @@ from gateway.grpc.h2server import STREAM_WINDOW, App, Handler, Headers, ServerSt
 from gateway.grpc.wire import INTERNAL_ERROR, PROTOCOL_ERROR
 from gateway.http.proxy import RESPONSE_DROP, UPGRADE_DROP, Exchange, TunnelExchange
 from gateway.http.server import Handler as HttpHandler
-from gateway.http.server import HttpConnection, Request, request_field
+from gateway.http.server import HttpConnection, Request, read_fields
 from gateway.http.shadow import ShadowExchange
 
 GRPC = b"application/grpc"
@@ -147,9 +147,10 @@ class H2Call(HttpConnection):
                 cookies.append(value)  # one field again for HTTP/1.1 (RFC 9113 §8.2.3)
                 continue
             if name != b"host" or req.host is None:  # a host beside :authority is the same (request_problem)
-                request_field(req, name, value)
+                req.headers.append((name, value))
         if cookies:
             req.headers.append((b"cookie", b"; ".join(cookies)))
+        read_fields(req)
         if protocol is not None:
             return self._extended_connect(req, protocol)
         if self.stream.ended:

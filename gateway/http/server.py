@@ -169,39 +169,46 @@ class Request:
         return f"<Request {self.method} {self.target[:80]!r} host={self.host!r}>"
 
 
-def request_field(req: Request, name: bytes, value: bytes) -> None:
-    """Take one request header field (its name lowercased): kept to forward, and read for routing and framing."""
-    req.headers.append((name, value))
-    if name == b"host":
-        if req.host is not None:
-            raise ClientError("more than one Host header")  # RFC 9112 §3.2
-        req.host = value.decode("latin-1")
-    elif name == b"authorization":
-        if req.authorization is not None:
-            # One credential per request (RFC 9110 §11.6.2 has no list form): which of two a
-            # gateway and a plane would each pick is exactly the ambiguity to refuse.
-            raise ClientError("more than one Authorization header")
-        req.authorization = value.decode("latin-1")
-    elif name == b"content-length":
-        if not value.isdigit() or (req.content_length is not None and req.content_length != int(value)):
-            raise ClientError("invalid Content-Length")
-        req.content_length = int(value)
-    elif name == b"transfer-encoding":
-        # llhttp rejects a coding list whose last item is not "chunked"; any other coding before
-        # it would be forwarded unannounced (the body re-chunked, its gzip bytes taken as content).
-        if value.strip().lower() != b"chunked" or req.chunked:
-            raise UnsupportedTransferCoding(
-                "only the chunked transfer coding is accepted; send other codings as Content-Encoding"
-            )
-        req.chunked = True
-    elif name == b"expect":
-        req.expect_continue = value.lower() == b"100-continue"
-    elif name == b"x-baseten-routing-key":
-        req.routing_key = value.decode("latin-1")
-    elif name == b"connection":
-        req.connection_tokens += tuple(t.strip().lower() for t in value.split(b","))
-    elif name == b"upgrade":
-        req.upgrade = value
+def read_fields(req: Request) -> None:
+    """Read the request's header fields (`req.headers`, names lowercased, kept to forward) for
+    routing and framing: one pass once the head is complete, the same for HTTP/1.1 and h2."""
+    for name, value in req.headers:
+        if name not in READ_FIELDS:
+            continue
+        if name == b"host":
+            if req.host is not None:
+                raise ClientError("more than one Host header")  # RFC 9112 §3.2
+            req.host = value.decode("latin-1")
+        elif name == b"authorization":
+            if req.authorization is not None:
+                # One credential per request (RFC 9110 §11.6.2 has no list form): which of two a
+                # gateway and a plane would each pick is exactly the ambiguity to refuse.
+                raise ClientError("more than one Authorization header")
+            req.authorization = value.decode("latin-1")
+        elif name == b"content-length":
+            if not value.isdigit() or (req.content_length is not None and req.content_length != int(value)):
+                raise ClientError("invalid Content-Length")
+            req.content_length = int(value)
+        elif name == b"transfer-encoding":
+            # llhttp rejects a coding list whose last item is not "chunked"; any other coding before
+            # it would be forwarded unannounced (the body re-chunked, its gzip bytes taken as content).
+            if value.strip().lower() != b"chunked" or req.chunked:
+                raise UnsupportedTransferCoding(
+                    "only the chunked transfer coding is accepted; send other codings as Content-Encoding"
+                )
+            req.chunked = True
+        elif name == b"expect":
+            req.expect_continue = value.lower() == b"100-continue"
+        elif name == b"x-baseten-routing-key":
+            req.routing_key = value.decode("latin-1")
+        elif name == b"connection":
+            req.connection_tokens += tuple(t.strip().lower() for t in value.split(b","))
+        elif name == b"upgrade":
+            req.upgrade = value
+
+
+READ_FIELDS = frozenset({b"host", b"authorization", b"content-length", b"transfer-encoding", b"expect",
+                         b"x-baseten-routing-key", b"connection", b"upgrade"})  # fmt: skip
 
 
 # A handler answers a request and then calls `request.conn.finish(request)`, either before it
@@ -408,12 +415,13 @@ class HttpConnection(asyncio.Protocol):
             # Chunked trailer fields are never header fields (RFC 9110 §6.5.1): they are not used for
             # auth or routing and not forwarded; they still count towards the head limits above.
             return
-        request_field(req, name.lower(), value)
+        req.headers.append((name.lower(), value))  # read in one pass when the head is complete (read_fields)
 
     def on_headers_complete(self) -> None:
         self.head_started = None
         self.in_trailers = True  # any field from here on is a trailer field
         req = self.req
+        read_fields(req)
         req.method = self.parser.get_method().decode("ascii")
         req.version = self.parser.get_http_version()
         req.keep_alive = self.parser.should_keep_alive()
