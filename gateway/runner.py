@@ -50,6 +50,7 @@ class ServeOptions:
     watch_interval: float = 1.0
     queue_store: str | None = None  # directory of the embedded async stores (SPEC §10); None: next to the table
     queue_gauge: bool = True  # this process reports the async queue depth (one worker of N: they share the files)
+    embedded: bool = False  # inside an ASGI server (gateway.asgi): it owns the public socket and the signals
     extra: dict = field(default_factory=dict)
 
 
@@ -125,26 +126,33 @@ class DataPlane:
         ctx = None
         if opts.tls_cert:
             ctx = server_context(opts.tls_cert, opts.tls_key or opts.tls_cert)
-        # One call pipeline per worker for every listener: admission, holds, replicas, the connector (issue 10).
-        self.pipeline = Pipeline(
-            self.state, self.metrics, Connector(self.state.table.gateway.dns_nameservers, self.metrics)
-        )
-        self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http", self.pipeline)
-        self.asyncs = AsyncService(
-            self.state, self.pipeline, self.metrics, queue_directory(opts), gauge=opts.queue_gauge
-        )
-        self.asyncs.start()
-        self.public.asyncs = self.asyncs
+        public = self.assemble("https" if ctx else "http")
+        if opts.embedded:
+            return  # the ASGI server carries the public calls to `self.public` (gateway/asgi/)
         self.server = await serve(
-            self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,
+            public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx, tracker=self.connections,
             reuse_port=opts.reuse_port,
         )  # fmt: skip
         if opts.grpc_port is not None:
             cert, key = opts.grpc_tls_cert, opts.grpc_tls_key
             self.grpc = GrpcListener(
-                self.state, self.metrics, tls_context(cert, key) if cert and key else None, self.pipeline
+                self.state, self.metrics, tls_context(cert, key) if cert and key else None, public.pipeline
             )
             await self.grpc.start(opts.host, opts.grpc_port, reuse_port=opts.reuse_port)
+
+    def assemble(self, scheme: str) -> PublicHandler:
+        """The public handler over one call pipeline and async queue, for every front end (native, ASGI)."""
+        # One call pipeline per worker for every listener: admission, holds, replicas, the connector (issue 10).
+        self.pipeline = Pipeline(
+            self.state, self.metrics, Connector(self.state.table.gateway.dns_nameservers, self.metrics)
+        )
+        self.public = PublicHandler(self.state, self.pool, self.metrics, scheme, self.pipeline)
+        self.asyncs = AsyncService(
+            self.state, self.pipeline, self.metrics, queue_directory(self.opts), gauge=self.opts.queue_gauge
+        )
+        self.asyncs.start()
+        self.public.asyncs = self.asyncs
+        return self.public
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let calls in flight finish (up to `timeout`), then close every connection."""
@@ -238,7 +246,8 @@ class Gateway:
             await self.control.listen(opts.admin_host, opts.admin_port)
         if opts.watch_interval > 0:
             self.tasks.append(asyncio.get_running_loop().create_task(self.state.watch(opts.watch_interval)))
-        install_signals(self.stopping, self.state)
+        if not opts.embedded:
+            install_signals(self.stopping, self.state)
         if self.control is not None:
             self.control.start()
         self.ready = True
@@ -246,7 +255,7 @@ class Gateway:
             "gateway serving %s on %s:%s, admin on %s:%s",
             self.state.table,
             opts.host,
-            self.public_port,
+            "asgi" if opts.embedded else self.public_port,
             opts.admin_host,
             self.admin_port,
         )

@@ -210,7 +210,7 @@ class PublicHandler:
         body, size = replay
         exchange = Exchange(req, conn, request_id, dep.timeouts, self._done, context, dep.id)
         self.exchanges.add(exchange)
-        head = request_head(req, route.upstream_target, self._identity(route, ep.upstream), request_id, self.scheme,
+        head = request_head(req, route.upstream_target, self._identity(route, ep.upstream), request_id, req.conn.scheme,
                             body_length=size)  # fmt: skip
         exchange.replay(head, body)
 
@@ -237,7 +237,7 @@ class PublicHandler:
         if route.endpoint in RETRIED_ENDPOINTS and route.deployment.retry_on_reset:
             exchange.retry_after_reset(self._retry_after_reset)
         self.exchanges.add(exchange)
-        head = request_head(req, route.upstream_target, self._identity(route, up), request_id, self.scheme)
+        head = request_head(req, route.upstream_target, self._identity(route, up), request_id, req.conn.scheme)
         exchange.start(head)
 
     # -- one retry after a reset (SPEC §12 retry_on_reset, issue 10) ---------------------------

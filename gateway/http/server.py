@@ -168,6 +168,42 @@ class Request:
         return f"<Request {self.method} {self.target[:80]!r} host={self.host!r}>"
 
 
+def add_field(req: Request, name: bytes, value: bytes) -> None:
+    """Record one request header field (`name` lowercased) and what it means for routing and framing;
+    every front end (this server, gateway.asgi) reads a head through it. Raises ClientError."""
+    req.headers.append((name, value))
+    if name == b"host":
+        if req.host is not None:
+            raise ClientError("more than one Host header")  # RFC 9112 §3.2
+        req.host = value.decode("latin-1")
+    elif name == b"authorization":
+        if req.authorization is not None:
+            # One credential per request (RFC 9110 §11.6.2 has no list form): which of two a
+            # gateway and a plane would each pick is exactly the ambiguity to refuse.
+            raise ClientError("more than one Authorization header")
+        req.authorization = value.decode("latin-1")
+    elif name == b"content-length":
+        if not value.isdigit() or (req.content_length is not None and req.content_length != int(value)):
+            raise ClientError("invalid Content-Length")
+        req.content_length = int(value)
+    elif name == b"transfer-encoding":
+        # llhttp rejects a coding list whose last item is not "chunked"; any other coding before
+        # it would be forwarded unannounced (the body re-chunked, its gzip bytes taken as content).
+        if value.strip().lower() != b"chunked" or req.chunked:
+            raise UnsupportedTransferCoding(
+                "only the chunked transfer coding is accepted; send other codings as Content-Encoding"
+            )
+        req.chunked = True
+    elif name == b"expect":
+        req.expect_continue = value.lower() == b"100-continue"
+    elif name == b"x-baseten-routing-key":
+        req.routing_key = value.decode("latin-1")
+    elif name == b"connection":
+        req.connection_tokens += tuple(t.strip().lower() for t in value.split(b","))
+    elif name == b"upgrade":
+        req.upgrade = value
+
+
 # A handler answers a request and then calls `request.conn.finish(request)`, either before it
 # returns (the synchronous fast path) or later from a callback or a task started with `spawn`.
 Handler = Callable[[Request], None]
@@ -316,38 +352,7 @@ class HttpConnection(asyncio.Protocol):
             # Chunked trailer fields are never header fields (RFC 9110 §6.5.1): they are not used for
             # auth or routing and not forwarded; they still count towards the head limits above.
             return
-        name = name.lower()
-        req.headers.append((name, value))
-        if name == b"host":
-            if req.host is not None:
-                raise ClientError("more than one Host header")  # RFC 9112 §3.2
-            req.host = value.decode("latin-1")
-        elif name == b"authorization":
-            if req.authorization is not None:
-                # One credential per request (RFC 9110 §11.6.2 has no list form): which of two a
-                # gateway and a plane would each pick is exactly the ambiguity to refuse.
-                raise ClientError("more than one Authorization header")
-            req.authorization = value.decode("latin-1")
-        elif name == b"content-length":
-            if not value.isdigit() or (req.content_length is not None and req.content_length != int(value)):
-                raise ClientError("invalid Content-Length")
-            req.content_length = int(value)
-        elif name == b"transfer-encoding":
-            # llhttp rejects a coding list whose last item is not "chunked"; any other coding before
-            # it would be forwarded unannounced (the body re-chunked, its gzip bytes taken as content).
-            if value.strip().lower() != b"chunked" or req.chunked:
-                raise UnsupportedTransferCoding(
-                    "only the chunked transfer coding is accepted; send other codings as Content-Encoding"
-                )
-            req.chunked = True
-        elif name == b"expect":
-            req.expect_continue = value.lower() == b"100-continue"
-        elif name == b"x-baseten-routing-key":
-            req.routing_key = value.decode("latin-1")
-        elif name == b"connection":
-            req.connection_tokens += tuple(t.strip().lower() for t in value.split(b","))
-        elif name == b"upgrade":
-            req.upgrade = value
+        add_field(req, name.lower(), value)
 
     def on_headers_complete(self) -> None:
         self.head_started = None
