@@ -28,7 +28,7 @@ class AsgiProcess(GatewayProcess):
     def command(self) -> list[str]:
         if self.server == "uvicorn":
             return [sys.executable, "-m", "uvicorn", "gateway.asgi:app", "--host", "127.0.0.1", "--port",
-                    str(self.port), "--lifespan", "on", "--no-access-log", *self.extra]  # fmt: skip
+                    str(self.port), "--lifespan", "on", "--no-access-log", "--no-proxy-headers", *self.extra]  # fmt: skip
         if self.server == "hypercorn":
             return [sys.executable, "-m", "hypercorn", "gateway.asgi:app", "--bind", f"127.0.0.1:{self.port}",
                     *self.extra]  # fmt: skip
