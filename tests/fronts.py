@@ -20,17 +20,19 @@ FRONTS = ("native", "uvicorn", "hypercorn")
 class AsgiProcess(GatewayProcess):
     """`gateway.asgi:app` under an ASGI server; ready when its admin listener's /readyz says so."""
 
-    def __init__(self, config: Path, server: str, *extra: str, env: dict | None = None) -> None:
+    def __init__(
+        self, config: Path, server: str, *extra: str, env: dict | None = None, app: str = "gateway.asgi:app"
+    ) -> None:  # fmt: skip
         super().__init__(config, *extra, env=env)
-        self.server = server
+        self.server, self.app = server, app
         self.env = {**(env or {}), "GATEWAY_CONFIG": str(config), "GATEWAY_ADMIN_PORT": str(self.admin_port)}
 
     def command(self) -> list[str]:
         if self.server == "uvicorn":
-            return [sys.executable, "-m", "uvicorn", "gateway.asgi:app", "--host", "127.0.0.1", "--port",
+            return [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port",
                     str(self.port), "--lifespan", "on", "--no-access-log", "--no-proxy-headers", *self.extra]  # fmt: skip
         if self.server == "hypercorn":
-            return [sys.executable, "-m", "hypercorn", "gateway.asgi:app", "--bind", f"127.0.0.1:{self.port}",
+            return [sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}",
                     *self.extra]  # fmt: skip
         raise ValueError(f"unknown ASGI server {self.server!r}")
 

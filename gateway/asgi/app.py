@@ -8,8 +8,9 @@ owns both. Shutdown drains as SIGTERM does natively.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from gateway.asgi.connection import AsgiConnection
@@ -78,6 +79,16 @@ class GatewayApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Start and drain with a host app's lifespan (Starlette does not pass lifespan to a Mount):
+        `Starlette(routes=[Mount("/gw", gw)], lifespan=lambda app: gw.running())`."""
+        await self.startup()
+        try:
+            yield None  # a lifespan state would be merged into the host's: the gateway adds none
+        finally:
+            await self.shutdown()
 
     async def startup(self) -> None:
         opts = self.options if self.options is not None else options_from_environment()
