@@ -17,8 +17,6 @@ benchmarks/results/asgi-latest.json.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import shutil
 import sys
 import time
@@ -96,20 +94,10 @@ def main() -> int:
     print()
     for line in ratios:
         print(line)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "benchmark": "asgi",
-        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "duration_s": args.duration,
-        "rounds": args.rounds,
-        "wall_s": round(time.time() - started, 1),
-        "environment": R.versions(args.python),
-        "results": results,
-        "uvicorn_over_native": best,
-    }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\nresults written to {out}")
+    H.write_results(
+        args.output, "asgi", started, duration_s=args.duration, rounds=args.rounds,
+        environment=R.versions(args.python), results=results, uvicorn_over_native=best,
+    )  # fmt: skip
     return 1 if any(r.get("failed") for r in results) else 0
 
 
@@ -130,8 +118,4 @@ def ratio_lines(results: list[dict]) -> tuple[list[str], float | None]:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        H.log("interrupted; all started processes were stopped")
-        sys.exit(130)
+    H.run_main(main)

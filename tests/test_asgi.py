@@ -34,26 +34,51 @@ def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
 
 # -- the same integration tests, over every front -------------------------------------------------
 
-# predict and sync/: paths, query, identity and x-forwarded-* (from the ASGI scope's client)
-test_identity_and_forwarding_headers_replace_what_the_client_sent = (
-    test_proxy.test_identity_and_forwarding_headers_replace_what_the_client_sent
-)
-test_upstream_path_query_and_identity = test_proxy.test_upstream_path_query_and_identity
-test_plane_answer_is_passed_through_unchanged = test_proxy.test_plane_answer_is_passed_through_unchanged
-# streaming both ways
-test_sse_response_is_relayed_event_by_event = test_proxy.test_sse_response_is_relayed_event_by_event
-test_chunked_upload_is_relayed_chunk_by_chunk = test_proxy.test_chunked_upload_is_relayed_chunk_by_chunk
-test_body_exactly_at_the_limit_is_accepted = test_proxy.test_body_exactly_at_the_limit_is_accepted
-test_declared_body_over_100_mib_is_refused_before_forwarding = (
-    test_proxy.test_declared_body_over_100_mib_is_refused_before_forwarding
-)
-test_client_disconnect_reaches_the_plane_and_the_gateway_keeps_serving = (
-    test_proxy.test_client_disconnect_reaches_the_plane_and_the_gateway_keeps_serving
-)
-# auth errors, unknown model, wrong region, wrong method: the JSON error body
-test_gateway_errors_are_json_and_forward_nothing = test_proxy.test_gateway_errors_are_json_and_forward_nothing
-# WebSocket
-test_every_target_form_relays_text_and_binary = test_websocket.test_every_target_form_relays_text_and_binary
+REUSED = {
+    test_proxy: (
+        # predict and sync/: paths, query, identity and x-forwarded-* (from the ASGI scope's client)
+        "test_identity_and_forwarding_headers_replace_what_the_client_sent",
+        "test_upstream_path_query_and_identity",
+        "test_plane_answer_is_passed_through_unchanged",
+        # streaming both ways, body limits, disconnects
+        "test_sse_response_is_relayed_event_by_event",
+        "test_chunked_upload_is_relayed_chunk_by_chunk",
+        "test_body_exactly_at_the_limit_is_accepted",
+        "test_declared_body_over_100_mib_is_refused_before_forwarding",
+        "test_chunked_body_passing_100_mib_gets_413_and_aborts_the_plane_call",
+        "test_client_disconnect_reaches_the_plane_and_the_gateway_keeps_serving",
+        "test_client_disconnect_mid_upload_aborts_the_plane_call",
+        "test_expect_100_continue_upload",
+        "test_head_response_has_no_body_and_keeps_the_connection_usable",
+        "test_200_concurrent_calls_get_their_own_answers",
+        # auth errors, unknown model, wrong region, wrong method: the JSON error body
+        "test_gateway_errors_are_json_and_forward_nothing",
+        # plane failures: 503, 502, 504, and a truncated answer that must look truncated
+        "test_plane_that_cannot_be_connected_to_gives_503",
+        "test_plane_that_breaks_the_call_before_answering_gives_502",
+        "test_plane_that_closes_mid_body_gives_a_truncated_response",
+        "test_response_start_timeout_gives_504",
+    ),
+    test_websocket: (
+        "test_every_target_form_relays_text_and_binary",
+        "test_failures_are_answered_before_the_upgrade",
+        "test_a_client_vanishing_tears_down_the_plane_side",
+        "test_the_plane_vanishing_tears_down_the_client_side",
+        "test_a_scaled_to_zero_target_holds_the_upgrade_until_it_is_active",
+    ),
+    test_holding: (  # holds (scale from zero, wake) and backpressure
+        "test_a_held_call_is_released_when_its_deployment_becomes_active",
+        "test_a_client_vanishing_while_held_is_dropped",
+        "test_a_held_call_times_out_with_503_and_retry_after",
+        "test_a_held_body_is_not_lost",
+        "test_queue_on_full_holds_the_call_until_a_slot_frees",
+        "test_reject_on_full_answers_429_at_once",
+    ),
+    test_canary: ("test_the_side_is_sticky_per_routing_key_and_per_api_key",),  # canary and x-baseten-deployment-id
+}
+for _module, _names in REUSED.items():
+    for _name in _names:
+        globals()[_name] = getattr(_module, _name)  # collected here, so they take this module's `gw`
 
 
 def test_close_codes_and_reasons_pass_both_ways(gw, request: pytest.FixtureRequest) -> None:  # noqa: ANN001
@@ -80,28 +105,6 @@ test_reject_on_full_answers_429_at_once = test_holding.test_reject_on_full_answe
 test_the_side_is_sticky_per_routing_key_and_per_api_key = (
     test_canary.test_the_side_is_sticky_per_routing_key_and_per_api_key
 )
-test_plane_that_cannot_be_connected_to_gives_503 = test_proxy.test_plane_that_cannot_be_connected_to_gives_503
-test_plane_that_breaks_the_call_before_answering_gives_502 = (
-    test_proxy.test_plane_that_breaks_the_call_before_answering_gives_502
-)
-test_plane_that_closes_mid_body_gives_a_truncated_response = (
-    test_proxy.test_plane_that_closes_mid_body_gives_a_truncated_response
-)
-test_response_start_timeout_gives_504 = test_proxy.test_response_start_timeout_gives_504
-test_head_response_has_no_body_and_keeps_the_connection_usable = (
-    test_proxy.test_head_response_has_no_body_and_keeps_the_connection_usable
-)
-test_expect_100_continue_upload = test_proxy.test_expect_100_continue_upload
-test_200_concurrent_calls_get_their_own_answers = test_proxy.test_200_concurrent_calls_get_their_own_answers
-test_chunked_body_passing_100_mib_gets_413_and_aborts_the_plane_call = (
-    test_proxy.test_chunked_body_passing_100_mib_gets_413_and_aborts_the_plane_call
-)
-test_client_disconnect_mid_upload_aborts_the_plane_call = (
-    test_proxy.test_client_disconnect_mid_upload_aborts_the_plane_call
-)
-test_queue_on_full_holds_the_call_until_a_slot_frees = test_holding.test_queue_on_full_holds_the_call_until_a_slot_frees
-test_a_held_call_times_out_with_503_and_retry_after = test_holding.test_a_held_call_times_out_with_503_and_retry_after
-test_a_held_body_is_not_lost = test_holding.test_a_held_body_is_not_lost
 
 
 # -- mounted in a platform team's own app ----------------------------------------------------------
