@@ -74,8 +74,8 @@ def request_of(conn: HttpConnection, scope: MutableMapping[str, Any]) -> Request
     req.method = scope.get("method", "GET")
     path = scope.get("raw_path") or scope["path"].encode()
     root = scope.get("root_path", "").encode()
-    if root and path.startswith(root):  # mounted under a prefix (Starlette Mount): route what follows it
-        path = path[len(root) :] or b"/"
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in (b"", b"/"):
+        path = path[len(root) :] or b"/"  # mounted under a prefix (Starlette Mount): route what follows it
     query = scope.get("query_string", b"")
     req.target = (path + b"?" + query if query else path).decode("latin-1")
     for name, value in scope.get("headers", ()):
@@ -123,7 +123,13 @@ class AsgiConnection(HttpConnection):
     async def run(self) -> None:
         try:
             req = self.begin()
-            if req is not None:
+            if req is not None and not req.expect_continue:  # with Expect, our first receive() sends 100
+                # The first body message before the handler: a small body is then complete and goes to
+                # the plane in one write with the head, as natively after one read.
+                if req.has_body and not self.take(await self.receive()):
+                    return
+                self._ensure_pump()
+            if req is not None and not self.closed_by_client:
                 self._start(req)  # the native lifecycle: the handler answers now or later, then `finish`
             await self.deliver()
         finally:
@@ -157,8 +163,6 @@ class AsgiConnection(HttpConnection):
             return None
         if not req.has_body:
             req.body.feed_eof()  # as the native parser does before the handler sees a bodyless request
-        if not req.expect_continue:  # with Expect, the server sends 100 on our first receive(): wait for the handler
-            self._ensure_pump()
         return req
 
     async def deliver(self) -> None:

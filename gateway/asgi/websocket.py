@@ -139,7 +139,7 @@ class AsgiWebSocket(AsgiConnection):
                 self._to_plane(wsframes.BINARY, message.get("bytes") or b"")
             return True
         code = message.get("code", 1005)
-        if self.tunnel is not None and code not in (1005, 1006):  # the client closed: pass its close on
+        if self.tunnel is not None and code not in (1005, 1006) and not self.close_sent:  # pass the client's close on
             self._to_plane(wsframes.CLOSE, wsframes.close_payload(code, message.get("reason") or ""))
         self.client_gone()  # the native teardown closes the plane's connection
         return False
