@@ -563,3 +563,26 @@ def versions(commands: dict[str, list[str]]) -> dict:
     info["kernel"] = platform.release()
     info["cpus"] = os.cpu_count()
     return info
+
+
+def write_results(path: str | Path, benchmark: str, started: float, **fields) -> Path:
+    """benchmarks/results/<name>-latest.json: the benchmark's name, a UTC stamp, the wall time, `fields`."""
+    import datetime as _dt
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    doc = {"benchmark": benchmark, "timestamp": stamp, "wall_s": round(time.time() - started, 1), **fields}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nresults written to {out}")
+    return out
+
+
+def run_main(main) -> None:
+    """sys.exit(main()), turning Ctrl-C / SIGTERM into exit 130 once every process is stopped."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; all started processes were stopped")
+        sys.exit(130)

@@ -58,6 +58,7 @@ class ServeOptions:
     access_log_format: str = "json"  # or "combined"
     otel: bool = False  # OpenTelemetry tracing (the [otel] extra)
     otel_sample_ratio: float = 1.0
+    embedded: bool = False  # inside an ASGI server (gateway.asgi): it owns the public socket and the signals
     extra: dict = field(default_factory=dict)
 
 
@@ -141,32 +142,39 @@ class DataPlane:
         if opts.tls_cert:
             # One TLS port for HTTP/1.1, HTTP/2 and gRPC, as the platform's own :443 (issue 13).
             ctx = server_context(opts.tls_cert, opts.tls_key or opts.tls_cert, ["h2", "http/1.1"])
-        # One call pipeline per worker for every listener: admission, holds, replicas, the connector (issue 10).
-        self.pipeline = Pipeline(
-            self.state, self.metrics, Connector(self.state.table.gateway.dns_nameservers, self.metrics)
-        )
-        self.pipeline.observer = observer(opts, self.metrics, self.span_exporter)
-        self.public = PublicHandler(self.state, self.pool, self.metrics, "https" if ctx else "http", self.pipeline)
-        self.asyncs = AsyncService(
-            self.state, self.pipeline, self.metrics, queue_directory(opts), gauge=opts.queue_gauge
-        )
-        self.asyncs.start()
-        self.public.asyncs = self.asyncs
+        public = self.assemble("https" if ctx else "http")
+        if opts.embedded:
+            return  # the ASGI server carries the public calls to `self.public` (gateway/asgi/)
         # HTTP/2 connections of the public port: HTTP calls to the public handler, gRPC to a relay of its own.
-        h2 = self.h2 = GrpcListener(self.state, self.metrics, None, self.pipeline)
-        h2.server = H2Server(PublicApp(self.public, h2.relay), extended_connect=True)  # WebSocket too (RFC 8441)
+        h2 = self.h2 = GrpcListener(self.state, self.metrics, None, public.pipeline)
+        h2.server = H2Server(PublicApp(public, h2.relay), extended_connect=True)  # WebSocket too (RFC 8441)
         with binding("--port", opts.host, opts.port):
             self.server = await serve(
-                self.public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx,
+                public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx,
                 tracker=self.connections, reuse_port=opts.reuse_port, h2=lambda: H2Connection(h2.server),
             )  # fmt: skip
         if opts.grpc_port is not None:
             cert, key = opts.grpc_tls_cert, opts.grpc_tls_key
             self.grpc = GrpcListener(
-                self.state, self.metrics, tls_context(cert, key) if cert and key else None, self.pipeline
+                self.state, self.metrics, tls_context(cert, key) if cert and key else None, public.pipeline
             )
             with binding("--grpc-port", opts.host, opts.grpc_port):
                 await self.grpc.start(opts.host, opts.grpc_port, reuse_port=opts.reuse_port)
+
+    def assemble(self, scheme: str) -> PublicHandler:
+        """The public handler over one call pipeline and async queue, for every front end (native, ASGI)."""
+        # One call pipeline per worker for every listener: admission, holds, replicas, the connector (issue 10).
+        self.pipeline = Pipeline(
+            self.state, self.metrics, Connector(self.state.table.gateway.dns_nameservers, self.metrics)
+        )
+        self.pipeline.observer = observer(self.opts, self.metrics, self.span_exporter)
+        self.public = PublicHandler(self.state, self.pool, self.metrics, scheme, self.pipeline)
+        self.asyncs = AsyncService(
+            self.state, self.pipeline, self.metrics, queue_directory(self.opts), gauge=self.opts.queue_gauge
+        )
+        self.asyncs.start()
+        self.public.asyncs = self.asyncs
+        return self.public
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let calls in flight finish (up to `timeout`), then close every connection."""
@@ -265,7 +273,8 @@ class Gateway:
                 await self.control.listen(opts.admin_host, opts.admin_port)
         if opts.watch_interval > 0:
             self.tasks.append(asyncio.get_running_loop().create_task(self.state.watch(opts.watch_interval)))
-        install_signals(self.stopping, self.state)
+        if not opts.embedded:
+            install_signals(self.stopping, self.state)
         if self.control is not None:
             self.control.start()
         self.ready = True
@@ -273,7 +282,7 @@ class Gateway:
             "gateway serving %s on %s:%s, admin on %s:%s",
             self.state.table,
             opts.host,
-            self.public_port,
+            "asgi" if opts.embedded else self.public_port,
             opts.admin_host,
             self.admin_port,
         )

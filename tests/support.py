@@ -82,11 +82,15 @@ class GatewayProcess:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self) -> GatewayProcess:
+    def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config), "--port", str(self.port),
                "--admin-port", str(self.admin_port), *self.extra]  # fmt: skip
         if self.grpc_port is not None:
             cmd += ["--grpc-port", str(self.grpc_port)]
+        return cmd
+
+    def start(self) -> GatewayProcess:
+        cmd = self.command()
         self.log = open(self.log_path, "wb")
         env = {**os.environ, **(self.env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from gateway.demo import wsframes
+from gateway.http import wsframes
 from gateway.http.server import Request, async_handler, serve
 
 STREAMING_MODELS = frozenset({"llm7"})

@@ -13,7 +13,7 @@ import socket
 import sys
 from urllib.parse import urlsplit
 
-from gateway.demo import wsframes
+from gateway.http import wsframes
 
 
 def main(argv: list[str] | None = None) -> int:

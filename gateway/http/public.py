@@ -243,7 +243,8 @@ class PublicHandler:
         exchange.info = info = record.info
         self.exchanges.add(exchange)
         head = request_head(req, route.upstream_target, self._identity(context, ep.upstream), request_id,
-                            self.scheme, body_length=size, trace=info.trace_lines() if info is not None else None)  # fmt: skip
+                            req.conn.scheme, body_length=size,
+                            trace=info.trace_lines() if info is not None else None)  # fmt: skip
         exchange.replay(head, body)
 
     def _retry_endpoint(self, record: CallRecord, tried: set[Endpoint], attempt: int) -> Endpoint | None:
@@ -275,7 +276,7 @@ class PublicHandler:
         self.exchanges.add(exchange)
         trace = info.trace_lines() if info is not None else None
         head = request_head(
-            req, route.upstream_target, self._identity(context, up), request_id, self.scheme, trace=trace
+            req, route.upstream_target, self._identity(context, up), request_id, req.conn.scheme, trace=trace
         )
         exchange.start(head)
 

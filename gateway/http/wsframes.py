@@ -1,7 +1,7 @@
-"""A small RFC 6455 frame codec for the demo's WebSocket echo model and client.
+"""A small RFC 6455 frame codec: the ASGI front end's relay to planes (gateway/asgi/websocket.py),
+and the demo's WebSocket echo model and client (so the demo needs no extra package).
 
-The gateway itself never parses frames (it relays bytes after the 101); this is only
-for the sample plane and the printed demo client, so the demo needs no extra package.
+The native relay never parses frames: it splices bytes after the 101 (`proxy.TunnelExchange`).
 """
 
 from __future__ import annotations
