@@ -10,11 +10,11 @@ dispatches them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
+from gateway.admin.access import CALLER
 from gateway.environments import sdk_views
 from gateway.environments.changes import (
     env_change,
@@ -26,7 +26,7 @@ from gateway.environments.changes import (
 from gateway.environments.sdk_settings import settings_changes
 from gateway.environments.views import deployment_view, environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
-from gateway.errors import ClientError, Conflict, EndpointNotFound, MethodNotAllowed, ModelNotFound
+from gateway.errors import ClientError, Conflict, ModelNotFound
 from gateway.http.server import Request
 from gateway.routing.hostpath import is_env_name
 from gateway.routing.model import Deployment, Environment, Model
@@ -44,9 +44,6 @@ SDK_KEYS = {"autoscaling_settings", "request_backpressure_settings"}
 # The SDK's `UpdateEnvironmentResponse` keys besides the environment; deprecated there, fixed here
 # (a change is applied when the answer is sent, docs/baseten-sdk-management-api.md §1.5).
 UPDATE_ACCEPTED = {"status": "ACCEPTED", "message": "Environment update accepted"}
-MODEL_PATH = re.compile(r"/v1/models(?:/([^/]+)(/deployments)?)?\Z")
-ENV_PATH = re.compile(r"/v1/models/([^/]+)/environments(?:/([^/]+)(?:/([a-z_]+))?)?\Z")
-DEP_PATH = re.compile(r"/v1/models/([^/]+)/deployments/([^/]+)(?:/(activate|deactivate))?\Z")
 
 Handler = Callable[..., Awaitable[tuple[int, object]]]
 
@@ -59,59 +56,19 @@ class EnvironmentsApi:
         self.state = writer.state
         self.actions = actions
 
-    # -- dispatch -------------------------------------------------------------------------
-
-    def handles(self, path: str) -> bool:
-        return path == "/v1/models" or path.startswith("/v1/models/")
-
-    async def __call__(self, req: Request, path: str) -> tuple[int, object]:
-        methods, args = self.route(path)
-        handler = methods.get(req.method)
-        if handler is None:
-            raise MethodNotAllowed(f"method {req.method} is not allowed on '{path[:128]}'", tuple(methods))
-        return await handler(req, *args)
-
-    def route(self, path: str) -> tuple[dict[str, Handler], tuple]:
-        """The handlers by method for `path`, and their arguments (each segment decoded after the split:
-        the SDK sends every path argument percent-encoded, docs/baseten-sdk-management-api.md §0.3)."""
-        found = MODEL_PATH.match(path)
-        if found is not None:
-            model_id, deployments = found.groups()
-            if model_id is None:
-                return {"GET": self.list_models}, ()
-            if deployments is None:
-                return {"GET": self.read_model}, (unquote(model_id),)
-            return {"GET": self.list_deployments}, (unquote(model_id),)
-        found = ENV_PATH.match(path)
-        if found is not None:
-            model_id, env, action = (unquote(part) if part else part for part in found.groups())
-            if env is None:
-                methods: dict[str, Handler] = {"GET": self.list_environments, "POST": self.create_environment}
-                args: tuple = (model_id,)
-            elif action is None:
-                methods = {"GET": self.read_environment, "PATCH": self.patch_environment,
-                           "DELETE": self.delete_environment}  # fmt: skip
-                args = (model_id, env)
-            else:
-                action_handler: Handler | None = self.actions.get(action)
-                if action_handler is None:
-                    raise EndpointNotFound(f"no admin endpoint '{path[:128]}'")
-                methods, args = {"POST": action_handler}, (model_id, env)
-        else:
-            found = DEP_PATH.match(path)
-            if found is None:
-                raise EndpointNotFound(f"no admin endpoint '{path[:128]}'")
-            model_id, dep_id, action = (unquote(part) if part else part for part in found.groups())
-            if action is None:
-                methods, args = {"GET": self.read_deployment}, (model_id, dep_id)
-            else:
-                methods, args = {"POST": self.change_status}, (model_id, dep_id, action)
-        return methods, args
+    def handlers(self) -> dict[str, Handler]:
+        """The handlers by route name (`gateway.admin.routes`), the promotion calls included."""
+        own = ("list_models", "read_model", "list_deployments", "read_deployment", "change_status",
+               "list_environments", "create_environment", "read_environment", "patch_environment",
+               "delete_environment")  # fmt: skip
+        return {**{name: getattr(self, name) for name in own}, **self.actions}
 
     # -- models (the SDK's shapes, issue 12) ----------------------------------------------------
 
     async def list_models(self, req: Request) -> tuple[int, object]:
-        return 200, sdk_views.models_view(self.state.table, query_name(req))
+        caller = CALLER.get()
+        reach = None if caller.is_operator else lambda model: caller.reaches(model.team, model.id)
+        return 200, sdk_views.models_view(self.state.table, query_name(req), reach)
 
     async def read_model(self, req: Request, model_id: str) -> tuple[int, object]:
         return 200, sdk_views.model_view(self.model(model_id))

@@ -20,6 +20,7 @@ Pure functions over one table snapshot, so a list and its items agree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.routing.model import Deployment, Environment, Model, Shadow, Table
@@ -59,10 +60,12 @@ def model_view(model: Model) -> dict[str, Any]:
     }
 
 
-def models_view(table: Table, name: str | None = None) -> dict[str, Any]:
-    """`GET /v1/models`: every model, by id; `name` (the SDK's query filter) keeps the one so named."""
+def models_view(table: Table, name: str | None = None, reach: Callable[[Model], bool] | None = None) -> dict[str, Any]:
+    """`GET /v1/models`: every model, by id; `name` (the SDK's query filter) keeps the one so named;
+    `reach` keeps the models an admin key manages (issue 12)."""
     ids = sorted(table.models) if name is None else [name] if name in table.models else []
-    return {"models": [model_view(table.models[model_id]) for model_id in ids]}
+    models = (table.models[model_id] for model_id in ids)
+    return {"models": [model_view(model) for model in models if reach is None or reach(model)]}
 
 
 def deployment_view(model: Model, dep: Deployment) -> dict[str, Any]:
