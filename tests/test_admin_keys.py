@@ -25,7 +25,7 @@ from gateway.admin.routes import ROUTES, match
 from gateway.environments.keyset import key_document, new_key, with_admin_keys
 from gateway.errors import EndpointNotFound, MethodNotAllowed, Unauthorized
 from gateway.routing.loader import TableInvalid, compile_source, compile_table
-from tests.support import GatewayProcess, loader_problems, running_gateway, sha, write_table
+from tests.support import GatewayProcess, loader_problems, running_gateway, sha, wait_for, write_table
 from tests.test_environments import TestPlane
 
 TOKEN = "keys-admin-secret"
@@ -323,3 +323,23 @@ def test_the_platform_sdk_manages_keys_unchanged(gateway: GatewayProcess) -> Non
             client.api.delete_api_keys(api_key_prefix=infos[0].prefix)
         assert err.value.status_code == 404
     assert predict(gateway, created.api_key) == 401
+
+
+def test_keys_reach_every_worker(plane: TestPlane, tmp_path: Path) -> None:
+    # Each worker composes the store on its swap: a created key is served by all, a revoked one by none.
+    config = write_table(tmp_path / "table.yaml", doc(plane.url))
+    with running_gateway(config, "--workers", "2", "--admin-token", TOKEN) as gw:
+        status, body = gw.admin("POST", "/v1/teams/acme/api_keys", TOKEN, {"type": "WORKSPACE_INVOKE"})
+        assert status == 200, body
+        digest = gw.admin("GET", "/v1/routing", TOKEN)[1]["digest"]
+
+        def workers_at(digest: str) -> bool:
+            workers = gw.admin("GET", "/v1/routing", TOKEN)[1].get("workers", [])
+            return len(workers) == 2 and all(w["digest"] == digest for w in workers)
+
+        wait_for(lambda: workers_at(digest), "both workers to serve the new key")
+        assert [predict(gw, body["api_key"]) for _ in range(20)] == [200] * 20  # new connections: both workers
+        assert gw.admin("DELETE", f"/v1/api_keys/{body['name']}", TOKEN)[0] == 200
+        digest = gw.admin("GET", "/v1/routing", TOKEN)[1]["digest"]
+        wait_for(lambda: workers_at(digest), "both workers to drop the key")
+        assert [predict(gw, body["api_key"]) for _ in range(20)] == [401] * 20
