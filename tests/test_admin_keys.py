@@ -253,6 +253,9 @@ def test_a_team_key_manages_its_team_only(gateway: GatewayProcess) -> None:
         assert (status, body["error_code"]) == (403, "unauthorized")
     assert gateway.admin("GET", "/v1/models", "not-a-key")[0] == 401
     assert gateway.admin("GET", "/healthz")[0] == 200
+    # Without credentials, an unknown path is 401 too: what exists is shown to admin callers only.
+    assert [gateway.admin("GET", "/v1/nothing", who)[0] for who in (None, TEAM_KEY)] == [401, 404]
+    assert gateway.admin("PUT", "/healthz")[0] == 405
 
 
 def test_a_model_key_manages_its_models_only(gateway: GatewayProcess) -> None:

@@ -7,14 +7,14 @@ Every call is dispatched from the one route list (`gateway.admin.routes`), which
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.admin import openapi
 from gateway.admin.access import CALLER, Access, Caller, admin_caller, decide, refuse
-from gateway.admin.routes import match
-from gateway.errors import EndpointNotFound, GatewayError
+from gateway.admin.routes import ROUTES, Handler, match
+from gateway.errors import EndpointNotFound, GatewayError, MethodNotAllowed
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.state import TableState
@@ -23,9 +23,7 @@ if TYPE_CHECKING:
     from gateway.asyncq.service import AsyncService, QueueFiles
 
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
-
-# A handler gets the request and the route's arguments; `access.CALLER` is set before it runs.
-Handler = Callable[..., Awaitable[tuple[int, object]]]
+OPEN_PATHS = frozenset(route.path for route in ROUTES if route.access is Access.OPEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +75,12 @@ class AdminHandler:
     async def __call__(self, req: Request) -> None:
         path = req.target.partition("?")[0]
         try:
-            route, args = match(path, req.method)
+            try:
+                route, args = match(path, req.method)
+            except (EndpointNotFound, MethodNotAllowed):
+                if path not in OPEN_PATHS:
+                    self.caller(req)  # 401 first: what exists is not shown to a caller without credentials
+                raise
             handler = self.handlers.get(route.handler)
             if route.access is not Access.OPEN:
                 caller = self.caller(req)
@@ -98,6 +101,7 @@ class AdminHandler:
         return admin_caller(self.state.table, self.token, req.authorization)
 
     def _model(self, access: Access, args: tuple[str, ...]) -> tuple[str, str] | None:
+        """(team, id) of the model a MODEL route names (its first path argument), if it exists."""
         if access is not Access.MODEL:
             return None
         model = self.state.table.models.get(args[0])

@@ -8,11 +8,15 @@ Adding an operation is one `Route` here (and its handler under the same name in 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from gateway.admin.access import Access
 from gateway.errors import EndpointNotFound, MethodNotAllowed
+
+# A handler gets the request and the route's arguments; `access.CALLER` is set before it runs.
+Handler = Callable[..., Awaitable[tuple[int, object]]]
 
 
 @dataclass(frozen=True, slots=True)

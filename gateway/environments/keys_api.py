@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from gateway.admin.access import CALLER, Caller
+from gateway.admin.routes import Handler
 from gateway.environments.changes import read_json
 from gateway.environments.keyset import INVOKE, digest, new_key, utc_now
 from gateway.environments.writer import AdminWriter
@@ -20,7 +21,6 @@ from gateway.errors import ClientError, Conflict, EndpointNotFound, Forbidden
 from gateway.http.server import Request
 
 FIELDS = {"name", "type", "model_ids", "team_id", "environments", "rate_limit"}
-Handler = Any
 
 
 class KeysApi:
