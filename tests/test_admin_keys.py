@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from baseten.client import ManagementClient
 from baseten.client.managementapi import APIKeyInfo, CreateAPIKeyRequest, ResponseError
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.admin.access import OPERATOR, Access, Caller, admin_caller, decide
 from gateway.admin.routes import ROUTES, match
@@ -205,6 +207,19 @@ def test_the_route_list_dispatches_literals_before_arguments() -> None:
     assert err.value.allow == ("GET", "POST")
     with pytest.raises(EndpointNotFound):
         match("/v1/models/m1/environments/staging/explode", "POST")
+
+
+@given(
+    path=st.lists(st.sampled_from(["v1", "models", "m1", "environments", "deployments", "production", "api_keys",
+                                   "%2F", "", "promote", "activate", "x" * 300]), max_size=7).map("/".join),
+    method=st.sampled_from(["GET", "POST", "PATCH", "DELETE", "PUT", "BREW"]),
+)  # fmt: skip
+def test_a_path_gets_a_route_or_a_typed_error(path: str, method: str) -> None:
+    try:
+        route, args = match("/" + path, method)
+    except (EndpointNotFound, MethodNotAllowed):
+        return
+    assert route.method == method and len(args) == len(route.params) + len(route.extra)
 
 
 def test_every_route_is_listed_once() -> None:
