@@ -5,16 +5,17 @@ Every change goes through the one admin writer (`writer.AdminWriter`): validated
 own rules, persisted in the admin store, swapped. Checks that a change depends on (the environment
 exists, no promotion runs) are made under the writer's lock, so two concurrent calls cannot both win.
 The promotion calls are the promotion runner's (`promotion.Promotions.actions`); this module only
-dispatches them.
+registers them. The paths are `gateway.admin.routes`, which names each handler here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
 from gateway.admin.access import CALLER
+from gateway.admin.routes import Handler
 from gateway.environments import sdk_views
 from gateway.environments.changes import (
     env_change,
@@ -44,8 +45,6 @@ SDK_KEYS = {"autoscaling_settings", "request_backpressure_settings"}
 # The SDK's `UpdateEnvironmentResponse` keys besides the environment; deprecated there, fixed here
 # (a change is applied when the answer is sent, docs/baseten-sdk-management-api.md §1.5).
 UPDATE_ACCEPTED = {"status": "ACCEPTED", "message": "Environment update accepted"}
-
-Handler = Callable[..., Awaitable[tuple[int, object]]]
 
 
 class EnvironmentsApi:
