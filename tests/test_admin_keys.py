@@ -312,6 +312,8 @@ def test_key_scopes_and_limits_are_checked(gateway: GatewayProcess) -> None:
     assert [k["prefix"] for k in gateway.admin("GET", "/v1/api_keys", MODEL_KEY)[1]["keys"]] == [body["prefix"]]
     refusals = [
         (MODEL_KEY, {"type": "WORKSPACE_INVOKE"}, 403),  # a key of the whole team reaches past m1
+        (MODEL_KEY, {"type": "WORKSPACE_INVOKE", "model_ids": [{}]}, 400),
+        (MODEL_KEY, {"type": "WORKSPACE_INVOKE", "model_ids": "m1"}, 400),
         (TEAM_KEY, {"type": "WORKSPACE_INVOKE", "team_id": "globex"}, 403),
         (TEAM_KEY, {"type": "WORKSPACE_INVOKE", "model_ids": ["g1"]}, 400),  # another team's model
         (TEAM_KEY, {"type": "WORKSPACE_INVOKE", "rate_limit": {"burst": 0}}, 400),

@@ -5,7 +5,8 @@ with generated path arguments, queries and bodies, answers no 5xx and only what 
 A real gateway process with a small table and a sample plane. Each operation runs twice: with
 generated path arguments (mostly unknown names: the 404s), and with the table's names (the model,
 its environments and deployments, its team), where the changes really happen; an operation with a
-body also runs with bodies that break its schema (schemathesis's negative mode). Bounded by
+body also runs with bodies that break its schema (schemathesis's negative mode), and every one
+runs with a model-scoped admin key too. Bounded by
 `max_examples` (a few hundred calls in all), derandomized: the same cases every run.
 """
 
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
 from tests.support import GatewayProcess, running_gateway, write_table
-from tests.test_admin_keys import doc
+from tests.test_admin_keys import MODEL_KEY, doc
 from tests.test_environments import TestPlane
 
 TOKEN = "schemathesis-admin"
@@ -64,10 +65,10 @@ def operations(gw: GatewayProcess) -> list[Any]:
 
 def run(
     gw: GatewayProcess, operation: Any, path_parameters: dict[str, str] | None, examples: int,
-    mode: schemathesis.GenerationMode = schemathesis.GenerationMode.POSITIVE,
+    mode: schemathesis.GenerationMode = schemathesis.GenerationMode.POSITIVE, key: str = TOKEN,
 ) -> None:  # fmt: skip
     strategy = operation.as_strategy(mode, path_parameters=path_parameters)
-    headers = {"Authorization": f"Bearer {TOKEN}"}
+    headers = {"Authorization": f"Bearer {key}"}
 
     @given(case=strategy)
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
@@ -88,5 +89,7 @@ def test_every_operation_answers_as_documented(gateway: GatewayProcess) -> None:
             run(gateway, operation, known, EXAMPLES)
         if "requestBody" in operation.definition.raw:  # bodies the document refuses: 400, never a 5xx
             run(gateway, operation, known, EXAMPLES, schemathesis.GenerationMode.NEGATIVE)
+        # A model-scoped admin key: its 403s, and its own calls on m1.
+        run(gateway, operation, known, EXAMPLES // 2, key=MODEL_KEY)
     # The gateway is still whole: the admin token still manages it.
     assert gateway.admin("GET", "/v1/routing", TOKEN)[0] == 200

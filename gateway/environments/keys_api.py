@@ -69,8 +69,11 @@ class KeysApi:
                 raise Conflict(f"an inference key named {name[:200]!r} exists already")
             record: dict[str, Any] = {"name": name, "team": team, "sha256": digest(key), "prefix": prefix,
                                       "created_at": utc_now(), "type": INVOKE}  # fmt: skip
-            if body.get("model_ids") is not None:
-                record["models"] = body["model_ids"]
+            models = body.get("model_ids")
+            if models is not None:
+                if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+                    raise ClientError("'model_ids' must be a list of model ids")
+                record["models"] = models
             for field in ("environments", "rate_limit"):
                 if field in body:
                     record[field] = body[field]
