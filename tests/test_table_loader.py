@@ -1195,7 +1195,7 @@ def test_any_bytes_parse_or_list_a_problem(data: bytes) -> None:
 
 def test_big_collections_are_explained_entry_by_entry() -> None:
     # With 100,000 models jsonschema must not walk the whole document (see loader._structural_problems).
-    assert set(loader._COLLECTIONS) == {"regions", "planes", "teams", "api_keys", "models"}
+    assert set(loader._COLLECTIONS) == {"regions", "planes", "teams", "api_keys", "admin_keys", "models"}
 
 
 @pytest.mark.parametrize("module", ["problems", "document", "syntax", "schema_gate", "semantics", "build", "loader"])

@@ -1,13 +1,20 @@
-"""The admin listener (SPEC §11): health, readiness, metrics, routing table, and the §6 environments API."""
+"""The admin listener (SPEC §11): health, readiness, metrics, routing table, and the §6 environments API.
+
+Every call is dispatched from the one route list (`gateway.admin.routes`), which the OpenAPI document
+(`GET /v1/openapi.json`) is written from; who may make it is `gateway.admin.access.decide`.
+"""
 
 from __future__ import annotations
 
-import hmac
 import json
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from gateway.errors import EndpointNotFound, GatewayError, MethodNotAllowed, Unauthorized
+from gateway.admin import openapi
+from gateway.admin.access import CALLER, Access, Caller, admin_caller, decide, refuse
+from gateway.admin.routes import ROUTES, Handler, match
+from gateway.errors import EndpointNotFound, GatewayError, MethodNotAllowed
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.state import TableState
@@ -15,16 +22,16 @@ from gateway.state import TableState
 if TYPE_CHECKING:
     from gateway.asyncq.service import AsyncService, QueueFiles
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+OPEN_PATHS = frozenset(route.path for route in ROUTES if route.access is Access.OPEN)
 
 
-class AdminApi(Protocol):
-    """A part of the admin API mounted under its own paths (the §6 environments API, `EnvironmentsApi`)."""
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """A body that is not JSON (the Prometheus text)."""
 
-    def handles(self, path: str) -> bool: ...
-
-    async def __call__(self, req: Request, path: str) -> tuple[int, object]: ...
+    content: bytes
+    content_type: bytes
 
 
 def json_body(obj: object) -> bytes:
@@ -32,25 +39,29 @@ def json_body(obj: object) -> bytes:
 
 
 class AdminHandler:
+    """`parts`: the handlers by route name of the other admin APIs (environments, keys, promotions)."""
+
     def __init__(
         self,
         state: TableState,
         metrics: Metrics,
         token: str | None,
         ready: Callable[[], bool],
-        environments: AdminApi | None = None,
+        parts: Mapping[str, Handler] | None = None,
     ) -> None:
         self.state = state
-        self.environments = environments
         self.metrics = metrics
         self.token = token
         self.ready = ready
         self.describe_extra: Callable[[], dict] | None = None  # e.g. the supervisor's per-worker view
-        self.routes: dict[str, dict[str, Callable[[Request], Awaitable[tuple[int, object]]]]] = {
-            "/healthz": {"GET": self._healthz},
-            "/readyz": {"GET": self._readyz},
-            "/v1/routing": {"GET": self._routing},
-            "/v1/routing/reload": {"POST": self._reload},
+        self.handlers: dict[str, Handler] = {
+            "healthz": self._healthz,
+            "readyz": self._readyz,
+            "metrics": self._metrics,
+            "openapi": self._openapi,
+            "routing": self._routing,
+            "reload": self._reload,
+            **(parts or {}),
         }
 
     def serve_async(self, service: AsyncService | QueueFiles) -> None:
@@ -59,39 +70,42 @@ class AdminHandler:
         async def queues(req: Request) -> tuple[int, object]:
             return 200, service.queues()
 
-        self.routes["/v1/async/queues"] = {"GET": queues}
+        self.handlers["async_queues"] = queues
 
     async def __call__(self, req: Request) -> None:
         path = req.target.partition("?")[0]
         try:
-            if path not in OPEN_PATHS:
-                self._authorize(req)
-            if path == "/metrics" and req.method == "GET":
-                req.conn.send_simple(200, self.metrics.render(), content_type=PROMETHEUS_TEXT)
-                return
-            if self.environments is not None and self.environments.handles(path):
-                status, body = await self.environments(req, path)
-                req.conn.send_simple(status, json_body(body))
-                return
-            methods = self.routes.get(path)
-            if methods is None:
-                raise EndpointNotFound(f"no admin endpoint '{path[:128]}'")
-            handler = methods.get(req.method)
+            try:
+                route, args = match(path, req.method)
+            except (EndpointNotFound, MethodNotAllowed):
+                if path not in OPEN_PATHS:
+                    self.caller(req)  # 401 first: what exists is not shown to a caller without credentials
+                raise
+            handler = self.handlers.get(route.handler)
+            if route.access is not Access.OPEN:
+                caller = self.caller(req)
+                refuse(decide(caller, route.access, self._model(route.access, args)))
+                CALLER.set(caller)
             if handler is None:
-                raise MethodNotAllowed(f"method {req.method} is not allowed on '{path}'", tuple(methods))
-            status, body = await handler(req)
+                raise EndpointNotFound(f"'{path[:128]}' is not served by this gateway")
+            status, body = await handler(req, *args)
         except GatewayError as error:
             req.conn.send_error(error)
             return
-        req.conn.send_simple(status, json_body(body))
+        if isinstance(body, Raw):
+            req.conn.send_simple(status, body.content, content_type=body.content_type)
+        else:
+            req.conn.send_simple(status, json_body(body))
 
-    def _authorize(self, req: Request) -> None:
-        if self.token is None:
-            return  # only possible on a loopback admin listener (enforced at start)
-        given = req.authorization or ""
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
-            raise Unauthorized("admin calls need 'Authorization: Bearer <admin token>'")
+    def caller(self, req: Request) -> Caller:
+        return admin_caller(self.state.table, self.token, req.authorization)
+
+    def _model(self, access: Access, args: tuple[str, ...]) -> tuple[str, str] | None:
+        """(team, id) of the model a MODEL route names (its first path argument), if it exists."""
+        if access is not Access.MODEL:
+            return None
+        model = self.state.table.models.get(args[0])
+        return (model.team, model.id) if model is not None else None
 
     async def _healthz(self, req: Request) -> tuple[int, object]:
         return 200, {"status": "ok"}
@@ -101,10 +115,16 @@ class AdminHandler:
             return 200, {"status": "ready", "table": self.state.table.digest}
         return 503, {"status": "starting"}
 
+    async def _metrics(self, req: Request) -> tuple[int, object]:
+        return 200, Raw(self.metrics.render(), PROMETHEUS_TEXT)
+
+    async def _openapi(self, req: Request) -> tuple[int, object]:
+        return 200, openapi.document()
+
     async def _routing(self, req: Request) -> tuple[int, object]:
         return 200, self.describe()
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         body = self.state.describe()
         if self.describe_extra is not None:
             body.update(self.describe_extra())

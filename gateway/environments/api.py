@@ -5,18 +5,19 @@ Every change goes through the one admin writer (`writer.AdminWriter`): validated
 own rules, persisted in the admin store, swapped. Checks that a change depends on (the environment
 exists, no promotion runs) are made under the writer's lock, so two concurrent calls cannot both win.
 The promotion calls are the promotion runner's (`promotion.Promotions.actions`); this module only
-dispatches them.
+registers them. The paths are `gateway.admin.routes`, which names each handler here.
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
+from gateway.admin.access import CALLER
+from gateway.admin.routes import Handler
 from gateway.environments import sdk_views
 from gateway.environments.changes import (
     MAX_BODY,
@@ -27,7 +28,7 @@ from gateway.environments.changes import (
     running_promotion,
     set_status,
 )
-from gateway.environments.groups import GROUP_PATH, group_view, groups_view, known_team, team_group
+from gateway.environments.groups import group_view, groups_view, known_team, team_group
 from gateway.environments.promote_body import promotion_settings_update
 from gateway.environments.sdk_settings import (
     NO_MEANING,
@@ -39,7 +40,7 @@ from gateway.environments.sdk_settings import (
 from gateway.environments.traffic_rules import rules_after
 from gateway.environments.views import deployment_view, environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
-from gateway.errors import ClientError, Conflict, EndpointNotFound, MethodNotAllowed, ModelNotFound
+from gateway.errors import ClientError, Conflict, Forbidden, ModelNotFound
 from gateway.http.server import Request
 from gateway.routing.hostpath import is_env_name
 from gateway.routing.model import Autoscaling, Deployment, Environment, Model
@@ -58,20 +59,9 @@ PATCH_ONLY = {"traffic_routing_settings", "promotion_settings"}  # the SDK's Upd
 # The SDK's `UpdateEnvironmentResponse` keys besides the environment; deprecated there, fixed here
 # (a change is applied when the answer is sent, docs/baseten-sdk-management-api.md §1.5).
 UPDATE_ACCEPTED = {"status": "ACCEPTED", "message": "Environment update accepted"}
-MODEL_PATH = re.compile(r"/v1/models(?:/([^/]+)(/deployments)?)?\Z")
-ENV_PATH = re.compile(r"/v1/models/([^/]+)/environments(?:/([^/]+)(?:/([a-z_]+))?)?\Z")
-DEP_PATH = re.compile(
-    r"/v1/models/([^/]+)/deployments/([^/]+)"
-    r"(?:/(activate|deactivate|promote|autoscaling_settings|request_backpressure_settings))?\Z"
-)
-NULL_PATH = re.compile(r"/v1/models/([^/]+)/(deployments|environments)/([^/]+)/(logs|metrics|startups(?:/summary)?)\Z")
-TEAM_MODELS = re.compile(r"/v1/teams/([^/]+)/models\Z")
-ENV_STATUS = ("activate", "deactivate")  # an environment's: its current deployment's status (the SDK's)
 # The promotion runner's deployment-level promote (`PromoteRequest`) among `actions`: a key with a '/',
-# so no `/environments/{env}/{action}` path can name it.
+# so no environment action can be named so.
 PROMOTE_DEPLOYMENT = "deployments/promote"
-
-Handler = Callable[..., Awaitable[tuple[int, object]]]
 
 
 class EnvironmentsApi:
@@ -82,98 +72,32 @@ class EnvironmentsApi:
         self.state = writer.state
         self.actions = actions
 
-    # -- dispatch -------------------------------------------------------------------------
-
-    def handles(self, path: str) -> bool:
-        return (
-            path == "/v1/models"
-            or path.startswith("/v1/models/")
-            or GROUP_PATH.match(path) is not None
-            or TEAM_MODELS.match(path) is not None
-        )
-
-    async def __call__(self, req: Request, path: str) -> tuple[int, object]:
-        methods, args = self.route(path)
-        handler = methods.get(req.method)
-        if handler is None:
-            raise MethodNotAllowed(f"method {req.method} is not allowed on '{path[:128]}'", tuple(methods))
-        return await handler(req, *args)
-
-    def route(self, path: str) -> tuple[dict[str, Handler], tuple]:
-        """The handlers by method for `path`, and their arguments (each segment decoded after the split:
-        the SDK sends every path argument percent-encoded, docs/baseten-sdk-management-api.md §0.3)."""
-        found = GROUP_PATH.match(path)
-        if found is not None:
-            team, name = (unquote(part) if part else part for part in found.groups())
-            if name is None:
-                return {"GET": self.list_groups}, (team,)
-            return {"GET": self.read_group, "PATCH": self.patch_group}, (team, name)
-        found = TEAM_MODELS.match(path)
-        if found is not None:
-            return {"GET": self.list_team_models}, (unquote(found.group(1)),)
-        found = NULL_PATH.match(path)
-        if found is not None:
-            model_id, kind, name, what = found.groups()
-            methods: dict[str, Handler] = {"GET": self.null_shape}
-            if kind == "deployments" and what == "logs":
-                methods["POST"] = self.null_shape  # GetDeploymentLogsRequest: the same empty answer
-            return methods, (unquote(model_id), kind, unquote(name), what)
-        found = MODEL_PATH.match(path)
-        if found is not None:
-            model_id, deployments = found.groups()
-            if model_id is None:
-                return {"GET": self.list_models}, ()
-            if deployments is None:
-                return {"GET": self.read_model}, (unquote(model_id),)
-            return {"GET": self.list_deployments}, (unquote(model_id),)
-        found = ENV_PATH.match(path)
-        if found is not None:
-            model_id, env, action = (unquote(part) if part else part for part in found.groups())
-            if env is None:
-                methods = {"GET": self.list_environments, "POST": self.create_environment}
-                args: tuple = (model_id,)
-            elif action is None:
-                methods = {"GET": self.read_environment, "PATCH": self.patch_environment,
-                           "DELETE": self.delete_environment}  # fmt: skip
-                args = (model_id, env)
-            elif action in ENV_STATUS:
-                methods, args = {"POST": self.change_environment_status}, (model_id, env, action)
-            else:
-                action_handler: Handler | None = self.actions.get(action)
-                if action_handler is None:
-                    raise EndpointNotFound(f"no admin endpoint '{path[:128]}'")
-                methods, args = {"POST": action_handler}, (model_id, env)
-        else:
-            found = DEP_PATH.match(path)
-            if found is None:
-                raise EndpointNotFound(f"no admin endpoint '{path[:128]}'")
-            model_id, dep_id, action = (unquote(part) if part else part for part in found.groups())
-            args = (model_id, dep_id)
-            if action is None:
-                methods = {"GET": self.read_deployment}
-            elif action == "promote":
-                methods = {"POST": self.actions[PROMOTE_DEPLOYMENT]}
-            elif action == "autoscaling_settings":
-                methods = {"PATCH": self.patch_deployment_autoscaling}
-            elif action == "request_backpressure_settings":
-                methods = {"PATCH": self.patch_deployment_backpressure}
-            else:
-                methods, args = {"POST": self.change_status}, (model_id, dep_id, action)
-        return methods, args
+    def handlers(self) -> dict[str, Handler]:
+        """The handlers by route name (`gateway.admin.routes`), the promotion calls included."""
+        own = ("list_models", "read_model", "list_deployments", "read_deployment", "change_status",
+               "list_environments", "create_environment", "read_environment", "patch_environment",
+               "delete_environment", "change_environment_status", "patch_deployment_autoscaling",
+               "patch_deployment_backpressure", "list_team_models", "null_shape", "list_groups", "read_group",
+               "patch_group", "list_team_groups", "read_team_group", "patch_team_group")  # fmt: skip
+        actions = {name: handler for name, handler in self.actions.items() if name != PROMOTE_DEPLOYMENT}
+        return {**{name: getattr(self, name) for name in own}, **actions,
+                "promote_deployment": self.actions[PROMOTE_DEPLOYMENT]}  # fmt: skip
 
     # -- models (the SDK's shapes, issue 12) ----------------------------------------------------
 
     async def list_models(self, req: Request) -> tuple[int, object]:
-        return 200, sdk_views.models_view(self.state.table, query_name(req))
+        caller = CALLER.get()
+        reach = None if caller.is_operator else lambda model: caller.reaches(model.team, model.id)
+        return 200, sdk_views.models_view(self.state.table, query_name(req), reach=reach)
 
     async def read_model(self, req: Request, model_id: str) -> tuple[int, object]:
         return 200, sdk_views.model_view(self.model(model_id))
 
     async def list_team_models(self, req: Request, team: str) -> tuple[int, object]:
-        known_team(self.state.table, team)
+        known_team(self.state.table, reach_team(team) or team)
         return 200, sdk_views.models_view(self.state.table, query_name(req), team)
 
-    async def null_shape(self, req: Request, model_id: str, kind: str, name: str, what: str) -> tuple[int, object]:
+    async def null_shape(self, req: Request, model_id: str, name: str, kind: str, what: str) -> tuple[int, object]:
         """Logs, metrics time series and replica startups: the SDK's empty shapes (none of them here)."""
         await req.body.read_all(MAX_BODY)
         model = self.model(model_id)
@@ -359,13 +283,22 @@ class EnvironmentsApi:
 
     # -- environment groups (the team's environment names) -----------------------------------
 
-    async def list_groups(self, req: Request, team: str | None) -> tuple[int, object]:
-        return 200, groups_view(self.state.table, team)
+    async def list_groups(self, req: Request, team: str | None = None) -> tuple[int, object]:
+        return 200, groups_view(self.state.table, reach_team(team))
 
-    async def read_group(self, req: Request, team: str | None, name: str) -> tuple[int, object]:
-        return 200, group_view(self.state.table, *team_group(self.state.table, team, name))
+    async def list_team_groups(self, req: Request, team: str) -> tuple[int, object]:
+        return await self.list_groups(req, team)
 
-    async def patch_group(self, req: Request, team: str | None, name: str) -> tuple[int, object]:
+    async def read_team_group(self, req: Request, team: str, name: str) -> tuple[int, object]:
+        return await self.read_group(req, name, team)
+
+    async def patch_team_group(self, req: Request, team: str, name: str) -> tuple[int, object]:
+        return await self.patch_group(req, name, team)
+
+    async def read_group(self, req: Request, name: str, team: str | None = None) -> tuple[int, object]:
+        return 200, group_view(self.state.table, *team_group(self.state.table, reach_team(team), name))
+
+    async def patch_group(self, req: Request, name: str, team: str | None = None) -> tuple[int, object]:
         """`UpdateEnvironmentGroupRequest`: restricting who may manage an environment has no meaning here
         (one admin token manages everything): `is_restricted: false` is accepted, `true` refused."""
         body = await read_json(req, {"manage_access"})
@@ -376,7 +309,7 @@ class EnvironmentsApi:
             if access.get("is_restricted") or access.get("user_ids"):
                 raise ClientError("manage_access: restricting an environment to some users has no meaning here "
                                   "(the admin token manages every environment)")  # fmt: skip
-        return 200, group_view(self.state.table, *team_group(self.state.table, team, name))
+        return 200, group_view(self.state.table, *team_group(self.state.table, reach_team(team), name))
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -436,3 +369,14 @@ def check_env_name(name: str) -> None:
             f"invalid environment name '{name[:64]}': lowercase letters, digits and '-', "
             "not starting or ending with '-', at most 40 characters"
         )
+
+
+def reach_team(team: str | None) -> str | None:
+    """The team a team-wide call is about, within the admin caller's reach: an admin key's own team
+    when none is named, 403 for another (the operator: as named, None for every team)."""
+    caller = CALLER.get()
+    if caller.is_operator:
+        return team
+    if team is not None and team != caller.team:
+        raise Forbidden(f"admin key '{caller.name}' manages team '{caller.team}' only")
+    return caller.team

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from gateway.admin.app import AdminHandler
 from gateway.environments.api import EnvironmentsApi
+from gateway.environments.keys_api import KeysApi
 from gateway.environments.promotion import Promotions
 from gateway.environments.writer import AdminWriter
 from gateway.http.server import async_handler, serve
@@ -38,7 +39,9 @@ class ControlPlane:
         self.writer = AdminWriter(state)
         self.promotions = Promotions(self.writer, metrics, request_counts)
         self.api = EnvironmentsApi(self.writer, self.promotions.actions)
-        self.admin = AdminHandler(state, admin_metrics or metrics, token, ready, self.api)
+        self.keys = KeysApi(self.writer)
+        parts = {**self.api.handlers(), **self.keys.handlers()}
+        self.admin = AdminHandler(state, admin_metrics or metrics, token, ready, parts)
         self.admin.describe_extra = describe_extra
         self.server: asyncio.base_events.Server | None = None
 

@@ -13,13 +13,11 @@ name the team through `/v1/teams/{team}/environment_groups/{name}`).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from gateway.errors import Conflict, ModelNotFound
 from gateway.routing.model import Table, Team
 
-GROUP_PATH = re.compile(r"/v1/(?:teams/([^/]+)/)?environment_groups(?:/([^/]+))?\Z")
 UNRESTRICTED = {"is_restricted": False, "users": []}
 
 _cache: list[tuple[Table, dict[str, dict[str, str | None]]]] = []  # the last table's groups

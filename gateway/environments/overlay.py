@@ -9,6 +9,7 @@ changes:
   where `set` holds the fields the admin API changed (`deployment`, `canary`, `shadow`, `autoscaling`,
   `backpressure`; a `None` value removes the file's value) and `replace` means the environment was
   created through the API, so the file's entry of that name (if any) is not used at all.
+- `api_keys` (beside `models`): the inference keys created through the admin API (`keyset`).
 - `promotion`: the environment's latest promotion; while one runs with a share above 0, its candidate
   becomes `Environment.candidate` (the ramp's split).
 - `traffic_routing`: the environment's shadow rules (issue 12), composed into `Environment.shadow_rules`
@@ -32,6 +33,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from gateway.environments.keyset import with_admin_keys
 from gateway.environments.traffic_rules import compose_rules
 from gateway.routing.loader import TableInvalid, compile_source, compile_table, read_table_file, table_dir
 from gateway.routing.model import Canary, Environment, Model, Table
@@ -100,6 +102,12 @@ def empty_overlay() -> dict[str, Any]:
 
 def compose(base: Base, overlay: Mapping[str, Any]) -> Table:
     """The serving table: `base` with the overlay's changes. Raises TableInvalid listing every problem."""
+    table = _compose_models(base, overlay)
+    keys = overlay.get("api_keys")
+    return with_admin_keys(base.sections, table, keys) if keys else table
+
+
+def _compose_models(base: Base, overlay: Mapping[str, Any]) -> Table:
     changes: Mapping[str, Any] = overlay.get("models") or {}
     models_now = base.table.models
     touched = {model_id: m for model_id, m in changes.items() if model_id in models_now}

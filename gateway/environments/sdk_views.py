@@ -21,6 +21,7 @@ Pure functions over one table snapshot, so a list and its items agree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.environments.traffic_rules import expiry, rule_view
@@ -61,12 +62,20 @@ def model_view(model: Model) -> dict[str, Any]:
     }
 
 
-def models_view(table: Table, name: str | None = None, team: str | None = None) -> dict[str, Any]:
+def models_view(
+    table: Table, name: str | None = None, team: str | None = None, reach: Callable[[Model], bool] | None = None
+) -> dict[str, Any]:  # fmt: skip
     """`GET /v1/models`: every model, by id; `name` (the SDK's query filter) keeps the one so named;
-    `team` (`GET /v1/teams/{team}/models`) keeps that team's."""
+    `team` (`GET /v1/teams/{team}/models`) keeps that team's; `reach` keeps the models an admin key
+    manages (issue 12)."""
     ids = sorted(table.models) if name is None else [name] if name in table.models else []
-    models = [table.models[model_id] for model_id in ids]
-    return {"models": [model_view(model) for model in models if team is None or model.team == team]}
+    models = (table.models[model_id] for model_id in ids)
+    return {
+        "models": [
+            model_view(model) for model in models
+            if (team is None or model.team == team) and (reach is None or reach(model))
+        ]
+    }  # fmt: skip
 
 
 def deployment_view(model: Model, dep: Deployment) -> dict[str, Any]:

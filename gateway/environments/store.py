@@ -44,7 +44,7 @@ class AdminStore(Protocol):
     """Where the overlay lives. Revisions count writes: a write based on revision N stores N + 1."""
 
     def load(self) -> dict[str, Any]:
-        """The overlay `{"revision": int, "models": {...}}`; an empty one (revision 0) when nothing is stored."""
+        """The overlay `{"revision": int, "models": {...}, "api_keys"?: [...]}`; an empty one (revision 0) when nothing is stored."""
         ...
 
     def revision(self) -> int:
@@ -79,7 +79,10 @@ class JsonFileStore:
             raise TableInvalid([f"{self.path}: the admin store is not valid JSON: {exc}"]) from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("models"), dict):
             raise TableInvalid([f"{self.path}: not an admin store of format {FORMAT}"])
-        return {"revision": int(doc.get("revision", 0)), "models": doc["models"]}
+        overlay = {"revision": int(doc.get("revision", 0)), "models": doc["models"]}
+        if isinstance(doc.get("api_keys"), list):
+            overlay["api_keys"] = doc["api_keys"]  # the admin-created keys (digests only, `keyset`)
+        return overlay
 
     def revision(self) -> int:
         return int(self.load()["revision"])
@@ -87,6 +90,8 @@ class JsonFileStore:
     def save(self, overlay: dict[str, Any], based_on: int | None = None) -> None:
         expected = int(overlay["revision"]) - 1 if based_on is None else based_on
         doc = {"format": FORMAT, "revision": overlay["revision"], "models": overlay["models"]}
+        if overlay.get("api_keys"):
+            doc["api_keys"] = overlay["api_keys"]
         data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
         directory = self.path.parent
         try:

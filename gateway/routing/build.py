@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.routing.model import (
+    AdminKey,
     ApiKey,
     AsyncLimits,
     AsyncSettings,
@@ -141,6 +142,7 @@ class Builder:
             models=_frozen(models),
             api_keys=_frozen({key.sha256: key for key in keys}),
             source=source,
+            admin_keys=_frozen({key.sha256: key for key in map(build_admin_key, doc.get("admin_keys", []))}),
         )
 
     def build_gateway(self, g: dict[str, Any]) -> GatewaySettings:
@@ -347,6 +349,11 @@ def _rate_limit(r: Any) -> RateLimit | None:
         int(burst) if burst is not None else None,
         int(concurrent) if concurrent is not None else None,
     )
+
+
+def build_admin_key(k: dict[str, Any]) -> AdminKey:
+    models = frozenset(k["models"]) if k["scope"] == "model" else None
+    return AdminKey(name=k["name"], team=k["team"], sha256=bytes.fromhex(k["sha256"]), models=models)
 
 
 def _async_settings(a: dict[str, Any]) -> AsyncSettings:

@@ -35,7 +35,7 @@ from gateway.routing.schema_gate import GATE as _GATE  # noqa: F401
 from gateway.routing.schema_gate import SCHEMA, SCHEMA_PATH, structural_problems
 from gateway.routing.schema_gate import explain as _explain  # noqa: F401
 from gateway.routing.semantics import Semantics
-from gateway.routing.stream import compile_json
+from gateway.routing.stream import KEYED_SECTIONS, compile_json
 from gateway.routing.syntax import (
     SyntaxProblem,
     parse_host_port,
@@ -96,7 +96,7 @@ def compile_source(data: bytes, *, digest: str, source: str) -> tuple[Table, dic
         doc = parse_document(data, source)
         table = compile_table(doc, digest=digest, source=source, base_dir=base_dir)
         # A valid table: doc is a mapping with every section.
-        return table, {key: value for key, value in doc.items() if key not in ("models", "api_keys")}
+        return table, {key: value for key, value in doc.items() if key not in KEYED_SECTIONS}
 
 
 def read_table_file(path: str | os.PathLike[str]) -> tuple[bytes, str]:

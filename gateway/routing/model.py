@@ -239,6 +239,16 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminKey:
+    """A key of the admin listener (issue 12): `models` None = every model of `team` (scope `team`)."""
+
+    name: str
+    team: str
+    sha256: bytes  # raw 32-byte digest of the whole key
+    models: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookRetry:
     max_attempts: int = 12
     initial_delay_ms: int = 1000
@@ -278,6 +288,7 @@ class Table:
     models: Mapping[str, Model]
     api_keys: Mapping[bytes, ApiKey]  # by raw sha256 digest
     source: str = "<memory>"
+    admin_keys: Mapping[bytes, AdminKey] = field(default_factory=lambda: EMPTY)  # by raw sha256 digest
 
     def __repr__(self) -> str:
         return (

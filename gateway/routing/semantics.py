@@ -7,7 +7,7 @@ problem.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,26 +191,36 @@ class Semantics:
             self.add(path + ("burst",), "a burst needs requests_per_second (it is the depth of that rate's bucket)")
 
     def check_api_keys(self) -> None:
+        digests: dict[str, DocPath] = {}
+        list(self.check_keys("api_keys", digests))
+        for i, key in self.check_keys("admin_keys", digests):
+            scope, models = key.get("scope"), key.get("models")
+            if scope == "model" and models is None:
+                self.add(("admin_keys", i, "models"), "a key of scope 'model' lists the models it manages")
+            elif scope == "team" and models is not None:
+                self.add(
+                    ("admin_keys", i, "models"), "a key of scope 'team' manages every model of its team: no 'models'"
+                )
+
+    def check_keys(self, section: str, digests: dict[str, DocPath]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Names unique in the section, digests unique in both key sections, teams and models known; yields the keys."""
         names: dict[str, int] = {}
-        digests: dict[str, int] = {}
-        for i, key in enumerate(_list(self.doc.get("api_keys"))):
+        for i, key in enumerate(_list(self.doc.get(section))):
             if not isinstance(key, dict):
                 continue
-            path = ("api_keys", i)
+            path = (section, i)
             name = _str(key.get("name"))
             if name is not None:
                 if name in names:
-                    self.add(path + ("name",), f"duplicate api key name {quote(name)} (also api_keys[{names[name]}])")
+                    self.add(path + ("name",), f"duplicate api key name {quote(name)} (also {section}[{names[name]}])")
                 names.setdefault(name, i)
             digest = _str(key.get("sha256"))
             if digest is not None and HEX64.match(digest):
                 digest = digest.lower()
                 if digest in digests:
-                    self.add(
-                        path + ("sha256",),
-                        f"the same key digest is already listed at api_keys[{digests[digest]}]",
-                    )
-                digests.setdefault(digest, i)
+                    where = "".join(f"[{p}]" if isinstance(p, int) else p for p in digests[digest])
+                    self.add(path + ("sha256",), f"the same key digest is already listed at {where}")
+                digests.setdefault(digest, path)
             team_known = self.ref(path + ("team",), key.get("team"), self.teams, "team")
             self.check_rate_limit(path + ("rate_limit",), key.get("rate_limit"))
             for j, model_id in enumerate(_list(key.get("models"))):
@@ -219,6 +229,7 @@ class Semantics:
                     if isinstance(owner, str) and owner != key["team"]:
                         message = f"model {quote(model_id)} belongs to team {quote(owner)}"
                         self.add(path + ("models", j), f"{message}, not to the key's team {quote(key['team'])}")
+            yield i, key
 
     # models
 

@@ -36,6 +36,8 @@ _scan = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=json_object
 # Plain dicts built in C: ~2x faster than the hook above, but blind to duplicate keys. It only finds
 # where a model's text ends; a text not seen before is read again with `_scan`.
 _fast_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+# The sections a Base does not keep: the models (written from the table) and the keys (in the table).
+KEYED_SECTIONS = frozenset({"models", "api_keys", "admin_keys"})
 _TEMPLATES = 4096  # distinct model texts remembered (their first model, already in the table)
 
 
@@ -76,10 +78,10 @@ def _compile(text: str, digest: str, source: str, base_dir: Path) -> tuple[Table
                 templates[model_text] = model
         teams[model_id] = model.team
         models[model.id] = model
-    for key in sections.get("api_keys", ()):
+    for key in (*sections.get("api_keys", ()), *sections.get("admin_keys", ())):
         if any(teams.get(model_id) != key["team"] for model_id in key.get("models", ())):
             raise _NotForMe  # an unknown model, or one of another team
-    return builder.table(digest, source, models), {k: v for k, v in sections.items() if k != "api_keys"}
+    return builder.table(digest, source, models), {k: v for k, v in sections.items() if k not in KEYED_SECTIONS}
 
 
 def _checked_model(model_id: str, model_text: str, model_ok: Any, semantics: Semantics, builder: Builder) -> Model:
