@@ -160,6 +160,14 @@ class Metrics:
             ("model", "region", "outcome"),
         )  # fmt: skip
         self.all += (self.async_depth, self.async_wait, self.async_run, self.async_requests, self.webhooks)
+        # Fleet mode (SPEC §13, issue 14): the shared store in PostgreSQL
+        self.store_up = Gauge(
+            "gateway_store_up", "1 while the fleet store (PostgreSQL) answers, 0 while it does not.", ()
+        )
+        self.store_errors = Counter(
+            "gateway_store_errors_total", "Failed reads and writes of the fleet store (PostgreSQL).", ()
+        )
+        self.all += (self.store_up, self.store_errors)
 
     def render(self) -> bytes:
         lines: list[str] = []

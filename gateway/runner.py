@@ -23,6 +23,8 @@ from gateway.http.public import PublicHandler
 from gateway.http.server import HttpConnection, serve
 from gateway.metrics import Metrics
 from gateway.state import TableState
+from gateway.stores import is_database
+from gateway.stores.sync import follow_store
 from gateway.tls import server_context
 from gateway.upstream.connect import Connector
 from gateway.upstream.pool import Pool
@@ -71,6 +73,8 @@ def check_options(opts: ServeOptions) -> None:
         raise OptionsError("--grpc-tls-cert and --grpc-tls-key go together")
     if opts.grpc_tls_cert and opts.grpc_port is None:
         raise OptionsError("--grpc-tls-cert needs --grpc-port")
+    if is_database(opts.store) and opts.workers > 1:
+        raise OptionsError("--store postgresql://... runs one process per gateway for now: scale with more gateways")
 
 
 def _is_loopback(host: str) -> bool:
@@ -238,6 +242,8 @@ class Gateway:
             await self.control.listen(opts.admin_host, opts.admin_port)
         if opts.watch_interval > 0:
             self.tasks.append(asyncio.get_running_loop().create_task(self.state.watch(opts.watch_interval)))
+        if is_database(opts.store):
+            self.tasks.append(asyncio.get_running_loop().create_task(follow_store(self.state)))
         install_signals(self.stopping, self.state)
         if self.control is not None:
             self.control.start()

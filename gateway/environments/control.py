@@ -18,6 +18,8 @@ from gateway.environments.writer import AdminWriter
 from gateway.http.server import async_handler, serve
 from gateway.metrics import Metrics
 from gateway.state import TableState
+from gateway.stores.leases import FleetLeases
+from gateway.stores.postgres import PostgresAdminStore
 
 
 class ControlPlane:
@@ -37,6 +39,8 @@ class ControlPlane:
         self.state = state
         self.writer = AdminWriter(state)
         self.promotions = Promotions(self.writer, metrics, request_counts)
+        if isinstance(state.store, PostgresAdminStore):  # fleet mode (SPEC §13): promotions under leases
+            self.promotions.use_fleet(FleetLeases(state.store))
         self.api = EnvironmentsApi(self.writer, self.promotions.actions)
         self.admin = AdminHandler(state, admin_metrics or metrics, token, ready, self.api)
         self.admin.describe_extra = describe_extra
