@@ -172,8 +172,10 @@ class Promotions:
                 "paused_remaining": None,
             }
             table = await self._write(model_id, env, record, "promote")
-            if self.fleet is None:  # in a fleet, whichever gateway takes the lease first runs it
+            if self.fleet is None:
                 self._launch((model_id, env))
+            else:  # in a fleet, whichever gateway takes the lease first runs it
+                self.fleet.wake()
         # The SDK's answer (issue 12): 200 with the promoted deployment; the promotion's progress is read
         # from the environment (`in_progress_promotion`).
         model = table.models[model_id]

@@ -116,6 +116,7 @@ class FleetPromotions:
         )  # fmt: skip
         self.others: dict[Candidate, tuple[float, float]] = {}
         self.held: set[Key] = set()
+        self.woken = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<FleetPromotions {self.leases.holder} holds {sorted('/'.join(k) for k in self.held)}>"
@@ -137,7 +138,15 @@ class FleetPromotions:
                 log.debug("promotion leases not renewed: %s", exc)  # the writes of a runner fail too meanwhile
             else:
                 self._reconcile(set(running))
-            await asyncio.sleep(RENEW_SECONDS)
+            try:
+                await asyncio.wait_for(self.woken.wait(), RENEW_SECONDS)
+            except TimeoutError:
+                pass
+            self.woken.clear()
+
+    def wake(self) -> None:
+        """Claim now (a promotion started here): the gateway that took the call usually runs it."""
+        self.woken.set()
 
     def _reconcile(self, running: set[Key]) -> None:
         tasks = self.tasks()
