@@ -58,35 +58,42 @@ def by_pid(fleet: list[GatewayProcess], holder: str) -> GatewayProcess:
     return next(gw for gw in fleet if gw.proc is not None and gw.proc.pid == pid)
 
 
+def race(fleet: list[GatewayProcess], deployments: tuple[str, ...]) -> dict[int, tuple[int, object]]:
+    """Promote calls to staging released together, one per gateway: gateway index -> (status, answer)."""
+    barrier = threading.Barrier(len(deployments))
+    results: dict[int, tuple[int, object]] = {}
+
+    def go(i: int, dep: str) -> None:
+        barrier.wait()
+        results[i] = fleet[i].admin("POST", STAGING + "/promote",
+                                    body={"deployment_id": dep, "ramp_up_duration_seconds": 60})  # fmt: skip
+
+    threads = [threading.Thread(target=go, args=(i, dep)) for i, dep in enumerate(deployments)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_concurrent_promotes_on_different_gateways_exactly_one_wins(config: Path) -> None:
     with fresh_database() as url:
         fleet = start_fleet(config, url, 3)
         try:
             for round_ in range(3):
-                barrier = threading.Barrier(3)
-                results: dict[int, tuple[int, object]] = {}
-
-                def go(i: int, dep: str) -> None:
-                    barrier.wait()
-                    results[i] = fleet[i].admin("POST", STAGING + "/promote",
-                                                body={"deployment_id": dep, "ramp_up_duration_seconds": 60})  # fmt: skip
-
-                threads = [threading.Thread(target=go, args=(i, dep)) for i, dep in enumerate(("v2", "v1", "v2"))]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                results = race(fleet, ("v2", "v1", "v2"))
                 statuses = sorted(status for status, _ in results.values())
                 assert statuses == [200, 409, 409], (round_, results)
                 for status, body in results.values():
                     if status == 409:
                         assert isinstance(body, dict) and body["error_code"] == "client_error" and body["error"], body
-                # Every gateway sees the one promotion that won; then it is cancelled everywhere.
+                # Every gateway sees the one promotion that won; then it is cancelled through another one.
                 winner = next(i for i, (status, _) in results.items() if status == 200)
                 for gw in fleet:
                     wait_for(lambda gw=gw: progress(gw).get("status") in ("RELEASING", "RAMPING_UP"), "the winner")
-                status, _ = wait_for(lambda: (r := fleet[(winner + 1) % 3].admin("POST", STAGING + "/force_cancel_promotion"))[0] == 200 and r,
-                                     "a cancel through another gateway")  # fmt: skip
+                other = fleet[(winner + 1) % 3]
+                wait_for(lambda other=other: other.admin("POST", STAGING + "/force_cancel_promotion")[0] == 200,
+                         "a cancel through another gateway")  # fmt: skip
                 for gw in fleet:
                     wait_for(lambda gw=gw: progress(gw).get("status") == "CANCELED", "the cancel everywhere")
         finally:
