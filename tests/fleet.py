@@ -24,10 +24,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 
-from tests.support import REPO, GatewayProcess, free_port
+from tests.support import REPO, GatewayProcess, free_port, write_table
+from tests.test_environments import AUTH, TestPlane, table_doc
 
 SERVER = os.environ.get("GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+KEY = AUTH["Authorization"].removeprefix("Api-Key ")  # the API key of tests.test_environments' table
+
+
+@pytest.fixture(scope="module")
+def plane() -> Iterator[TestPlane]:
+    """A plane answering every call with the deployment it was addressed to."""
+    plane = TestPlane()
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture
+def config(tmp_path: Path, plane: TestPlane) -> Path:
+    """tests.test_environments' table (model m1, deployments v1..v6) over `plane`."""
+    plane.fail_deployments.clear()
+    return write_table(tmp_path / "table.yaml", table_doc(plane.url, plane.url))
 
 
 def _admin_connection(server: str) -> psycopg.Connection:
@@ -121,6 +139,23 @@ def start_fleet(config: Path, store: str, n: int = 3) -> list[GatewayProcess]:
         stop_fleet(fleet)
         raise
     return fleet
+
+
+@contextlib.contextmanager
+def private_fleet(config: Path, n: int) -> Iterator[tuple[PrivatePostgres, str, list[GatewayProcess]]]:
+    """`n` gateways over a database on a private PostgreSQL server: (the server, the store URL, the fleet).
+
+    Gateways the test adds to the list are stopped too.
+    """
+    pg = PrivatePostgres().start()
+    fleet: list[GatewayProcess] = []
+    try:
+        with fresh_database(pg.server) as url:
+            fleet.extend(start_fleet(config, url, n))
+            yield pg, url, fleet
+    finally:
+        stop_fleet(fleet)
+        pg.close()
 
 
 def stop_fleet(fleet: list[GatewayProcess]) -> None:

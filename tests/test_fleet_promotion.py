@@ -9,31 +9,18 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 
-from tests.fleet import call, fresh_database, start_fleet, stop_fleet
-from tests.support import GatewayProcess, wait_for, write_table
-from tests.test_environments import AUTH, HOST, TestPlane, table_doc
+from tests import fleet as fleet_support
+from tests.fleet import KEY, call, fresh_database, start_fleet, stop_fleet
+from tests.support import GatewayProcess, wait_for
+from tests.test_environments import HOST, TestPlane
 
-KEY = AUTH["Authorization"].removeprefix("Api-Key ")
 STAGING = "/v1/models/m1/environments/staging"
 
-
-@pytest.fixture(scope="module")
-def plane() -> Iterator[TestPlane]:
-    plane = TestPlane()
-    yield plane
-    plane.stop()
-
-
-@pytest.fixture
-def config(tmp_path: Path, plane: TestPlane) -> Path:
-    plane.fail_deployments.clear()
-    return write_table(tmp_path / "table.yaml", table_doc(plane.url, plane.url))
+plane, config = fleet_support.plane, fleet_support.config  # the fixtures (tests/fleet.py)
 
 
 def promotion(gw: GatewayProcess) -> dict:

@@ -11,29 +11,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests import fleet as fleet_support
+from tests.fleet import KEY, call, fresh_database, metric_value, private_fleet, start_fleet, stop_fleet
+from tests.support import GatewayProcess, wait_for
+from tests.test_environments import HOST
 
-from tests.fleet import PrivatePostgres, call, fresh_database, metric_value, start_fleet, stop_fleet
-from tests.support import GatewayProcess, wait_for, write_table
-from tests.test_environments import AUTH, HOST, TestPlane, table_doc
-
-KEY = AUTH["Authorization"].removeprefix("Api-Key ")
 PRODUCTION = "/environments/production/predict"
 
-
-@pytest.fixture(scope="module")
-def plane() -> Iterator[TestPlane]:
-    plane = TestPlane()
-    yield plane
-    plane.stop()
-
-
-@pytest.fixture
-def config(tmp_path: Path, plane: TestPlane) -> Path:
-    return write_table(tmp_path / "table.yaml", table_doc(plane.url, plane.url))
+plane, config = fleet_support.plane, fleet_support.config  # the fixtures (tests/fleet.py)
 
 
 def serves(gw: GatewayProcess, deployment: str) -> bool:
@@ -96,78 +83,64 @@ def test_a_change_through_one_gateway_is_served_by_all_three(config: Path) -> No
 
 
 def test_a_lost_database_keeps_the_last_good_table_serving_and_the_cache_starts_a_gateway(config: Path) -> None:
-    pg = PrivatePostgres().start()
-    fleet: list[GatewayProcess] = []
-    try:
-        with fresh_database(pg.server) as url:
-            fleet = start_fleet(config, url, 2)
-            assert promote(fleet[0], "production", "v2")[0] == 200
-            for gw in fleet:
-                wait_for(lambda gw=gw: serves(gw, "v2"), "the promotion everywhere")
+    with private_fleet(config, 2) as (pg, url, fleet):
+        assert promote(fleet[0], "production", "v2")[0] == 200
+        for gw in fleet:
+            wait_for(lambda gw=gw: serves(gw, "v2"), "the promotion everywhere")
 
-            traffic = SyncTraffic(fleet)
-            traffic.start()
-            pg.stop()
-            for gw in fleet:
-                status, body = wait_for(lambda gw=gw: (s := readyz(gw))[1].get("store") == "unreachable" and s,
-                                        "readyz to say the store is unreachable")  # fmt: skip
-                assert status == 200 and body["status"] == "ready"
-                store = routing(gw)["store"]
-                assert store["state"] == "unreachable" and store["last_error"] and store["last_sync"]
-                assert metric_value(gw, "gateway_store_up") == 0
-                assert (metric_value(gw, "gateway_store_errors_total") or 0) > 0
-            # An admin change cannot be stored: refused with the error shape, nothing changes.
-            status, body = fleet[0].admin("PATCH", "/v1/models/m1/environments/staging",
-                                          body={"canary": {"deployment": "v2", "percent": 5}})  # fmt: skip
-            assert status == 500 and isinstance(body, dict) and "unreachable" in body["error"], body
-            assert body["error_code"] == "internal_error"
-            # A gateway that starts now serves from the local cache of the last composed table, and says so.
-            late = GatewayProcess(config, "--store", url).start()
-            fleet.append(late)
-            assert serves(late, "v2")
-            assert routing(late)["store"] == {**routing(late)["store"], "state": "unreachable",
-                                               "serving_from": "local cache"}  # fmt: skip
-            assert readyz(late)[1]["serving_from"] == "local cache"
+        traffic = SyncTraffic(fleet)
+        traffic.start()
+        pg.stop()
+        for gw in fleet:
+            status, body = wait_for(lambda gw=gw: (s := readyz(gw))[1].get("store") == "unreachable" and s,
+                                    "readyz to say the store is unreachable")  # fmt: skip
+            assert status == 200 and body["status"] == "ready"
+            store = routing(gw)["store"]
+            assert store["state"] == "unreachable" and store["last_error"] and store["last_sync"]
+            assert metric_value(gw, "gateway_store_up") == 0
+            assert (metric_value(gw, "gateway_store_errors_total") or 0) > 0
+        # An admin change cannot be stored: refused with the error shape, nothing changes.
+        status, body = fleet[0].admin("PATCH", "/v1/models/m1/environments/staging",
+                                      body={"canary": {"deployment": "v2", "percent": 5}})  # fmt: skip
+        assert status == 500 and isinstance(body, dict) and "unreachable" in body["error"], body
+        assert body["error_code"] == "internal_error"
+        # A gateway that starts now serves from the local cache of the last composed table, and says so.
+        late = GatewayProcess(config, "--store", url).start()
+        fleet.append(late)
+        assert serves(late, "v2")
+        assert routing(late)["store"] == {**routing(late)["store"], "state": "unreachable",
+                                           "serving_from": "local cache"}  # fmt: skip
+        assert readyz(late)[1]["serving_from"] == "local cache"
 
-            pg.start()
-            for gw in fleet:
-                wait_for(lambda gw=gw: routing(gw)["store"]["state"] == "ok", "the store to answer again", 30)
-            assert routing(late)["store"]["serving_from"] == "database"
-            status, _ = fleet[1].admin("PATCH", "/v1/models/m1/environments/staging",
-                                       body={"canary": {"deployment": "v2", "percent": 30}})  # fmt: skip
-            assert status == 200
-            for gw in fleet:
-                wait_for(lambda gw=gw: routing(gw)["admin_revision"] == routing(fleet[1])["admin_revision"],
-                         "changes to propagate after the database came back")  # fmt: skip
-            outcomes = traffic.stop()
-            print(f"sync calls while the database went away and came back: {dict(outcomes)}")
-            assert set(outcomes) == {200} and outcomes[200] > 0, outcomes
-    finally:
-        stop_fleet(fleet)
-        pg.close()
+        pg.start()
+        for gw in fleet:
+            wait_for(lambda gw=gw: routing(gw)["store"]["state"] == "ok", "the store to answer again", 30)
+        assert routing(late)["store"]["serving_from"] == "database"
+        status, _ = fleet[1].admin("PATCH", "/v1/models/m1/environments/staging",
+                                   body={"canary": {"deployment": "v2", "percent": 30}})  # fmt: skip
+        assert status == 200
+        for gw in fleet:
+            wait_for(lambda gw=gw: routing(gw)["admin_revision"] == routing(fleet[1])["admin_revision"],
+                     "changes to propagate after the database came back")  # fmt: skip
+        outcomes = traffic.stop()
+        print(f"sync calls while the database went away and came back: {dict(outcomes)}")
+        assert set(outcomes) == {200} and outcomes[200] > 0, outcomes
 
 
 def test_the_database_restarted_during_traffic_fails_no_call(config: Path) -> None:
-    pg = PrivatePostgres().start()
-    fleet: list[GatewayProcess] = []
-    try:
-        with fresh_database(pg.server) as url:
-            fleet = start_fleet(config, url, 3)
-            traffic = SyncTraffic(fleet)
-            traffic.start()
-            wait_for(lambda: traffic.total() >= 30, "traffic to flow")
-            pg.restart()
-            after = traffic.total()
-            wait_for(lambda: traffic.total() >= after + 30, "traffic to go on after the restart")
-            assert promote(fleet[1], "production", "v2")[0] == 200  # changes resume
-            for gw in fleet:
-                wait_for(lambda gw=gw: serves(gw, "v2"), "the change after the restart everywhere", 30)
-            outcomes = traffic.stop()
-            print(f"sync calls across a database restart: {dict(outcomes)}")
-            assert set(outcomes) == {200}, outcomes
-    finally:
-        stop_fleet(fleet)
-        pg.close()
+    with private_fleet(config, 3) as (pg, _, fleet):
+        traffic = SyncTraffic(fleet)
+        traffic.start()
+        wait_for(lambda: traffic.total() >= 30, "traffic to flow")
+        pg.restart()
+        after = traffic.total()
+        wait_for(lambda: traffic.total() >= after + 30, "traffic to go on after the restart")
+        assert promote(fleet[1], "production", "v2")[0] == 200  # changes resume
+        for gw in fleet:
+            wait_for(lambda gw=gw: serves(gw, "v2"), "the change after the restart everywhere", 30)
+        outcomes = traffic.stop()
+        print(f"sync calls across a database restart: {dict(outcomes)}")
+        assert set(outcomes) == {200}, outcomes
 
 
 class SyncTraffic:
