@@ -269,6 +269,7 @@ class Gateway:
             await self.control.stop()
             self.control.close()
         self.data.close()
+        self.state.close()
 
     async def run(self) -> None:
         await self.start()

@@ -176,6 +176,10 @@ class TableState:
                 log.info("admin change (%s): serving %s", reason, table.digest[:12])
             return table
 
+    def close(self) -> None:
+        """Let go of the store (a database store's connection pool)."""
+        close_store(self.store)
+
     def _remember(self, overlay: dict[str, Any]) -> None:
         """A database store keeps a local copy of what serves (`PostgresAdminStore.remember`); a file is one."""
         remember = getattr(self.store, "remember", None)

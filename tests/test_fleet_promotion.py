@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 
 from tests import fleet as fleet_support
-from tests.fleet import KEY, call, fresh_database, start_fleet, stop_fleet
+from tests.fleet import KEY, call, fresh_database, metric_value, start_fleet, stop_fleet
 from tests.support import GatewayProcess, wait_for
 from tests.test_environments import HOST, TestPlane
 
@@ -119,6 +119,7 @@ def test_a_gateway_killed_during_a_ramp_is_taken_over_by_another(config: Path) -
                 wait_for(lambda gw=gw: promotion(gw)["current_deployment"]["id"] == "v2", "v2 to serve staging")
                 status, body = call(gw, HOST, "/environments/staging/predict", KEY)
                 assert (status, body["deployment"]) == (200, "v2")
+                assert metric_value(gw, "gateway_promotion_traffic_percent") == 100  # whoever ran it
             assert "promotion lease of m1/staging taken" in by_pid(survivors, new_holder).output()
         finally:
             stop_fleet(fleet)

@@ -20,7 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.environments import sdk_views
-from gateway.environments.changes import deployment_users, env_change, read_json, running_promotion, set_status
+from gateway.environments.changes import (
+    deployment_users,
+    env_change,
+    latest_promotion,
+    read_json,
+    running_promotion,
+    set_status,
+)
 from gateway.environments.planecall import PlaneCaller
 from gateway.environments.promote_body import FIELDS, promote_options
 from gateway.environments.promotion_states import (
@@ -242,8 +249,14 @@ class Promotions:
             log.error("promotion %s/%s crashed", *key, exc_info=task.exception())
 
     def _kick_all(self, table: Table) -> None:
+        """A swap in a fleet: wake the runners, and show the promotions another gateway advances."""
         for key in list(self.tasks):
             self._kick(key)
+        for model_id, changes in self.state.overlay.get("models", {}).items():
+            for env in changes.get("environments", {}):
+                promotion = latest_promotion(self.state.overlay, model_id, env)
+                if promotion is not None:
+                    self._publish(model_id, env, promotion)
 
     def _kick(self, key: Key) -> None:
         event = self.kicks.get(key)
