@@ -101,12 +101,17 @@ class PostgresAdminStore:
     def run(self, work: Callable[[psycopg.Connection], T]) -> T:
         """`work` in one transaction (committed when it returns). Raises StoreUnavailable or StoreError."""
         try:
-            with self._connections().connection() as conn:
-                if not self._schema_checked:
-                    check_schema(conn, self.path)
-                    self._schema_checked = True
-                result = work(conn)
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            try:
+                with self._connections().connection() as conn:
+                    result = self._checked(work, conn)
+            except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout):
+                # After the database came back, the pool may still be backing off between reconnects
+                # (seconds): go directly, and start a fresh pool when that works. Safe for writes too:
+                # a save is a compare-and-swap, so a retry of one that did commit is refused, not doubled.
+                with psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT) as conn:
+                    result = self._checked(work, conn)
+                self._reset_pool()
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             error = one_line(exc)
             self.health.failed(error)
             raise StoreUnavailable(f"the store {self.path} is unreachable: {error}") from None
@@ -116,6 +121,18 @@ class PostgresAdminStore:
             raise StoreError(f"the store {self.path} refused: {one_line(exc)}") from None
         self.health.ok()
         return result
+
+    def _checked(self, work: Callable[[psycopg.Connection], T], conn: psycopg.Connection) -> T:
+        if not self._schema_checked:
+            check_schema(conn, self.path)
+            self._schema_checked = True
+        return work(conn)
+
+    def _reset_pool(self) -> None:
+        with self._pool_lock:
+            stale, self._pool = self._pool, None
+        if stale is not None:
+            threading.Thread(target=stale.close, name="gateway-store-pool-close", daemon=True).start()
 
     def check(self) -> None:
         """Connect and check the schema now. Raises SchemaMismatch, or StoreUnavailable."""
