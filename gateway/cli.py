@@ -14,6 +14,7 @@ from gateway.routing.loader import TableInvalid, load_table
 from gateway.routing.resolve import Call, RequestLookup, Route, resolve
 from gateway.runner import OptionsError, ServeOptions, check_options, run_gateway
 from gateway.state import load_serving_table
+from gateway.stores.cli import add_store_commands, check_store
 from gateway.supervisor import run_supervisor
 
 
@@ -46,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--config", required=config is None, default=config, help="routing table (YAML or JSON; env GATEWAY_CONFIG)"
     )
-    s.add_argument("--store", default=None, help="admin store for §6 changes (default: <config>.admin.json)")
+    s.add_argument(
+        "--store", default=None,
+        help="admin store for §6 changes: a JSON file (default: <config>.admin.json), or postgresql://... (fleet mode, §13)",
+    )  # fmt: skip
     s.add_argument(
         "--queue-store", default=None, metavar="DIR",
         help="directory of the embedded async queue stores, one file per region (default: the table's directory)",
@@ -89,10 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--python", action="store_true", help="also print the calls as a Python script (Host headers)")
     d.add_argument("--print-only", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(func=_demo)
+    add_store_commands(sub)
     return p
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if not check_store(args.store):
+        return 2
     try:
         load_serving_table(args.config, args.store)  # fail fast, with every problem, before binding anything
     except TableInvalid as exc:

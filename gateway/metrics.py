@@ -177,6 +177,14 @@ class Metrics:
             "gateway_access_log_dropped_total", "Access log lines dropped: the buffer was full or a write failed.", ()
         )
         self.all += (self.access_log_dropped,)
+        # Fleet mode (SPEC §13, issue 14): the shared store in PostgreSQL
+        self.store_up = Gauge(
+            "gateway_store_up", "1 while the fleet store (PostgreSQL) answers, 0 while it does not.", ()
+        )
+        self.store_errors = Counter(
+            "gateway_store_errors_total", "Failed reads and writes of the fleet store (PostgreSQL).", ()
+        )
+        self.all += (self.store_up, self.store_errors)
 
     def render(self) -> bytes:
         lines: list[str] = []

@@ -27,6 +27,8 @@ from gateway.metrics import Metrics
 from gateway.obs.setup import check_observing, observer
 from gateway.ports import binding
 from gateway.state import TableState
+from gateway.stores import is_database
+from gateway.stores.sync import follow_store
 from gateway.tls import server_context
 from gateway.upstream.connect import Connector
 from gateway.upstream.pool import Pool
@@ -84,6 +86,8 @@ def check_options(opts: ServeOptions) -> None:
         check_observing(opts)
     except ValueError as error:
         raise OptionsError(str(error)) from None
+    if is_database(opts.store) and opts.workers > 1:
+        raise OptionsError("--store postgresql://... runs one process per gateway for now: scale with more gateways")
 
 
 def _is_loopback(host: str) -> bool:
@@ -273,6 +277,8 @@ class Gateway:
                 await self.control.listen(opts.admin_host, opts.admin_port)
         if opts.watch_interval > 0:
             self.tasks.append(asyncio.get_running_loop().create_task(self.state.watch(opts.watch_interval)))
+        if is_database(opts.store):
+            self.tasks.append(asyncio.get_running_loop().create_task(follow_store(self.state)))
         if not opts.embedded:
             install_signals(self.stopping, self.state)
         if self.control is not None:
@@ -299,6 +305,7 @@ class Gateway:
             await self.control.stop()
             self.control.close()
         self.data.close()
+        self.state.close()
 
     async def run(self) -> None:
         try:

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.environments.overlay import Base, compose, default_store_path, orphans, read_base
-from gateway.environments.store import Store
+from gateway.environments.overlay import Base, compose, orphans, read_base
 from gateway.metrics import Metrics
 from gateway.routing.loader import TableInvalid
 from gateway.routing.model import Table
+from gateway.stores import open_store
+from gateway.stores.db import StoreUnavailable
 
 log = logging.getLogger("gateway.table")
 
@@ -40,9 +41,27 @@ _checked: list[Base] = []
 def load_serving_table(path: str, store_path: str | None = None) -> Table:
     """What a gateway would serve: the table file composed with its admin store. Raises TableInvalid."""
     base = read_base(path)
-    table = compose(base, Store(store_path or default_store_path(path)).load())
+    store = open_store(store_path, path)
+    try:
+        table = compose(base, first_overlay(store))
+    finally:
+        close_store(store)
     _checked[:] = [base]
     return table
+
+
+def first_overlay(store) -> dict[str, Any]:
+    """The overlay a starting gateway serves: the store's, or its local cache while the database is down."""
+    try:
+        return store.load()
+    except StoreUnavailable:
+        return store.cached()
+
+
+def close_store(store) -> None:
+    close = getattr(store, "close", None)  # a database store holds a connection pool
+    if close is not None:
+        close()
 
 
 def _read_checked_base(path: str) -> Base:
@@ -56,10 +75,11 @@ class TableState:
     def __init__(self, path: str, metrics: Metrics, store_path: str | None = None) -> None:
         self.path = path
         self.metrics = metrics
-        self.store = Store(store_path or default_store_path(path))
+        self.store = open_store(store_path, path, metrics)
         self.base: Base = _read_checked_base(path)
-        self.overlay: dict[str, Any] = self.store.load()
+        self.overlay: dict[str, Any] = first_overlay(self.store)
         self.table: Table = compose(self.base, self.overlay)
+        self._remember(self.overlay)
         self.generation = 1
         self.loaded_at = time.time()
         self.last_error: tuple[str, ...] = ()
@@ -106,8 +126,39 @@ class TableState:
 
     def _load(self) -> tuple[Base, dict[str, Any], Table]:
         base = read_base(self.path, self.base)  # the compiled file is reused when its bytes did not change
-        overlay = self.store.load()
-        return base, overlay, compose(base, overlay)
+        try:
+            overlay = self.store.load()
+        except StoreUnavailable as exc:  # the file's changes still apply, over the last good overlay
+            log.warning("%s; composing the file with the last good admin changes", exc)
+            overlay = self.overlay
+        table = compose(base, overlay)
+        self._remember(overlay)
+        return base, overlay, table
+
+    async def refresh_store(self) -> None:
+        """Serve what the admin store holds now, if it moved on (another gateway of the fleet wrote it)."""
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            try:
+                overlay = await loop.run_in_executor(None, self.store.load)
+            except StoreUnavailable:
+                return  # the store's health says so; the last good table keeps serving
+            if overlay.get("revision") == self.overlay.get("revision"):
+                return
+            try:
+                table = await loop.run_in_executor(None, compose, self.base, overlay)
+            except TableInvalid as exc:
+                self.last_error = tuple(exc.problems)
+                self.metrics.reloads.inc(("failure",))
+                log.error("admin store revision %s refused; still serving %s:\n%s",
+                          overlay.get("revision"), self.table.digest[:12], exc)  # fmt: skip
+                return
+            self.last_error = ()
+            self.overlay = overlay
+            await loop.run_in_executor(None, self._remember, overlay)
+            if self._swap(table):
+                self.metrics.reloads.inc(("success",))
+                log.info("admin store revision %s: serving %s", overlay.get("revision"), table.digest[:12])
 
     async def apply(self, overlay: dict[str, Any], reason: str) -> Table:
         """Serve the file with a new overlay: validate, persist, then swap (the admin API's changes).
@@ -116,12 +167,24 @@ class TableState:
         """
         async with self._lock:
             base = self.base
-            table = await asyncio.get_running_loop().run_in_executor(None, compose, base, overlay)
-            self.store.save(overlay)
+            loop = asyncio.get_running_loop()
+            table = await loop.run_in_executor(None, compose, base, overlay)
+            await loop.run_in_executor(None, self.store.save, overlay)  # a database store: never block the loop
             self.overlay = overlay
+            await loop.run_in_executor(None, self._remember, overlay)
             if self._swap(table):
                 log.info("admin change (%s): serving %s", reason, table.digest[:12])
             return table
+
+    def close(self) -> None:
+        """Let go of the store (a database store's connection pool)."""
+        close_store(self.store)
+
+    def _remember(self, overlay: dict[str, Any]) -> None:
+        """A database store keeps a local copy of what serves (`PostgresAdminStore.remember`); a file is one."""
+        remember = getattr(self.store, "remember", None)
+        if remember is not None:
+            remember(overlay)
 
     def _swap(self, table: Table) -> bool:
         if table.digest == self.table.digest:
@@ -158,4 +221,10 @@ class TableState:
             "planes": sorted(t.planes),
             "domains": sorted(t.domains),
             "last_reload_error": list(self.last_error) or None,
+            **self.store_status(),
         }
+
+    def store_status(self) -> dict[str, Any]:
+        """`{"store": {...}}` with a shared store's health (fleet mode), else nothing."""
+        health = getattr(self.store, "health", None)
+        return {} if health is None else {"store": health.describe()}

@@ -112,7 +112,11 @@ class AdminHandler:
 
     async def _readyz(self, req: Request) -> tuple[int, object]:
         if self.ready():
-            return 200, {"status": "ready", "table": self.state.table.digest}
+            body = {"status": "ready", "table": self.state.table.digest}
+            fleet = self.state.store_status()  # fleet mode: still ready (serving) when the store is unreachable
+            if fleet:
+                body.update(store=fleet["store"]["state"], serving_from=fleet["store"]["serving_from"])
+            return 200, body
         return 503, {"status": "starting"}
 
     async def _metrics(self, req: Request) -> tuple[int, object]:

@@ -19,6 +19,8 @@ from gateway.environments.writer import AdminWriter
 from gateway.http.server import async_handler, serve
 from gateway.metrics import Metrics
 from gateway.state import TableState
+from gateway.stores.leases import FleetLeases
+from gateway.stores.postgres import PostgresAdminStore
 
 
 class ControlPlane:
@@ -38,6 +40,8 @@ class ControlPlane:
         self.state = state
         self.writer = AdminWriter(state)
         self.promotions = Promotions(self.writer, metrics, request_counts)
+        if isinstance(state.store, PostgresAdminStore):  # fleet mode (SPEC §13): promotions under leases
+            self.promotions.use_fleet(FleetLeases(state.store))
         self.api = EnvironmentsApi(self.writer, self.promotions.actions)
         self.keys = KeysApi(self.writer)
         parts = {**self.api.handlers(), **self.keys.handlers()}

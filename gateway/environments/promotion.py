@@ -23,6 +23,7 @@ from gateway.environments import sdk_views
 from gateway.environments.changes import (
     deployment_users,
     env_change,
+    latest_promotion,
     promotion_settings,
     read_json,
     running_promotion,
@@ -56,6 +57,7 @@ from gateway.errors import ClientError, Conflict, GatewayError, InvalidChange, M
 from gateway.http.server import Request
 from gateway.metrics import Metrics
 from gateway.routing.model import Deployment, Table
+from gateway.stores.leases import FleetLeases, FleetPromotions
 
 __all__ = ["STAGES", "STATES", "Promotions", "RollbackWindow", "promote_options", "stage_seconds"]
 
@@ -100,6 +102,8 @@ class Promotions:
         self.tasks: dict[Key, asyncio.Task[None]] = {}
         self.kicks: dict[Key, asyncio.Event] = {}
         self.caller = PlaneCaller(metrics)
+        self.fleet: FleetPromotions | None = None  # fleet mode: the promotions this gateway holds the lease of
+        self._fleet_task: asyncio.Task[None] | None = None
         self.actions = {
             "promote": self.promote,
             "pause_promotion": self.pause,
@@ -115,6 +119,10 @@ class Promotions:
 
     def start(self) -> None:
         """Continue the promotions that were running when the gateway stopped."""
+        if self.fleet is not None:  # the lease decides which gateway continues each (gateway.stores.leases)
+            self._fleet_task = asyncio.get_running_loop().create_task(self.fleet.run(), name="promotion leases")
+            self.state.on_swap.append(self._kick_all)  # another gateway's admin call (pause, cancel) was read
+            return
         for model_id, changes in self.state.overlay.get("models", {}).items():
             for env in changes.get("environments", {}):
                 promotion = running_promotion(self.state.overlay, model_id, env)
@@ -124,6 +132,8 @@ class Promotions:
                     self._launch((model_id, env))
 
     async def close(self) -> None:
+        if self._fleet_task is not None:
+            self._fleet_task.cancel()
         for task in list(self.tasks.values()):
             task.cancel()
         for task in list(self.tasks.values()):
@@ -131,7 +141,21 @@ class Promotions:
                 await task
             except BaseException:  # noqa: BLE001 - cancelled or crashed; the record stays as persisted
                 pass
+        if self.fleet is not None:
+            await self.fleet.close()
         self.caller.close()
+
+    def use_fleet(self, leases: FleetLeases) -> None:
+        """Fleet mode (SPEC §13): run a promotion only while holding its lease; count answers fleet-wide."""
+        self.fleet = FleetPromotions(
+            leases, lambda: self.state.overlay, self._launch, self._cancel_task, lambda: set(self.tasks),
+            self._local_counts,
+        )  # fmt: skip
+
+    def _cancel_task(self, key: Key) -> None:
+        task = self.tasks.get(key)
+        if task is not None:
+            task.cancel()
 
     # -- admin calls --------------------------------------------------------------------------
 
@@ -196,7 +220,10 @@ class Promotions:
                 "paused_remaining": None,
             }
             table = await self._write(model_id, env, record, "promote")
-            self._launch((model_id, env))
+            if self.fleet is None:
+                self._launch((model_id, env))
+            else:  # in a fleet, whichever gateway takes the lease first runs it
+                self.fleet.wake()
         model = table.models[model_id]
         previous = record["previous_deployment_id"]
         cleanup = None
@@ -242,9 +269,7 @@ class Promotions:
             except InvalidTransition:
                 raise Conflict(f"cannot {what} the promotion of environment '{env}': {promotion['status']}") from None
             if State(record["status"]) in TERMINAL:  # ended by this call: stop the task
-                task = self.tasks.get((model_id, env))
-                if task is not None:
-                    task.cancel()
+                self._cancel_task((model_id, env))
             if record["status"] == State.SUCCEEDED.value:  # rolled forward: the candidate serves, as at 100 %
                 await self._succeed((model_id, env), record)
             else:
@@ -267,6 +292,16 @@ class Promotions:
         if not task.cancelled() and task.exception() is not None:
             log.error("promotion %s/%s crashed", *key, exc_info=task.exception())
 
+    def _kick_all(self, table: Table) -> None:
+        """A swap in a fleet: wake the runners, and show the promotions another gateway advances."""
+        for key in list(self.tasks):
+            self._kick(key)
+        for model_id, changes in self.state.overlay.get("models", {}).items():
+            for env in changes.get("environments", {}):
+                promotion = latest_promotion(self.state.overlay, model_id, env)
+                if promotion is not None:
+                    self._publish(model_id, env, promotion)
+
     def _kick(self, key: Key) -> None:
         event = self.kicks.get(key)
         if event is not None:
@@ -284,7 +319,9 @@ class Promotions:
             if State(self.record(key)["status"]) is State.RELEASING:
                 await self._release(key)
                 released = Event.RAMP if self.record(key).get("ramp_up_duration_seconds") else Event.SWITCH
-                if await self._step(key, State.RELEASING, released) in TERMINAL:
+                while (state := await self._step(key, State.RELEASING, released)) is State.RELEASING:
+                    pass  # another gateway wrote meanwhile: send it again on the record as it is now
+                if state in TERMINAL:
                     return
             record = self.record(key)
             window = RollbackWindow(record.get("rollback"))
@@ -324,10 +361,13 @@ class Promotions:
                 return State(current["status"])
             record = advance(current, event, self.clock())
             record.update(fields, updated_at=self.clock())
-            if record["status"] == State.SUCCEEDED.value:
-                await self._succeed(key, record)
-            else:
-                await self._write(key[0], key[1], record, describe(record))
+            try:
+                if record["status"] == State.SUCCEEDED.value:
+                    await self._succeed(key, record)
+                else:
+                    await self._write(key[0], key[1], record, describe(record))
+            except Conflict:  # the store moved on (another gateway's change, now read): decide again
+                return State(self.record(key)["status"])
         return State(record["status"])
 
     async def _wait(self, key: Key, seconds: float | None, window: RollbackWindow) -> None:
@@ -354,7 +394,11 @@ class Promotions:
         event.clear()
 
     def _candidate_counts(self, key: Key, dep_id: str) -> tuple[float, float]:
-        """(calls answered, 5xx answers) of the candidate in this environment so far (every protocol)."""
+        """(calls answered, 5xx answers) of the candidate in this environment so far: fleet-wide in a fleet."""
+        return self._local_counts(key, dep_id) if self.fleet is None else self.fleet.counts(key, dep_id)
+
+    def _local_counts(self, key: Key, dep_id: str) -> tuple[float, float]:
+        """(calls answered, 5xx answers) of the candidate in this environment by this gateway (every protocol)."""
         calls = errors = 0.0
         for labels, value in self.request_counts().items():
             if labels[0] == key[0] and labels[1] == key[1] and labels[2] == dep_id:

@@ -88,7 +88,13 @@ class JsonFileStore:
         return int(self.load()["revision"])
 
     def save(self, overlay: dict[str, Any], based_on: int | None = None) -> None:
-        expected = int(overlay["revision"]) - 1 if based_on is None else based_on
+        self._store(overlay, int(overlay["revision"]) - 1 if based_on is None else based_on)
+
+    def write(self, overlay: dict[str, Any]) -> None:
+        """Store `overlay` whatever is stored now (a copy kept elsewhere, e.g. a fleet gateway's local cache)."""
+        self._store(overlay, None)
+
+    def _store(self, overlay: dict[str, Any], expected: int | None) -> None:
         doc = {"format": FORMAT, "revision": overlay["revision"], "models": overlay["models"]}
         if overlay.get("api_keys"):
             doc["api_keys"] = overlay["api_keys"]
@@ -100,7 +106,8 @@ class JsonFileStore:
             raise StoreError(f"cannot write the admin store {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)  # the check and the rename are one step for every process
-            self._check(expected)
+            if expected is not None:
+                self._check(expected)
             self._replace(data, directory)
             os.fsync(dir_fd)  # the rename itself survives a power cut
         except OSError as exc:
