@@ -273,6 +273,25 @@ def test_a_team_key_manages_its_team_only(gateway: GatewayProcess) -> None:
     assert gateway.admin("PUT", "/healthz")[0] == 405
 
 
+def test_team_calls_reach_an_admin_keys_team_only(gateway: GatewayProcess) -> None:
+    # Environment groups and team model lists (issue 12) are narrowed like model lists.
+    status, body = gateway.admin("GET", "/v1/environment_groups", TEAM_KEY)
+    assert status == 200 and {g["team_id"] for g in body["items"]} == {"acme"}
+    assert {g["team_id"] for g in gateway.admin("GET", "/v1/environment_groups", TOKEN)[1]["items"]} == {
+        "acme",
+        "globex",
+    }
+    for path in ("/v1/teams/globex/models", "/v1/teams/globex/environment_groups",
+                 "/v1/teams/globex/environment_groups/production"):  # fmt: skip
+        status, body = gateway.admin("GET", path, TEAM_KEY)
+        assert (status, body["error_code"]) == (403, "unauthorized"), path
+    status, body = gateway.admin("GET", "/v1/environment_groups/production", TEAM_KEY)  # its own team's, no 409
+    assert (status, body["team_id"]) == (200, "acme")
+    assert gateway.admin("GET", "/v1/environment_groups/production", TOKEN)[0] == 409  # two teams have one
+    status, body = gateway.admin("GET", "/v1/teams/acme/models", TEAM_KEY)
+    assert (status, [m["id"] for m in body["models"]]) == (200, ["m1", "m2"])
+
+
 def test_a_model_key_manages_its_models_only(gateway: GatewayProcess) -> None:
     status, body = gateway.admin("GET", "/v1/models", MODEL_KEY)
     assert (status, [m["id"] for m in body["models"]]) == (200, ["m1"])

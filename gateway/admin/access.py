@@ -46,6 +46,15 @@ class Caller:
             return True
         return team == self.team and (self.models is None or model_id in self.models)
 
+    def team_in_reach(self, team: str | None) -> str | None:
+        """The team a team-wide call is about: as named for the operator (None: every team); for an
+        admin key its own team when none is named, and 403 for another."""
+        if self.team is None:
+            return team
+        if team is not None and team != self.team:
+            raise Forbidden(f"admin key '{self.name}' manages team '{self.team}' only")
+        return self.team
+
     def reaches_key(self, team: str, models: Iterable[str] | None) -> bool:
         """May create, see or revoke an inference key of `team` narrowed to `models` (None: all its models)."""
         if self.team is None:

@@ -40,7 +40,7 @@ from gateway.environments.sdk_settings import (
 from gateway.environments.traffic_rules import rules_after
 from gateway.environments.views import deployment_view, environment_view, find_deployment, find_environment, find_model
 from gateway.environments.writer import AdminWriter
-from gateway.errors import ClientError, Conflict, Forbidden, ModelNotFound
+from gateway.errors import ClientError, Conflict, ModelNotFound
 from gateway.http.server import Request
 from gateway.routing.hostpath import is_env_name
 from gateway.routing.model import Autoscaling, Deployment, Environment, Model
@@ -94,7 +94,7 @@ class EnvironmentsApi:
         return 200, sdk_views.model_view(self.model(model_id))
 
     async def list_team_models(self, req: Request, team: str) -> tuple[int, object]:
-        known_team(self.state.table, reach_team(team) or team)
+        known_team(self.state.table, CALLER.get().team_in_reach(team) or team)
         return 200, sdk_views.models_view(self.state.table, query_name(req), team)
 
     async def null_shape(self, req: Request, model_id: str, name: str, kind: str, what: str) -> tuple[int, object]:
@@ -284,7 +284,7 @@ class EnvironmentsApi:
     # -- environment groups (the team's environment names) -----------------------------------
 
     async def list_groups(self, req: Request, team: str | None = None) -> tuple[int, object]:
-        return 200, groups_view(self.state.table, reach_team(team))
+        return 200, groups_view(self.state.table, CALLER.get().team_in_reach(team))
 
     async def list_team_groups(self, req: Request, team: str) -> tuple[int, object]:
         return await self.list_groups(req, team)
@@ -296,7 +296,7 @@ class EnvironmentsApi:
         return await self.patch_group(req, name, team)
 
     async def read_group(self, req: Request, name: str, team: str | None = None) -> tuple[int, object]:
-        return 200, group_view(self.state.table, *team_group(self.state.table, reach_team(team), name))
+        return 200, group_view(self.state.table, *team_group(self.state.table, CALLER.get().team_in_reach(team), name))
 
     async def patch_group(self, req: Request, name: str, team: str | None = None) -> tuple[int, object]:
         """`UpdateEnvironmentGroupRequest`: restricting who may manage an environment has no meaning here
@@ -309,7 +309,7 @@ class EnvironmentsApi:
             if access.get("is_restricted") or access.get("user_ids"):
                 raise ClientError("manage_access: restricting an environment to some users has no meaning here "
                                   "(the admin token manages every environment)")  # fmt: skip
-        return 200, group_view(self.state.table, *team_group(self.state.table, reach_team(team), name))
+        return 200, group_view(self.state.table, *team_group(self.state.table, CALLER.get().team_in_reach(team), name))
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -369,14 +369,3 @@ def check_env_name(name: str) -> None:
             f"invalid environment name '{name[:64]}': lowercase letters, digits and '-', "
             "not starting or ending with '-', at most 40 characters"
         )
-
-
-def reach_team(team: str | None) -> str | None:
-    """The team a team-wide call is about, within the admin caller's reach: an admin key's own team
-    when none is named, 403 for another (the operator: as named, None for every team)."""
-    caller = CALLER.get()
-    if caller.is_operator:
-        return team
-    if team is not None and team != caller.team:
-        raise Forbidden(f"admin key '{caller.name}' manages team '{caller.team}' only")
-    return caller.team

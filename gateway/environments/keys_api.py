@@ -88,14 +88,12 @@ class KeysApi:
             raise ClientError("'team_id' must be a string")
         if url_team is not None and body_team is not None and body_team != url_team:
             raise ClientError(f"'team_id' {body_team[:64]!r} does not match the URL's team {url_team[:64]!r}")
-        team = url_team or body_team or caller.team
+        team = caller.team_in_reach(url_team or body_team)
         if team is None:
             teams = list(self.state.table.teams)
             if len(teams) != 1:
                 raise ClientError("'team_id' is required: the table has several teams")
             team = teams[0]
-        if caller.team is not None and team != caller.team:
-            raise Forbidden(f"admin key '{caller.name}' manages team '{caller.team}' only")
         if team not in self.state.table.teams:
             raise EndpointNotFound(f"unknown team '{team[:64]}'")
         return team
