@@ -238,14 +238,7 @@ class PublicHandler:
             return
         body, size = replay
         exchange = EXCHANGES[req.conn.h2, "http"](req, conn, request_id, dep.timeouts, self._done, context, dep.id)
-        if record.permit.counters:
-            exchange.answered_by += record.permit.header_lines(self.loop.time())
-        exchange.info = info = record.info
-        self.exchanges.add(exchange)
-        head = request_head(req, route.upstream_target, self._identity(context, ep.upstream), request_id,
-                            req.conn.scheme, body_length=size,
-                            trace=info.trace_lines() if info is not None else None)  # fmt: skip
-        exchange.replay(head, body)
+        exchange.replay(self._head(exchange, ep.upstream, size), body)
 
     def _retry_endpoint(self, record: CallRecord, tried: set[Endpoint], attempt: int) -> Endpoint | None:
         if not should_retry(
@@ -269,16 +262,21 @@ class PublicHandler:
             exchange = EXCHANGES[req.conn.h2, "http"](*args)
         if route.endpoint in RETRIED_ENDPOINTS and route.deployment.retry_on_reset:
             exchange.retry_after_reset(self._retry_after_reset)
+        exchange.start(self._head(exchange, up))
+
+    def _head(self, exchange: Exchange, up: Upstream, body_length: int | None = None) -> list[bytes]:
+        """Register `exchange` (a first attempt or the retry after a reset) and give the head it sends to `up`."""
+        context: Context = exchange.context
+        record, req = context.record, exchange.req
         # The key's limits on its answers too (IETF RateLimit fields; a refusal has them as well).
-        if context.record.permit.counters:
-            exchange.answered_by += context.record.permit.header_lines(self.loop.time())
-        exchange.info = info = context.record.info
+        if record.permit.counters:
+            exchange.answered_by += record.permit.header_lines(self.loop.time())
+        exchange.info = info = record.info
         self.exchanges.add(exchange)
-        trace = info.trace_lines() if info is not None else None
-        head = request_head(
-            req, route.upstream_target, self._identity(context, up), request_id, req.conn.scheme, trace=trace
-        )
-        exchange.start(head)
+        return request_head(
+            req, context.route.upstream_target, self._identity(context, up), exchange.request_id, req.conn.scheme,
+            body_length=body_length, trace=info.trace_lines() if info is not None else None,
+        )  # fmt: skip
 
     # -- one retry after a reset (SPEC §12 retry_on_reset, issue 10) ---------------------------
 
