@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/calls_per_call.py                      # a476c78 and HEAD
     .venv/bin/python benchmarks/calls_per_call.py --rev a476c78 --rev e916d31 --rev HEAD --seconds 3
+    .venv/bin/python benchmarks/calls_per_call.py --protocol grpc     # per unary gRPC call (h2load)
 
 Wall-clock and CPU figures on this machine move by 20-50% between runs (hypervisor steal, other
 processes on two cores), which hides a 10% change. The number of Python function calls the gateway
@@ -17,6 +18,13 @@ connections for `--seconds`, SIGUSR2 turns it off and writes the profile. The fi
 counted by the profiler divided by the calls wrk completed; the functions whose count per call
 differs between revisions are listed (only those called at least 0.9 times per call: the hot path).
 Writes benchmarks/results/calls-per-call-latest.json.
+
+`--protocol grpc` counts the same way per unary gRPC call: the gateway serves `--grpc-port` in front
+of run_grpc.py's plane (peers/grpc_plane.py), and the load is h2load on one connection with 32
+streams in flight (like run_grpc.py's one channel at 32 calls) POSTing a prebuilt length-prefixed
+16-byte message to /bench.Echo/Say, a fixed `--grpc-calls` calls after a warm-up of 2,000. h2load
+does not read trailers, so the run also requires every call in the gateway's
+`gateway_requests_total` to have ended OK. Writes benchmarks/results/calls-per-call-grpc-latest.json.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import argparse
 import json
 import pstats
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,25 +107,115 @@ def measure(procs: H.Procs, python: str, root: Path, plane_port: int, seconds: f
     return per_call(out, calls), calls
 
 
+GRPC_MESSAGE = b"calls-per-call.."  # 16 bytes, as run_grpc.py's unary load
+GRPC_WARMUP = 2000
+
+
+def _h2load(url: str, body: Path, calls: int, timeout: float) -> int:
+    """Unary gRPC calls with h2load (one connection, 32 streams in flight); the calls that got a 2xx."""
+    import run_grpc
+
+    argv = ["h2load", "-n", str(calls), "-c1", "-m32", "-d", str(body), "-H", "content-type: application/grpc",
+            "-H", "te: trailers", "-H", f"authorization: Api-Key {H.API_KEY}",
+            "-H", f":authority: {run_grpc.AUTHORITY}", url]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", r.stdout)
+    if r.returncode != 0 or not m or int(m.group(2)) or int(m.group(3)):
+        raise SystemExit(f"h2load {url} failed:\n{r.stdout}{r.stderr}")
+    return int(m.group(1))
+
+
+def _grpc_not_ok(admin: int) -> dict[str, float]:
+    """Calls the gateway counted with a code other than OK (h2load sees only the 200 of a gRPC error)."""
+    _status, text = H.http_request(admin, "GET", "/metrics")
+    bad: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        m = re.match(r'gateway_requests_total\{.*code="([^"]*)".*\} ([0-9.e+]+)$', line)
+        if m and m.group(1) != "OK" and float(m.group(2)):
+            bad[m.group(1)] = bad.get(m.group(1), 0.0) + float(m.group(2))
+    return bad
+
+
+def measure_grpc(
+    procs: H.Procs, python: str, root: Path, plane_port: int, calls: int, tmp: Path, keep: Path | None = None
+) -> tuple[dict, int]:
+    """`measure` for unary gRPC: h2load against the gateway's --grpc-port, a fixed number of calls
+    (`keep`: a folder to copy the profile to, for `pstats` callers of a function the table lists)."""
+    import run_grpc
+
+    cfg = tmp / f"{root.name}-grpc-table.yaml"
+    cfg.write_text(run_grpc.gateway_table(plane_port))
+    out = tmp / f"{root.name}-grpc.prof"
+    port, admin, grpc_port = H.free_port(), H.free_port(), H.free_port()
+    argv = [python, "-c", WRAPPER, str(out), "serve", "--config", str(cfg), "--host", "127.0.0.1",
+            "--port", str(port), "--admin-port", str(admin), "--grpc-port", str(grpc_port)]  # fmt: skip
+    proc = procs.start(f"gateway-grpc-{root.name[:10]}", argv, cwd=root)
+    H.wait_ready(proc, admin, "GET", "/readyz", ok=lambda s: s == 200, timeout=30.0)
+    run_grpc.wait_grpc(proc, grpc_port, run_grpc.AUTHORITY, H.API_KEY)
+    body = tmp / "grpc-unary.bin"
+    body.write_bytes(b"\0" + len(GRPC_MESSAGE).to_bytes(4, "big") + GRPC_MESSAGE)
+    url = f"http://127.0.0.1:{grpc_port}/bench.Echo/Say"
+    _h2load(url, body, GRPC_WARMUP, 60)
+    proc.popen.send_signal(signal.SIGUSR1)
+    done = _h2load(url, body, calls, 120 + calls / 500)
+    proc.popen.send_signal(signal.SIGUSR2)
+    for _ in range(100):
+        if out.exists() and out.stat().st_size:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # the dump is written in one go; let it finish
+    bad = _grpc_not_ok(admin)
+    procs.stop(proc)
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out, keep / f"grpc-{root.name.removeprefix('ab-')[:10]}.prof")
+    if bad or done != calls:
+        raise SystemExit(f"gRPC calls against {root} did not all end OK: {done} of {calls} 2xx, codes {bad}")
+    return per_call(out, calls), calls
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", action="append", default=[], help="revision to measure (repeatable; default a476c78 HEAD)")
     ap.add_argument("--seconds", type=float, default=3.0, help="profiled wrk run per revision (default 3)")
     ap.add_argument("--repo", default=str(H.REPO_ROOT))
     ap.add_argument("--python", default=sys.executable)
-    ap.add_argument("--output", default=str(H.RESULTS_DIR / "calls-per-call-latest.json"))
+    ap.add_argument("--protocol", choices=("http", "grpc"), default="http",
+                    help="http: wrk POSTs to the public port; grpc: h2load unary calls to --grpc-port")  # fmt: skip
+    ap.add_argument("--grpc-calls", type=int, default=20000, help="profiled unary calls per revision (grpc)")
+    ap.add_argument("--keep-profiles", metavar="DIR", default=None, help="copy each gRPC profile to DIR (grpc)")
+    ap.add_argument("--output", default=None, help="default results/calls-per-call[-grpc]-latest.json")
     args = ap.parse_args()
+    grpc = args.protocol == "grpc"
+    if args.output is None:
+        args.output = str(H.RESULTS_DIR / f"calls-per-call{'-grpc' if grpc else ''}-latest.json")
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     H.install_signal_handlers()
     repo = Path(args.repo).resolve()
     specs = args.rev or ["a476c78", "HEAD"]
     results: list[dict] = []
     with H.Procs() as procs:
-        _plane, plane_port = H.start_direct_nginx(procs)
+        if grpc:
+            import run_grpc
+
+            _plane, plane_port = run_grpc.start_plane(procs, args.python)
+        else:
+            _plane, plane_port = H.start_direct_nginx(procs)
         for spec in specs:
             sha = git(repo, "rev-parse", "--verify", f"{spec}^{{commit}}")
             root = export(repo, sha)
-            counts, calls = measure(procs, args.python, root, plane_port, args.seconds, procs.tmp)
+            if grpc:
+                counts, calls = measure_grpc(
+                    procs,
+                    args.python,
+                    root,
+                    plane_port,
+                    args.grpc_calls,
+                    procs.tmp,
+                    Path(args.keep_profiles) if args.keep_profiles else None,
+                )
+            else:
+                counts, calls = measure(procs, args.python, root, plane_port, args.seconds, procs.tmp)
             hot = {k: v for k, v in counts.items() if v >= HOT}
             results.append({"rev": spec, "sha": sha, "calls": calls, "per_call": sum(counts.values()),
                             "hot_per_call": sum(hot.values()), "hot": hot})  # fmt: skip
@@ -136,7 +235,9 @@ def main() -> int:
             if abs(a - b) >= 0.5:
                 print(f"  {name[:72]:<72} {b:5.1f} -> {a:5.1f}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"seconds": args.seconds, "results": results}, indent=1) + "\n")
+    Path(args.output).write_text(
+        json.dumps({"protocol": args.protocol, "seconds": args.seconds, "results": results}, indent=1) + "\n"
+    )
     print(f"\nresults written to {args.output}")
     return 0
 

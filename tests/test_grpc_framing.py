@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import struct
 import urllib.parse
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -23,6 +24,8 @@ from gateway.grpc.framing import (
     response_fields,
     trailers,
 )
+from gateway.grpc.relay import FORWARDING_AUTHORITY_MAX, FORWARDING_KEPT, forwarding
+from gateway.headers import forwarded_value
 
 
 def prefixed(message: bytes, compressed: bool = False) -> bytes:
@@ -237,3 +240,40 @@ def test_two_different_credentials_are_refused_without_echoing_them(credentials:
     with pytest.raises(ClientError) as info:
         read_head([*GRPC, *credentials])
     assert "two different credentials" in info.value.message and "Api-Key" not in info.value.message
+
+
+# -- forwarding fields (relay.forwarding: kept per client connection and authority) ----------------
+
+
+def client_connection(peer: str | None, scheme: str = "http") -> SimpleNamespace:
+    """What `forwarding` reads of an h2server.H2Connection."""
+    return SimpleNamespace(client=(peer, 5000) if peer is not None else None, scheme=scheme, forwarding={})
+
+
+@pytest.mark.parametrize(
+    ("peer", "scheme", "authority"),
+    [("10.1.2.3", "http", "model-a.grpc.example"), ("::1", "https", "model-b.grpc.example:443"), (None, "http", "")],
+)
+def test_forwarding_fields_are_those_of_the_connection_and_the_authority(peer, scheme, authority) -> None:
+    conn = client_connection(peer, scheme)
+    first = forwarding(conn, authority)
+    assert first == (
+        (b"x-forwarded-for", (peer or "").encode()),
+        (b"x-forwarded-proto", scheme.encode()),
+        (b"x-forwarded-host", authority.encode()),
+        (b"forwarded", forwarded_value(peer or "", authority, scheme)),
+    )
+    assert forwarding(conn, authority) is first  # kept: built once per connection and authority
+
+
+def test_forwarding_fields_follow_each_calls_authority_and_stay_bounded() -> None:
+    conn = client_connection("10.1.2.3")
+    hosts = [f"model-{i}.grpc.example" for i in range(3 * FORWARDING_KEPT)]
+    for host in hosts + hosts[::-1]:
+        fields = dict(forwarding(conn, host))
+        assert fields[b"x-forwarded-host"] == host.encode()
+        assert fields[b"forwarded"] == b"for=10.1.2.3;host=" + host.encode() + b";proto=http"
+        assert len(conn.forwarding) <= FORWARDING_KEPT
+    long = "m" * (FORWARDING_AUTHORITY_MAX + 1)
+    assert dict(forwarding(conn, long))[b"x-forwarded-host"] == long.encode()
+    assert long not in conn.forwarding  # built per call, never kept

@@ -132,6 +132,36 @@ def test_well_formed_requests_pass() -> None:
     assert malformed.trailers_problem([(b"x-t", b"1")]) is None
 
 
+def test_field_name_memo_keeps_the_verdicts_and_stays_bounded() -> None:
+    base = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/a.B/C"), (b":authority", HOST.encode())]
+    assert malformed.request_problem([*base, (b"x-seen", b"1")]) is None
+    assert malformed.request_problem([*base, (b"x-seen", b"1")]) is None  # the name is known now
+    assert "not a lowercase token" in (malformed.request_problem([*base, (b"X-Seen", b"1")]) or "")
+    for i in range(3 * malformed.TOKENS_KEPT):
+        assert malformed.request_problem([*base, (b"x-name-%d" % i, b"1")]) is None
+        assert len(malformed._tokens) <= malformed.TOKENS_KEPT
+    assert "not a lowercase token" in (malformed.request_problem([*base, (b"x-name-1\x00", b"1")]) or "")
+    assert malformed.request_problem([*base, (b"x-" + b"n" * 100, b"1")]) is None
+    assert b"x-" + b"n" * 100 not in malformed._tokens  # long names are matched every time, not kept
+
+
+def test_protocol_pseudo_field_only_with_extended_connect() -> None:
+    connect = [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"), (b":path", b"/ws"),
+               (b":authority", HOST.encode())]  # fmt: skip
+    assert malformed.request_problem(connect, extended_connect=True) is None
+    assert "unknown pseudo-header field ':protocol'" in (malformed.request_problem(connect) or "")
+    twice = [*connect[:2], (b":protocol", b"websocket"), *connect[2:]]
+    assert "duplicate pseudo-header field ':protocol'" in (malformed.request_problem(twice, True) or "")
+    post = [(b":method", b"POST"), *connect[1:]]
+    assert malformed.request_problem(post, True) == ":protocol without CONNECT (RFC 8441 §4)"
+    no_path = [f for f in connect if f[0] != b":path"]
+    assert malformed.request_problem(no_path, True) == "no :scheme, or no or an empty :path (RFC 9113 §8.3.1)"
+    scheme_twice = [*connect, (b":scheme", b"http")]
+    assert "duplicate pseudo-header field ':scheme'" in (malformed.request_problem(scheme_twice, True) or "")
+    method_twice = [(b":method", b"POST"), *connect]
+    assert "duplicate pseudo-header field ':method'" in (malformed.request_problem(method_twice, True) or "")
+
+
 # -- the frame layer alone ------------------------------------------------------------------------------
 
 

@@ -277,6 +277,9 @@ class H2Connection(wire.FrameConnection):
         self.scheme = "http"
         self.sni: str | None = None
         self.client: tuple | None = None
+        # X-Forwarded-* and Forwarded by call authority: the client's address and scheme are this
+        # connection's (relay.forwarding).
+        self.forwarding: dict[str, tuple[tuple[bytes, bytes], ...]] = {}
         self.resets = limits.ResetBudget(self.last_read)
         # Streams whose HEADERS came in the read being handled: the app opens them once the read is
         # done, so that a RST_STREAM in the same read keeps the call from ever reaching a plane

@@ -35,7 +35,7 @@ from gateway.grpc.framing import (
     response_fields,
     trailers,
 )
-from gateway.grpc.h2server import DISCARD, Handler, Headers, ServerStream
+from gateway.grpc.h2server import DISCARD, H2Connection, Handler, Headers, ServerStream
 from gateway.grpc.hold import HeldCall
 from gateway.grpc.upstream import PlaneAddress, PlaneConnection, Planes, PlaneStream
 from gateway.headers import forwarded_value, misdirected
@@ -77,7 +77,7 @@ class GrpcRelay:
         head: CallHead | None = None
         try:
             head = read_head(headers)
-            sni = stream.sni
+            sni = stream.conn.sni
             if sni is not None and misdirected(sni, head.call.authority, table.domains):
                 # RFC 9110 §15.5.20 (421), UNAVAILABLE in gRPC (SPEC §9): the client retries on a
                 # connection of its own for that host instead of one coalesced for another.
@@ -100,7 +100,8 @@ class GrpcRelay:
         """Admit the call like any other (SPEC §6: backpressure, holds) and relay it, hold it or answer it.
         `permit` (the key's rate_limit slots) goes to the call's record or its hold, or is released here."""
         dep = route.deployment
-        labels = self.pipeline.constants.of(route).labels["grpc"]
+        constants = self.pipeline.constants.of(route)  # once per call: the relayed call keeps its identity
+        labels = constants.labels["grpc"]
         decision = self.pipeline.admit(route, released=held is not None, endpoint_needed=False)
         if isinstance(decision, GatewayError):
             permit.release()
@@ -125,7 +126,7 @@ class GrpcRelay:
         record = self.pipeline.begin(
             labels, decision, started, info, permit=permit, attempt=False
         )  # the plane's gRPC address
-        return "sent", RelayedCall(self, stream, head, route, request_id, started, record)
+        return "sent", RelayedCall(self, stream, head, route, request_id, started, record, constants.grpc_identity)
 
     def release_held(self, held: HeldCall) -> Released:
         """A held call goes on: resolved again against the serving table, replaying what it kept."""
@@ -148,9 +149,6 @@ class GrpcRelay:
 
     def held_dropped(self, held: HeldCall) -> None:
         self.pipeline.holds.drop(held)
-
-    def identity(self, route: Route) -> tuple[tuple[bytes, bytes], ...]:
-        return self.pipeline.constants.of(route).grpc_identity
 
     def observe(
         self, labels: tuple, code: int, started: float, stream: ServerStream, request_id: str,
@@ -178,20 +176,49 @@ class GrpcRelay:
         )  # fmt: skip
 
 
+FORWARDING_KEPT = 16  # authorities per client connection whose forwarding fields are kept
+FORWARDING_AUTHORITY_MAX = 256  # longer ones are built per call
+
+
+def forwarding(conn: H2Connection, authority: str) -> tuple[tuple[bytes, bytes], ...]:
+    """X-Forwarded-For/-Proto/-Host and Forwarded (RFC 7239) for a call of `conn` to `authority`.
+
+    The client's address and scheme are the connection's, and a channel calls one authority: built
+    once per connection and authority rather than per call (two regex matches, five encodes).
+    """
+    kept = conn.forwarding
+    fields = kept.get(authority)
+    if fields is None:
+        client = conn.client
+        peer = client[0] if client else ""
+        fields = (
+            (b"x-forwarded-for", peer.encode()),
+            (b"x-forwarded-proto", conn.scheme.encode()),
+            (b"x-forwarded-host", authority.encode()),
+            (b"forwarded", forwarded_value(peer, authority, conn.scheme)),  # RFC 7239, replacing the client's
+        )
+        if len(authority) <= FORWARDING_AUTHORITY_MAX:
+            if len(kept) >= FORWARDING_KEPT:
+                kept.clear()
+            kept[authority] = fields
+    return fields
+
+
 class RelayedCall:
     """One call: the handler of its client stream (client_*) and of its plane stream (plane_*)."""
 
     __slots__ = (
         "relay", "stream", "head", "route", "request_id", "labels", "started", "timeout", "timer", "group",
         "plane", "scanner", "early", "early_flow", "client_ended", "up_owed", "down_owed", "responded", "done",
-        "record", "error",
+        "record", "error", "identity",
     )  # fmt: skip
 
     def __init__(
         self, relay: GrpcRelay, stream: ServerStream, head: CallHead, route: Route, request_id: str, started: float,
-        record: CallRecord,
+        record: CallRecord, identity: tuple[tuple[bytes, bytes], ...],
     ) -> None:  # fmt: skip
         self.relay = relay
+        self.identity = identity  # x-baseten-model-id, -environment, -deployment-id (SPEC §4, §9)
         self.stream = stream
         self.head = head
         self.route = route
@@ -248,9 +275,6 @@ class RelayedCall:
 
     def _plane_headers(self) -> Headers:
         head = self.head
-        stream = self.stream
-        client = stream.client
-        peer = client[0] if client else ""
         metadata, info = head.metadata, self.record.info
         if info is not None and info.trace:  # tracing: the gateway's traceparent replaces the client's (issue 13)
             metadata = tuple(f for f in metadata if f[0] not in TRACE_FIELDS) + info.trace
@@ -263,12 +287,9 @@ class RelayedCall:
             (b"grpc-timeout", format_timeout(self.timeout - (self.relay.loop.time() - self.started))),
             *head.transport,
             *metadata,
-            *self.relay.identity(self.route),
+            *self.identity,
             (b"x-baseten-request-id", self.request_id.encode()),
-            (b"x-forwarded-for", peer.encode()),
-            (b"x-forwarded-proto", stream.scheme.encode()),
-            (b"x-forwarded-host", head.authority.encode()),
-            (b"forwarded", forwarded_value(peer, head.authority, stream.scheme)),  # RFC 7239, replacing the client's
+            *forwarding(self.stream.conn, head.authority),
         ]
 
     # -- client -> plane
@@ -326,7 +347,7 @@ class RelayedCall:
             self._answer(code, f"the plane answered HTTP status {status.decode('latin-1')[:3]}")
             return
         # The deployment that answered (SPEC §6: canary and promotion callers see their side).
-        self.stream.respond([(b":status", status), *fields, self.relay.identity(self.route)[2]], end)
+        self.stream.respond([(b":status", status), *fields, self.identity[2]], end)
         if end:  # trailers-only: the whole answer
             self._finish(grpc_status(fields))
         else:

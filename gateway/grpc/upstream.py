@@ -398,7 +398,8 @@ class PlaneAddress:
     def connect(self, call, timeout: float) -> None:
         """`call.plane_connected(conn)` now or once a connection is ready; `call.plane_failed(error)` if none can be."""
         for conn in list(self.conns):
-            if conn.address and not self.connector.still_current(self.host, conn.address):
+            # A literal address is its own answer: no DNS look-up per call.
+            if conn.address and conn.address != self.host and not self.connector.still_current(self.host, conn.address):
                 self.discard(conn)  # its address left the DNS answer: no new streams (issue 10)
                 if not conn.streams:
                     conn.close()
