@@ -22,12 +22,15 @@ import h2.exceptions
 import pytest
 
 from gateway.grpc import wire
+from gateway.grpc.h2server import H2Connection, H2Server
+from gateway.http import h2sweep
 from gateway.http import server as http_server
 from gateway.metrics import Metrics
 from gateway.runner import DataPlane, ServeOptions
 from gateway.state import TableState
 from tests.planes import Plane
 from tests.support import DEMO_KEY, example_doc, write_table
+from tests.test_h2_hostile import FakeTransport, OpenRecorder
 
 STD = "model-abc123.api.example.com"
 WAIT = 10.0  # a guard against a hang, never a measured limit
@@ -332,3 +335,51 @@ def test_a_header_side_that_never_ends_is_closed_after_the_head_timeout(
     else:
         assert (wire.GOAWAY, 0) in [(kind, code) for kind, code in frames(received)], received
     assert idle_goaway is None  # the idle connection opened at the same time is still served
+
+
+# -- the decisions, on a frame-layer connection fed bytes (no socket) ---------------------------
+
+
+def fed(chunks: list[bytes]) -> list[tuple[object | None, int]]:
+    """After each chunk: (h2sweep.head_in_progress, h2sweep.arriving_data on stream 1) of a server connection."""
+
+    async def main() -> list[tuple[object | None, int]]:
+        conn = H2Connection(H2Server(OpenRecorder()))
+        conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+        states = []
+        for chunk in chunks:
+            conn.data_received(chunk)
+            states.append((h2sweep.head_in_progress(conn), h2sweep.arriving_data(conn, 1)))
+        return states
+
+    return asyncio.run(main())
+
+
+PREFACE = wire.PREFACE + frame_bytes(wire.SETTINGS, 0, 0, b"")
+OPEN_1 = frame_bytes(wire.HEADERS, wire.END_HEADERS, 1, HEADERS_BLOCK)  # stream 1, its body to follow
+DATA_1 = frame_bytes(wire.DATA, 0, 1, b"d" * 1000)
+
+
+def test_a_preface_in_progress_is_a_head_and_a_complete_one_is_not() -> None:
+    [(partial, _), (done, _)] = fed([wire.PREFACE[:10], wire.PREFACE[10:] + frame_bytes(wire.SETTINGS, 0, 0, b"")])
+    assert partial is not None and done is None
+
+
+def test_a_header_block_is_the_same_head_until_it_ends_and_a_later_block_is_another() -> None:
+    continuation = frame_bytes(wire.CONTINUATION, 0, 1, b"")
+    states = fed([
+        PREFACE, frame_bytes(wire.HEADERS, 0, 1, HEADERS_BLOCK), continuation, continuation,
+        frame_bytes(wire.CONTINUATION, wire.END_HEADERS, 1, b""), frame_bytes(wire.HEADERS, 0, 3, HEADERS_BLOCK),
+    ])  # fmt: skip
+    heads = [head for head, _ in states]
+    assert heads[0] is None and heads[1] is not None and heads[1] is heads[2] is heads[3]
+    assert heads[4] is None and heads[5] is not None and heads[5] is not heads[1]
+    trickled = frame_bytes(wire.HEADERS, wire.END_HEADERS, 3, HEADERS_BLOCK * 10)
+    a, b, c = fed([PREFACE + trickled[:12], trickled[12:13], trickled[13:]])
+    assert a[0] is not None and a[0] is b[0] and c[0] is None  # one HEADERS frame arriving a byte at a time
+
+
+def test_a_data_frame_still_arriving_counts_for_its_stream_only() -> None:
+    states = fed([PREFACE + OPEN_1, DATA_1[: 9 + 300], DATA_1[9 + 300 :], frame_bytes(wire.DATA, 0, 3, b"x" * 50)[:30]])
+    assert [arriving for _, arriving in states] == [0, 300, 0, 0]  # stream 3's frame is not stream 1's progress
+    assert all(head is None for head, _ in states)
