@@ -4,14 +4,18 @@
     .venv/bin/python benchmarks/run_asgi.py              # 10 s per measurement, 3 rounds
     .venv/bin/python benchmarks/run_asgi.py --quick      # 3 s per measurement
 
-Both fronts serve the same generated table (one model, its plane `direct`: nginx answering a
+    .venv/bin/python benchmarks/run_asgi.py --fronts native,granian
+
+Every front serves the same generated table (one model, its plane `direct`: nginx answering a
 fixed JSON, see run_http.py) with the same data plane; only the front differs:
-  native    `python -m gateway serve` (1 worker)
-  uvicorn   `uvicorn gateway.asgi:app --http httptools --loop uvloop` (1 worker, GATEWAY_CONFIG)
+  native     `python -m gateway serve` (1 worker)
+  uvicorn    `uvicorn gateway.asgi:app --http httptools --loop uvloop` (1 worker, GATEWAY_CONFIG)
+  hypercorn  `hypercorn gateway.asgi:app --worker-class uvloop` (1 worker)
+  granian    `granian --interface asgi gateway.asgi:app --loop uvloop` (1 worker, 1 runtime thread)
 Load: wrk, small JSON POST, 32 connections (-t2 -c32), 1 s warm-up. The fronts are measured
-alternately (native, uvicorn, native, uvicorn, ...) so drift on a shared machine hits both; the
-ratio printed is uvicorn / native req/s of the best round of each (and of each round). Results go to
-benchmarks/results/asgi-latest.json.
+alternately (native, uvicorn, hypercorn, granian, native, ...) so drift on a shared machine hits
+all; the ratio printed is each ASGI front's req/s over the native server's, per round and of the
+best round of each. Results go to benchmarks/results/asgi-latest.json.
 """
 
 from __future__ import annotations
@@ -28,18 +32,32 @@ import _harness as H  # noqa: E402
 import run_http as R  # noqa: E402
 
 LEVEL = (2, 32)  # (threads, connections)
+ASGI_FRONTS = ("uvicorn", "hypercorn", "granian")
 
 
-def start_uvicorn(procs: H.Procs, python: str, plane_url: str) -> tuple[H.Proc, int]:
-    cfg = procs.tmp / "uvicorn-table.yaml"
+def asgi_argv(server: str, python: str, port: int, uvloop: bool) -> list[str]:
+    if server == "uvicorn":
+        return [python, "-m", "uvicorn", "gateway.asgi:app", "--host", "127.0.0.1", "--port", str(port),
+                "--http", "httptools", "--loop", "uvloop" if uvloop else "asyncio", "--no-access-log",
+                "--no-proxy-headers", "--lifespan", "on"]  # fmt: skip
+    if server == "hypercorn":
+        return [python, "-m", "hypercorn", "gateway.asgi:app", "--bind", f"127.0.0.1:{port}",
+                "--worker-class", "uvloop" if uvloop else "asyncio"]  # fmt: skip
+    if server == "granian":
+        return [python, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", "1", "--runtime-threads", "1", "--loop", "uvloop" if uvloop else "asyncio",
+                "--no-access-log", "gateway.asgi:app"]  # fmt: skip
+    raise ValueError(f"unknown ASGI server {server!r}")
+
+
+def start_asgi(procs: H.Procs, server: str, python: str, plane_url: str) -> tuple[H.Proc, int]:
+    cfg = procs.tmp / f"{server}-table.yaml"
     cfg.write_text(H.gateway_table(plane_url))
     port, admin = H.free_port(), H.free_port()
-    loop = "uvloop" if _importable(python, "uvloop") else "asyncio"
-    argv = [python, "-m", "uvicorn", "gateway.asgi:app", "--host", "127.0.0.1", "--port", str(port),
-            "--http", "httptools", "--loop", loop, "--no-access-log", "--no-proxy-headers", "--lifespan", "on"]  # fmt: skip
-    H.log(f"starting uvicorn: {' '.join(argv)}")
+    argv = asgi_argv(server, python, port, _importable(python, "uvloop"))
+    H.log(f"starting {server}: {' '.join(argv)}")
     env = {"GATEWAY_CONFIG": str(cfg), "GATEWAY_ADMIN_PORT": str(admin)}  # the admin listener says when it is ready
-    proc = procs.start("uvicorn", argv, cwd=H.GATEWAY_ROOT, env=env)
+    proc = procs.start(server, argv, cwd=H.GATEWAY_ROOT, env=env)
     H.wait_ready(proc, admin, "GET", "/readyz", ok=lambda s: s == 200, timeout=30.0)
     return proc, port
 
@@ -54,7 +72,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 10)")
     ap.add_argument("--quick", action="store_true", help="3 s per measurement (unless --duration is given)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of native then uvicorn (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of every front (default 3)")
+    ap.add_argument("--fronts", default=",".join(("native", *ASGI_FRONTS)), help="comma-separated (default: all)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the fronts")
     ap.add_argument("--output", default=str(H.RESULTS_DIR / "asgi-latest.json"))
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
@@ -74,10 +93,10 @@ def main() -> int:
         lua = R.wrk_lua(procs.tmp / "post.lua")
         direct, direct_port = H.start_direct_nginx(procs)
         plane = f"http://127.0.0.1:{direct_port}"
-        fronts = {
-            "native": lambda: H.start_gateway(procs, args.python, plane, name="native"),
-            "uvicorn": lambda: start_uvicorn(procs, args.python, plane),
-        }
+        starters = {"native": lambda: H.start_gateway(procs, args.python, plane, name="native")}
+        for server in ASGI_FRONTS:
+            starters[server] = lambda server=server: start_asgi(procs, server, args.python, plane)  # type: ignore[misc]
+        fronts = {name: starters[name] for name in args.fronts.split(",")}
         for i in range(args.rounds):
             for name, starter in fronts.items():
                 rows: list[dict] = []
@@ -96,24 +115,31 @@ def main() -> int:
         print(line)
     H.write_results(
         args.output, "asgi", started, duration_s=args.duration, rounds=args.rounds,
-        environment=R.versions(args.python), results=results, uvicorn_over_native=best,
+        environment=R.versions(args.python), results=results, over_native=best,
     )  # fmt: skip
     return 1 if any(r.get("failed") for r in results) else 0
 
 
-def ratio_lines(results: list[dict]) -> tuple[list[str], float | None]:
+def ratio_lines(results: list[dict]) -> tuple[list[str], dict[str, float | None]]:
+    """Each ASGI front's req/s over the native server's: per round, and of the best round of each."""
+
     def rps(name: str, round_: int | None = None) -> list[float]:
         return [r["rps"] for r in results if r["target"] == name and r.get("rps") and not r.get("failed")
                 and round_ in (None, r["round"])]  # fmt: skip
 
     lines = []
-    for i in sorted({r["round"] for r in results}):
-        native, uvicorn = rps("native", i), rps("uvicorn", i)
-        if native and uvicorn:
-            lines.append(f"round {i}: uvicorn / native req/s @32 = {uvicorn[0] / native[0]:.3f}")
-    native, uvicorn = rps("native"), rps("uvicorn")
-    best = max(uvicorn) / max(native) if native and uvicorn else None
-    lines.append(f"best of each: uvicorn / native req/s @32 = {'n/a' if best is None else format(best, '.3f')}")
+    best: dict[str, float | None] = {}
+    for server in ASGI_FRONTS:
+        if not any(r["target"] == server for r in results):
+            continue
+        for i in sorted({r["round"] for r in results}):
+            native, front = rps("native", i), rps(server, i)
+            if native and front:
+                lines.append(f"round {i}: {server} / native req/s @32 = {front[0] / native[0]:.3f}")
+        native, front = rps("native"), rps(server)
+        best[server] = max(front) / max(native) if native and front else None
+        shown = "n/a" if best[server] is None else format(best[server], ".3f")
+        lines.append(f"best of each: {server} / native req/s @32 = {shown}")
     return lines, best
 
 

@@ -21,6 +21,7 @@ from gateway.environments.control import ControlPlane
 from gateway.grpc.h2server import H2Connection, H2Server
 from gateway.grpc.listener import GrpcListener, tls_context
 from gateway.http.h2 import PublicApp
+from gateway.http.h2sweep import H2Sweeper
 from gateway.http.public import PublicHandler
 from gateway.http.server import HttpConnection, serve
 from gateway.metrics import Metrics
@@ -152,6 +153,7 @@ class DataPlane:
         # HTTP/2 connections of the public port: HTTP calls to the public handler, gRPC to a relay of its own.
         h2 = self.h2 = GrpcListener(self.state, self.metrics, None, public.pipeline)
         h2.server = H2Server(PublicApp(public, h2.relay), extended_connect=True)  # WebSocket too (RFC 8441)
+        H2Sweeper(h2.server)  # slow header blocks and request bodies, as HTTP/1.1's sweep (gateway/http/h2sweep.py)
         with binding("--port", opts.host, opts.port):
             self.server = await serve(
                 public, opts.host, opts.port, scheme="https" if ctx else "http", ssl=ctx,
@@ -164,6 +166,7 @@ class DataPlane:
             )
             with binding("--grpc-port", opts.host, opts.grpc_port):
                 await self.grpc.start(opts.host, opts.grpc_port, reuse_port=opts.reuse_port)
+            H2Sweeper(self.grpc.server)  # its slow header blocks (gRPC streams' bodies are not swept)
 
     def assemble(self, scheme: str) -> PublicHandler:
         """The public handler over one call pipeline and async queue, for every front end (native, ASGI)."""

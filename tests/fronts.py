@@ -1,8 +1,8 @@
 """The public front ends a gateway can run behind, as real server processes on 127.0.0.1 (issue 13).
 
-`native` is `gateway serve`; `uvicorn` and `hypercorn` run `gateway.asgi:app` (GATEWAY_CONFIG) with
-the admin listener on (GATEWAY_ADMIN_PORT), so the same tests drive all three through the same
-public port and the same admin reload, /readyz and /metrics.
+`native` is `gateway serve`; `uvicorn`, `hypercorn` and `granian` run `gateway.asgi:app`
+(GATEWAY_CONFIG) with the admin listener on (GATEWAY_ADMIN_PORT), so the same tests drive all four
+through the same public port and the same admin reload, /readyz and /metrics.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.support import GatewayProcess
 
-FRONTS = ("native", "uvicorn", "hypercorn")
+FRONTS = ("native", "uvicorn", "hypercorn", "granian")
 
 
 class AsgiProcess(GatewayProcess):
@@ -34,6 +34,9 @@ class AsgiProcess(GatewayProcess):
         if self.server == "hypercorn":
             return [sys.executable, "-m", "hypercorn", self.app, "--bind", f"127.0.0.1:{self.port}",
                     *self.extra]  # fmt: skip
+        if self.server == "granian":  # one worker; its Rust HTTP stack, the app on its asyncio loop
+            return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port",
+                    str(self.port), "--workers", "1", "--no-access-log", self.app, *self.extra]  # fmt: skip
         raise ValueError(f"unknown ASGI server {self.server!r}")
 
 

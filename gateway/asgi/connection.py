@@ -213,11 +213,14 @@ class AsgiConnection(HttpConnection):
         """One message from receive(); False once the client is gone."""
         kind = message["type"]
         if kind == "http.request":
-            if not self.req.body.complete:
+            req = self.req
+            if not req.body.complete:
                 body = message.get("body", b"")
                 if body:
                     self.on_body(body)
-                if not message.get("more_body", False):
+                # A Content-Length body is whole at its length, as the native parser says: granian sends
+                # `more_body: False` only in an empty message after it, which may come after the answer.
+                if not message.get("more_body", False) or req.body.received == req.content_length:
                     self.on_message_complete()
             return True
         self.client_gone()

@@ -24,7 +24,7 @@ from gateway.grpc.h2server import STREAM_WINDOW, App, Handler, Headers, ServerSt
 from gateway.grpc.wire import INTERNAL_ERROR, PROTOCOL_ERROR
 from gateway.http.proxy import RESPONSE_DROP, UPGRADE_DROP, Exchange, TunnelExchange
 from gateway.http.server import Handler as HttpHandler
-from gateway.http.server import HttpConnection, Request, read_fields
+from gateway.http.server import HttpConnection, Request, RequestTimeout, body_too_slow, read_fields
 from gateway.http.shadow import ShadowExchange
 
 GRPC = b"application/grpc"
@@ -122,6 +122,11 @@ class H2Call(HttpConnection):
         self.write_paused_callbacks = []
         self.on_lost = None
         self.tunnel = None
+        # The HTTP/1.1 body rule, per stream (server.body_too_slow, swept by gateway.http.h2sweep):
+        self.last_read = self.loop.time()  # the last DATA of this stream (or when we began waiting for it)
+        self.body_reading = 0.0
+        self.body_clock: float | None = None
+        self.timed_out = False
 
     def __repr__(self) -> str:
         return f"<H2Call {self.stream!r} {self.current!r}>"
@@ -187,6 +192,7 @@ class H2Call(HttpConnection):
             self.tunnel(data)
             self._took(flow)
             return
+        self.last_read = self.stream.conn.last_read  # the read that brought this DATA
         body = req.body
         if req.content_length is not None and body.received + len(data) > req.content_length:
             self._malformed("more DATA than the request's Content-Length")  # RFC 9113 §8.1.1
@@ -256,15 +262,20 @@ class H2Call(HttpConnection):
 
     def send_continue(self) -> None:
         self.stream.respond([(b":status", b"100")])  # an interim response (RFC 9113 §8.1)
+        self.last_read = self.loop.time()  # the client sends its body from now on
 
     def pause_reading(self, reason: int) -> None:
         self.paused |= reason
 
     def resume_reading(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
         self.paused &= ~reason
-        if not self.paused and self.owed:
-            owed, self.owed = self.owed, 0
-            self.stream.ack(owed)
+        if not self.paused:
+            self.last_read = self.loop.time()  # a stall is counted from when we read again (server.sweep)
+            if self.owed:
+                owed, self.owed = self.owed, 0
+                self.stream.ack(owed)
 
     def start_tunnel(self, sink: Any) -> None:
         self.tunnel = sink
@@ -283,6 +294,32 @@ class H2Call(HttpConnection):
         """A truncated answer must look truncated: the stream is reset, never ended."""
         self.closed = True
         self.stream.abort(INTERNAL_ERROR)
+
+    # -- the slow-body rule (gateway.http.h2sweep)
+
+    def sweep(self, now: float, arriving: int, held_back: bool) -> bool:
+        """The HTTP/1.1 rule for a request body that stalls or trickles (`server.body_too_slow`), on this
+        stream: 408 (RST_STREAM once the answer has begun) and the plane call aborted; True if so.
+        `arriving`: bytes of a DATA frame of this stream still coming in; `held_back`: the client waits
+        for the connection's window, which we withhold (other streams' plane calls are slow)."""
+        req = self.current
+        if req is None or self.closed or self.tunnel is not None or self.stream.done or req.body.complete:
+            return False
+        if held_back:
+            self.body_clock = None
+            self.last_read = now  # not the client's stall: counted again once the window opens
+            return False
+        if arriving:
+            self.last_read = max(self.last_read, self.stream.conn.last_read)
+        problem = body_too_slow(self, req, now, arriving)
+        if problem is None:
+            return False
+        self.timed_out = True
+        if not self.response_started:
+            self.send_error(RequestTimeout(problem))  # then RST_STREAM(NO_ERROR) if the body was still coming
+        self.connection_lost(None)  # the plane call is cancelled (or the hold left), as on the client's reset
+        self.stream.abort(INTERNAL_ERROR)  # an answer begun is truncated, and must look it (no-op after the 408)
+        return True
 
 
 class PublicApp:

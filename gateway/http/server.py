@@ -318,6 +318,8 @@ class HttpConnection(asyncio.Protocol):
         data = self.sniffed + data  # type: ignore[operator]
         if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
             self.sniffed = data
+            if self.head_started is None:
+                self.head_started = self.loop.time()  # a preface is a head too: HEAD_TIMEOUT_SECONDS (slowloris)
             return b""
         self.sniffed = None
         if data.startswith(H2_PREFACE):
@@ -657,7 +659,7 @@ class _UriTooLong(ClientError):
     status = 414
 
 
-class _RequestTimeout(ClientError):
+class RequestTimeout(ClientError):
     status = 408
 
 
@@ -678,20 +680,22 @@ def sweep(conns: set[HttpConnection], now: float, serving: bool) -> None:
             conn.draining = conn.must_close = True  # the answer in progress says `connection: close`
         busy = conn.current is not None or conn.pipeline
         if conn.head_started is not None and now - conn.head_started > HEAD_TIMEOUT_SECONDS and not busy:
-            conn._reject(_RequestTimeout(f"request head not received within {HEAD_TIMEOUT_SECONDS:g} s"))
+            conn._reject(RequestTimeout(f"request head not received within {HEAD_TIMEOUT_SECONDS:g} s"))
         elif not busy:
             if not serving or now - conn.last_read > KEEPALIVE_TIMEOUT_SECONDS:
                 conn.close()
-        elif conn.current is not None and (problem := _body_too_slow(conn, conn.current, now)) is not None:
+        elif conn.current is not None and (problem := body_too_slow(conn, conn.current, now)) is not None:
             conn.must_close = True
             if conn.response_started:
                 conn.abort()
             else:
-                conn.send_error(_RequestTimeout(problem))
+                conn.send_error(RequestTimeout(problem))
                 conn.close()
 
 
-def _body_too_slow(conn: HttpConnection, req: Request, now: float) -> str | None:
+def body_too_slow(conn: HttpConnection, req: Request, now: float, arriving: int = 0) -> str | None:
+    """Why `req`'s body is too slow (`sweep`'s rule, for HTTP/1.1 and each HTTP/2 stream), or None.
+    `arriving`: bytes of it received but not parsed yet (an HTTP/2 DATA frame still coming in)."""
     body = req.body
     waiting = not body.complete and not conn.paused and (body.sink is not None or not req.expect_continue)
     if not waiting:  # complete, or we are not reading: the client is not the one holding things up
@@ -702,7 +706,7 @@ def _body_too_slow(conn: HttpConnection, req: Request, now: float) -> str | None
     conn.body_clock = now
     if now - conn.last_read > BODY_TIMEOUT_SECONDS:
         return f"request body stalled for {BODY_TIMEOUT_SECONDS:g} s"
-    if conn.body_reading > BODY_TIMEOUT_SECONDS + body.received / BODY_MIN_RATE:
+    if conn.body_reading > BODY_TIMEOUT_SECONDS + (body.received + arriving) / BODY_MIN_RATE:
         return f"request body arrives slower than {BODY_MIN_RATE} bytes/s"
     return None
 
