@@ -23,7 +23,9 @@ of the fleet in, this member's part out.
 
 The members' views differ by at most one exchange, so the fleet can also overshoot a rate while
 shares move (a member raises its part before another lowers its own): at most the rate's worth
-of one exchange period per change. README "Fleet-wide rate limits" states the bound.
+of one exchange period per change. The limiter passes a member's own demand as of the exchange
+before the last (`Counter.settled`), never newer than the others' it reads, so that demand
+starting everywhere at once does not give every member most of the limit for a period. README "Fleet-wide rate limits" states the bound.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ class Counter:
     limit, or in fleet mode this member's part of it (`share` of the rate and burst, `slots`)."""
 
     __slots__ = ("limit", "name", "spec", "bucket", "in_flight", "policy", "cap", "share", "slots", "closed",
-                 "arrivals", "demand")  # fmt: skip
+                 "arrivals", "demand", "settled")  # fmt: skip
 
     def __init__(self, limit: str, name: str, spec: RateLimit, now: float) -> None:
         self.limit = limit
@@ -100,6 +100,10 @@ class Counter:
         self.closed = False  # fleet mode, the store stale and fleet_failure "closed": refuse every call
         self.arrivals = 0  # calls since the last exchange, admitted or not (fleet mode's demand)
         self.demand = 0.0  # calls a second, averaged over the last exchanges
+        # The demand this member reported one exchange before the last, which its own part is computed
+        # from: the others' reports it reads are as recent or more, so when demand starts on every
+        # member at once none takes a share the others have not seen yet (the shares then sum to 1 or less).
+        self.settled = 0.0
         self.policy = policy_items(limit, spec)
         self.fit(now)
 
@@ -139,6 +143,7 @@ class Counter:
 
     def report(self, elapsed: float) -> Usage:
         """Fleet mode, at each exchange: the demand over the `elapsed` seconds since the last, and the open calls."""
+        self.settled = self.demand
         if elapsed > 0.0:
             self.demand += DEMAND_WEIGHT * (self.arrivals / elapsed - self.demand)
         self.arrivals = 0
@@ -306,7 +311,7 @@ class Limiter:
         if self.view is None:
             c.place(1.0, None, c.spec.fleet_failure == "closed", now)
         else:
-            share, cap = part(self.view, lid, c.spec, Usage(c.demand, c.in_flight))
+            share, cap = part(self.view, lid, c.spec, Usage(c.settled, c.in_flight))
             c.place(share, cap, False, now)
 
     def admit(self, table: Table, key: ApiKey) -> Permit:
