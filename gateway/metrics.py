@@ -169,7 +169,13 @@ class Metrics:
             "Calls refused by a rate_limit, by limit (key, team), the key's or team's name, and kind (rate, concurrency).",
             ("limit", "name", "kind"),
         )
-        self.all += (self.rate_limited,)
+        # Fleet mode: this process's part (0..1) of each fleet-wide rate_limit it counts (0: refusing, store stale)
+        self.rate_limit_share = Gauge(
+            "gateway_rate_limit_fleet_share",
+            "This gateway's share of a fleet-wide rate_limit (with a database store), by limit and name.",
+            ("limit", "name"),
+        )
+        self.all += (self.rate_limited, self.rate_limit_share)
         # process_* (read from /proc at scrape time): (worker label or "", pid) of each process shown
         self.processes: Callable[[], Iterable[tuple[str, int]]] = lambda: [("", os.getpid())]
         # The access log (issue 13): lines dropped because the writer fell behind (a call never waits for it)

@@ -29,6 +29,7 @@ from gateway.obs.setup import check_observing, observer
 from gateway.ports import binding
 from gateway.state import TableState
 from gateway.stores import is_database
+from gateway.stores.ratelimits import FleetLimits, fleet_limits
 from gateway.stores.sync import follow_store
 from gateway.tls import server_context
 from gateway.upstream.connect import Connector
@@ -120,6 +121,7 @@ class DataPlane:
         self.connections: set[HttpConnection] = set()
         self.asyncs: AsyncService | None = None  # the async queue (SPEC §10): an adapter of the pipeline
         self.span_exporter: object = None  # tests: the SDK's in-memory exporter in place of OTLP
+        self.fleet_limits: FleetLimits | None = None  # a database store: rate limits held fleet-wide
 
     def __repr__(self) -> str:
         port = self.public_port if self.server is not None else None
@@ -148,6 +150,9 @@ class DataPlane:
             # One TLS port for HTTP/1.1, HTTP/2 and gRPC, as the platform's own :443 (issue 13).
             ctx = server_context(opts.tls_cert, opts.tls_key or opts.tls_cert, ["h2", "http/1.1"])
         public = self.assemble("https" if ctx else "http")
+        self.fleet_limits = fleet_limits(self.state, public.pipeline.limiter)
+        if self.fleet_limits is not None:  # each process (each worker) is a member of the fleet's limits
+            await self.fleet_limits.start()  # the first exchange before serving: it starts with its parts
         if opts.embedded:
             return  # the ASGI server carries the public calls to `self.public` (gateway/asgi/)
         # HTTP/2 connections of the public port: HTTP calls to the public handler, gRPC to a relay of its own.
@@ -201,6 +206,8 @@ class DataPlane:
             conn.close()
         if self.asyncs is not None:
             await self.asyncs.close()  # runs in flight stay claimed: their leases hand them on
+        if self.fleet_limits is not None:
+            await self.fleet_limits.close()
 
     def close(self) -> None:
         if self.public is not None:

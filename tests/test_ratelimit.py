@@ -238,7 +238,7 @@ def test_the_table_refuses_bad_limits_by_path() -> None:
         "api_keys[3].rate_limit.burst: must be at least 1, got 0",
         "api_keys[3].rate_limit.max_concurrent: expected an integer, got the number 1.5",
         "api_keys[3].rate_limit.per_minute: unknown key 'per_minute' (allowed: requests_per_second, burst, "
-        "max_concurrent)",
+        "max_concurrent, fleet_failure)",
         "api_keys[3].rate_limit.requests_per_second: must be greater than 0, got 0",
         "teams.acme.rate_limit.burst: a burst needs requests_per_second (it is the depth of that rate's bucket)",
     ]

@@ -43,7 +43,8 @@ STRING = {"type": "string"}
 SPLIT = _obj({"deployment": STRING, "percent": {"type": "number", "minimum": 0, "maximum": 100},
               "max_body_bytes": {"type": "integer", "minimum": 0}}, ("deployment", "percent"))  # fmt: skip
 RATE_LIMIT = _obj({"requests_per_second": {"type": "number", "exclusiveMinimum": 0},
-                   "burst": {"type": "integer", "minimum": 1}, "max_concurrent": {"type": "integer", "minimum": 1}})  # fmt: skip
+                   "burst": {"type": "integer", "minimum": 1}, "max_concurrent": {"type": "integer", "minimum": 1},
+                   "fleet_failure": {"enum": ["open", "closed"]}})  # fmt: skip
 OWN_SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": _obj(
         {"error": STRING, "error_code": {"enum": ERROR_CODES}, "problems": {"type": "array", "items": STRING}},

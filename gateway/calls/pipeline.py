@@ -70,7 +70,7 @@ class Pipeline:
         self.caller = PlaneCaller(metrics)
         self.background: set[asyncio.Task] = set()
         self.constants = Constants()  # labels and identity fields of the serving table's routes
-        self.limiter = Limiter(metrics, self.loop.time)  # rate_limit of keys and teams, per worker
+        self.limiter = Limiter(metrics, self.loop.time)  # rate_limit of keys and teams (fleet-wide: stores.ratelimits)
         # The access log and tracing (issue 13); None: off, and adapters build no CallInfo.
         self.observer: Observer | None = None
         state.on_swap.append(self._table_swapped)

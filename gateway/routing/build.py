@@ -348,6 +348,7 @@ def _rate_limit(r: Any) -> RateLimit | None:
         float(rate) if rate is not None else None,
         int(burst) if burst is not None else None,
         int(concurrent) if concurrent is not None else None,
+        str(r.get("fleet_failure", "open")),
     )
 
 

@@ -213,11 +213,14 @@ class AsyncLimits:
 @dataclass(frozen=True, slots=True)
 class RateLimit:
     """`rate_limit` of an API key or a team (SPEC §12): a token bucket of `requests_per_second`
-    refilled, `burst` deep, and at most `max_concurrent` calls open at once; None = no such limit."""
+    refilled, `burst` deep, and at most `max_concurrent` calls open at once; None = no such limit.
+    `fleet_failure`: with a database store, what the limit does while the store is stale (SPEC §13):
+    "open" each gateway enforces the whole limit by itself, "closed" refuses the calls."""
 
     requests_per_second: float | None = None
     burst: int | None = None  # with requests_per_second only; default max(1, requests_per_second)
     max_concurrent: int | None = None
+    fleet_failure: str = "open"  # "open" | "closed" (gateway.calls.fleetshare)
 
 
 @dataclass(frozen=True, slots=True)

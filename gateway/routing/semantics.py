@@ -189,6 +189,11 @@ class Semantics:
         limit = as_dict(limit)
         if "burst" in limit and "requests_per_second" not in limit:
             self.add(path + ("burst",), "a burst needs requests_per_second (it is the depth of that rate's bucket)")
+        if "fleet_failure" in limit and "requests_per_second" not in limit and "max_concurrent" not in limit:
+            self.add(
+                path + ("fleet_failure",),
+                "fleet_failure needs requests_per_second or max_concurrent (a limit to apply)",
+            )
 
     def check_api_keys(self) -> None:
         digests: dict[str, DocPath] = {}
