@@ -40,6 +40,7 @@ log = logging.getLogger("gateway")
 class ServeOptions:
     config: str
     store: str | None = None  # the admin store (SPEC §6 changes); None: next to the config file
+    store_cache: str | None = None  # fleet mode: the local cache of the overlay; None: next to the config file
     host: str = "127.0.0.1"
     port: int = 8080
     admin_host: str = "127.0.0.1"
@@ -86,8 +87,8 @@ def check_options(opts: ServeOptions) -> None:
         check_observing(opts)
     except ValueError as error:
         raise OptionsError(str(error)) from None
-    if is_database(opts.store) and opts.workers > 1:
-        raise OptionsError("--store postgresql://... runs one process per gateway for now: scale with more gateways")
+    if opts.store_cache and not is_database(opts.store):
+        raise OptionsError("--store-cache goes with --store postgresql://... (fleet mode)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -235,7 +236,7 @@ class Gateway:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         self.metrics = Metrics()
-        self.state = TableState(opts.config, self.metrics, opts.store)
+        self.state = TableState(opts.config, self.metrics, opts.store, opts.store_cache)
         self.data = DataPlane(opts, self.state, self.metrics)
         self.control = (
             ControlPlane(
