@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tests import fleet as fleet_support
-from tests.fleet import KEY, PrivatePostgres, fresh_database, metric_value, stop_fleet
+from tests.fleet import KEY, PrivatePostgres, fresh_database, metric_value, run_cli, stop_fleet
 from tests.support import GatewayProcess, wait_for
 from tests.test_environments import HOST
 from tests.test_fleet_promotion import STAGING, lease_holder, progress, race
@@ -215,3 +215,9 @@ def test_a_worker_restarted_meanwhile_serves_the_current_change(config: Path) ->
             assert set(every_worker_serves(workers, new, "v2")) == new
         finally:
             stop_fleet(fleet)
+
+
+def test_a_store_cache_without_a_database_store_is_refused(config: Path) -> None:
+    done = run_cli("serve", "--config", str(config), "--store-cache", str(config.parent / "cache.json"))
+    assert done.returncode == 2 and "--store-cache goes with --store postgresql://" in done.stderr, done.stderr
+    assert not (config.parent / "cache.json").exists()
