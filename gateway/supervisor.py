@@ -39,7 +39,7 @@ from pathlib import Path
 
 from gateway.asyncq.service import QueueFiles
 from gateway.environments.control import ControlPlane
-from gateway.environments.store import JsonFileStore
+from gateway.environments.store import JsonFileStore, StoreError
 from gateway.metrics import Metrics, merge, snapshot
 from gateway.ports import EXIT_CODE, PortUnavailable, binding, check_free
 from gateway.runner import DataPlane, ServeOptions, install_signals, install_uvloop, queue_directory
@@ -134,14 +134,20 @@ class Supervisor:
         self.state = TableState(opts.config, self.metrics, opts.store, opts.store_cache)
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-workers-"))
         if is_database(opts.store):  # the workers' admin store: what this process serves (module docstring)
-            mirror = JsonFileStore(worker_store(opts, self.metrics_dir) or "")
-            mirror.write(self.state.overlay)
-            self.state.on_overlay.append(mirror.write)
+            self.mirror = JsonFileStore(str(self.metrics_dir / OVERLAY_FILE))
+            self.mirror.write(self.state.overlay)  # before any worker starts; a failure here stops the start
+            self.state.on_overlay.append(self.copy_for_workers)
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, BaseProcess] = {}
         self.stopping = asyncio.Event()
         self.failed: int | None = None  # the exit code when a worker could not start (a port taken meanwhile)
         self.state.on_swap.append(lambda table: self.signal_workers(signal.SIGHUP, ready_only=True))
+
+    def copy_for_workers(self, overlay: dict) -> None:
+        try:
+            self.mirror.write(overlay)
+        except StoreError as exc:  # never fail the change or the store's follower: the workers lag, and say so
+            log.error("cannot copy the admin changes for the workers, which keep the previous ones: %s", exc)
 
     def start_worker(self, index: int) -> None:
         proc = self.ctx.Process(target=worker_main, args=(self.opts, index, str(self.metrics_dir)), daemon=False)
