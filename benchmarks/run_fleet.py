@@ -4,13 +4,15 @@
    `--changes N` admin changes (a PATCH of the production environment's autoscaling settings) go
    through the gateways in turn; for each, the time from the admin call's answer until each of the
    two other gateways' `/v1/routing` shows the new `admin_revision` (polled every 2 ms). Goal: p99 <= 1 s.
+   With `--workers N` every gateway runs N workers, and a change counts as served by a gateway once
+   each of its workers has swapped to the supervisor's table (the digests `/v1/routing` lists).
 2. Sync req/s: `wrk` (one small POST, 32 connections) against a gateway with `--store
    postgresql://...` and one with the embedded store, in alternating rounds so machine noise hits
    both alike; the ratio of their medians. Goal: no difference beyond noise (the hot path never
    waits on the database).
 
 Needs PostgreSQL on 127.0.0.1:5432 (trust auth; `--server` for another), nginx and wrk.
-Run from the repository root: `.venv/bin/python benchmarks/run_fleet.py [--changes 200] [--rounds 3]`.
+Run from the repository root: `.venv/bin/python benchmarks/run_fleet.py [--changes 200] [--rounds 3] [--workers N]`.
 Every wait has a time limit; every server started is stopped at the end.
 """
 
@@ -51,6 +53,13 @@ def revision(port: int) -> int:
     return int(admin(port, "GET", "/v1/routing")[1]["admin_revision"])
 
 
+def served(port: int, target: int) -> bool:
+    """The gateway is at revision `target` or later, and so is every worker it has (`--workers N`)."""
+    view = admin(port, "GET", "/v1/routing")[1]
+    workers = view.get("workers", [])
+    return int(view["admin_revision"]) >= target and all(w["digest"] == view["digest"] for w in workers)
+
+
 def propagation(admin_ports: list[int], changes: int) -> list[float]:
     """Seconds from each change's answer until every other gateway serves it (one value per gateway)."""
     latencies = []
@@ -70,7 +79,7 @@ def propagation(admin_ports: list[int], changes: int) -> list[float]:
             if port == origin:
                 continue
             deadline = done_at + PROPAGATION_TIMEOUT
-            while revision(port) < target:
+            while not served(port, target):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"change {i} did not reach the gateway on admin port {port}")
                 time.sleep(0.002)
@@ -89,9 +98,11 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk measurement")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes of every gateway (--workers N)")
     args = ap.parse_args()
     H.install_signal_handlers()
     python = sys.executable
+    workers = ["--workers", str(args.workers)] if args.workers > 1 else []
     name = f"fleet_bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(f"{args.server}/postgres", autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
@@ -101,15 +112,17 @@ def main() -> int:
         with H.Procs() as procs:
             _, plane_port = H.start_direct_nginx(procs)
             plane = f"http://127.0.0.1:{plane_port}"
-            fleet = [H.start_gateway(procs, python, plane, f"fleet-{i}", ["--store", url])[0] for i in range(3)]
+            fleet = [
+                H.start_gateway(procs, python, plane, f"fleet-{i}", ["--store", url, *workers])[0] for i in range(3)
+            ]
             admin_ports = [admin_port_of(proc) for proc in fleet]
             H.log(f"propagation: {args.changes} changes across {len(fleet)} gateways")
             latencies = propagation(admin_ports, args.changes)
             for proc in fleet:
                 procs.stop(proc)
 
-            _, fleet_port = H.start_gateway(procs, python, plane, "with-postgres", ["--store", url])
-            _, embedded_port = H.start_gateway(procs, python, plane, "embedded")
+            _, fleet_port = H.start_gateway(procs, python, plane, "with-postgres", ["--store", url, *workers])
+            _, embedded_port = H.start_gateway(procs, python, plane, "embedded", workers)
             lua = wrk_lua(procs.tmp / "post.lua")
             rps: dict[str, list[float]] = {"postgresql": [], "embedded": []}
             for r in range(args.rounds):
@@ -127,18 +140,21 @@ def main() -> int:
     pg, embedded = statistics.median(rps["postgresql"]), statistics.median(rps["embedded"])
     spread = max((max(v) - min(v)) / statistics.median(v) for v in rps.values())
     result = {
+        "workers": args.workers,
         "propagation": {"changes": args.changes, "samples": len(latencies), "p50_ms": p50 * 1000,
                         "p99_ms": p99 * 1000, "max_ms": max(latencies) * 1000, "goal_p99_ms": GOAL_P99_S * 1000},
         "sync_rps": {"postgresql": rps["postgresql"], "embedded": rps["embedded"], "ratio": pg / embedded,
                      "round_spread": spread},
     }  # fmt: skip
-    print(f"propagation over 3 gateways ({len(latencies)} samples): p50 {p50 * 1000:.1f} ms, "
+    print(f"propagation over 3 gateways of {args.workers} worker(s) ({len(latencies)} samples): p50 {p50 * 1000:.1f} ms, "
           f"p99 {p99 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms "
           f"(goal p99 <= {GOAL_P99_S * 1000:.0f} ms: {'met' if p99 <= GOAL_P99_S else 'NOT met'})")  # fmt: skip
     print(f"sync req/s, 32 connections, median of {args.rounds}: --store postgresql:// {pg:.0f}, "
           f"embedded {embedded:.0f}, ratio {pg / embedded:.3f} (spread between rounds up to {spread:.1%})")  # fmt: skip
     H.RESULTS_DIR.mkdir(exist_ok=True)
-    (H.RESULTS_DIR / "fleet-latest.json").write_text(json.dumps(result, indent=1) + "\n")
+    (
+        H.RESULTS_DIR / ("fleet-latest.json" if args.workers == 1 else f"fleet-workers{args.workers}-latest.json")
+    ).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
         help="admin store for §6 changes: a JSON file (default: <config>.admin.json), or postgresql://... (fleet mode, §13)",
     )  # fmt: skip
     s.add_argument(
+        "--store-cache", default=None, metavar="FILE",
+        help="fleet mode: the local copy of the last admin changes served (default: <config>.store-cache.json)",
+    )  # fmt: skip
+    s.add_argument(
         "--queue-store", default=None, metavar="DIR",
         help="directory of the embedded async queue stores, one file per region (default: the table's directory)",
     )  # fmt: skip
@@ -101,12 +105,14 @@ def _serve(args: argparse.Namespace) -> int:
     if not check_store(args.store):
         return 2
     try:
-        load_serving_table(args.config, args.store)  # fail fast, with every problem, before binding anything
+        load_serving_table(
+            args.config, args.store, args.store_cache
+        )  # fail fast, with every problem, before binding anything
     except TableInvalid as exc:
         print(f"gateway: {args.config} is not a valid routing table:\n{exc}", file=sys.stderr)
         return 2
     opts = ServeOptions(
-        config=args.config, store=args.store, host=args.host, port=args.port, admin_host=args.admin_host,
+        config=args.config, store=args.store, store_cache=args.store_cache, host=args.host, port=args.port, admin_host=args.admin_host,
         admin_port=args.admin_port, admin_token=args.admin_token, grpc_port=args.grpc_port,
         workers=args.workers, drain_timeout=args.drain_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key,
         grpc_tls_cert=args.grpc_tls_cert, grpc_tls_key=args.grpc_tls_key, queue_store=args.queue_store,

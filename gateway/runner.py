@@ -42,6 +42,7 @@ log = logging.getLogger("gateway")
 class ServeOptions:
     config: str
     store: str | None = None  # the admin store (SPEC §6 changes); None: next to the config file
+    store_cache: str | None = None  # fleet mode: the local cache of the overlay; None: next to the config file
     host: str = "127.0.0.1"
     port: int = 8080
     admin_host: str = "127.0.0.1"
@@ -88,8 +89,8 @@ def check_options(opts: ServeOptions) -> None:
         check_observing(opts)
     except ValueError as error:
         raise OptionsError(str(error)) from None
-    if is_database(opts.store) and opts.workers > 1:
-        raise OptionsError("--store postgresql://... runs one process per gateway for now: scale with more gateways")
+    if opts.store_cache and not is_database(opts.store):
+        raise OptionsError("--store-cache goes with --store postgresql://... (fleet mode)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -150,7 +151,7 @@ class DataPlane:
             # One TLS port for HTTP/1.1, HTTP/2 and gRPC, as the platform's own :443 (issue 13).
             ctx = server_context(opts.tls_cert, opts.tls_key or opts.tls_cert, ["h2", "http/1.1"])
         public = self.assemble("https" if ctx else "http")
-        self.fleet_limits = fleet_limits(self.state, public.pipeline.limiter)
+        self.fleet_limits = fleet_limits(self.state, public.pipeline.limiter, opts.store)
         if self.fleet_limits is not None:  # each process (each worker) is a member of the fleet's limits
             await self.fleet_limits.start()  # the first exchange before serving: it starts with its parts
         if opts.embedded:
@@ -245,7 +246,7 @@ class Gateway:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         self.metrics = Metrics()
-        self.state = TableState(opts.config, self.metrics, opts.store)
+        self.state = TableState(opts.config, self.metrics, opts.store, opts.store_cache)
         self.data = DataPlane(opts, self.state, self.metrics)
         self.control = (
             ControlPlane(

@@ -38,10 +38,10 @@ class ReloadResult:
 _checked: list[Base] = []
 
 
-def load_serving_table(path: str, store_path: str | None = None) -> Table:
+def load_serving_table(path: str, store_path: str | None = None, cache: str | None = None) -> Table:
     """What a gateway would serve: the table file composed with its admin store. Raises TableInvalid."""
     base = read_base(path)
-    store = open_store(store_path, path)
+    store = open_store(store_path, path, cache=cache)
     try:
         table = compose(base, first_overlay(store))
     finally:
@@ -72,10 +72,11 @@ def _read_checked_base(path: str) -> Base:
 class TableState:
     """Holds the current `Table`. Readers take `state.table` once per call and keep it."""
 
-    def __init__(self, path: str, metrics: Metrics, store_path: str | None = None) -> None:
+    def __init__(self, path: str, metrics: Metrics, store_path: str | None = None, cache: str | None = None) -> None:
         self.path = path
         self.metrics = metrics
-        self.store = open_store(store_path, path, metrics)
+        self.store = open_store(store_path, path, metrics, cache)
+        self.on_overlay: list[Callable[[dict[str, Any]], None]] = []  # every overlay served, before its swap
         self.base: Base = _read_checked_base(path)
         self.overlay: dict[str, Any] = first_overlay(self.store)
         self.table: Table = compose(self.base, self.overlay)
@@ -176,6 +177,10 @@ class TableState:
                 log.info("admin change (%s): serving %s", reason, table.digest[:12])
             return table
 
+    def moved_on(self) -> bool:
+        """Whether the file or the store changed since this state last read them (a cheap look, no reload)."""
+        return self._file_stat() != self._stat or self.store.revision() != self.overlay.get("revision", 0)
+
     def close(self) -> None:
         """Let go of the store (a database store's connection pool)."""
         close_store(self.store)
@@ -185,6 +190,8 @@ class TableState:
         remember = getattr(self.store, "remember", None)
         if remember is not None:
             remember(overlay)
+        for callback in self.on_overlay:
+            callback(overlay)
 
     def _swap(self, table: Table) -> bool:
         if table.digest == self.table.digest:

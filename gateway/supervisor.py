@@ -11,6 +11,13 @@ what else must be single:
   good table is signalled to every worker (SIGHUP), so workers reload together and never diverge
   on an invalid file;
 - signals: SIGTERM drains every worker, then exits 0; a worker that dies is started again.
+
+In fleet mode (`--store postgresql://...`, SPEC §13) the gateway is one member of the fleet, however
+many workers it runs: only the supervisor talks to the database (it follows the store, writes admin
+changes, holds promotion leases and publishes the workers' summed counts). Every overlay it serves
+it first copies to `overlay.json` in its working directory (`OVERLAY_FILE`), which the workers read
+as their admin store on the SIGHUP that follows, so a change another gateway made reaches every
+worker within the same second, and while the database is down the workers keep the last good one.
 """
 
 from __future__ import annotations
@@ -32,14 +39,23 @@ from pathlib import Path
 
 from gateway.asyncq.service import QueueFiles
 from gateway.environments.control import ControlPlane
+from gateway.environments.store import JsonFileStore, StoreError
 from gateway.metrics import Metrics, merge, snapshot
 from gateway.ports import EXIT_CODE, PortUnavailable, binding, check_free
 from gateway.runner import DataPlane, ServeOptions, install_signals, install_uvloop, queue_directory
 from gateway.state import TableState
+from gateway.stores import is_database
+from gateway.stores.sync import follow_store
 
 log = logging.getLogger("gateway.supervisor")
 PUBLISH_SECONDS = 1.0
 MONITOR_SECONDS = 0.5
+OVERLAY_FILE = "overlay.json"  # fleet mode: the overlay the supervisor serves, the workers' admin store
+
+
+def worker_store(opts: ServeOptions, metrics_dir: Path) -> str | None:
+    """The admin store a worker reads: the supervisor's copy in fleet mode, else the gateway's own."""
+    return str(metrics_dir / OVERLAY_FILE) if is_database(opts.store) else opts.store
 
 
 def worker_main(opts: ServeOptions, index: int, metrics_dir: str) -> None:
@@ -57,7 +73,8 @@ def worker_main(opts: ServeOptions, index: int, metrics_dir: str) -> None:
 class Worker:
     """One worker process: a data plane over its own `TableState`, reloaded when the supervisor says (SIGHUP).
 
-    No control plane: it never writes the table or the admin store, and runs no promotions.
+    No control plane: it never writes the table or the admin store, and runs no promotions. In fleet
+    mode it never connects to the admin store's database either (`worker_store`).
     """
 
     def __init__(self, opts: ServeOptions, index: int, metrics_dir: Path) -> None:
@@ -66,7 +83,8 @@ class Worker:
         )  # one worker reports the async queue depth: the workers share the queue files
         self.index = index
         self.metrics = Metrics()
-        self.state = TableState(opts.config, self.metrics, opts.store)
+        self.state = TableState(opts.config, self.metrics, worker_store(opts, metrics_dir))
+        self.state.on_swap.append(lambda table: self.publish())  # the supervisor sees the new digest at once
         self.data = DataPlane(self.opts, self.state, self.metrics)
         self.path = metrics_dir / f"worker-{index}-{os.getpid()}.json"
         self.ready = False
@@ -94,9 +112,15 @@ class Worker:
         await self.data.start()
         install_signals(self.stopping, self.state)
         self.ready = True
+        self.publish()
+        # The supervisor signals only workers it has seen ready (SIGHUP would kill one still starting):
+        # a change it made before this worker said so is caught up here.
+        if await asyncio.to_thread(self.state.moved_on):
+            await self.state.reload("changed while starting")
         task = asyncio.get_running_loop().create_task(self.publisher())
         await self.stopping.wait()
         self.ready = False
+        self.publish()
         await self.data.drain(self.opts.drain_timeout)
         self.data.close()
         task.cancel()
@@ -107,13 +131,23 @@ class Supervisor:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         self.metrics = Metrics()  # the supervisor's own: table reloads
-        self.state = TableState(opts.config, self.metrics, opts.store)
+        self.state = TableState(opts.config, self.metrics, opts.store, opts.store_cache)
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-workers-"))
+        if is_database(opts.store):  # the workers' admin store: what this process serves (module docstring)
+            self.mirror = JsonFileStore(str(self.metrics_dir / OVERLAY_FILE))
+            self.mirror.write(self.state.overlay)  # before any worker starts; a failure here stops the start
+            self.state.on_overlay.append(self.copy_for_workers)
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, BaseProcess] = {}
         self.stopping = asyncio.Event()
         self.failed: int | None = None  # the exit code when a worker could not start (a port taken meanwhile)
-        self.state.on_swap.append(lambda table: self.signal_workers(signal.SIGHUP))
+        self.state.on_swap.append(lambda table: self.signal_workers(signal.SIGHUP, ready_only=True))
+
+    def copy_for_workers(self, overlay: dict) -> None:
+        try:
+            self.mirror.write(overlay)
+        except StoreError as exc:  # never fail the change or the store's follower: the workers lag, and say so
+            log.error("cannot copy the admin changes for the workers, which keep the previous ones: %s", exc)
 
     def start_worker(self, index: int) -> None:
         proc = self.ctx.Process(target=worker_main, args=(self.opts, index, str(self.metrics_dir)), daemon=False)
@@ -121,9 +155,11 @@ class Supervisor:
         self.workers[index] = proc
         log.info("worker %d started (pid %d)", index, proc.pid)
 
-    def signal_workers(self, sig: int) -> None:
+    def signal_workers(self, sig: int, *, ready_only: bool = False) -> None:
+        """`sig` to every live worker; `ready_only`: to those that said they are ready (their handlers are set)."""
+        ready = {s["pid"] for s in self.snapshots() if s["ready"]} if ready_only else None
         for proc in self.workers.values():
-            if proc.pid is not None and proc.is_alive():
+            if proc.pid is not None and proc.is_alive() and (ready is None or proc.pid in ready):
                 os.kill(proc.pid, sig)
 
     def snapshots(self) -> list[dict]:
@@ -138,6 +174,8 @@ class Supervisor:
         return [s for s in snaps if s["pid"] in pids]
 
     def ready(self) -> bool:
+        if self.stopping.is_set():
+            return False  # draining: load balancers take this gateway out while its calls finish
         live = self.live(self.snapshots())
         return len(live) == self.opts.workers and all(s["ready"] for s in live)
 
@@ -169,6 +207,8 @@ class Supervisor:
         install_signals(self.stopping, self.state)
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self.monitor()), loop.create_task(self.state.watch(self.opts.watch_interval))]
+        if is_database(opts.store):
+            tasks.append(loop.create_task(follow_store(self.state)))  # fleet mode: one listener per gateway
         control.start()
         await self.stopping.wait()
         await control.stop()
@@ -182,6 +222,7 @@ class Supervisor:
         for task in tasks:
             task.cancel()
         control.close()
+        self.state.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def processes(self) -> list[tuple[str, int]]:
@@ -225,6 +266,8 @@ class _MergedMetrics(Metrics):
         merged.table_info.values = dict(self.supervisor.metrics.table_info.values)
         merged.promotion.values = dict(self.supervisor.metrics.promotion.values)  # promotions run here
         merged.promotion_state.values = dict(self.supervisor.metrics.promotion_state.values)
+        merged.store_up.values = dict(self.supervisor.metrics.store_up.values)  # fleet mode: only it connects
+        merged.store_errors.values = dict(self.supervisor.metrics.store_errors.values)
         merged.processes = self.supervisor.processes  # process_*: the supervisor's, then worker="<index>"
         return merged.render()
 

@@ -265,3 +265,21 @@ def store_refusal(gw: GatewayProcess) -> bool:
         return False
     assert status == 429 and body["error_code"] == "rate_limited", (status, body)
     return "fleet store is unreachable" in body["error"]
+
+
+def test_each_worker_of_a_workers_gateway_is_a_member_of_the_fleet_limits(tmp_path: Path, plane: TestPlane) -> None:
+    """A `--workers 2` gateway's workers serve the supervisor's copy of the overlay, yet each takes
+    part in the limits itself: with a single-process gateway beside it, the key's limit holds over
+    three members (two workers and one gateway), not per worker."""
+    from tests.test_workers_fleet import worker_pids
+
+    config = limited_table(tmp_path, plane.url, {"fleet": {"requests_per_second": 20, "burst": 20}})
+    with fresh_database() as url:
+        fleet = [GatewayProcess(config, "--store", url, "--workers", "2").start(),
+                 GatewayProcess(config, "--store", url).start()]  # fmt: skip
+        try:
+            worker_pids(fleet[0])
+            statuses, seconds = round_robin(fleet, ["fleet"], 5.0)
+            assert_fleet_wide(statuses, seconds, 20, 20, 3)
+        finally:
+            stop_fleet(fleet)

@@ -3,10 +3,13 @@
 A plane serves every model it hosts on one address and tells them apart by the
 identity headers the gateway sets (SPEC §4). It is a real HTTP/1.1 server (the
 gateway's own server class) so the demo exercises real sockets end to end.
+
+`python -m gateway.demo.planes --name N --region R` runs one on its own (deploy/fleet/'s planes).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 
@@ -120,3 +123,29 @@ class SamplePlane:
         conn.on_lost = lost
         conn.start_tunnel(on_bytes)
         await ended  # the session lives until either side closes the connection
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One sample plane in the foreground (deploy/fleet/compose.yaml runs two from the gateway image)."""
+    p = argparse.ArgumentParser(prog="python -m gateway.demo.planes", description="one sample plane")
+    p.add_argument("--name", required=True, help="the plane's name, as in the table")
+    p.add_argument("--region", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token-interval", type=float, default=0.05, help="seconds between streamed tokens")
+    args = p.parse_args(argv)
+
+    async def run() -> None:
+        plane = SamplePlane(args.name, args.region, args.token_interval)
+        port = await plane.start(args.host, args.port)
+        print(f"sample plane {args.name} (region {args.region}) on {args.host}:{port}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

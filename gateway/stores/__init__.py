@@ -18,14 +18,14 @@ def is_database(spec: str | None) -> bool:
 
 
 def cache_path(config: str) -> str:
-    """The local copy of the last overlay a fleet gateway served: next to the table file."""
+    """The local copy of the last overlay a fleet gateway served: next to the table file (or `--store-cache`)."""
     return default_store_path(config).removesuffix(".admin.json") + ".store-cache.json"
 
 
-def open_store(spec: str | None, config: str, metrics: Metrics | None = None):
-    """The admin store `--store` names (None: the JSON file next to the table)."""
+def open_store(spec: str | None, config: str, metrics: Metrics | None = None, cache: str | None = None):
+    """The admin store `--store` names (None: the JSON file next to the table); `cache`: `--store-cache`."""
     if is_database(spec):
         from gateway.stores.postgres import PostgresAdminStore
 
-        return PostgresAdminStore(str(spec), cache_path(config), metrics)
+        return PostgresAdminStore(str(spec), cache or cache_path(config), metrics)
     return JsonFileStore(spec or default_store_path(config))

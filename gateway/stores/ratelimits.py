@@ -34,6 +34,7 @@ from gateway.calls.fleetshare import FleetView, LimitId, Usage
 from gateway.calls.ratelimit import Limiter
 from gateway.environments.store import StoreError
 from gateway.state import TableState
+from gateway.stores import cache_path, is_database
 from gateway.stores.postgres import PostgresAdminStore
 
 log = logging.getLogger("gateway.store")
@@ -177,9 +178,15 @@ class FleetLimits:
             log.info("rate-limit membership not removed (it goes stale in %gs): %s", LIVE_SECONDS, exc)
 
 
-def fleet_limits(state: TableState, limiter: Limiter) -> FleetLimits | None:
-    """The fleet-wide limits of a gateway whose store is a database; None otherwise (per worker)."""
+def fleet_limits(state: TableState, limiter: Limiter, url: str | None = None) -> FleetLimits | None:
+    """The fleet-wide limits of a gateway whose store (`url`, `--store`) is a database; None otherwise
+    (per worker). A worker of `--workers N` serves the supervisor's copy of the overlay (its
+    `state.store` is a file) but is a member of the limits itself: it exchanges through a store of
+    its own on the same URL (only `run` is used: no cache, no metrics of its own: the supervisor
+    reports the store's health)."""
     store = state.store
     if not isinstance(store, PostgresAdminStore):
-        return None
+        if not is_database(url):
+            return None
+        store = PostgresAdminStore(str(url), cache_path(state.path))
     return FleetLimits(FleetUsage(store), limiter, asyncio.get_running_loop().time)
