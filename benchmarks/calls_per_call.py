@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/calls_per_call.py                      # a476c78 and HEAD
     .venv/bin/python benchmarks/calls_per_call.py --rev a476c78 --rev e916d31 --rev HEAD --seconds 3
     .venv/bin/python benchmarks/calls_per_call.py --protocol grpc     # per unary gRPC call (h2load)
+    .venv/bin/python benchmarks/calls_per_call.py --rev HEAD --variant plain --variant access-log --variant otel
 
 Wall-clock and CPU figures on this machine move by 20-50% between runs (hypervisor steal, other
 processes on two cores), which hides a 10% change. The number of Python function calls the gateway
@@ -17,6 +18,16 @@ off. After a 1 s wrk warm-up, SIGUSR1 turns the profiler on, wrk sends the bench
 connections for `--seconds`, SIGUSR2 turns it off and writes the profile. The figure is the calls
 counted by the profiler divided by the calls wrk completed; the functions whose count per call
 differs between revisions are listed (only those called at least 0.9 times per call: the hot path).
+
+`--variant` (repeatable; default `plain`) measures each revision as `plain` (`gateway serve`),
+`access-log` (`--access-log FILE`, JSON), `otel` (`--otel --otel-sample-ratio 0.01`, exporting to
+run_obs.py's sink) or `otel-all` (ratio 1: what one traced call costs), so the cost of issue 13's sinks is counted, not timed. The profiler counts the
+calls of the thread that armed it (the event loop's); the other threads' calls (the access log's
+writer, the SDK's exporter) are counted by a profiler of their own, started with the thread, whose
+counts at SIGUSR1 are subtracted from those at SIGUSR2 (`thread` in the table). Also per call: the
+process's context switches (voluntary + involuntary, all threads, from /proc), which count the
+wake-ups of the threads and their GIL hand-offs. `--rev .` is the working tree as it is (not a
+commit).
 Writes benchmarks/results/calls-per-call-latest.json.
 
 `--protocol grpc` counts the same way per unary gRPC call: the gateway serves `--grpc-port` in front
@@ -30,13 +41,17 @@ does not read trailers, so the run also requires every call in the gateway's
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
+import marshal
+import os
 import pstats
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,21 +59,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as H  # noqa: E402
 from ab import export, git  # noqa: E402
+from run_obs import Sink  # noqa: E402
 
 # Run as `python -c WRAPPER OUT serve ...` with cwd = the revision's tree: the tree comes first on
 # sys.path, the profiler is armed by SIGUSR1 and written by SIGUSR2.
+# Threads other than the loop's run under a profiler of their own from their start (cProfile can
+# only be switched on by the thread it profiles); their counts are snapshot at both signals.
 WRAPPER = """
-import cProfile, os, runpy, signal, sys
+import cProfile, marshal, os, runpy, signal, sys, threading
 sys.path.insert(0, os.getcwd())
 out, prof = sys.argv[1], cProfile.Profile()
-signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+threads, marks = [], []
+_run = threading.Thread.run
+def _profiled_run(self):
+    p = cProfile.Profile()
+    threads.append(p)
+    p.runcall(_run, self)
+threading.Thread.run = _profiled_run
+def _snapshot():
+    stats = {}
+    for p in threads:
+        p.snapshot_stats()
+        for k, v in p.stats.items():
+            stats[k] = stats.get(k, 0) + v[1]
+    return stats
+def _arm(*_):
+    marks.append(_snapshot())
+    prof.enable()
 def _dump(*_):
     prof.disable()
     prof.dump_stats(out)
+    after = _snapshot()
+    with open(out + ".threads", "wb") as f:
+        marshal.dump({k: n - marks[0].get(k, 0) for k, n in after.items()}, f)
+signal.signal(signal.SIGUSR1, _arm)
 signal.signal(signal.SIGUSR2, _dump)
 sys.argv = ["gateway"] + sys.argv[2:]
 runpy.run_module("gateway", run_name="__main__", alter_sys=True)
 """
+VARIANTS = {
+    "plain": [],
+    "access-log": ["--access-log", "{tmp}/access-{name}.log"],
+    "otel": ["--otel", "--otel-sample-ratio", "0.01"],
+    "otel-all": ["--otel", "--otel-sample-ratio", "1"],  # every call traced: the cost of one traced call
+}
 HOT = 0.9  # calls per proxied call for a function to count as on the hot path
 
 
@@ -73,17 +117,39 @@ def per_call(profile: Path, calls: int) -> dict[str, float]:
     for (filename, _line, func), (_cc, ncalls, *_rest) in pstats.Stats(str(profile)).stats.items():  # type: ignore[attr-defined]
         key = _name(filename, func)
         counts[key] = counts.get(key, 0.0) + ncalls / calls
+    threads = Path(str(profile) + ".threads")
+    if threads.exists():
+        for (filename, _line, func), ncalls in marshal.loads(threads.read_bytes()).items():
+            if ncalls:
+                key = "thread " + _name(filename, func)
+                counts[key] = counts.get(key, 0.0) + ncalls / calls
     return counts
 
 
-def measure(procs: H.Procs, python: str, root: Path, plane_port: int, seconds: float, tmp: Path) -> tuple[dict, int]:
-    cfg = tmp / f"{root.name}-table.yaml"
+def switches(pid: int) -> int:
+    """Context switches of every thread of `pid` so far (voluntary + involuntary)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:  # a thread that just ended
+            continue
+        total += sum(int(line.split()[1]) for line in text.splitlines() if "ctxt_switches:" in line)
+    return total
+
+
+def measure(
+    procs: H.Procs, python: str, root: Path, plane_port: int, seconds: float, tmp: Path, variant: str = "plain"
+) -> tuple[dict, int, float]:  # fmt: skip
+    name = f"{root.name}-{variant}"
+    cfg = tmp / f"{name}-table.yaml"
     cfg.write_text(H.gateway_table(f"http://127.0.0.1:{plane_port}"))
-    out = tmp / f"{root.name}.prof"
+    out = tmp / f"{name}.prof"
     port, admin = H.free_port(), H.free_port()
+    extra = [a.format(tmp=tmp, name=name) for a in VARIANTS[variant]]
     argv = [python, "-c", WRAPPER, str(out), "serve", "--config", str(cfg), "--host", "127.0.0.1",
-            "--port", str(port), "--admin-port", str(admin)]  # fmt: skip
-    proc = procs.start(f"gateway-{root.name[:10]}", argv, cwd=root)
+            "--port", str(port), "--admin-port", str(admin), *extra]  # fmt: skip
+    proc = procs.start(f"gateway-{name[:10]}", argv, cwd=root)
     H.wait_ready(proc, admin, "GET", "/readyz", ok=lambda s: s == 200, timeout=30.0)
     lua = tmp / "post.lua"
     headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in H.REQUEST_HEADERS.items())
@@ -91,11 +157,14 @@ def measure(procs: H.Procs, python: str, root: Path, plane_port: int, seconds: f
     url = f"http://127.0.0.1:{port}{H.GATEWAY_PATH}"
     subprocess.run(["wrk", "-t2", "-c32", "-d1s", "-s", str(lua), url], capture_output=True, timeout=60)
     proc.popen.send_signal(signal.SIGUSR1)
+    switched = switches(proc.pid)
     r = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds:g}s", "-s", str(lua), url],
                        capture_output=True, text=True, timeout=60 + seconds)  # fmt: skip
+    switched = switches(proc.pid) - switched
     proc.popen.send_signal(signal.SIGUSR2)
+    threads = Path(str(out) + ".threads")
     for _ in range(100):
-        if out.exists() and out.stat().st_size:
+        if threads.exists() and threads.stat().st_size:
             break
         time.sleep(0.1)
     time.sleep(0.5)  # the dump is written in one go; let it finish
@@ -104,7 +173,7 @@ def measure(procs: H.Procs, python: str, root: Path, plane_port: int, seconds: f
     if not m or "Non-2xx" in r.stdout:
         raise SystemExit(f"wrk against {root} failed:\n{r.stdout}{r.stderr}")
     calls = int(m.group(1))
-    return per_call(out, calls), calls
+    return per_call(out, calls), calls, switched / calls
 
 
 GRPC_MESSAGE = b"calls-per-call.."  # 16 bytes, as run_grpc.py's unary load
@@ -177,6 +246,8 @@ def measure_grpc(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", action="append", default=[], help="revision to measure (repeatable; default a476c78 HEAD)")
+    ap.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
+                    help="gateway flags to measure each revision with (repeatable; default plain)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=3.0, help="profiled wrk run per revision (default 3)")
     ap.add_argument("--repo", default=str(H.REPO_ROOT))
     ap.add_argument("--python", default=sys.executable)
@@ -193,6 +264,9 @@ def main() -> int:
     H.install_signal_handlers()
     repo = Path(args.repo).resolve()
     specs = args.rev or ["a476c78", "HEAD"]
+    variants = args.variant or ["plain"]
+    if grpc and variants != ["plain"]:
+        ap.error("--variant is measured over HTTP only (--protocol http)")
     results: list[dict] = []
     with H.Procs() as procs:
         if grpc:
@@ -201,32 +275,43 @@ def main() -> int:
             _plane, plane_port = run_grpc.start_plane(procs, args.python)
         else:
             _plane, plane_port = H.start_direct_nginx(procs)
+        sink = None
+        if any(v.startswith("otel") for v in variants):
+            sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+            threading.Thread(target=sink.serve_forever, daemon=True).start()
+            os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink.server_address[1]}"
         for spec in specs:
-            sha = git(repo, "rev-parse", "--verify", f"{spec}^{{commit}}")
-            root = export(repo, sha)
-            if grpc:
-                counts, calls = measure_grpc(
-                    procs,
-                    args.python,
-                    root,
-                    plane_port,
-                    args.grpc_calls,
-                    procs.tmp,
-                    Path(args.keep_profiles) if args.keep_profiles else None,
-                )
+            if spec == ".":  # the working tree, uncommitted changes included
+                sha, root = "worktree", repo
             else:
-                counts, calls = measure(procs, args.python, root, plane_port, args.seconds, procs.tmp)
-            hot = {k: v for k, v in counts.items() if v >= HOT}
-            results.append({"rev": spec, "sha": sha, "calls": calls, "per_call": sum(counts.values()),
-                            "hot_per_call": sum(hot.values()), "hot": hot})  # fmt: skip
-            H.log(
-                f"{spec} ({sha[:7]}): {calls:,} calls profiled, {sum(hot.values()):.1f} hot-path Python calls per call"
-            )
+                sha = git(repo, "rev-parse", "--verify", f"{spec}^{{commit}}")
+                root = export(repo, sha)
+            for variant in variants:
+                if grpc:
+                    keep = Path(args.keep_profiles) if args.keep_profiles else None
+                    counts, calls = measure_grpc(procs, args.python, root, plane_port, args.grpc_calls, procs.tmp, keep)
+                    switched = 0.0  # not counted for gRPC
+                else:
+                    counts, calls, switched = measure(
+                        procs, args.python, root, plane_port, args.seconds, procs.tmp, variant
+                    )
+                hot = {k: v for k, v in counts.items() if v >= HOT}
+                label = spec if len(variants) == 1 else f"{spec} {variant}"
+                results.append({"rev": label, "sha": sha, "variant": variant, "calls": calls,
+                                "per_call": sum(counts.values()), "hot_per_call": sum(hot.values()),
+                                "thread_per_call": sum(v for k, v in counts.items() if k.startswith("thread ")),
+                                "switches_per_call": switched, "hot": hot})  # fmt: skip
+                H.log(f"{label} ({sha[:7]}): {calls:,} calls profiled, {sum(hot.values()):.1f} hot-path Python "
+                      f"calls per call, {switched:.2f} context switches per call")  # fmt: skip
+        if sink is not None:
+            sink.shutdown()
     base = results[0]
-    print(f"\n{'revision':<22} {'calls profiled':>14} {'hot calls/call':>15} {'vs ' + base['rev']:>12}")
+    print(f"\n{'revision':<26} {'calls profiled':>14} {'hot calls/call':>15} {'vs ' + base['rev']:>14} "
+          f"{'all calls/call':>15} {'thread':>7} {'switches':>9}")  # fmt: skip
     for r in results:
         change = (r["hot_per_call"] / base["hot_per_call"] - 1) * 100
-        print(f"{r['rev'] + ' ' + r['sha'][:7]:<22} {r['calls']:>14,} {r['hot_per_call']:>15.1f} {change:>+11.1f}%")
+        print(f"{r['rev'] + ' ' + r['sha'][:7]:<26} {r['calls']:>14,} {r['hot_per_call']:>15.1f} {change:>+13.1f}% "
+              f"{r['per_call']:>15.1f} {r['thread_per_call']:>7.1f} {r['switches_per_call']:>9.2f}")  # fmt: skip
     for r in results[1:]:
         print(f"\nfunctions whose calls per call differ, {base['rev']} -> {r['rev']}:")
         names = set(base["hot"]) | set(r["hot"])

@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/run_obs.py                 # 3 rounds, 5 s per measurement, ~2 min
     .venv/bin/python benchmarks/run_obs.py --rounds 5 --duration 10
+    .venv/bin/python benchmarks/run_obs.py --together --rounds 5   # the three under load at once
 
 Three gateways (one worker each) in front of the same nginx plane (`direct` of run_http.py):
   plain       `gateway serve`
@@ -14,7 +15,13 @@ Each round measures the three in a rotated order (plain/log/otel, log/otel/plain
 ratios to `plain` of the same round are taken; the medians of the rounds are printed, with the
 gateway's CPU per call (user+sys of its process over wrk's run / requests), which the machine's
 other load disturbs less than req/s. Goal: each ratio >= 0.95 (a cost <= 5% of req/s).
-Writes benchmarks/results/obs-latest.json.
+
+`--together` loads the three at the same time instead (one wrk each, -t1 -c32, started together):
+the scheduler gives each gateway process an equal share of the two cores, and whatever else the
+machine runs then takes from the three alike, so the ratio of their req/s is their ratio of CPU per
+call, with the drift between measurements taken out. On a machine shared with other work this is
+the figure to read; the rotated sequential one is the figure of a quiet machine.
+Writes benchmarks/results/obs-latest.json (obs-together-latest.json).
 """
 
 from __future__ import annotations
@@ -78,12 +85,38 @@ def measure(name: str, proc: H.Proc, port: int, lua: Path, duration: float) -> d
     return {"rps": r.get("rps"), "cpu_us_per_call": cpu, "errors": r.get("errors_total"), "failed": r.get("failed")}
 
 
+def measure_together(gateways: dict[str, tuple[H.Proc, int]], lua: Path, duration: float) -> dict[str, dict]:
+    hz = os.sysconf("SC_CLK_TCK")
+    ticks0 = {name: H.session_cpu_ticks(proc.pid) for name, (proc, _) in gateways.items()}
+    results: dict[str, dict] = {}
+
+    def load(name: str, port: int) -> None:
+        results[name] = RH.run_wrk(f"http://127.0.0.1:{port}{H.GATEWAY_PATH}", lua, 1, 32, duration, None)
+
+    threads = [threading.Thread(target=load, args=(name, port)) for name, (_, port) in gateways.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = {}
+    for name, (proc, _) in gateways.items():
+        r = results[name]
+        cpu = None
+        if r.get("requests"):
+            cpu = round(1e6 * (H.session_cpu_ticks(proc.pid) - ticks0[name]) / hz / r["requests"], 1)
+        H.log(f"[{name}] {r.get('rps')} req/s, {cpu} us CPU/call, errors {r.get('errors_total')}")
+        out[name] = {"rps": r.get("rps"), "cpu_us_per_call": cpu, "errors": r.get("errors_total"),
+                     "failed": r.get("failed")}  # fmt: skip
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--together", action="store_true", help="load the three at once (see above)")
     args = ap.parse_args()
     H.install_signal_handlers()
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
@@ -99,6 +132,10 @@ def main() -> int:
                 H.log(f"WARNING: {problem}")
             RH.run_wrk(f"http://127.0.0.1:{port}{H.GATEWAY_PATH}", lua, 2, 32, 1, None)  # warm-up
         for i in range(args.rounds):
+            if args.together:
+                H.log(f"round {i + 1}/{args.rounds}: the three at once")
+                rounds.append(measure_together(gateways, lua, args.duration))
+                continue
             order = TARGETS[i % 3 :] + TARGETS[: i % 3]
             H.log(f"round {i + 1}/{args.rounds}: {', '.join(order)}")
             rounds.append({name: measure(name, *gateways[name], lua, args.duration) for name in order})
@@ -109,7 +146,8 @@ def main() -> int:
     summary["otlp_exports"] = Sink.received
     print_summary(summary, args)
     H.RESULTS_DIR.mkdir(exist_ok=True)
-    (H.RESULTS_DIR / "obs-latest.json").write_text(json.dumps({"rounds": rounds, "summary": summary}, indent=2))
+    name = "obs-together-latest.json" if args.together else "obs-latest.json"
+    (H.RESULTS_DIR / name).write_text(json.dumps({"rounds": rounds, "summary": summary}, indent=2))
     return 0
 
 
@@ -130,7 +168,8 @@ def summarize(rounds: list[dict[str, dict]]) -> dict:
 
 
 def print_summary(summary: dict, args: argparse.Namespace) -> None:
-    print(f"\n{args.rounds} rounds x {args.duration:g} s, wrk -t2 -c32, medians of the rounds")
+    how = "the three loaded at once, wrk -t1 -c32 each" if args.together else "in turn, wrk -t2 -c32"
+    print(f"\n{args.rounds} rounds x {args.duration:g} s, {how}, medians of the rounds")
     print(f"{'target':<12} {'req/s':>9} {'CPU us/call':>12} {'req/s / plain':>14} {'range':>14} {'errors':>7}")
     for name in TARGETS:
         s = summary[name]

@@ -9,19 +9,22 @@ counts, `close` writes everything waiting.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import aiohttp
 import grpc
 import yaml
 
+from gateway.calls.info import CallInfo
 from gateway.metrics import Counter
-from gateway.obs.accesslog import AccessLog, Entry, format_combined, format_json
+from gateway.obs.accesslog import AccessLog, Record, format_combined, format_json
 from tests.planes import Plane
 from tests.support import EXAMPLE, KEY_HEADER, REPO, GatewayProcess, free_port, write_table
 from tests.test_grpc import HOST as GRPC_HOST
@@ -90,6 +93,9 @@ def test_json_lines_one_per_call_with_route_bytes_and_times(tmp_path: Path) -> N
     assert first["upstream"].startswith("127.0.0.1:") and first["side"] == "primary" and first["shadow"] is False
     assert first["user_agent"] == "t/1"
     assert 0 <= first["ttfb_ms"] <= first["total_ms"]
+    # The writer turns the loop's clock into wall time: the line's time is this test's "now".
+    wall = datetime.datetime.strptime(first["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC)
+    assert abs(wall.timestamp() - time.time()) < 120
     staging = by_id[answers[1][1]]
     assert staging["environment"] == "staging" and staging["side"] in ("primary", "canary")
     assert staging["deployment"] == ("v2" if staging["side"] == "canary" else "v1")
@@ -216,20 +222,25 @@ def test_a_path_that_cannot_be_written_is_a_usage_error(tmp_path: Path) -> None:
 # -- the writer --------------------------------------------------------------------------------
 
 
-def entry(i: int, **fields: object) -> Entry:
-    base = dict(
-        time=1_700_000_000.25, request_id=f"{i:032x}", client="10.0.0.1", host=STD, method="POST",
-        target="/production/predict", protocol="http", model="abc123", environment="production", deployment="v1",
-        region="us", status="200", bytes_in=3, bytes_out=i, first_byte=0.001, total=0.002, upstream="10.1.0.1:80",
-        side="primary", shadowed=False, agent="", referer="",
+def entry(i: int, **fields: object) -> Record:
+    """A call's record as the loop hands it to the writer: started at loop time 0.25 (the
+    tests' writer clock is 1,700,000,000 s ahead), its first byte 1 ms later, its end 2 ms later."""
+    info = CallInfo(
+        f"{i:032x}", "10.0.0.1", STD, "POST", str(fields.pop("target", "/production/predict")), "http",
+        agent=str(fields.pop("agent", "")), referer="",
     )  # fmt: skip
-    base.update(fields)
-    return Entry(**base)  # type: ignore[arg-type]
+    info.bytes_in, info.bytes_out, info.upstream, info.side = 3, i, "10.1.0.1:80", "primary"
+    info.first_byte = fields.pop("first_byte", 0.251)  # type: ignore[assignment]
+    return (info, ("abc123", "production", "v1", "us", "http"), "200", 0.25, 0.252)
+
+
+OFFSET = 1_700_000_000.0  # the writer's wall minus loop clock in the tests (accesslog.wall_offset)
 
 
 def test_close_writes_every_line_waiting(tmp_path: Path) -> None:
     dropped = Counter("d", "", ())
     writer = AccessLog(str(tmp_path / "a.log"), "json", dropped)
+    writer.offset = lambda: OFFSET  # type: ignore[method-assign]
     for i in range(20_000):
         writer.append(entry(i))
     writer.close()
@@ -245,10 +256,10 @@ def test_a_full_buffer_drops_lines_and_counts_them_without_waiting(tmp_path: Pat
     release = threading.Event()
     real_format = writer.format
 
-    def slow(e: Entry) -> str:  # the disk stalls: the writer thread is stuck on its first line
+    def slow(r: Record, offset: float) -> str:  # the disk stalls: the writer thread is stuck on its first line
         blocked.set()
         release.wait(10)
-        return real_format(e)
+        return real_format(r, offset)
 
     writer.format = slow
     writer.append(entry(0))
@@ -264,10 +275,12 @@ def test_a_full_buffer_drops_lines_and_counts_them_without_waiting(tmp_path: Pat
 
 def test_formats_escape_what_the_client_controls() -> None:
     e = entry(1, target='/p?q="x"\x01', agent="a\\b", first_byte=None)
-    line = format_combined(e)
+    line = format_combined(e, OFFSET)
     assert '"POST /p?q=\\x22x\\x22\\x01 HTTP/1.1"' in line and '"a\\x5Cb"' in line and 'ttfb_ms="-"' in line
-    assert json.loads(format_json(e))["target"] == '/p?q="x"\x01'
-    assert REQUEST_ID.match(json.loads(format_json(e))["request_id"])
+    assert "[14/Nov/2023:22:13:20 +0000]" in line and 'total_ms="2.000"' in line
+    record = json.loads(format_json(e, OFFSET))
+    assert record["target"] == '/p?q="x"\x01' and record["time"] == "2023-11-14T22:13:20.250Z"
+    assert REQUEST_ID.match(record["request_id"]) and record["ttfb_ms"] is None and record["total_ms"] == 2.0
 
 
 def test_an_async_run_logs_a_line_of_its_own(tmp_path: Path) -> None:

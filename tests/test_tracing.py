@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import grpc
+import pytest
 import yaml
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -26,7 +29,7 @@ from gateway.metrics import Metrics
 from gateway.runner import DataPlane, ServeOptions
 from gateway.state import TableState
 from tests.planes import LoggingPlane, Plane
-from tests.support import EXAMPLE, KEY_HEADER, REPO, write_table
+from tests.support import EXAMPLE, KEY_HEADER, REPO, GatewayProcess, write_table
 from tests.test_grpc import HOST as GRPC_HOST
 from tests.test_grpc import OPTIONS, GrpcPlane
 
@@ -300,3 +303,82 @@ def test_opentelemetry_is_not_imported_when_tracing_is_off() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("header", "fields"),
+    [
+        (f"00-{TRACE_ID}-{PARENT_ID}-01", (int(TRACE_ID, 16), int(PARENT_ID, 16), 1)),
+        (f"00-{TRACE_ID}-{PARENT_ID}-00", (int(TRACE_ID, 16), int(PARENT_ID, 16), 0)),
+        (f" 01-{TRACE_ID}-{PARENT_ID}-03-later-fields", (int(TRACE_ID, 16), int(PARENT_ID, 16), 3)),
+        (f"00-{TRACE_ID}-{PARENT_ID}-01-extra", None),  # version 00 has exactly four fields
+        (f"ff-{TRACE_ID}-{PARENT_ID}-01", None),  # version ff is invalid
+        (f"00-{'0' * 32}-{PARENT_ID}-01", None),  # all-zero ids are invalid
+        (f"00-{TRACE_ID}-{'0' * 16}-01", None),
+        (f"00-{TRACE_ID.upper()}-{PARENT_ID}-01", None),  # lowercase hex only
+        (f"00-{TRACE_ID}-{PARENT_ID}", None),
+        ("", None),
+    ],
+)
+def test_traceparent_parsing_follows_w3c(header: str, fields: tuple | None) -> None:
+    from gateway.obs.tracing import parse_traceparent
+
+    assert parse_traceparent(header) == fields
+
+
+class Collector(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP collector that keeps what it receives (protobuf ExportTraceServiceRequest)."""
+
+    bodies: list[bytes] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        Collector.bodies.append(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_spans_reach_an_otlp_collector_from_a_gateway_process(tmp_path: Path) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}",
+           "OTEL_SERVICE_NAME": "gw-test"}  # fmt: skip
+
+    async def scenario() -> Plane:
+        async with Plane() as plane:
+            gw = GatewayProcess(table(tmp_path, plane.url), "--otel", env=env).start()
+            try:
+                assert await post(gw.port, traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01", tracestate="v=1") == 200
+            finally:
+                assert gw.stop() == 0  # the drain exports what is batched
+        return plane
+
+    try:
+        plane = asyncio.run(scenario())
+    finally:
+        collector.shutdown()
+        collector.server_close()
+    spans, services = [], set()
+    for body in Collector.bodies:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            services |= {a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"}
+            spans += [span for scope in resource_spans.scope_spans for span in scope.spans]
+    assert services == {"gw-test"}
+    [server] = [s for s in spans if s.kind == s.SPAN_KIND_SERVER]
+    [client] = [s for s in spans if s.kind == s.SPAN_KIND_CLIENT]
+    assert server.name == "POST /{target}/predict" and server.trace_id.hex() == TRACE_ID
+    assert server.parent_span_id.hex() == PARENT_ID and client.parent_span_id == server.span_id
+    assert server.trace_state == "v=1" and client.trace_id.hex() == TRACE_ID
+    assert {a.key: a.value.int_value for a in server.attributes}["http.response.status_code"] == 200
+    assert server.start_time_unix_nano <= client.start_time_unix_nano <= client.end_time_unix_nano
+    assert client.end_time_unix_nano <= server.end_time_unix_nano
+    [seen] = plane.seen
+    assert seen["headers"]["traceparent"] == f"00-{TRACE_ID}-{client.span_id.hex()}-01"
+    assert seen["headers"]["tracestate"] == "v=1"

@@ -5,7 +5,8 @@ and `Observer.wanted` says so: `--access-log`, or `--otel` and the call is trace
 per adapter, and hands it to `Pipeline.begin` (or `Pipeline.unadmitted`); otherwise it builds
 none and nothing here is computed. The
 adapter fills in what only its wire knows (bytes, first byte, upstream address); the pipeline's
-`CallRecord` reports it once, at the call's end, whatever protocol carried it.
+`CallRecord` reports it once, at the call's end, whatever protocol carried it. Once the call has
+ended nothing changes it: the access log's writer thread reads it as it is (`accesslog.Record`).
 """
 
 from __future__ import annotations

@@ -217,7 +217,8 @@ class CallRecord:
         pipeline.budget.record_request()
         self.info = info  # the access log's and tracing's view of the call; None when neither is on
         if info is not None and pipeline.observer is not None:
-            pipeline.observer.started(info, labels, started)
+            if info.traced:  # the server span; nothing to do for a call only logged
+                pipeline.observer.started(info, labels, started)
             if attempt and go.endpoint is not None:
                 pipeline.observer.attempt(info, go.endpoint.upstream.authority)
 

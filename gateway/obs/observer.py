@@ -2,7 +2,9 @@
 
 `Pipeline.observer` is one of these when `--access-log` or `--otel` is on, and None otherwise;
 adapters build a `CallInfo` only when it is set. Every hook is called by the pipeline, once per
-call (or per attempt), whatever protocol carried it.
+call (or per attempt), whatever protocol carried it. The tracing hooks do nothing for a call not
+traced (`CallInfo.traced`, decided once by `wanted`), and the access log's costs the call one
+tuple and one append (`accesslog.Record`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from gateway.calls.info import CallInfo
 from gateway.errors import GatewayError
-from gateway.obs.accesslog import AccessLog, Entry
+from gateway.obs.accesslog import AccessLog
 
 if TYPE_CHECKING:
     from gateway.obs.tracing import Tracing
@@ -43,30 +45,25 @@ class Observer:
         return traced if traced or self.access_log is not None else None
 
     def started(self, info: CallInfo, labels: tuple, started: float) -> None:
-        if self.tracing is not None:
-            self.tracing.server(info, labels, self._wall_ns(started))
+        if info.traced:
+            self.tracing.server(info, labels, self._wall_ns(started))  # type: ignore[union-attr]
 
     def attempt(self, info: CallInfo, upstream: str) -> None:
         info.upstream = upstream
         info.attempts += 1
-        if self.tracing is not None:
-            self.tracing.attempt(info)
+        if info.traced:
+            self.tracing.attempt(info)  # type: ignore[union-attr]
 
     def attempt_failed(self, info: CallInfo, error: GatewayError) -> None:
-        if self.tracing is not None:
-            self.tracing.attempt_ended(info, str(error.status), type(error).__name__)
+        if info.traced:
+            self.tracing.attempt_ended(info, str(error.status), type(error).__name__)  # type: ignore[union-attr]
 
     def ended(self, info: CallInfo, labels: tuple, code: str, started: float, error: GatewayError | None) -> None:
-        now = self.loop.time()
-        if self.tracing is not None:
-            self.tracing.ended(info, code, type(error).__name__ if error is not None else None, time.time_ns())
+        if info.traced:
+            error_type = type(error).__name__ if error is not None else None
+            self.tracing.ended(info, code, error_type, time.time_ns())  # type: ignore[union-attr]
         if self.access_log is not None:
-            first = None if info.first_byte is None else info.first_byte - started
-            self.access_log.append(Entry(
-                time.time() - (now - started), info.request_id, info.client, info.host, info.method, info.target,
-                info.protocol, labels[0], labels[1], labels[2], labels[3], code, info.bytes_in, info.bytes_out,
-                first, now - started, info.upstream, info.side, info.shadowed, info.agent, info.referer,
-            ))  # fmt: skip
+            self.access_log.append((info, labels, code, started, self.loop.time()))
 
     def unadmitted(self, info: CallInfo, labels: tuple, code: str, started: float) -> None:
         """A call the pipeline never admitted (refused, answered by the gateway, held and dropped)."""

@@ -8,32 +8,44 @@ failure is a second client span with `http.request.resend_count`). The plane rec
 
 Sampling (`--otel-sample-ratio`): a client's traceparent is followed (sampled flag set: traced;
 not set: not traced); a call without one is traced at the ratio. The decision is the gateway's, made
-before the SDK is called: a call not traced costs one random draw, creates no span, and its
-traceparent, if the client sent one, passes through unchanged as without tracing (SPEC §4); the
-SDK's sampler is then `ParentBased(ALWAYS_ON)` for the calls decided traced. (Measured: asking the
-SDK for non-recording spans cost ~100 µs of CPU per call at 1 %, `benchmarks/run_obs.py`.) Spans go to the OTLP/HTTP exporter, which reads
-the standard `OTEL_EXPORTER_OTLP_*` variables (endpoint, headers, timeout); `OTEL_SERVICE_NAME`
-names the service (default `gateway`). The SDK is imported only here, and this module only when
-tracing is on: without `--otel` the gateway never imports opentelemetry.
+before anything of the SDK is touched: a call not traced costs one random draw, creates no span, and
+its traceparent, if the client sent one, passes through unchanged as without tracing (SPEC §4).
+
+A traced call's spans are written, not driven: the ids are drawn here (as the SDK's
+`RandomIdGenerator` does), the W3C fields formatted here (`traceparent`, and the client's
+`tracestate` as the SDK's propagator would re-emit it), the attributes kept in a plain dict, and at
+each span's end one finished `ReadableSpan` is handed to the SDK's span processor, which batches
+and exports it. (Measured, `benchmarks/calls_per_call.py --variant otel-all`: the SDK's tracer,
+context and propagator cost ~430 Python calls on the loop per traced call, on top of its
+exporter's; asking it for non-recording spans cost ~100 µs of CPU per call at 1 %.) Spans go to
+the OTLP/HTTP exporter, which reads the standard `OTEL_EXPORTER_OTLP_*` variables (endpoint,
+headers, timeout); `OTEL_SERVICE_NAME` names the service (default `gateway`). The SDK is imported
+only here, and this module only when tracing is on: without `--otel` the gateway never imports
+opentelemetry.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from gateway.calls.info import CallInfo
 
+# W3C Trace Context §3.2: version-traceid-parentid-flags, lowercase hex; a version other than 00
+# may append fields. An all-zero id is invalid (then the call starts a trace of its own).
+TRACEPARENT = re.compile(r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*\Z")
+SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+OK = Status(StatusCode.UNSET)
+ERROR = Status(StatusCode.ERROR)
 STANDARD_ROUTES = {"sync": "/{target}/sync/{path}"}  # http.route: low-cardinality templates (semconv)
 REGIONAL_ROUTES = {"sync": "/sync/{path}"}
 
@@ -48,47 +60,73 @@ def route_template(info: CallInfo) -> str:
     return REGIONAL_ROUTES.get(endpoint) or f"/{endpoint}"
 
 
+def parse_traceparent(value: str) -> tuple[int, int, int] | None:
+    """(trace id, parent id, flags) of a valid W3C traceparent, else None."""
+    m = TRACEPARENT.match(value)
+    if m is None:
+        return None
+    version, trace_id, parent_id, flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest) or int(trace_id, 16) == 0 or int(parent_id, 16) == 0:
+        return None
+    return int(trace_id, 16), int(parent_id, 16), int(flags, 16)
+
+
+class Open:
+    """A span in flight: what its `ReadableSpan` will hold."""
+
+    __slots__ = ("name", "kind", "context", "parent", "attributes", "start")
+
+    def __init__(
+        self, name: str, kind: SpanKind, context: SpanContext, parent: SpanContext | None, attributes: dict,
+        start: int,
+    ) -> None:  # fmt: skip
+        self.name, self.kind, self.context, self.parent = name, kind, context, parent
+        self.attributes, self.start = attributes, start
+
+
 class Tracing:
-    """The tracer and propagator of one worker; `exporter` (tests: the SDK's in-memory one) is
-    exported to synchronously, the OTLP exporter in batches from the SDK's thread."""
+    """The span processor of one worker; `exporter` (tests: the SDK's in-memory one) is exported
+    to synchronously, the OTLP exporter in batches from the SDK's thread."""
 
     def __init__(self, ratio: float, exporter: SpanExporter | None = None) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"--otel-sample-ratio must be between 0 and 1, not {ratio}")
-        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "gateway"})
+        self.resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "gateway"})
+        self.scope = InstrumentationScope("gateway")
         self.ratio = ratio
         self.random = random.random
-        self.provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), resource=resource)
+        self.bits = random.getrandbits
+        self.processor: SpanProcessor
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            self.processor = BatchSpanProcessor(OTLPSpanExporter())
         else:
-            self.provider.add_span_processor(SimpleSpanProcessor(exporter))
-        self.tracer = self.provider.get_tracer("gateway")
-        self.propagator = TraceContextTextMapPropagator()
+            self.processor = SimpleSpanProcessor(exporter)
 
     def close(self) -> None:
-        self.provider.shutdown()  # exports what is batched
+        self.processor.shutdown()  # exports what is batched
 
     def sampled(self, parent: str) -> bool:
         """Whether to trace a call whose client sent `parent`: its sampled flag when it is a valid
-        traceparent (W3C: `00-<32 hex>-<16 hex>-<2 hex flags>`), else a draw at the ratio."""
-        if len(parent) >= 55 and parent[2] == "-" and parent[35] == "-" and parent[52] == "-":
-            flags = parent[53:55]
-            if all(c in "0123456789abcdef" for c in flags):
-                return bool(int(flags, 16) & 1)
+        traceparent, else a draw at the ratio."""
+        if parent:
+            fields = parse_traceparent(parent)
+            if fields is not None:
+                return bool(fields[2] & TraceFlags.SAMPLED)
         return self.random() < self.ratio  # none, or malformed (the propagator ignores it too)
 
     def server(self, info: CallInfo, labels: tuple, started_ns: int) -> None:
         if not info.traced:
             return  # no span; no attempt spans; the client's trace fields pass through
-        carrier = {}
-        if info.parent:
-            carrier["traceparent"] = info.parent
+        fields = parse_traceparent(info.parent) if info.parent else None
+        parent = None
+        state = TraceState()
+        if fields is not None:
             if info.parent_state:
-                carrier["tracestate"] = info.parent_state
-        parent = self.propagator.extract(carrier) if carrier else None
+                state = TraceState.from_header([info.parent_state])
+            parent = SpanContext(fields[0], fields[1], True, TraceFlags(fields[2]), state)
+        trace_id = fields[0] if fields is not None else self.bits(128) or 1
         model, environment, deployment, region = labels[:4]
         if info.protocol == "grpc":
             service, _, method = info.target.lstrip("/").partition("/")
@@ -109,15 +147,14 @@ class Tracing:
                 "baseten.model_id": model, "baseten.environment": environment, "baseten.deployment_id": deployment,
                 "baseten.region": region, "baseten.side": info.side,
             })  # fmt: skip
-        info.span = self.tracer.start_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=attributes, start_time=started_ns
-        )
+        context = SpanContext(trace_id, self.bits(64) or 1, False, SAMPLED, state)
+        info.span = Open(name, SpanKind.SERVER, context, parent, attributes, started_ns)
 
     def attempt(self, info: CallInfo) -> None:
         """A CLIENT span for the attempt on `info.upstream`; `info.trace` carries it to the plane."""
-        if info.span is None:
+        server = info.span
+        if server is None:
             return
-        context = trace.set_span_in_context(info.span)
         host, _, port = info.upstream.rpartition(":")
         attributes: dict[str, Any] = {"server.address": host or info.upstream, "baseten.attempt": info.attempts}
         if port.isdigit():
@@ -126,44 +163,46 @@ class Tracing:
             attributes["http.request.resend_count"] = info.attempts - 1
         if info.protocol != "grpc":
             attributes["http.request.method"] = info.method
-        span = info.attempt = self.tracer.start_span(
-            info.method if info.protocol != "grpc" else info.target.lstrip("/"), context=context,
-            kind=SpanKind.CLIENT, attributes=attributes,
-        )  # fmt: skip
-        carrier: dict[str, str] = {}
-        self.propagator.inject(carrier, context=trace.set_span_in_context(span))
-        info.trace = tuple((k.encode(), v.encode()) for k, v in carrier.items())
+        up = server.context
+        context = SpanContext(up.trace_id, self.bits(64) or 1, False, SAMPLED, up.trace_state)
+        name = info.method if info.protocol != "grpc" else info.target.lstrip("/")
+        info.attempt = Open(name, SpanKind.CLIENT, context, up, attributes, time.time_ns())
+        trace = [(b"traceparent", b"00-%032x-%016x-01" % (context.trace_id, context.span_id))]
+        if up.trace_state:
+            trace.append((b"tracestate", up.trace_state.to_header().encode()))
+        info.trace = tuple(trace)
 
     def attempt_ended(self, info: CallInfo, code: str, error_type: str | None, ended_ns: int | None = None) -> None:
         span, info.attempt = info.attempt, None
-        if span is None:
-            return
-        _finish(span, info.protocol, code, error_type, client=True)
-        span.end(end_time=ended_ns)
+        if span is not None:
+            self._end(span, info.protocol, code, error_type, ended_ns or time.time_ns(), client=True)
 
     def ended(self, info: CallInfo, code: str, error_type: str | None, ended_ns: int) -> None:
         self.attempt_ended(info, code, error_type, ended_ns)  # the same instant: the client span ends within
         span = info.span
         if span is not None:
-            _finish(span, info.protocol, code, error_type, client=False)
-            span.end(end_time=ended_ns)
+            self._end(span, info.protocol, code, error_type, ended_ns, client=False)
+
+    def _end(
+        self, span: Open, protocol: str, code: str, error_type: str | None, ended_ns: int, *, client: bool
+    ) -> None:
+        status = _finish(span.attributes, protocol, code, error_type, client=client)
+        self.processor.on_end(ReadableSpan(
+            span.name, span.context, span.parent, self.resource, span.attributes, kind=span.kind, status=status,
+            start_time=span.start, end_time=ended_ns, instrumentation_scope=self.scope,
+        ))  # fmt: skip
 
 
-def _finish(span: Any, protocol: str, code: str, error_type: str | None, *, client: bool) -> None:
-    """The status attributes (semconv: a server span is an error from 500, a client span from 400)."""
+def _finish(attributes: dict, protocol: str, code: str, error_type: str | None, *, client: bool) -> Status:
+    """The status attributes and the status (semconv: a server span is an error from 500, a client span from 400)."""
     if protocol == "grpc":
-        span.set_attribute("rpc.response.status_code", code)
+        attributes["rpc.response.status_code"] = code
         failed = code not in ("OK", "CANCELLED") and not (client and code == "")
     else:
         status = int(code) if code.isdigit() else 0
         if status:
-            span.set_attribute("http.response.status_code", status)
+            attributes["http.response.status_code"] = status
         failed = status >= (400 if client else 500) or (status == 0 and error_type is not None)
     if error_type is not None:
-        span.set_attribute("error.type", error_type)
-    if failed or error_type is not None:
-        span.set_status(Status(StatusCode.ERROR))
-
-
-def now_ns() -> int:
-    return time.time_ns()
+        attributes["error.type"] = error_type
+    return ERROR if failed or error_type is not None else OK
