@@ -22,7 +22,7 @@ from aiohttp import web
 
 from tests import fleet as fleet_support
 from tests.fleet import call, fresh_database, metric_value, private_fleet, start_fleet, stop_fleet
-from tests.support import GatewayProcess, free_port, sha, wait_for, write_table
+from tests.support import GatewayProcess, sha, wait_for, write_table
 from tests.test_environments import HOST, TestPlane, table_doc
 
 PRODUCTION = "/environments/production/predict"
@@ -123,35 +123,14 @@ def test_a_team_limit_shared_by_two_keys_holds_across_three_gateways(tmp_path: P
             stop_fleet(fleet)
 
 
-class SlowPlane:
+class SlowPlane(TestPlane):
     """A plane whose calls stay open until `release()`: counts the calls open now and the most at once."""
 
     def __init__(self) -> None:
-        self.port = free_port()
         self.open = 0
         self.most = 0
-        self.loop = asyncio.new_event_loop()
         self.gate = asyncio.Event()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        self.ready.wait(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        runner = web.AppRunner(app, access_log=None)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self.ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(runner.cleanup())
-        self.loop.close()
+        super().__init__()
 
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
@@ -168,8 +147,7 @@ class SlowPlane:
 
     def stop(self) -> None:
         self.release()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().stop()
 
 
 @pytest.fixture

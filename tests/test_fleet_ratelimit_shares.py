@@ -5,8 +5,6 @@ from other limiters' reports, and the clock is a number the test moves."""
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,29 +15,11 @@ from gateway.errors import RateLimited
 from gateway.metrics import Metrics
 from gateway.routing.loader import compile_table
 from gateway.routing.model import RateLimit
-from tests.support import example_doc, loader_problems
+from tests.support import loader_problems
+from tests.test_ratelimit import Clock, doc_with
 
-SECRET = "ci-secret-key-value"
 MEMBERS = ("a", "b", "c")
 KEY = ("key", "acme", "ci")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def doc_with(key_limit: dict | None = None, team_limit: dict | None = None) -> dict:
-    doc = example_doc("http://127.0.0.1:9", "http://127.0.0.1:9")
-    doc["api_keys"].append({"name": "ci", "team": "acme", "sha256": hashlib.sha256(SECRET.encode()).hexdigest()})
-    if key_limit is not None:
-        doc["api_keys"][-1]["rate_limit"] = key_limit
-    if team_limit is not None:
-        doc["teams"]["acme"]["rate_limit"] = team_limit
-    return doc
 
 
 def ci_key(table):  # noqa: ANN001, ANN201
