@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import psycopg
+import psycopg.errors
 from psycopg.rows import dict_row
 
 from gateway.asyncq.request import AsyncRequest
@@ -44,6 +45,7 @@ from gateway.stores.migrate import QUEUE, SchemaMismatch, check_schema
 log = logging.getLogger("gateway.asyncq.store")
 
 T = TypeVar("T")
+WRITE_RETRIES = 5  # a write that lost a lock conflict (deadlock, serialization) is tried again this often
 READERS = 2  # reader threads (and connections) per region's database
 DOWN_BACKOFF = (0.25, 2.0)  # seconds operations fail fast after the database failed: first, at most
 # A connection that goes silent (a partition, not a refusal) is given up within seconds, not minutes.
@@ -174,7 +176,7 @@ class PgRegionStore:
         result once that transaction is committed (durable), or its exception."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.pending.put((fn, future, loop))
+        self.pending.put((fn, future, loop, 0))
         return future
 
     def _writer(self) -> None:
@@ -214,34 +216,38 @@ class PgRegionStore:
             conn, outcomes = None, [(False, self.health.failed(exc))] * len(group)
         except StoreError as exc:  # unreachable (fast), or a database this gateway must not use
             conn, outcomes = None, [(False, exc)] * len(group)
-        for (_, future, loop), (ok, value) in zip(group, outcomes, strict=True):
-            loop.call_soon_threadsafe(_settle, future, ok, value)
+        for item, (ok, value) in zip(group, outcomes, strict=True):
+            fn, future, loop, tries = item
+            if ok is None:  # lost a lock conflict to another gateway's transaction: in the next group
+                self.pending.put((fn, future, loop, tries + 1))
+            else:
+                loop.call_soon_threadsafe(_settle, future, ok, value)
         return conn
 
-    def _commit(self, conn: psycopg.Connection, group: list) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
+    def _commit(self, conn: Conn, group: list) -> list[tuple[bool | None, Any]]:
+        outcomes: list[tuple[bool | None, Any]] = []
         try:
-            for i, (fn, _, _) in enumerate(group):
+            for i, (fn, _, _, tries) in enumerate(group):
                 conn.execute(f"SAVEPOINT w{i}")
                 try:
                     outcomes.append((True, fn(conn)))
                     conn.execute(f"RELEASE w{i}")
-                except _LOST:
-                    raise
-                except Exception as exc:  # one bad write fails alone
+                except Exception as exc:  # one bad write fails alone (unless the connection went)
+                    if conn.broken or conn.closed:
+                        raise
                     conn.execute(f"ROLLBACK TO w{i}")
                     conn.execute(f"RELEASE w{i}")
-                    error = (
-                        StoreError(f"the queue store refused: {one_line(exc)}")
-                        if isinstance(exc, psycopg.Error)
-                        else exc
-                    )
-                    outcomes.append((False, error))
+                    if isinstance(exc, psycopg.errors.TransactionRollback) and tries < WRITE_RETRIES:
+                        outcomes.append((None, exc))  # a deadlock or serialization failure: try again
+                    elif isinstance(exc, psycopg.Error):
+                        outcomes.append((False, StoreError(f"the queue store refused: {one_line(exc)}")))
+                    else:
+                        outcomes.append((False, exc))
             conn.commit()
-        except _LOST:
-            raise
-        except psycopg.Error as exc:  # the transaction itself failed (not the connection): roll it back
-            try:
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise
+            try:  # the transaction itself failed (not the connection): roll it back
                 conn.rollback()
             except psycopg.Error:
                 raise exc from None
@@ -287,13 +293,23 @@ class PgRegionStore:
             )
             # Requests a gone process was running come first (they were started), then the queue.
             # Rows another claimer holds locked are skipped, never waited for, never taken twice.
+            # Only the rows to take are locked: a lock on another live gateway's running request would
+            # make its renewals wait on this transaction, and two groups could wait on each other.
             running = conn.execute(
-                f"SELECT * FROM async_requests WHERE {target} AND status='IN_PROGRESS' AND owner IS DISTINCT FROM %s"
-                f" AND (owner IS NULL OR coalesce(lease_until, 0) < %s OR owner LIKE %s)"
-                f" ORDER BY priority, seq FOR UPDATE SKIP LOCKED",
+                f"SELECT seq, owner, lease_until FROM async_requests WHERE {target} AND status='IN_PROGRESS'"
+                f" AND owner IS DISTINCT FROM %s AND (owner IS NULL OR coalesce(lease_until, 0) < %s OR owner LIKE %s)"
+                f" ORDER BY priority, seq",
                 (*args, owner, now, here),
             ).fetchall()
-            rows = [r for r in running if (r["lease_until"] or 0) < now or _owner_gone(r["owner"], owner)][:limit]
+            stale = [r["seq"] for r in running if _takeable(r, owner, now)]
+            rows = []
+            if stale:
+                locked = conn.execute(
+                    "SELECT * FROM async_requests WHERE seq = ANY(%s) AND status='IN_PROGRESS'"
+                    " ORDER BY priority, seq FOR UPDATE SKIP LOCKED",
+                    (stale,),
+                ).fetchall()  # as they are now (renewed meanwhile? then not taken)
+                rows = [r for r in locked if _takeable(r, owner, now)][:limit]
             if len(rows) < limit:
                 rows += conn.execute(
                     f"SELECT * FROM async_requests WHERE {target} AND status='QUEUED' AND next_at<=%s"
@@ -322,17 +338,22 @@ class PgRegionStore:
         here = owner.partition(":")[0] + ":%"
 
         def claim(conn: Conn) -> list[AsyncRequest]:
-            rows = conn.execute(
-                "SELECT * FROM async_requests WHERE webhook_status='PENDING' AND next_at<=%s"
+            due = conn.execute(
+                "SELECT seq, owner, lease_until FROM async_requests WHERE webhook_status='PENDING' AND next_at<=%s"
                 " AND status IN ('SUCCEEDED','FAILED','EXPIRED')"
                 " AND (owner IS NULL OR coalesce(lease_until, 0) < %s OR (owner LIKE %s AND owner != %s))"
-                " ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                " ORDER BY next_at LIMIT %s",
                 (now, now, here, owner, limit * 4 + 8),
             ).fetchall()
-            taken = [
-                r for r in rows if not r["owner"] or (r["lease_until"] or 0) < now or _owner_gone(r["owner"], owner)
-            ]
-            taken = taken[:limit]
+            free = [r["seq"] for r in due if _takeable(r, owner, now)]
+            taken = []
+            if free:
+                locked = conn.execute(
+                    "SELECT * FROM async_requests WHERE seq = ANY(%s) AND webhook_status='PENDING'"
+                    " ORDER BY next_at FOR UPDATE SKIP LOCKED",
+                    (free,),
+                ).fetchall()
+                taken = [r for r in locked if _takeable(r, owner, now)][:limit]
             if taken:
                 conn.execute("UPDATE async_requests SET owner=%s, lease_until=%s WHERE seq = ANY(%s)",
                              (owner, until, [r["seq"] for r in taken]))  # fmt: skip
@@ -478,6 +499,11 @@ class PgRegionStore:
             ).fetchall()
         )
         return [(r["model_id"], r["environment"], r["deployment_id"], r["n"]) for r in rows]
+
+
+def _takeable(row: dict, me: str, now: float) -> bool:
+    """A claim this process may take: nobody's, its lease passed, or its owner a gone process of this host."""
+    return not row["owner"] or (row["lease_until"] or 0) < now or _owner_gone(row["owner"], me)
 
 
 def _target(model_id: str, environment: str, deployment_id: str) -> tuple[str, tuple]:
