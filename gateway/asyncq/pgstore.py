@@ -41,8 +41,8 @@ from gateway.asyncq.request import AsyncRequest
 from gateway.asyncq.store import _COLUMNS, _MUTABLE, LEASE_SECONDS, MAX_GROUP, _owner_gone, _row, _settle, owner_id
 from gateway.asyncq.store import _record as _record_of
 from gateway.environments.store import StoreError
-from gateway.stores.db import CONNECT_TIMEOUT, StoreUnavailable, one_line, redact
-from gateway.stores.migrate import QUEUE, SchemaMismatch, check_schema
+from gateway.stores.db import CONNECT_TIMEOUT, StoreUnavailable, connect, one_line, redact
+from gateway.stores.migrate import QUEUE, SchemaMismatch, check_schema, migrate_in
 
 log = logging.getLogger("gateway.asyncq.store")
 
@@ -85,6 +85,18 @@ def tag_region(conn: psycopg.Connection, shown: str, region: str) -> None:
     """Record which region's queue the database holds (`gateway store migrate`); refuse a retag."""
     conn.execute("INSERT INTO queue_region (id, region) VALUES (1, %s) ON CONFLICT (id) DO NOTHING", (region,))
     check_queue_database(conn, shown, region)
+
+
+def migrate_queue(url: str, region: str) -> tuple[int, list[int]]:
+    """`migrate(url, QUEUE)`, and the database tagged as `region`'s queue (refused if it holds another's)."""
+    try:
+        with connect(url) as conn:
+            before, applied = migrate_in(conn, QUEUE)
+            tag_region(conn, redact(url), region)
+            conn.commit()
+            return before, applied
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"cannot migrate the {QUEUE.what}: {one_line(exc)}") from None
 
 
 def _record(row: dict) -> AsyncRequest:

@@ -199,14 +199,21 @@ class AsyncService:
             self.state.table.teams[lookup.api_key.team].async_limits.status_calls_per_second,
         )
         regions = [lookup.region] if lookup.region else self._served(self.state.table)
+        away = None  # a region whose store did not answer: "not found" cannot be said then
         for region in regions:
             if lookup.region is not None and region not in self._served(self.state.table):
                 raise MisdirectedRequest(f"this gateway does not serve region '{region}'")
             store = self.store(region)
-            async with unavailable_as_503(region):
+            try:
                 req = await store.get(lookup.request_id)
+            except StoreError:
+                away = region  # another region's store may still have it
+                continue
             if req is not None and req.team == lookup.api_key.team and req.model_id == lookup.model.id:
                 return store, req
+        if away is not None:
+            async with unavailable_as_503(away):
+                raise StoreUnavailable(f"the async queue store of region '{away}' did not answer")
         raise ModelNotFound(f"async request '{lookup.request_id}' not found")
 
     async def cancel(self, lookup: RequestLookup) -> dict:

@@ -49,7 +49,8 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _migrate_one(url: str, region: str | None) -> int:
     """Migrate the control database (`region` None) or `region`'s queue database; 0, or 1 (said why)."""
-    from gateway.stores.migrate import CONTROL, QUEUE, SchemaMismatch, migrate, migrate_queue
+    from gateway.asyncq.pgstore import migrate_queue
+    from gateway.stores.migrate import CONTROL, QUEUE, SchemaMismatch, migrate
 
     kind = CONTROL if region is None else QUEUE
     shown = redact(url) + ("" if region is None else f" (async queue of region {region})")

@@ -18,7 +18,7 @@ from importlib import resources
 
 import psycopg
 
-from gateway.stores.db import StoreUnavailable, connect, one_line, redact
+from gateway.stores.db import StoreUnavailable, connect, one_line
 
 
 class SchemaMismatch(Exception):
@@ -116,17 +116,3 @@ def too_new(version: int, kind: MigrationSet = CONTROL) -> str:
         f"the {kind.what}'s schema is at version {version}, newer than this gateway knows ({kind.latest}): "
         "upgrade the gateway (a newer gateway migrated it)"
     )
-
-
-def migrate_queue(url: str, region: str) -> tuple[int, list[int]]:
-    """`migrate(url, QUEUE)`, and the database tagged as `region`'s queue (refused if it holds another's)."""
-    from gateway.asyncq.pgstore import tag_region
-
-    try:
-        with connect(url) as conn:
-            before, applied = migrate_in(conn, QUEUE)
-            tag_region(conn, redact(url), region)
-            conn.commit()
-            return before, applied
-    except psycopg.Error as exc:
-        raise StoreUnavailable(f"cannot migrate the {QUEUE.what}: {one_line(exc)}") from None
