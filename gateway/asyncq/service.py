@@ -107,7 +107,8 @@ class AsyncService:
     def start(self) -> None:
         for region in self._served(self.state.table):
             store = self.store(region)  # open every served region's store now: recovery starts at once
-            log.info("async queue of region %s: %s", region, store.where)
+            if self.databases:  # fleet mode: say which regions are in a database and which stay in files
+                log.info("async queue of region %s: %s", region, store.where)
         self.task = self.loop.create_task(self._schedule())
 
     async def close(self) -> None:
