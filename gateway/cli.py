@@ -8,13 +8,14 @@ import os
 import sys
 from urllib.parse import urlsplit
 
+from gateway.asyncq.placement import check_regions, parse_queue_stores
 from gateway.errors import GatewayError
 from gateway.ports import EXIT_CODE, PortUnavailable
 from gateway.routing.loader import TableInvalid, load_table
 from gateway.routing.resolve import Call, RequestLookup, Route, resolve
 from gateway.runner import OptionsError, ServeOptions, check_options, run_gateway
 from gateway.state import load_serving_table
-from gateway.stores.cli import add_store_commands, check_store
+from gateway.stores.cli import add_store_commands, check_queue_stores, check_store
 from gateway.supervisor import run_supervisor
 
 
@@ -56,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fleet mode: the local copy of the last admin changes served (default: <config>.store-cache.json)",
     )  # fmt: skip
     s.add_argument(
-        "--queue-store", default=None, metavar="DIR",
-        help="directory of the embedded async queue stores, one file per region (default: the table's directory)",
+        "--queue-store", action="append", default=[], metavar="DIR|REGION=URL",
+        help="the async queues: a directory of embedded stores, one file per region (default: the table's directory); "
+             "REGION=postgresql://... puts that region's queue in its own database (repeatable; fleet mode, §13)",
     )  # fmt: skip
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
@@ -102,22 +104,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    try:
+        queues = parse_queue_stores(args.queue_store)
+    except ValueError as exc:
+        raise OptionsError(str(exc)) from None
     if not check_store(args.store):
         return 2
     try:
-        load_serving_table(
+        table = load_serving_table(
             args.config, args.store, args.store_cache
         )  # fail fast, with every problem, before binding anything
     except TableInvalid as exc:
         print(f"gateway: {args.config} is not a valid routing table:\n{exc}", file=sys.stderr)
         return 2
+    try:
+        check_regions(queues, table)
+    except ValueError as exc:
+        raise OptionsError(str(exc)) from None
+    if not check_queue_stores(queues.databases):
+        return 2
     opts = ServeOptions(
         config=args.config, store=args.store, store_cache=args.store_cache, host=args.host, port=args.port, admin_host=args.admin_host,
         admin_port=args.admin_port, admin_token=args.admin_token, grpc_port=args.grpc_port,
         workers=args.workers, drain_timeout=args.drain_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        grpc_tls_cert=args.grpc_tls_cert, grpc_tls_key=args.grpc_tls_key, queue_store=args.queue_store,
+        grpc_tls_cert=args.grpc_tls_cert, grpc_tls_key=args.grpc_tls_key, queue_store=queues.directory,
         access_log=args.access_log, access_log_format=args.access_log_format, otel=args.otel,
-        otel_sample_ratio=args.otel_sample_ratio,
+        otel_sample_ratio=args.otel_sample_ratio, queue_databases=queues.databases,
     )  # fmt: skip
     check_options(opts)
     return run_supervisor(opts) if opts.workers > 1 else run_gateway(opts)

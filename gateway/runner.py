@@ -58,6 +58,7 @@ class ServeOptions:
     grpc_tls_key: str | None = None
     watch_interval: float = 1.0
     queue_store: str | None = None  # directory of the embedded async stores (SPEC §10); None: next to the table
+    queue_databases: dict[str, str] = field(default_factory=dict)  # region -> its queue database (--queue-store R=URL)
     queue_gauge: bool = True  # this process reports the async queue depth (one worker of N: they share the files)
     access_log: str | None = None  # SPEC §12 --access-log FILE ("-": stdout); None: off (issue 13)
     access_log_format: str = "json"  # or "combined"
@@ -183,8 +184,9 @@ class DataPlane:
         self.pipeline.observer = observer(self.opts, self.metrics, self.span_exporter)
         self.public = PublicHandler(self.state, self.pool, self.metrics, scheme, self.pipeline)
         self.asyncs = AsyncService(
-            self.state, self.pipeline, self.metrics, queue_directory(self.opts), gauge=self.opts.queue_gauge
-        )
+            self.state, self.pipeline, self.metrics, queue_directory(self.opts), gauge=self.opts.queue_gauge,
+            databases=self.opts.queue_databases,
+        )  # fmt: skip
         self.asyncs.start()
         self.public.asyncs = self.asyncs
         return self.public

@@ -198,7 +198,7 @@ class Supervisor:
             self.state, self.metrics, self.request_counts, token=self.opts.admin_token, ready=self.ready,
             admin_metrics=_MergedMetrics(self), describe_extra=self.describe_workers,
         )  # fmt: skip
-        queues = QueueFiles(queue_directory(self.opts), self.state)
+        queues = QueueFiles(queue_directory(self.opts), self.state, self.opts.queue_databases)
         control.admin.serve_async(queues)  # GET /v1/async/queues over the workers' files
         with binding("--admin-port", opts.admin_host, opts.admin_port or 0):
             await control.listen(opts.admin_host, opts.admin_port or 0)

@@ -71,6 +71,15 @@ def fresh_database(server: str = SERVER, *, migrated: bool = True) -> Iterator[s
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextlib.contextmanager
+def fresh_queue_database(region: str, server: str = SERVER, *, migrated: bool = True) -> Iterator[str]:
+    """A new database for `region`'s async queue (`gateway store migrate --queue-store REGION=URL`); dropped afterwards."""
+    with fresh_database(server, migrated=False) as url:
+        if migrated:
+            run_cli("store", "migrate", "--queue-store", f"{region}={url}", check=True)
+        yield url
+
+
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=60)  # fmt: skip

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import http.client
-import importlib.util
 import io
 import json
 import os
@@ -43,10 +42,6 @@ TOKEN = "fleet-test-token"
 KEY = "demo-key-acme"  # the demo key of deploy/fleet/table.yaml
 HOST = "model-abc123.api.example.com"
 STATE = "/var/lib/gateway"
-# `--queue-store REGION=postgresql://...` comes with the async queue in PostgreSQL (issue 14, merged
-# separately). Until the CLI has it, those flags are left out of the commands run here; everything
-# else of the topology runs as written.
-QUEUE_DATABASES = importlib.util.find_spec("gateway.asyncq.placement") is not None
 
 
 # -- the files, read --------------------------------------------------------------------------------------------
@@ -117,13 +112,7 @@ def lb_binds() -> list[int]:
 def serve_args(command: list[str], monkeypatch: pytest.MonkeyPatch) -> object:
     """The real `gateway serve` parser over a compose command (GATEWAY_CONFIG as the container has it)."""
     monkeypatch.setenv("GATEWAY_CONFIG", "/etc/gateway/table.yaml")
-    return _parser().parse_args(["serve", *runnable(command)])
-
-
-def runnable(command: list[str]) -> list[str]:
-    if QUEUE_DATABASES:
-        return list(command)
-    return [item for item in command if not (item.startswith("--queue-store=") and "=" in item.split("=", 1)[1])]
+    return _parser().parse_args(["serve", *list(command)])
 
 
 # -- the files, checked ------------------------------------------------------------------------------------------
@@ -163,7 +152,7 @@ def test_three_gateways_after_the_migration_with_one_control_and_one_queue_datab
         assert f":{flag(command, '--admin-port')}/readyz" in " ".join(svc["healthcheck"]["test"])
         grace = float(svc["stop_grace_period"].removesuffix("s"))
         assert grace > float(flag(command, "--drain-timeout"))
-    migrate_args = _parser().parse_args(["store", "migrate", *runnable(migrate["command"])])
+    migrate_args = _parser().parse_args(["store", "migrate", *list(migrate["command"])])
     assert migrate_args.store == flag(migrate["command"], "--store")
     assert set(migrate["depends_on"]) == set(databases)
     assert all(d == {"condition": "service_healthy"} for d in migrate["depends_on"].values())
@@ -230,7 +219,7 @@ class Topology:
 
     def remap(self, service: str, command: list[str]) -> list[str]:
         out = []
-        for item in runnable(command):
+        for item in list(command):
             name, eq, value = item.partition("=")
             if name in ("--port", "--admin-port", "--grpc-port"):
                 value = str(self.ports.setdefault(service, {}).setdefault(int(value), free_port()))
@@ -514,11 +503,11 @@ def test_fleet_pods_migrate_first_and_serve_the_regions_of_their_table(monkeypat
     assert dep["spec"]["replicas"] == 3
     monkeypatch.setenv("GATEWAY_CONFIG", "/etc/gateway/table.yaml")
     serve = expanded(container, docs)
-    args = _parser().parse_args(["serve", *runnable(serve)])
+    args = _parser().parse_args(["serve", *list(serve)])
     assert args.store.startswith("postgresql://") and args.workers == 2
     assert migrate["command"] == ["gateway", "store", "migrate"] and migrate["image"] == container["image"]
     migrated = expanded(migrate, docs)
-    _parser().parse_args(["store", "migrate", *runnable(migrated)])
+    _parser().parse_args(["store", "migrate", *list(migrated)])
     assert {flag(serve, "--store"), *queue_urls(serve).values()} == {
         flag(migrated, "--store"),
         *queue_urls(migrated).values(),
@@ -563,10 +552,10 @@ def test_a_fleet_pod_migrates_then_serves_its_probes_on_a_real_database(tmp_path
         docs["Secret/gateway-stores"]["stringData"] = local  # each Secret URL -> a fresh database here
         (tmp_path / "state").mkdir()  # the pod's emptyDir at /var/lib/gateway
         done = subprocess.run([sys.executable, "-m", "gateway", *migrate["command"][1:],
-                               *runnable(expanded(migrate, docs))],
+                               *list(expanded(migrate, docs))],
                               capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
-        args = runnable(expanded(container, docs))
+        args = list(expanded(container, docs))
         proc, ports = serve(args, {"GATEWAY_CONFIG": str(table), "GATEWAY_ADMIN_TOKEN": token}, tmp_path)
         admin_url = f"http://127.0.0.1:{ports['--admin-port']}"
         try:

@@ -68,7 +68,7 @@ class AdminHandler:
         """`GET /v1/async/queues`: the worker's async queues (SPEC §10)."""
 
         async def queues(req: Request) -> tuple[int, object]:
-            return 200, service.queues()
+            return 200, await service.queues()
 
         self.handlers["async_queues"] = queues
 

@@ -40,7 +40,7 @@ async def _operate(
     if isinstance(route, RequestLookup):
         if req.method == "DELETE":
             return 200, _json(await service.cancel(route)), ()
-        _, stored = service.lookup(route)
+        _, stored = await service.lookup(route)
         if route.endpoint == "async_request":
             return 200, _json(view(stored)), ()
         if stored.result is None:  # not run yet, or it failed: the status says which
@@ -49,7 +49,7 @@ async def _operate(
             )
         return 200, stored.result, (("x-baseten-request-id", stored.request_id),)
     if route.action == "async_status":
-        return 200, _json(service.queue_status(route)), ()
+        return 200, _json(await service.queue_status(route)), ()
     if req.content_length is not None and req.content_length > MAX_SUBMIT_BYTES:
         raise PayloadTooLarge(f"an async request body may be at most 256 KiB ({MAX_SUBMIT_BYTES} bytes)")
     if not req.has_body:

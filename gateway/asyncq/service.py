@@ -22,11 +22,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
 from gateway.asyncq import webhook
+from gateway.asyncq.placement import QueueFiles as QueueFiles  # the supervisor's reader of the queues
+from gateway.asyncq.placement import Store, open_region_store, queue_report, served_regions
 from gateway.asyncq.request import (
     FINAL,
     MAX_RESULT_BYTES,
@@ -37,16 +39,18 @@ from gateway.asyncq.request import (
     error_code_of,
     retryable_status,
 )
-from gateway.asyncq.store import LEASE_SECONDS, RegionStore, store_path
+from gateway.asyncq.store import LEASE_SECONDS
 from gateway.calls.admission import concurrency_limit
 from gateway.calls.info import CallInfo
 from gateway.calls.pipeline import Go, Pipeline
 from gateway.calls.ratelimit import TokenBucket, default_burst
-from gateway.errors import GatewayError, MisdirectedRequest, ModelNotFound, RateLimited
+from gateway.environments.store import StoreError
+from gateway.errors import GatewayError, MisdirectedRequest, ModelNotFound, ModelUnavailable, RateLimited
 from gateway.metrics import Metrics
 from gateway.routing.model import Table
 from gateway.routing.resolve import RequestLookup, Route, resolve_async_run
 from gateway.state import TableState
+from gateway.stores.db import StoreUnavailable
 
 log = logging.getLogger("gateway.asyncq")
 
@@ -59,21 +63,26 @@ BACKOFF_429 = (1.0, 30.0)  # a target's back-off after a plane's 429: first, at 
 MAX_WEBHOOKS_IN_FLIGHT = 64
 SCAN_SECONDS = 1.0  # the store's list of targets with work, and the depth gauge, are read this often
 COUNT_SECONDS = 1.0  # a team's open requests are counted again this often (its limit is that approximate)
+STORE_BACKOFF = (0.25, 5.0)  # the scheduler's wait before it tries an unreachable store again: first, at most
+PERSIST_BACKOFF = (0.1, 2.0)  # a run's outcome is written again this often while its store is unreachable
 
 
 class AsyncService:
     """See the module docstring. One per worker; `start()` begins scheduling, `close()` ends it."""
 
     def __init__(
-        self, state: TableState, pipeline: Pipeline, metrics: Metrics, directory: Path, *, gauge: bool = True
+        self, state: TableState, pipeline: Pipeline, metrics: Metrics, directory: Path, *, gauge: bool = True,
+        databases: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.state = state
         self.pipeline = pipeline
         self.metrics = metrics
         self.directory = directory
+        self.databases = dict(databases or {})  # region -> its queue database (--queue-store REGION=URL)
         self.loop = asyncio.get_running_loop()
-        self.stores: dict[str, RegionStore] = {}
-        self.running: dict[str, tuple[RegionStore, asyncio.Task]] = {}  # request id -> its run or delivery
+        self.stores: dict[str, Store] = {}
+        self.running: dict[str, tuple[Store, asyncio.Task]] = {}  # request id -> its run or delivery
+        self.down: dict[str, tuple[float, float]] = {}  # region -> (loop time to try its store again, last wait)
         self.backoff: dict[tuple, tuple[float, float]] = {}  # target -> (until, last delay)
         self.woken: dict[tuple, float] = {}  # (model, deployment) -> when a wake was last sent
         self.kick = asyncio.Event()
@@ -97,7 +106,9 @@ class AsyncService:
 
     def start(self) -> None:
         for region in self._served(self.state.table):
-            self.store(region)  # open every served region's file now: recovery starts at once
+            store = self.store(region)  # open every served region's store now: recovery starts at once
+            if self.databases:  # fleet mode: say which regions are in a database and which stay in files
+                log.info("async queue of region %s: %s", region, store.where)
         self.task = self.loop.create_task(self._schedule())
 
     async def close(self) -> None:
@@ -132,10 +143,10 @@ class AsyncService:
         self._load_secrets(table)
         self.kick.set()
 
-    def store(self, region: str) -> RegionStore:
+    def store(self, region: str) -> Store:
         store = self.stores.get(region)
         if store is None:
-            store = RegionStore(store_path(self.directory, region), region)
+            store = open_region_store(self.directory, self.databases, region)
             self.stores[region] = store
         return store
 
@@ -147,7 +158,7 @@ class AsyncService:
         self._take(team.name, "submit", team.async_limits.submits_per_second)
         region = route.region or route.deployment.region  # async routes always name their store's region
         store = self.store(region)
-        if self._open_count(store, team.name) >= team.async_limits.max_queued:
+        if await self._open_count(store, team.name) >= team.async_limits.max_queued:
             raise RateLimited(
                 f"team '{team.name}' has {team.async_limits.max_queued} async requests queued or in progress; "
                 "retry once some have run",
@@ -160,25 +171,28 @@ class AsyncService:
             priority=submit.priority, max_time_in_queue_seconds=submit.max_time_in_queue_seconds, retry=submit.retry,
             webhook_endpoint=submit.webhook_endpoint, body=submit.model_input, created_at=now, next_at=now,
         )  # fmt: skip
-        await store.insert(req)
+        async with unavailable_as_503(region):
+            await store.insert(req)
         count, when = self.open_counts[(region, team.name)]
         self.open_counts[(region, team.name)] = (count + 1, when)
         self.pending.add(target_of(req))
         self.metrics.async_requests.inc(self._labels(req) + ("QUEUED",))
         self.kick.set()
 
-    def _open_count(self, store: RegionStore, team: str) -> int:
+    async def _open_count(self, store: Store, team: str) -> int:
         """The team's queued + in-progress requests in `store`: counted at most every COUNT_SECONDS,
         and kept up by this worker's submits in between (a COUNT per submit was most of its cost)."""
         key = (store.region, team)
         now = self.loop.time()
         count, when = self.open_counts.get(key, (0, -COUNT_SECONDS))
         if now - when >= COUNT_SECONDS:
-            count, when = store.team_open(team), now
+            async with unavailable_as_503(store.region):
+                count = await store.team_open(team)
+            when = self.loop.time()
             self.open_counts[key] = (count, when)
         return count
 
-    def lookup(self, lookup: RequestLookup) -> tuple[RegionStore, AsyncRequest]:
+    async def lookup(self, lookup: RequestLookup) -> tuple[Store, AsyncRequest]:
         """The request `lookup` names, if the caller may see it (its team, its model, its region)."""
         self._take(
             lookup.api_key.team,
@@ -186,18 +200,27 @@ class AsyncService:
             self.state.table.teams[lookup.api_key.team].async_limits.status_calls_per_second,
         )
         regions = [lookup.region] if lookup.region else self._served(self.state.table)
+        away = None  # a region whose store did not answer: "not found" cannot be said then
         for region in regions:
             if lookup.region is not None and region not in self._served(self.state.table):
                 raise MisdirectedRequest(f"this gateway does not serve region '{region}'")
             store = self.store(region)
-            req = store.get(lookup.request_id)
+            try:
+                req = await store.get(lookup.request_id)
+            except StoreError:
+                away = region  # another region's store may still have it
+                continue
             if req is not None and req.team == lookup.api_key.team and req.model_id == lookup.model.id:
                 return store, req
+        if away is not None:
+            async with unavailable_as_503(away):
+                raise StoreUnavailable(f"the async queue store of region '{away}' did not answer")
         raise ModelNotFound(f"async request '{lookup.request_id}' not found")
 
     async def cancel(self, lookup: RequestLookup) -> dict:
-        store, req = self.lookup(lookup)
-        was = await store.cancel(req.request_id, time.time())
+        store, req = await self.lookup(lookup)
+        async with unavailable_as_503(store.region):
+            was = await store.cancel(req.request_id, time.time())
         if was == "QUEUED":
             self.metrics.async_requests.inc(self._labels(req) + ("CANCELED",))
             return {"request_id": req.request_id, "canceled": True, "message": "the request was canceled"}
@@ -207,21 +230,23 @@ class AsyncService:
             message = f"the request already ended ({was})"
         return {"request_id": req.request_id, "canceled": False, "message": message}
 
-    def queue_status(self, route: Route) -> dict:
+    async def queue_status(self, route: Route) -> dict:
         team = self.state.table.teams[route.model.team]
         self._take(team.name, "status", team.async_limits.status_calls_per_second)
-        queued, running = self.store(route.region or route.deployment.region).queue_counts(
-            route.model.id, route.environment, "" if route.environment else route.deployment.id
-        )
+        region = route.region or route.deployment.region
+        async with unavailable_as_503(region):
+            queued, running = await self.store(region).queue_counts(
+                route.model.id, route.environment, "" if route.environment else route.deployment.id
+            )
         id_field = "chain_id" if route.model.kind == "chain" else "model_id"
         return {
             id_field: route.model.id, "deployment_id": route.deployment.id,
             "num_queued_requests": queued, "num_in_progress_requests": running,
         }  # fmt: skip
 
-    def queues(self) -> dict:
+    async def queues(self) -> dict:
         """The admin read of the queues (`GET /v1/async/queues`)."""
-        return {**queue_report(self.directory, self.stores), "running_here": len(self.running),
+        return {**await queue_report(self.directory, self.stores), "running_here": len(self.running),
                 "webhook_secrets_error": self.secret_error}  # fmt: skip
 
     def _take(self, team: str, kind: str, rate: float) -> None:
@@ -251,13 +276,18 @@ class AsyncService:
                 # deployment scaled to zero, full) is waiting, and would never be seen after them.
                 if self.gauge and self.loop.time() - self.gauged >= SCAN_SECONDS:
                     self.gauged = self.loop.time()
-                    self._gauge()
+                    await self._gauge()
                 scan = self.loop.time() - self.scanned >= SCAN_SECONDS
                 if scan:
                     self.scanned = self.loop.time()
-                for store in list(self.stores.values()):
-                    busy |= await self._claim_runs(store, now, scan)
-                    busy |= await self._claim_webhooks(store, now)
+                for store in self._reachable():
+                    try:
+                        busy |= await self._claim_runs(store, now, scan)
+                        busy |= await self._claim_webhooks(store, now)
+                    except StoreUnavailable as exc:
+                        self._store_down(store, exc)
+                    else:
+                        self._store_up(store)
                 if now - last_renew >= RENEW_SECONDS and self.running:
                     last_renew = now
                     await self._renew(now)
@@ -274,11 +304,29 @@ class AsyncService:
                 async with asyncio.timeout(TICK_SECONDS if busy else IDLE_SECONDS):
                     await self.kick.wait()
 
-    async def _claim_runs(self, store: RegionStore, now: float, scan: bool) -> bool:
+    def _reachable(self) -> list[Store]:
+        """The stores to work on this step: not those that failed a moment ago (they are tried
+        again with back-off, so a database that is down is not hammered, nor the log filled)."""
+        now = self.loop.time()
+        return [store for region, store in list(self.stores.items()) if self.down.get(region, (0.0, 0.0))[0] <= now]
+
+    def _store_down(self, store: Store, exc: StoreError) -> None:
+        _, last = self.down.get(store.region, (0.0, 0.0))
+        delay = min(STORE_BACKOFF[1], last * 2 if last else STORE_BACKOFF[0])
+        if not last:
+            log.warning("async queue of region %s: %s; the scheduler retries with back-off", store.region, exc)
+        self.down[store.region] = (self.loop.time() + delay, delay)
+
+    def _store_up(self, store: Store) -> None:
+        if self.down.pop(store.region, None) is not None:
+            log.info("async queue of region %s: the store answers again; the queue resumes", store.region)
+            self.scanned = -SCAN_SECONDS  # read its whole list of targets at the next step
+
+    async def _claim_runs(self, store: Store, now: float, scan: bool) -> bool:
         busy = False
         region = store.region
         if scan:
-            self.pending.update((region, *target) for target in store.targets(now))
+            self.pending.update((region, *target) for target in await store.targets(now))
         for key in [k for k in self.pending if k[0] == region]:
             _, model_id, environment, deployment_id = key
             until, _ = self.backoff.get(key, (0.0, 0.0))
@@ -297,16 +345,16 @@ class AsyncService:
             busy = busy or bool(claimed)
         return busy
 
-    async def _claim_webhooks(self, store: RegionStore, now: float) -> bool:
+    async def _claim_webhooks(self, store: Store, now: float) -> bool:
         room = MAX_WEBHOOKS_IN_FLIGHT - len(self.running)
-        if room <= 0 or not store.webhooks_due(now):
+        if room <= 0 or not await store.webhooks_due(now):
             return False
         for req in await store.claim_webhooks(room, now):
             if req.request_id not in self.running:
                 self._spawn(store, req, self._deliver(store, req))
         return True
 
-    def _spawn(self, store: RegionStore, req: AsyncRequest, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, store: Store, req: AsyncRequest, work: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(work)
         rid = req.request_id
         self.running[rid] = (store, task)
@@ -329,32 +377,44 @@ class AsyncService:
         return limit - endpoints.in_flight_total()
 
     async def _renew(self, now: float) -> None:
-        by_store: dict[RegionStore, list[str]] = {}
+        by_store: dict[Store, list[str]] = {}
         for rid, (store, _) in self.running.items():
             by_store.setdefault(store, []).append(rid)
         for store, ids in by_store.items():
-            await store.renew(ids, now)
+            try:
+                await store.renew(ids, now)
+            except StoreUnavailable as exc:  # renewed at the next tick; a lease lasts three of them
+                self._store_down(store, exc)
 
     async def _purge(self, now: float) -> None:
         ttl = self.state.table.gateway.async_settings.result_ttl_seconds
-        for store in list(self.stores.values()):
-            purged = await store.purge(now - ttl)
+        for store in self._reachable():
+            try:
+                purged = await store.purge(now - ttl)
+            except StoreUnavailable as exc:
+                self._store_down(store, exc)
+                continue
             if purged:
                 log.info("async store %s: purged %d requests past their result TTL", store.region, purged)
 
-    def _gauge(self) -> None:
+    async def _gauge(self) -> None:
+        rows = []
+        for store in self._reachable():
+            try:
+                rows += [(store.region, row) for row in await store.depth()]
+            except StoreUnavailable as exc:
+                self._store_down(store, exc)
         depth = self.metrics.async_depth
         depth.values.clear()
-        for region, store in self.stores.items():
-            for model, env, dep, priority, queued in store.depth():
-                depth.set((model, env, dep, region, str(priority)), queued)
+        for region, (model, env, dep, priority, queued) in rows:
+            depth.set((model, env, dep, region, str(priority)), queued)
 
     def _labels(self, req: AsyncRequest) -> tuple:
         return (req.model_id, req.environment, req.deployment_id, req.region)
 
     # -- one run --------------------------------------------------------------------------------
 
-    async def _run(self, store: RegionStore, req: AsyncRequest) -> None:
+    async def _run(self, store: Store, req: AsyncRequest) -> None:
         try:
             await self._run_once(store, req)
         except asyncio.CancelledError:
@@ -364,7 +424,7 @@ class AsyncService:
             req.errors = [{"code": "INTERNAL_SERVER_ERROR", "message": "the gateway failed running the request"}]
             await self._end(store, req, "FAILED")
 
-    async def _run_once(self, store: RegionStore, req: AsyncRequest) -> None:
+    async def _run_once(self, store: Store, req: AsyncRequest) -> None:
         table, now = self.state.table, time.time()
         if now > req.deadline and req.attempts <= 1:
             req.errors = [{"code": "MODEL_NOT_READY", "message": "the request waited in the queue past its "
@@ -432,7 +492,7 @@ class AsyncService:
         message = answer.body[:512].decode("utf-8", "replace") or f"the model answered {status}"
         await self._failed_attempt(store, req, status, message, retry=retryable_status(status))
 
-    async def _failed_attempt(self, store: RegionStore, req: AsyncRequest, status: int, message: str, *,
+    async def _failed_attempt(self, store: Store, req: AsyncRequest, status: int, message: str, *,
                               retry: bool) -> None:  # fmt: skip
         code = error_code_of(status)
         req.errors = [{"code": code, "message": message}]
@@ -443,14 +503,14 @@ class AsyncService:
             return
         await self._end(store, req, "FAILED")
 
-    async def _requeue(self, store: RegionStore, req: AsyncRequest, delay: float, *, counts: bool) -> None:
+    async def _requeue(self, store: Store, req: AsyncRequest, delay: float, *, counts: bool) -> None:
         """Back to QUEUED, to run after `delay`; `counts=False`: this was not an attempt."""
         now = time.time()
         if not counts:
             req.attempts -= 1
         req.set_status("QUEUED", now)
         req.next_at = now + delay
-        await store.save(req, release=True)
+        await self._persist(store, req, release=True)
         key = target_of(req)
         self.pending.add(key)
         if delay <= 0:
@@ -475,7 +535,7 @@ class AsyncService:
             self.woken[key] = now
             self.pipeline.wake_soon(route, request_id)
 
-    async def _end(self, store: RegionStore, req: AsyncRequest, status: str) -> None:
+    async def _end(self, store: Store, req: AsyncRequest, status: str) -> None:
         """The run is over: write the outcome (durable), then deliver the webhook if there is one."""
         now = time.time()
         req.set_status(status, now)
@@ -485,7 +545,7 @@ class AsyncService:
         if status == "SUCCEEDED":
             self.backoff.pop(key, None)
         has_webhook = req.webhook_endpoint is not None and req.webhook_status == "PENDING"
-        await store.save(req, release=not has_webhook)
+        await self._persist(store, req, release=not has_webhook)
         self.metrics.async_requests.inc(self._labels(req) + (status,))
         self.kick.set()  # a slot freed: the next queued request may go now
         if has_webhook:
@@ -493,12 +553,12 @@ class AsyncService:
 
     # -- webhooks -------------------------------------------------------------------------------
 
-    async def _deliver(self, store: RegionStore, req: AsyncRequest) -> None:
+    async def _deliver(self, store: Store, req: AsyncRequest) -> None:
         if req.status not in FINAL or req.webhook_endpoint is None:
             return
         if self.secret_error is not None:  # never send unsigned when signing was asked for
             req.next_at = time.time() + RENEW_SECONDS
-            await store.save(req, release=True)
+            await self._persist(store, req, release=True)
             return
         data = None
         if req.status == "SUCCEEDED" and req.result is not None:
@@ -525,22 +585,19 @@ class AsyncService:
             req.webhook_status = "FAILED"
             req.set_status("WEBHOOK_FAILED", now)
             self.metrics.async_requests.inc(self._labels(req) + ("WEBHOOK_FAILED",))
-        await store.save(req, release=True)
+        await self._persist(store, req, release=True)
 
-
-def queue_report(directory: Path, stores: dict[str, RegionStore]) -> dict:
-    """Every region's queues by target: what `GET /v1/async/queues` shows (a worker's, or the
-    supervisor's over the same files under --workers N)."""
-    out = []
-    for region, store in sorted(stores.items()):
-        running = {(m, e, d): n for m, e, d, n in store.in_progress()}
-        for model, env, dep, priority, queued in store.depth():
-            out.append({"region": region, "model_id": model, "environment": env, "deployment_id": dep,
-                        "priority": priority, "queued": queued, "in_progress": running.pop((model, env, dep), 0)})  # fmt: skip
-        for (model, env, dep), n in running.items():
-            out.append({"region": region, "model_id": model, "environment": env, "deployment_id": dep,
-                        "priority": None, "queued": 0, "in_progress": n})  # fmt: skip
-    return {"store": str(directory), "regions": sorted(stores), "queues": out}
+    async def _persist(self, store: Store, req: AsyncRequest, *, release: bool) -> None:
+        """Write a run's or a delivery's outcome; while the store is unreachable, again until it
+        answers (the claim stays this process's meanwhile: nothing is lost, nothing run again here)."""
+        delay = PERSIST_BACKOFF[0]
+        while True:
+            try:
+                await store.save(req, release=release)
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PERSIST_BACKOFF[1])
 
 
 def target_of(req: AsyncRequest) -> tuple[str, str, str, str]:
@@ -548,23 +605,15 @@ def target_of(req: AsyncRequest) -> tuple[str, str, str, str]:
     return (req.region, req.model_id, req.environment, "" if req.environment else req.deployment_id)
 
 
-def served_regions(table: Table) -> list[str]:
-    """The regions whose async requests this gateway stores and runs (`gateway.regions`, else all)."""
-    regions = table.gateway.regions
-    return sorted(table.regions if regions is None else regions & set(table.regions))
-
-
-class QueueFiles:
-    """The served regions' queue files, for reading: the supervisor's `GET /v1/async/queues` under
-    --workers N, where the workers own the queues and share the files."""
-
-    def __init__(self, directory: Path, state: TableState) -> None:
-        self.directory = directory
-        self.state = state
-        self.stores: dict[str, RegionStore] = {}
-
-    def queues(self) -> dict:
-        for region in served_regions(self.state.table):
-            if region not in self.stores and store_path(self.directory, region).exists():
-                self.stores[region] = RegionStore(store_path(self.directory, region), region)
-        return queue_report(self.directory, self.stores)
+@contextlib.asynccontextmanager
+async def unavailable_as_503(region: str) -> AsyncIterator[None]:
+    """A store that cannot be reached (or refuses) answers the API's call 503 `model_unavailable`, and
+    nothing was written; the database's own error goes to the log, not to the caller."""
+    try:
+        yield
+    except StoreError as exc:
+        log.debug("async queue of region %s: %s", region, exc)
+        raise ModelUnavailable(
+            f"the async queue of region '{region}' is unavailable right now (its store cannot be reached); retry later",
+            headers=(("retry-after", "1"),),
+        ) from None

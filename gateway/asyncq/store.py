@@ -152,6 +152,11 @@ class RegionStore:
     def __repr__(self) -> str:
         return f"<RegionStore {self.region} {self.path} | {self.commits} commits>"
 
+    @property
+    def where(self) -> str:
+        """Where this region's queue lives (the admin queue report, the start's log line)."""
+        return f"embedded file {self.path}"
+
     def close(self) -> None:
         self.pending.put(None)
         self.thread.join(timeout=10)
@@ -338,13 +343,13 @@ class RegionStore:
             )
         )
 
-    # -- reads (the loop's own connection) ---------------------------------------------------
+    # -- reads (the loop's own connection: a local file, cheap; awaitable like the database's) --
 
-    def get(self, request_id: str) -> AsyncRequest | None:
+    async def get(self, request_id: str) -> AsyncRequest | None:
         row = self.reader.execute("SELECT * FROM requests WHERE request_id=?", (request_id,)).fetchone()
         return None if row is None else _record(row)
 
-    def targets(self, now: float) -> list[tuple[str, str, str]]:
+    async def targets(self, now: float) -> list[tuple[str, str, str]]:
         """(model, environment, deployment) of every target with queued work or a request another
         process was running and may no longer be (lease passed, or its owner gone)."""
         key = "model_id, environment, CASE environment WHEN '' THEN deployment_id ELSE '' END"
@@ -361,7 +366,7 @@ class RegionStore:
                 found.add((r[0], r[1], r[2]))
         return sorted(found)
 
-    def webhooks_due(self, now: float) -> bool:
+    async def webhooks_due(self, now: float) -> bool:
         row = self.reader.execute(
             "SELECT 1 FROM requests WHERE webhook_status='PENDING' AND next_at<=?"
             " AND status IN ('SUCCEEDED','FAILED','EXPIRED') LIMIT 1",
@@ -369,7 +374,7 @@ class RegionStore:
         ).fetchone()
         return row is not None
 
-    def team_open(self, team: str) -> int:
+    async def team_open(self, team: str) -> int:
         """Queued + in-progress requests of `team`."""
         return int(
             self.reader.execute(
@@ -377,7 +382,7 @@ class RegionStore:
             ).fetchone()[0]
         )
 
-    def queue_counts(self, model_id: str, environment: str, deployment_id: str) -> tuple[int, int]:
+    async def queue_counts(self, model_id: str, environment: str, deployment_id: str) -> tuple[int, int]:
         """(queued, in progress) of one target."""
         target, args = _target(model_id, environment, deployment_id)
         rows = self.reader.execute(
@@ -388,7 +393,7 @@ class RegionStore:
         counts = {r[0]: r[1] for r in rows}
         return counts.get("QUEUED", 0), counts.get("IN_PROGRESS", 0)
 
-    def depth(self) -> list[tuple[str, str, str, int, int]]:
+    async def depth(self) -> list[tuple[str, str, str, int, int]]:
         """(model, environment, deployment, priority, queued) for the depth gauge and the admin read."""
         rows = self.reader.execute(
             "SELECT model_id, environment, deployment_id, priority, COUNT(*) FROM requests WHERE status='QUEUED'"
@@ -396,7 +401,7 @@ class RegionStore:
         ).fetchall()
         return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
-    def in_progress(self) -> list[tuple[str, str, str, int]]:
+    async def in_progress(self) -> list[tuple[str, str, str, int]]:
         rows = self.reader.execute(
             "SELECT model_id, environment, deployment_id, COUNT(*) FROM requests WHERE status='IN_PROGRESS'"
             " GROUP BY model_id, environment, deployment_id"
