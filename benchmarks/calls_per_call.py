@@ -26,7 +26,9 @@ calls of the thread that armed it (the event loop's); the other threads' calls (
 writer, the SDK's exporter) are counted by a profiler of their own, started with the thread, whose
 counts at SIGUSR1 are subtracted from those at SIGUSR2 (`thread` in the table). Also per call: the
 process's context switches (voluntary + involuntary, all threads, from /proc), which count the
-wake-ups of the threads and their GIL hand-offs. `--rev .` is the working tree as it is (not a
+wake-ups of the threads and their GIL hand-offs; and the CPU µs per call (user + system, from
+/proc) of the gateway process (`cpu µs`, inflated by the profiler: compare variants) and of its
+children (`child`: the access log's writer process). `--rev .` is the working tree as it is (not a
 commit).
 Writes benchmarks/results/calls-per-call-latest.json.
 
@@ -138,6 +140,21 @@ def switches(pid: int) -> int:
     return total
 
 
+def cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of `pid` and of its children (the access log's writer)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def of(p: str) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return of(str(pid)), sum(of(k) for k in kids)
+
+
 def measure(
     procs: H.Procs, python: str, root: Path, plane_port: int, seconds: float, tmp: Path, variant: str = "plain"
 ) -> tuple[dict, int, float]:  # fmt: skip
@@ -157,10 +174,11 @@ def measure(
     url = f"http://127.0.0.1:{port}{H.GATEWAY_PATH}"
     subprocess.run(["wrk", "-t2", "-c32", "-d1s", "-s", str(lua), url], capture_output=True, timeout=60)
     proc.popen.send_signal(signal.SIGUSR1)
-    switched = switches(proc.pid)
+    switched, (own, child) = switches(proc.pid), cpu(proc.pid)
     r = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds:g}s", "-s", str(lua), url],
                        capture_output=True, text=True, timeout=60 + seconds)  # fmt: skip
     switched = switches(proc.pid) - switched
+    own_after, child_after = cpu(proc.pid)
     proc.popen.send_signal(signal.SIGUSR2)
     threads = Path(str(out) + ".threads")
     for _ in range(100):
@@ -173,9 +191,12 @@ def measure(
     if not m or "Non-2xx" in r.stdout:
         raise SystemExit(f"wrk against {root} failed:\n{r.stdout}{r.stderr}")
     calls = int(m.group(1))
+    # CPU µs per call of the gateway process (profiled: inflated, compare variants) and its children.
+    CPU[root.name + variant] = ((own_after - own) / calls * 1e6, (child_after - child) / calls * 1e6)
     return per_call(out, calls), calls, switched / calls
 
 
+CPU: dict[str, tuple[float, float]] = {}  # per measured run: gateway and child CPU µs per call
 GRPC_MESSAGE = b"calls-per-call.."  # 16 bytes, as run_grpc.py's unary load
 GRPC_WARMUP = 2000
 
@@ -300,18 +321,20 @@ def main() -> int:
                 results.append({"rev": label, "sha": sha, "variant": variant, "calls": calls,
                                 "per_call": sum(counts.values()), "hot_per_call": sum(hot.values()),
                                 "thread_per_call": sum(v for k, v in counts.items() if k.startswith("thread ")),
-                                "switches_per_call": switched, "hot": hot})  # fmt: skip
+                                "switches_per_call": switched, "hot": hot,
+                                "cpu_us_per_call": CPU.get(root.name + variant, (0.0, 0.0))})  # fmt: skip
                 H.log(f"{label} ({sha[:7]}): {calls:,} calls profiled, {sum(hot.values()):.1f} hot-path Python "
                       f"calls per call, {switched:.2f} context switches per call")  # fmt: skip
         if sink is not None:
             sink.shutdown()
     base = results[0]
     print(f"\n{'revision':<26} {'calls profiled':>14} {'hot calls/call':>15} {'vs ' + base['rev']:>14} "
-          f"{'all calls/call':>15} {'thread':>7} {'switches':>9}")  # fmt: skip
+          f"{'all calls/call':>15} {'thread':>7} {'switches':>9} {'cpu µs':>7} {'child':>6}")  # fmt: skip
     for r in results:
         change = (r["hot_per_call"] / base["hot_per_call"] - 1) * 100
         print(f"{r['rev'] + ' ' + r['sha'][:7]:<26} {r['calls']:>14,} {r['hot_per_call']:>15.1f} {change:>+13.1f}% "
-              f"{r['per_call']:>15.1f} {r['thread_per_call']:>7.1f} {r['switches_per_call']:>9.2f}")  # fmt: skip
+              f"{r['per_call']:>15.1f} {r['thread_per_call']:>7.1f} {r['switches_per_call']:>9.2f} "
+              f"{r['cpu_us_per_call'][0]:>7.1f} {r['cpu_us_per_call'][1]:>6.1f}")  # fmt: skip
     for r in results[1:]:
         print(f"\nfunctions whose calls per call differ, {base['rev']} -> {r['rev']}:")
         names = set(base["hot"]) | set(r["hot"])

@@ -2,8 +2,9 @@
 
 Real gateway processes in front of a real aiohttp plane (and a grpcio plane); the log file is read
 after the gateway's SIGTERM drain, which must have written every line. The writer itself
-(`gateway.obs.accesslog.AccessLog`) is driven directly for its bounds: a full buffer drops and
-counts, `close` writes everything waiting.
+(`gateway.obs.accesslog.AccessLog` and its writer process) is driven directly for its bounds: a
+full pipe drops and counts, `close` writes everything waiting; a writer killed under a running
+gateway is started again and its loss counted.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -241,36 +244,109 @@ def test_close_writes_every_line_waiting(tmp_path: Path) -> None:
     dropped = Counter("d", "", ())
     writer = AccessLog(str(tmp_path / "a.log"), "json", dropped)
     writer.offset = lambda: OFFSET  # type: ignore[method-assign]
-    for i in range(20_000):
-        writer.append(entry(i))
+    for i in range(20_000):  # more than the pipe holds: close waits for the writer process to read
+        writer.queue.append(entry(i))
+        if i % 5000 == 0:
+            writer.flush()
+    child = writer.child
     writer.close()
+    assert child is not None and child.returncode == 0  # it wrote everything and exited
     records = [json.loads(line) for line in lines_of(tmp_path / "a.log")]
     assert [r["bytes_out"] for r in records] == list(range(20_000)) and dropped.get(()) == 0
     assert records[0]["time"] == "2023-11-14T22:13:20.250Z"
 
 
-def test_a_full_buffer_drops_lines_and_counts_them_without_waiting(tmp_path: Path) -> None:
+def test_a_full_pipe_drops_lines_and_counts_them_without_waiting(tmp_path: Path) -> None:
     dropped = Counter("gateway_access_log_dropped_total", "", ())
     writer = AccessLog(str(tmp_path / "a.log"), "json", dropped, capacity=100)
-    blocked = threading.Event()
-    release = threading.Event()
-    real_format = writer.format
-
-    def slow(r: Record, offset: float) -> str:  # the disk stalls: the writer thread is stuck on its first line
-        blocked.set()
-        release.wait(10)
-        return real_format(r, offset)
-
-    writer.format = slow
-    writer.append(entry(0))
-    writer.wakeup.set()
-    assert blocked.wait(10)
-    for i in range(1, 301):  # the call side goes on: 100 fit, the rest are dropped and counted
-        writer.append(entry(i))
-    assert dropped.get(()) == 200
-    release.set()
+    assert writer.child is not None
+    writer.child.send_signal(signal.SIGSTOP)  # the writer stalls (a stuck disk): its pipe fills up
+    try:
+        handed = 0
+        while not writer.pending and handed < 1000:  # lines of 20 kB: the 1 MiB pipe is full within ~50
+            writer.queue.append(entry(handed, target="/" + "x" * 20_000))
+            writer.flush()  # never waits: what the pipe does not take stays pending
+            handed += 1
+        assert writer.pending and handed < 1000
+        for i in range(300):  # the call side goes on: 100 wait, the rest are dropped and counted
+            writer.queue.append(entry(handed + i))
+        writer.flush()
+        assert dropped.get(()) == 200 and len(writer.queue) == 100
+    finally:
+        writer.child.send_signal(signal.SIGCONT)
     writer.close()
-    assert len(lines_of(tmp_path / "a.log")) == 101
+    assert len(lines_of(tmp_path / "a.log")) == handed + 100 and dropped.get(()) == 200
+
+
+def test_a_killed_writer_is_restarted_and_its_loss_counted(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+
+    async def scenario() -> tuple[set[str], set[str], float]:
+        async with Plane() as plane, aiohttp.ClientSession() as session:
+            gw = GatewayProcess(table(tmp_path, plane), "--access-log", str(log)).start()
+            try:
+                first = writer_of(gw.proc.pid)
+                before = {(await post(session, gw, "/production/predict", b"{}"))[1] for _ in range(5)}
+                await until(lambda: len(lines_of(log)) == 5)
+                os.kill(first, signal.SIGSTOP)  # these calls' lines stay in the pipe, unread ...
+                lost = {(await post(session, gw, "/production/predict", b"{}"))[1] for _ in range(7)}
+                await asyncio.sleep(0.3)  # ... handed over (every 50 ms) ...
+                os.kill(first, signal.SIGKILL)  # ... and lost with the writer
+                answers = [await post(session, gw, "/production/predict", b"{}") for _ in range(20)]
+                assert [a[0] for a in answers] == [200] * 20  # the gateway serves on meanwhile
+                await until(lambda: writer_of(gw.proc.pid, 0) not in (0, first))  # started again
+                after = {a[1] for a in answers} | before
+                await until(lambda: len(lines_of(log)) == len(after))
+                async with session.get(gw.admin_url + "/metrics") as resp:
+                    metrics = await resp.text()
+            finally:
+                assert gw.stop() == 0
+        dropped = re.search(r"^gateway_access_log_dropped_total (\S+)$", metrics, re.M)
+        return after, lost, float(dropped.group(1)) if dropped else -1.0
+
+    after, lost, dropped = asyncio.run(scenario())
+    logged = {json.loads(line)["request_id"] for line in lines_of(log)}
+    assert logged == after and not logged & lost and dropped == len(lost) == 7
+
+
+def test_sigterm_drain_writes_every_line_and_stops_the_writer(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+
+    async def scenario() -> tuple[set[str], int]:
+        async with Plane() as plane, aiohttp.ClientSession() as session:
+            gw = GatewayProcess(table(tmp_path, plane), "--access-log", str(log)).start()
+            try:
+                writer = writer_of(gw.proc.pid)
+                answers = await asyncio.gather(
+                    *(post(session, gw, "/production/predict", b"{}") for _ in range(200))
+                )  # fmt: skip
+            finally:
+                assert gw.stop() == 0  # SIGTERM right after the last answer: lines still in flight
+        assert [a[0] for a in answers] == [200] * 200
+        return {a[1] for a in answers}, writer
+
+    ids, writer = asyncio.run(scenario())
+    assert {json.loads(line)["request_id"] for line in lines_of(log)} == ids
+    assert not Path(f"/proc/{writer}").exists()  # the writer exited (and was reaped) with the gateway
+
+
+def writer_of(pid: int, default: int | None = None) -> int:
+    """The pid of the access log writer process the gateway `pid` started."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"gateway.obs.logwriter" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+        except OSError:  # it just exited
+            continue
+    if default is None:
+        raise AssertionError(f"gateway {pid} runs no access log writer")
+    return default
+
+
+async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
 
 
 def test_formats_escape_what_the_client_controls() -> None:

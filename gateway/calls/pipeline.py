@@ -269,9 +269,10 @@ class CallRecord:
             self.endpoint = None
         p.metrics.inflight.dec(self.labels)
         p.metrics.requests.inc(self.labels + (code,))
-        p.metrics.duration.observe(self.labels, p.loop.time() - self.started)
+        now = p.loop.time()
+        p.metrics.duration.observe(self.labels, now - self.started)
         if self.info is not None and p.observer is not None:
-            p.observer.ended(self.info, self.labels, code, self.started, error)
+            p.observer.ended(self.info, self.labels, code, self.started, error, now)
         if p.holds.full_waiting:  # a slot freed: the longest-waiting call of that deployment may go
             p.slot_freed((self.labels[0], self.labels[2]))
 

@@ -350,7 +350,9 @@ class PublicHandler:
                 else:
                     state = value
         parent_text = parent.decode("latin-1") if parent else ""
-        traced = self.pipeline.observer.wanted(parent_text)  # type: ignore[union-attr]
+        observer = self.pipeline.observer
+        # The access log alone (no tracing): not traced, without a call to ask (calls_per_call.py).
+        traced = False if observer.tracing is None else observer.wanted(parent_text)  # type: ignore[union-attr]
         if traced is None:
             return None
         return CallInfo(

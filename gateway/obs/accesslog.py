@@ -1,32 +1,42 @@
 """The access log (SPEC §12 `--access-log FILE|-`, `--access-log-format json|combined`, issue 13).
 
-One line per call, written off the hot path: a call's end appends one tuple to a bounded in-memory
-queue (`Record`: the call's `CallInfo`, labels, status and two loop times; no formatting, no clock
-read, no I/O); a background thread formats what has gathered and writes it in batches of whole
-lines. When the queue is full the line is dropped and counted in `gateway_access_log_dropped_total`:
-a call never waits for the disk. `close()` writes what is left (drain and SIGTERM), so a clean stop
-loses no line.
+One line per call, formatted and written by another process (`gateway.obs.logwriter`, one per
+worker, started when the log opens): a call's end appends one tuple to a queue (`Record`: the
+call's `CallInfo`, labels, status and two loop times; no formatting, no clock read, no I/O), and
+every FLUSH_SECONDS the loop hands what gathered to the writer as ONE `pickle.dumps` of a batch (C
+code; the `CallInfo`s as tuples of their logged `FIELDS`, read by one C `attrgetter` each) written
+to a non-blocking pipe. A call never waits: a pipe that takes no more leaves the lines waiting,
+and past `capacity` they are dropped and counted in `gateway_access_log_dropped_total`. A writer
+that dies is started again (at most once per RESTART_SECONDS); the lines it had not read are
+counted as dropped. `close()` (drain, SIGTERM) hands over what is left, closes the pipe and waits
+for the writer to write it and exit (at most CLOSE_SECONDS): a clean stop loses no line.
 
-The file is opened with O_APPEND and every write holds whole lines (at most WRITE_BYTES), so the
-workers of `--workers N` append to one file without tearing each other's lines (Linux serialises
-O_APPEND writes to a regular file; nginx's workers share their access log the same way).
+The writer opens the file with O_APPEND and every write holds whole lines (at most WRITE_BYTES),
+so the writers of `--workers N` append to one file without tearing each other's lines (Linux
+serialises O_APPEND writes to a regular file; nginx's workers share their access log the same way).
 
-Measured (`benchmarks/calls_per_call.py --variant access-log`): a Python call on the loop thread or
-on the writer's costs the same, since both hold the GIL to run; so the call's side builds no
-record object of its own (the `CallInfo` it already has goes into the queue as it is), reads no
-wall clock (the writer turns loop times into wall time once per batch), and the writer formats a
-line in one expression, with the time's text cached per second.
+Measured (`benchmarks/calls_per_call.py --variant access-log`): with a writer thread in the
+gateway, formatting (~6.6 Python calls a line) held the GIL that the calls need; in a process of
+its own it runs on the other core, and the gateway's part is the append and ~1/250 of a batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import fcntl
 import functools
+import operator
 import os
+import pickle
+import select
+import struct
+import subprocess
 import sys
-import threading
+import termios
 import time
 from json.encoder import encode_basestring_ascii as _q  # type: ignore[attr-defined]  # the C escaper
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.metrics import Counter
@@ -36,8 +46,11 @@ if TYPE_CHECKING:
 
 FORMATS = ("json", "combined")
 CAPACITY = 65536  # lines waiting for the writer; past this, lines are dropped (counted)
-FLUSH_SECONDS = 0.1  # the writer's period; it also wakes when BATCH lines are waiting
-BATCH = 4096
+FLUSH_SECONDS = 0.05  # the loop hands a batch to the writer this often
+RESTART_SECONDS = 1.0  # a writer that dies is started again, at most this often
+CLOSE_SECONDS = 10.0  # how long close() waits for the writer to write everything
+PIPE_BYTES = 1 << 20  # the pipe's buffer (Linux's default pipe-max-size): ~3,000 lines
+SOURCE = str(Path(__file__).resolve().parents[2])  # where the writer imports `gateway` from
 WRITE_BYTES = 65536  # one os.write of whole lines at most: appends of workers stay whole lines
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -46,6 +59,12 @@ MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", 
 # name), and the loop times (`loop.time()`, CLOCK_MONOTONIC, as asyncio's and uvloop's) of its start
 # and end.
 Record = tuple["CallInfo", tuple, str, float, float]
+# What the writer reads of a CallInfo (the formatters' attributes), in this order.
+FIELDS = (
+    "request_id", "client", "host", "method", "target", "protocol", "agent", "referer", "bytes_in", "bytes_out",
+    "first_byte", "upstream", "side", "shadowed",
+)  # fmt: skip
+_fields = operator.attrgetter(*FIELDS)
 
 
 def wall_offset() -> float:
@@ -75,7 +94,7 @@ def format_json(r: Record, offset: float) -> str:
 
 EMPTY = '""'
 ROUTES = 4096  # distinct (host, method, target, route) segments kept by the writer
-_ROUTES: dict[tuple, str] = {}  # the writer thread's only
+_ROUTES: dict[tuple, str] = {}  # the writer process's
 
 
 def _route_json(key: tuple) -> str:
@@ -132,79 +151,171 @@ def _quote(text: str) -> str:
 
 
 class AccessLog:
-    """The writer: `append` on the loop thread, never blocking; a thread formats and writes."""
+    """The gateway's side: calls append to `queue` (the loop thread only); `flush` (every
+    FLUSH_SECONDS on the loop, `loop` given) hands what gathered to the writer process."""
 
-    def __init__(self, path: str, fmt: str, dropped: Counter, capacity: int = CAPACITY) -> None:
+    def __init__(
+        self, path: str, fmt: str, dropped: Counter, capacity: int = CAPACITY, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:  # fmt: skip
         if fmt not in FORMATTERS:
             raise ValueError(f"--access-log-format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         self.path = path
-        self.format = FORMATTERS[fmt]
+        self.fmt = fmt
         self.dropped = dropped
         dropped.inc((), 0)  # exported as 0 from the start, not only after a first drop
         self.capacity = capacity
-        self.fd = 1 if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.queue: collections.deque[Record] = collections.deque()  # append/popleft are thread-safe
-        self.wakeup = threading.Event()
-        self.stopping = False
-        self.written = 0
+        self.queue: collections.deque[Record] = collections.deque()
         self.offset = wall_offset  # read once per batch (tests: a fixed clock)
-        self.thread = threading.Thread(target=self._run, name="access-log", daemon=True)
-        self.thread.start()
+        self.child: subprocess.Popen | None = None
+        self.fd = -1  # the pipe to the child (non-blocking)
+        self.pending = memoryview(b"")  # the part of the last batch the pipe did not take yet
+        self.sent: collections.deque[tuple[int, int]] = collections.deque()  # (byte end, lines) per batch
+        self.planned = 0  # bytes of every batch made for this child
+        self.handed = 0  # bytes the pipe took
+        self.spawned = -RESTART_SECONDS
+        self.starts = 0  # writer processes started: the first, then one per restart
+        self.written = 0  # lines handed over in whole batches
+        self.closing = False
+        self._spawn()
+        self.loop = loop
+        self.timer = loop.call_later(FLUSH_SECONDS, self._tick) if loop is not None else None
 
     def __repr__(self) -> str:
-        return f"<AccessLog {self.path} | {len(self.queue)} waiting, {self.written} written>"
-
-    def append(self, record: Record) -> None:
-        queue = self.queue
-        waiting = len(queue)
-        if waiting >= self.capacity:
-            self.dropped.inc(())
-            return
-        queue.append(record)
-        if waiting == BATCH - 1:
-            self.wakeup.set()
+        pid = self.child.pid if self.child is not None else None
+        return (
+            f"<AccessLog {self.path} | writer pid {pid}, {len(self.queue)} waiting, {self.written} handed over, "
+            f"{self.starts - 1} restarts>"
+        )
 
     def close(self) -> None:
-        """Write every line still waiting, then stop (drain, SIGTERM)."""
-        self.stopping = True
-        self.wakeup.set()
-        self.thread.join(10)
-        if self.fd != 1:
-            os.close(self.fd)
-
-    def _run(self) -> None:
-        while not self.stopping:
-            self.wakeup.wait(FLUSH_SECONDS)
-            self.wakeup.clear()
-            self._flush()
-        self._flush()
-
-    def _flush(self) -> None:
-        queue, fmt, offset = self.queue, self.format, self.offset()
-        carried: list[str] = []  # the line that did not fit in the previous write
-        while queue or carried:
-            lines, carried = carried, []
-            size = sum(len(line) + 1 for line in lines)
-            while queue:
-                line = fmt(queue.popleft(), offset)
-                size += len(line) + 1
-                if size > WRITE_BYTES and lines:
-                    carried.append(line)
-                    break
-                lines.append(line)
-            data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
-            if len(data) <= WRITE_BYTES or len(lines) == 1:
-                self._write(data)
-            else:  # characters past ASCII (combined keeps printable ones): more bytes than characters
-                for line in lines:
-                    self._write((line + "\n").encode("utf-8", "backslashreplace"))
-            self.written += len(lines)
-
-    def _write(self, data: bytes) -> None:
+        """Hand every line still waiting to the child and wait for it to write them (drain, SIGTERM),
+        at most CLOSE_SECONDS."""
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
+        deadline = time.monotonic() + CLOSE_SECONDS
+        while (self.queue or self.pending) and time.monotonic() < deadline:
+            self.flush()
+            if self.pending and self.fd >= 0:
+                select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))
+        child, left = self.child, len(self.queue)
+        unread = self._not_read(_unread(self.fd))
+        if left:  # the child could not take them in time (stopped, or restarting fails)
+            self.queue.clear()
+            self.dropped.inc((), left)
+        if child is None:
+            return
+        os.close(self.fd)  # end of file: the child writes what it has and exits
+        self.fd, self.child = -1, None
         try:
-            while data:
-                data = data[os.write(self.fd, data) :]
-        except OSError as exc:  # disk full, closed stdout: the lines are lost, the calls are not
-            self.dropped.inc((), data.count(b"\n"))
-            if not self.stopping:
-                print(f"gateway: access log write failed: {exc}", file=sys.stderr)
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            self.dropped.inc((), unread)  # at most: it may have read some
+            print("gateway: access log writer did not finish in time; killed", file=sys.stderr)
+
+    def _tick(self) -> None:
+        self.timer = self.loop.call_later(FLUSH_SECONDS, self._tick)  # type: ignore[union-attr]
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand the waiting lines to the child in one pickled batch, never waiting: a pipe that takes
+        no more leaves them waiting (past `capacity`, the newest are dropped and counted)."""
+        if self.child is not None and self.child.poll() is not None:
+            self._lost()
+        if self.child is None and (self.closing or time.monotonic() >= self.spawned + RESTART_SECONDS):
+            self._spawn()
+        if self.child is None or (self.pending and not self._send()):
+            self._bound()
+            return
+        queue = self.queue
+        if not queue:
+            return
+        records = list(queue)
+        queue.clear()
+        frame = pickle.dumps((self.offset(), [(_fields(i), labels, c, s, e) for i, labels, c, s, e in records]), 5)
+        self.planned += len(frame)
+        self.sent.append((self.planned, len(records)))
+        self.pending = memoryview(frame)
+        self._send()
+        if len(self.sent) > 64:  # forget the batches the child has read
+            read = self.handed - _unread(self.fd)
+            while self.sent and self.sent[0][0] <= read:
+                self.sent.popleft()
+
+    def _send(self) -> bool:
+        """Write what the pipe takes of the pending batch; whether all of it went."""
+        try:
+            taken = os.write(self.fd, self.pending)
+        except BlockingIOError:
+            return False
+        except OSError:  # EPIPE: the child is gone
+            self._lost()
+            return False
+        self.handed += taken
+        self.pending = self.pending[taken:]
+        if self.pending:
+            return False
+        self.written += self.sent[-1][1]
+        return True
+
+    def _bound(self) -> None:
+        excess = len(self.queue) - self.capacity
+        if excess > 0:
+            for _ in range(excess):
+                self.queue.pop()
+            self.dropped.inc((), excess)
+
+    def _not_read(self, unread: int) -> int:
+        """Lines of the batches the child has not read in full, `unread` bytes still in the pipe."""
+        read = self.handed - unread
+        return sum(lines for end, lines in self.sent if end > read)
+
+    def _lost(self) -> None:
+        """The child died: count the lines it had not read, start another at the next flush."""
+        child = self.child
+        lost = self._not_read(_unread(self.fd))
+        os.close(self.fd)
+        self.fd, self.child, self.pending = -1, None, memoryview(b"")
+        if child is not None:
+            if child.poll() is None:  # EPIPE with the process still there: it closed its input
+                child.kill()
+            child.wait()
+            print(f"gateway: access log writer exited ({child.returncode}), {lost} lines lost; restarting",
+                  file=sys.stderr)  # fmt: skip
+        self.dropped.inc((), lost)
+
+    def _spawn(self) -> None:
+        self.spawned = time.monotonic()
+        read, write = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:  # above /proc/sys/fs/pipe-max-size: the default 64 KiB
+            pass
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (SOURCE, os.environ.get("PYTHONPATH")))))
+        try:
+            self.child = subprocess.Popen(
+                [sys.executable, "-m", "gateway.obs.logwriter", self.path, self.fmt], stdin=read, env=env
+            )
+        except OSError as exc:
+            os.close(write)
+            print(f"gateway: access log writer could not start: {exc}", file=sys.stderr)
+            return
+        finally:
+            os.close(read)
+        os.set_blocking(write, False)
+        self.fd = write
+        self.planned = self.handed = 0
+        self.sent.clear()
+        self.starts += 1
+
+
+def _unread(fd: int) -> int:
+    """Bytes written to the pipe `fd` and not read yet (FIONREAD works on a pipe's write end too)."""
+    if fd < 0:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0

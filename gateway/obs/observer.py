@@ -4,7 +4,7 @@
 adapters build a `CallInfo` only when it is set. Every hook is called by the pipeline, once per
 call (or per attempt), whatever protocol carried it. The tracing hooks do nothing for a call not
 traced (`CallInfo.traced`, decided once by `wanted`), and the access log's costs the call one
-tuple and one append (`accesslog.Record`).
+tuple and one `deque.append` (`accesslog.Record`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class Observer:
     def __init__(self, access_log: AccessLog | None, tracing: Tracing | None) -> None:
         self.access_log = access_log
+        self.log = access_log.queue.append if access_log is not None else None  # a call's end: one C call
         self.tracing = tracing
         self.loop = asyncio.get_running_loop()
 
@@ -58,17 +59,20 @@ class Observer:
         if info.traced:
             self.tracing.attempt_ended(info, str(error.status), type(error).__name__)  # type: ignore[union-attr]
 
-    def ended(self, info: CallInfo, labels: tuple, code: str, started: float, error: GatewayError | None) -> None:
+    def ended(
+        self, info: CallInfo, labels: tuple, code: str, started: float, error: GatewayError | None, now: float
+    ) -> None:  # fmt: skip
+        """The call is over at loop time `now` (the pipeline's, read once for its duration too)."""
         if info.traced:
             error_type = type(error).__name__ if error is not None else None
             self.tracing.ended(info, code, error_type, time.time_ns())  # type: ignore[union-attr]
-        if self.access_log is not None:
-            self.access_log.append((info, labels, code, started, self.loop.time()))
+        if self.log is not None:
+            self.log((info, labels, code, started, now))
 
     def unadmitted(self, info: CallInfo, labels: tuple, code: str, started: float) -> None:
         """A call the pipeline never admitted (refused, answered by the gateway, held and dropped)."""
         self.started(info, labels, started)
-        self.ended(info, labels, code, started, None)
+        self.ended(info, labels, code, started, None, self.loop.time())
 
     def _wall_ns(self, started: float) -> int:
         return time.time_ns() - int((self.loop.time() - started) * 1e9)

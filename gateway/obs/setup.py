@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 from typing import Any
@@ -33,7 +34,9 @@ def observer(opts: Any, metrics: Metrics, span_exporter: Any = None) -> Observer
         return None
     log = None
     if opts.access_log is not None:
-        log = AccessLog(opts.access_log, opts.access_log_format, metrics.access_log_dropped)
+        log = AccessLog(
+            opts.access_log, opts.access_log_format, metrics.access_log_dropped, loop=asyncio.get_running_loop()
+        )
     tracing = None
     if opts.otel:
         from gateway.obs.tracing import Tracing  # the SDK is imported only when tracing is on

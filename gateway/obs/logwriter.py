@@ -1,0 +1,81 @@
+"""The access log's writer process: `python -m gateway.obs.logwriter FILE|- FORMAT` (issue 13).
+
+The gateway (`accesslog.AccessLog`) starts one per worker and feeds it through a pipe on its
+standard input: every ~50 ms one pickled batch `(offset, [(fields, labels, code, started, ended),
+...])`, `fields` the logged `CallInfo` attributes (`FIELDS`) and `offset` the wall clock minus the
+loop's. This process formats the lines (`accesslog.format_json` / `format_combined`) and writes
+them, whole lines per `os.write`, with O_APPEND: the formatting no longer holds the gateway's GIL.
+At end of file (the gateway closed the pipe: drain, SIGTERM, or the gateway died) it writes what it
+has and exits. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C reaches the whole process group,
+and the gateway's drain still has lines to hand over; the pipe's end is what stops this process.
+`-` writes to the inherited standard output.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import signal
+import sys
+
+from gateway.obs.accesslog import FIELDS, FORMATTERS, WRITE_BYTES
+
+# A CallInfo's logged fields, read by the formatters as the CallInfo's attributes.
+Logged = collections.namedtuple("Logged", FIELDS)  # type: ignore[misc]
+_make = Logged._make
+
+
+def write_lines(fd: int, lines: list[str]) -> int:
+    """Write `lines` to `fd` in writes of whole lines, at most WRITE_BYTES each (so that the workers'
+    O_APPEND writes never tear each other's lines); the number of lines lost to a write error."""
+    start, lost = 0, 0
+    while start < len(lines):
+        size, end = 0, start
+        while end < len(lines) and (size + len(lines[end]) + 1 <= WRITE_BYTES or end == start):
+            size += len(lines[end]) + 1
+            end += 1
+        data = ("\n".join(lines[start:end]) + "\n").encode("utf-8", "backslashreplace")
+        if len(data) > WRITE_BYTES and end - start > 1:  # characters past ASCII: more bytes than characters
+            end = start + max(1, (end - start) // 2)
+            continue
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as exc:  # disk full, closed stdout: the lines are lost, not the process
+            lost += data.count(b"\n")
+            print(f"gateway: access log write failed: {exc}", file=sys.stderr)
+        start = end
+    return lost
+
+
+def run(source: object, fd: int, fmt: str) -> None:
+    """Format and write every batch read from `source` (a binary file) until its end."""
+    format = FORMATTERS[fmt]
+    while True:
+        try:
+            offset, batch = pickle.load(source)  # type: ignore[arg-type]
+        except (EOFError, pickle.UnpicklingError):  # the gateway closed the pipe (or died mid-batch)
+            return
+        lines = [format((_make(f), labels, code, s, e), offset) for f, labels, code, s, e in batch]  # type: ignore[arg-type]
+        write_lines(fd, lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[1] not in FORMATTERS:
+        print(f"usage: python -m gateway.obs.logwriter FILE|- {'|'.join(FORMATTERS)}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    path, fmt = argv
+    try:
+        fd = 1 if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        print(f"gateway: access log {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    run(sys.stdin.buffer, fd, fmt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
