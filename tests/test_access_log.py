@@ -27,7 +27,7 @@ import yaml
 
 from gateway.calls.info import CallInfo
 from gateway.metrics import Counter
-from gateway.obs.accesslog import AccessLog, Record, format_combined, format_json
+from gateway.obs.accesslog import FIELDS, AccessLog, format_combined, format_json
 from tests.planes import Plane
 from tests.support import EXAMPLE, KEY_HEADER, REPO, GatewayProcess, free_port, write_table
 from tests.test_grpc import HOST as GRPC_HOST
@@ -225,8 +225,8 @@ def test_a_path_that_cannot_be_written_is_a_usage_error(tmp_path: Path) -> None:
 # -- the writer --------------------------------------------------------------------------------
 
 
-def entry(i: int, **fields: object) -> Record:
-    """A call's record as the loop hands it to the writer: started at loop time 0.25 (the
+def entry(i: int, **fields: object) -> CallInfo:
+    """An ended call as the loop hands it to the writer: started at loop time 0.25 (the
     tests' writer clock is 1,700,000,000 s ahead), its first byte 1 ms later, its end 2 ms later."""
     info = CallInfo(
         f"{i:032x}", "10.0.0.1", STD, "POST", str(fields.pop("target", "/production/predict")), "http",
@@ -234,7 +234,13 @@ def entry(i: int, **fields: object) -> Record:
     )  # fmt: skip
     info.bytes_in, info.bytes_out, info.upstream, info.side = 3, i, "10.1.0.1:80", "primary"
     info.first_byte = fields.pop("first_byte", 0.251)  # type: ignore[assignment]
-    return (info, ("abc123", "production", "v1", "us", "http"), "200", 0.25, 0.252)
+    info.labels, info.code, info.started, info.ended = ("abc123", "production", "v1", "us", "http"), "200", 0.25, 0.252
+    return info
+
+
+def logged(info: CallInfo) -> tuple:
+    """What the writer receives of an ended call: its FIELDS, in that order."""
+    return tuple(getattr(info, name) for name in FIELDS)
 
 
 OFFSET = 1_700_000_000.0  # the writer's wall minus loop clock in the tests (accesslog.wall_offset)
@@ -350,7 +356,7 @@ async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def test_formats_escape_what_the_client_controls() -> None:
-    e = entry(1, target='/p?q="x"\x01', agent="a\\b", first_byte=None)
+    e = logged(entry(1, target='/p?q="x"\x01', agent="a\\b", first_byte=None))
     line = format_combined(e, OFFSET)
     assert '"POST /p?q=\\x22x\\x22\\x01 HTTP/1.1"' in line and '"a\\x5Cb"' in line and 'ttfb_ms="-"' in line
     assert "[14/Nov/2023:22:13:20 +0000]" in line and 'total_ms="2.000"' in line

@@ -6,7 +6,7 @@ per adapter, and hands it to `Pipeline.begin` (or `Pipeline.unadmitted`); otherw
 none and nothing here is computed. The
 adapter fills in what only its wire knows (bytes, first byte, upstream address); the pipeline's
 `CallRecord` reports it once, at the call's end, whatever protocol carried it. Once the call has
-ended nothing changes it: the access log's writer thread reads it as it is (`accesslog.Record`).
+ended nothing changes it: the access log hands its logged fields to its writer (`accesslog.FIELDS`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class CallInfo:
     __slots__ = (
         "request_id", "client", "host", "method", "target", "protocol", "route", "agent", "referer",
         "parent", "parent_state", "bytes_in", "bytes_out", "first_byte", "upstream", "side", "shadowed",
-        "span", "attempt", "attempts", "trace", "traced",
+        "span", "attempt", "attempts", "trace", "traced", "labels", "code", "started", "ended",
     )  # fmt: skip
 
     def __init__(
@@ -48,6 +48,12 @@ class CallInfo:
         self.attempt: Any = None  # the client span of the attempt in flight
         self.attempts = 0
         self.trace: tuple[tuple[bytes, bytes], ...] = ()  # traceparent/tracestate for the plane request
+        # Set once, at the call's end (`Observer.ended`): its metric labels (model, environment,
+        # deployment, region, protocol), status (HTTP status or gRPC code name) and the loop times
+        # (`loop.time()`, CLOCK_MONOTONIC) of its start and end.
+        self.labels: tuple = ()
+        self.code = ""
+        self.started = self.ended = 0.0
 
     def __repr__(self) -> str:
         return f"<CallInfo {self.request_id[:8]} {self.protocol} {self.method} {self.target[:40]}>"

@@ -1,11 +1,11 @@
 """The access log (SPEC §12 `--access-log FILE|-`, `--access-log-format json|combined`, issue 13).
 
 One line per call, formatted and written by another process (`gateway.obs.logwriter`, one per
-worker, started when the log opens): a call's end appends one tuple to a queue (`Record`: the
-call's `CallInfo`, labels, status and two loop times; no formatting, no clock read, no I/O), and
-every FLUSH_SECONDS the loop hands what gathered to the writer as ONE `pickle.dumps` of a batch (C
-code; the `CallInfo`s as tuples of their logged `FIELDS`, read by one C `attrgetter` each) written
-to a non-blocking pipe. A call never waits: a pipe that takes no more leaves the lines waiting,
+worker, started when the log opens): a call's end appends its `CallInfo` to a queue (its labels,
+status and two loop times set on it; no tuple, no formatting, no clock read, no I/O), and every
+FLUSH_SECONDS the loop hands what gathered to the writer as ONE `pickle.dumps` of a batch, all C
+code: `list(map(attrgetter(*FIELDS), queue))`, the logged fields of each call as one tuple, and
+the pickling of that list. A call never waits: a pipe that takes no more leaves the lines waiting,
 and past `capacity` they are dropped and counted in `gateway_access_log_dropped_total`. A writer
 that dies is started again (at most once per RESTART_SECONDS); the lines it had not read are
 counted as dropped. `close()` (drain, SIGTERM) hands over what is left, closes the pipe and waits
@@ -17,7 +17,7 @@ serialises O_APPEND writes to a regular file; nginx's workers share their access
 
 Measured (`benchmarks/calls_per_call.py --variant access-log`): with a writer thread in the
 gateway, formatting (~6.6 Python calls a line) held the GIL that the calls need; in a process of
-its own it runs on the other core, and the gateway's part is the append and ~1/250 of a batch.
+its own it runs on the other core, and the gateway's part is the append and ~1/750 of a batch.
 """
 
 from __future__ import annotations
@@ -46,7 +46,12 @@ if TYPE_CHECKING:
 
 FORMATS = ("json", "combined")
 CAPACITY = 65536  # lines waiting for the writer; past this, lines are dropped (counted)
-FLUSH_SECONDS = 0.05  # the loop hands a batch to the writer this often
+FLUSH_SECONDS = 0.05  # the loop hands a batch to the writer this often, and as soon as BATCH_LINES wait
+# A batch is handed over as soon as this many lines wait: ended calls are not kept for the whole
+# FLUSH_SECONDS (750 of them at 15,000 calls/s took the gateway ~5 µs more a call, measured with
+# benchmarks/run_obs.py: their memory was no longer reused while in the CPU's cache), and the writer
+# still gets batches large enough that its per-batch cost (~50 µs: a read, a write) stays small.
+BATCH_LINES = 256
 RESTART_SECONDS = 1.0  # a writer that dies is started again, at most this often
 CLOSE_SECONDS = 10.0  # how long close() waits for the writer to write everything
 PIPE_BYTES = 1 << 20  # the pipe's buffer (Linux's default pipe-max-size): ~3,000 lines
@@ -54,15 +59,11 @@ SOURCE = str(Path(__file__).resolve().parents[2])  # where the writer imports `g
 WRITE_BYTES = 65536  # one os.write of whole lines at most: appends of workers stay whole lines
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
-# One call as the loop hands it over: its CallInfo (no longer changed once the call ended), its
-# labels (model, environment, deployment, region, protocol), its status (HTTP status or gRPC code
-# name), and the loop times (`loop.time()`, CLOCK_MONOTONIC, as asyncio's and uvloop's) of its start
-# and end.
-Record = tuple["CallInfo", tuple, str, float, float]
-# What the writer reads of a CallInfo (the formatters' attributes), in this order.
+# What the writer reads of a CallInfo (the formatters' attributes), in this order: the loop hands
+# it one tuple of these per call, which the formatters read.
 FIELDS = (
     "request_id", "client", "host", "method", "target", "protocol", "agent", "referer", "bytes_in", "bytes_out",
-    "first_byte", "upstream", "side", "shadowed",
+    "first_byte", "upstream", "side", "shadowed", "labels", "code", "started", "ended",
 )  # fmt: skip
 _fields = operator.attrgetter(*FIELDS)
 
@@ -72,29 +73,30 @@ def wall_offset() -> float:
     return time.time() - time.monotonic()
 
 
-def format_json(r: Record, offset: float) -> str:
-    # Written out rather than json.dumps of a dict (measured 43 -> ~10 µs a line). What the client
-    # sends (host, method, target, user agent, referer) goes through json's C escaper; the rest is
-    # the gateway's own: hex request ids, addresses, status codes, and route names that the table's
-    # schema restricts to [A-Za-z0-9_-] (model, environment, deployment, region).
-    info, labels, code, started, ended = r
-    t = started + offset
-    first = info.first_byte
-    key = (info.host, info.method, info.target, info.protocol, labels)
-    route = _ROUTES.get(key) or _route_json(key)
+def format_json(fields: tuple, offset: float) -> str:
+    """One JSON line of a call's logged `fields` (in FIELDS order, as the writer receives them).
+    Written out rather than json.dumps of a dict (measured 43 -> ~2 µs a line). What the client
+    sends (host, method, target, user agent, referer) goes through json's C escaper, once per
+    distinct value (`_ROUTES`, `_AGENTS`); the rest is the gateway's own: hex request ids,
+    addresses, status codes, and route names that the table's schema restricts to [A-Za-z0-9_-]
+    (model, environment, deployment, region)."""
+    (request_id, client, host, method, target, protocol, agent, referer, bytes_in, bytes_out, first, upstream, side,
+     shadowed, labels, code, started, ended) = fields  # fmt: skip
+    ms = int((started + offset) * 1000)
+    key = (host, method, target, protocol, labels)
     return (
-        f'{{"time":"{_second(int(t))}.{int(t * 1000) % 1000:03d}Z","request_id":"{info.request_id}",'
-        f'"client":"{info.client}",{route},"status":"{code}","bytes_in":{info.bytes_in},'
-        f'"bytes_out":{info.bytes_out},"ttfb_ms":{"null" if first is None else f"{(first - started) * 1000:.3f}"},'
-        f'"total_ms":{(ended - started) * 1000:.3f},"upstream":"{info.upstream}","side":"{info.side}",'
-        f'"shadow":{"true" if info.shadowed else "false"},"user_agent":{_q(info.agent) if info.agent else EMPTY},'
-        f'"referer":{_q(info.referer) if info.referer else EMPTY}}}'
+        f'{{"time":"{_MILLIS.get(ms) or _millis(ms)}","request_id":"{request_id}","client":"{client}",{_ROUTES.get(key) or _route_json(key)},"status":"{code}",'
+        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+        f'"ttfb_ms":{"null" if first is None else f"{(first - started) * 1000:.3f}"},'
+        f'"total_ms":{(ended - started) * 1000:.3f},"upstream":"{upstream}","side":"{side}",'
+        f'"shadow":{"true" if shadowed else "false"},{_AGENTS.get((agent, referer)) or _agent_json(agent, referer)}}}'
     )
 
 
-EMPTY = '""'
-ROUTES = 4096  # distinct (host, method, target, route) segments kept by the writer
+ROUTES = 4096  # distinct (host, method, target, route) segments kept by the writer, and (agent, referer) ones
 _ROUTES: dict[tuple, str] = {}  # the writer process's
+_AGENTS: dict[tuple[str, str], str] = {}
+_MILLIS: dict[int, str] = {}
 
 
 def _route_json(key: tuple) -> str:
@@ -110,29 +112,40 @@ def _route_json(key: tuple) -> str:
     return segment
 
 
-def format_combined(r: Record, offset: float) -> str:
+def _agent_json(agent: str, referer: str) -> str:
+    if len(_AGENTS) >= ROUTES:
+        _AGENTS.clear()
+    segment = _AGENTS[agent, referer] = f'"user_agent":{_q(agent)},"referer":{_q(referer)}'
+    return segment
+
+
+def _millis(ms: int) -> str:
+    """`ms` (epoch milliseconds) as ISO 8601 UTC; the last few hundred kept (calls of a batch end
+    within a few milliseconds of each other)."""
+    if len(_MILLIS) >= 256:
+        _MILLIS.clear()
+    text = _MILLIS[ms] = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ms // 1000))}.{ms % 1000:03d}Z"
+    return text
+
+
+def format_combined(fields: tuple, offset: float) -> str:
     """Apache/nginx "combined" (`%h - - [%t] "%r" %>s %b "%{Referer}i" "%{User-agent}i"`), then the
     gateway's fields as key="value" pairs, which combined-format parsers ignore."""
-    info, labels, code, started, ended = r
-    first = info.first_byte
+    (request_id, client, host, method, target, protocol, agent, referer, bytes_in, bytes_out, first, upstream, side,
+     shadowed, labels, code, started, ended) = fields  # fmt: skip
     ttfb = "-" if first is None else f"{(first - started) * 1000:.3f}"
-    version = "HTTP/2.0" if info.protocol == "grpc" else "HTTP/1.1"
+    version = "HTTP/2.0" if protocol == "grpc" else "HTTP/1.1"
     return (
-        f'{info.client or "-"} - - [{_stamp(int(started + offset))}] "{_quote(info.method)} {_quote(info.target)} '
-        f'{version}" {code} {info.bytes_out or "-"} "{_quote(info.referer) or "-"}" "{_quote(info.agent) or "-"}" '
-        f'request_id="{info.request_id}" host="{_quote(info.host)}" protocol="{info.protocol}" model="{labels[0]}" '
-        f'environment="{labels[1]}" deployment="{labels[2]}" region="{labels[3]}" side="{info.side}" '
-        f'shadow="{"yes" if info.shadowed else "no"}" upstream="{info.upstream}" bytes_in="{info.bytes_in}" '
+        f'{client or "-"} - - [{_stamp(int(started + offset))}] "{_quote(method)} {_quote(target)} '
+        f'{version}" {code} {bytes_out or "-"} "{_quote(referer) or "-"}" "{_quote(agent) or "-"}" '
+        f'request_id="{request_id}" host="{_quote(host)}" protocol="{protocol}" model="{labels[0]}" '
+        f'environment="{labels[1]}" deployment="{labels[2]}" region="{labels[3]}" side="{side}" '
+        f'shadow="{"yes" if shadowed else "no"}" upstream="{upstream}" bytes_in="{bytes_in}" '
         f'ttfb_ms="{ttfb}" total_ms="{(ended - started) * 1000:.3f}"'
     )
 
 
 FORMATTERS = {"json": format_json, "combined": format_combined}
-
-
-@functools.lru_cache(maxsize=4)
-def _second(t: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
 
 
 @functools.lru_cache(maxsize=4)
@@ -164,7 +177,7 @@ class AccessLog:
         self.dropped = dropped
         dropped.inc((), 0)  # exported as 0 from the start, not only after a first drop
         self.capacity = capacity
-        self.queue: collections.deque[Record] = collections.deque()
+        self.queue: collections.deque[CallInfo] = collections.deque()  # ended calls
         self.offset = wall_offset  # read once per batch (tests: a fixed clock)
         self.child: subprocess.Popen | None = None
         self.fd = -1  # the pipe to the child (non-blocking)
@@ -232,11 +245,11 @@ class AccessLog:
         queue = self.queue
         if not queue:
             return
-        records = list(queue)
+        batch = list(map(_fields, queue))
         queue.clear()
-        frame = pickle.dumps((self.offset(), [(_fields(i), labels, c, s, e) for i, labels, c, s, e in records]), 5)
+        frame = pickle.dumps((self.offset(), batch), 5)
         self.planned += len(frame)
-        self.sent.append((self.planned, len(records)))
+        self.sent.append((self.planned, len(batch)))
         self.pending = memoryview(frame)
         self._send()
         if len(self.sent) > 64:  # forget the batches the child has read

@@ -1,9 +1,8 @@
 """The access log's writer process: `python -m gateway.obs.logwriter FILE|- FORMAT` (issue 13).
 
 The gateway (`accesslog.AccessLog`) starts one per worker and feeds it through a pipe on its
-standard input: every ~50 ms one pickled batch `(offset, [(fields, labels, code, started, ended),
-...])`, `fields` the logged `CallInfo` attributes (`FIELDS`) and `offset` the wall clock minus the
-loop's. This process formats the lines (`accesslog.format_json` / `format_combined`) and writes
+standard input: every ~50 ms one pickled batch `(offset, [fields, ...])`, `fields` a call's logged `CallInfo`
+attributes (`FIELDS`) and `offset` the wall clock minus the loop's. This process formats the lines (`accesslog.format_json` / `format_combined`) and writes
 them, whole lines per `os.write`, with O_APPEND: the formatting no longer holds the gateway's GIL.
 At end of file (the gateway closed the pipe: drain, SIGTERM, or the gateway died) it writes what it
 has and exits. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C reaches the whole process group,
@@ -13,17 +12,12 @@ and the gateway's drain still has lines to hand over; the pipe's end is what sto
 
 from __future__ import annotations
 
-import collections
 import os
 import pickle
 import signal
 import sys
 
-from gateway.obs.accesslog import FIELDS, FORMATTERS, WRITE_BYTES
-
-# A CallInfo's logged fields, read by the formatters as the CallInfo's attributes.
-Logged = collections.namedtuple("Logged", FIELDS)  # type: ignore[misc]
-_make = Logged._make
+from gateway.obs.accesslog import FORMATTERS, WRITE_BYTES
 
 
 def write_lines(fd: int, lines: list[str]) -> int:
@@ -57,7 +51,7 @@ def run(source: object, fd: int, fmt: str) -> None:
             offset, batch = pickle.load(source)  # type: ignore[arg-type]
         except (EOFError, pickle.UnpicklingError):  # the gateway closed the pipe (or died mid-batch)
             return
-        lines = [format((_make(f), labels, code, s, e), offset) for f, labels, code, s, e in batch]  # type: ignore[arg-type]
+        lines = [format(fields, offset) for fields in batch]
         write_lines(fd, lines)
 
 

@@ -75,11 +75,12 @@ class Upstream:
     scheme: Literal["http", "https"]
     host: str
     port: int
+    # host:port, as the Host header and the access log name it (read per call: made once)
+    authority: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def authority(self) -> str:
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literals need brackets (RFC 3986)
-        return f"{host}:{self.port}"
+        object.__setattr__(self, "authority", f"{host}:{self.port}")
 
     @property
     def base_url(self) -> str:
