@@ -38,7 +38,18 @@ import psycopg.errors
 from psycopg.rows import dict_row
 
 from gateway.asyncq.request import AsyncRequest
-from gateway.asyncq.store import _COLUMNS, _MUTABLE, LEASE_SECONDS, MAX_GROUP, _owner_gone, _row, _settle, owner_id
+from gateway.asyncq.store import (
+    _COLUMNS,
+    _MUTABLE,
+    LEASE_SECONDS,
+    MAX_GROUP,
+    _claimed,
+    _row,
+    _settle,
+    _takeable,
+    _target,
+    owner_id,
+)
 from gateway.asyncq.store import _record as _record_of
 from gateway.environments.store import StoreError
 from gateway.stores.db import CONNECT_TIMEOUT, StoreUnavailable, connect, one_line, redact
@@ -308,7 +319,7 @@ class PgRegionStore:
         """Up to `limit` runnable requests of one target, by priority then FIFO, claimed for this
         process (IN_PROGRESS, attempts + 1). Queued ones past their deadline end EXPIRED first."""
         owner, until = self.owner, now + LEASE_SECONDS
-        target, args = _target(model_id, environment, deployment_id)
+        target, args = _target(model_id, environment, deployment_id, "%s")
         here = owner.partition(":")[0] + ":%"
 
         def claim(conn: Conn) -> list[AsyncRequest]:
@@ -350,12 +361,7 @@ class PgRegionStore:
                 " lease_until=%s WHERE seq = ANY(%s)",
                 (now, owner, until, [r["seq"] for r in rows]),
             )
-            out = []
-            for row in rows:
-                req = _record(row)
-                req.status, req.status_at, req.attempts = "IN_PROGRESS", now, req.attempts + 1
-                out.append(req)
-            return out
+            return [_claimed(_record(row), now) for row in rows]
 
         return self.write(claim)
 
@@ -472,7 +478,7 @@ class PgRegionStore:
         queued, running = await self._read(read)
         found = {(r["model_id"], r["environment"], r["dep"]) for r in queued}
         for r in running:
-            if (r["lease_until"] or 0) < now or _owner_gone(r["owner"], owner):
+            if _takeable(r, owner, now):
                 found.add((r["model_id"], r["environment"], r["dep"]))
         return sorted(found)
 
@@ -497,7 +503,7 @@ class PgRegionStore:
 
     async def queue_counts(self, model_id: str, environment: str, deployment_id: str) -> tuple[int, int]:
         """(queued, in progress) of one target."""
-        target, args = _target(model_id, environment, deployment_id)
+        target, args = _target(model_id, environment, deployment_id, "%s")
         rows = await self._read(
             lambda c: c.execute(
                 f"SELECT status, COUNT(*) AS n FROM async_requests WHERE {target}"
@@ -543,15 +549,3 @@ def _rowcount(cursor: psycopg.Cursor) -> _Later:
 
 def _value(value: Any) -> Any:
     return value.cursor.rowcount if isinstance(value, _Later) else value
-
-
-def _takeable(row: dict, me: str, now: float) -> bool:
-    """A claim this process may take: nobody's, its lease passed, or its owner a gone process of this host."""
-    return not row["owner"] or (row["lease_until"] or 0) < now or _owner_gone(row["owner"], me)
-
-
-def _target(model_id: str, environment: str, deployment_id: str) -> tuple[str, tuple]:
-    """The WHERE clause and arguments of one target: a model's environment, or a deployment of it."""
-    if environment:
-        return "model_id=%s AND environment=%s", (model_id, environment)
-    return "model_id=%s AND environment=%s AND deployment_id=%s", (model_id, environment, deployment_id)

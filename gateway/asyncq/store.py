@@ -257,7 +257,7 @@ class RegionStore:
                 f" ORDER BY priority, seq",
                 (*args, owner),
             ).fetchall()
-            rows = [r for r in running if (r["lease_until"] or 0) < now or _owner_gone(r["owner"], owner)][:limit]
+            rows = [r for r in running if _takeable(r, owner, now)][:limit]
             if len(rows) < limit:
                 rows += conn.execute(
                     f"SELECT * FROM requests WHERE {target} AND status='QUEUED' AND next_at<=?"
@@ -271,9 +271,7 @@ class RegionStore:
                     " WHERE seq=?",
                     (now, owner, until, row["seq"]),
                 )
-                req = _record(row)
-                req.status, req.status_at, req.attempts = "IN_PROGRESS", now, req.attempts + 1
-                out.append(req)
+                out.append(_claimed(_record(row), now))
             return out
 
         return self.write(claim)
@@ -290,8 +288,7 @@ class RegionStore:
             ).fetchall()
             out: list[AsyncRequest] = []
             for row in rows:
-                taken = row["owner"] and not ((row["lease_until"] or 0) < now or _owner_gone(row["owner"], owner))
-                if taken:  # being delivered (by this process too: it releases the claim when it is done)
+                if not _takeable(row, owner, now):  # being delivered (by this process too: it releases its claim)
                     continue
                 if len(out) == limit:
                     break
@@ -409,11 +406,23 @@ class RegionStore:
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
 
-def _target(model_id: str, environment: str, deployment_id: str) -> tuple[str, tuple]:
-    """The WHERE clause and arguments of one target: a model's environment, or a deployment of it."""
+def _target(model_id: str, environment: str, deployment_id: str, mark: str = "?") -> tuple[str, tuple]:
+    """The WHERE clause and arguments of one target: a model's environment, or a deployment of it;
+    `mark` is the driver's placeholder (sqlite3's `?`, psycopg's `%s`)."""
     if environment:
-        return "model_id=? AND environment=?", (model_id, environment)
-    return "model_id=? AND environment=? AND deployment_id=?", (model_id, environment, deployment_id)
+        return f"model_id={mark} AND environment={mark}", (model_id, environment)
+    return f"model_id={mark} AND environment={mark} AND deployment_id={mark}", (model_id, environment, deployment_id)
+
+
+def _takeable(row: Any, me: str, now: float) -> bool:
+    """A claim the process `me` may take: nobody's, its lease passed, or its owner a gone process of this host."""
+    return not row["owner"] or (row["lease_until"] or 0) < now or _owner_gone(row["owner"], me)
+
+
+def _claimed(req: AsyncRequest, now: float) -> AsyncRequest:
+    """`req` as its claim for a run leaves it: IN_PROGRESS since `now`, one attempt more."""
+    req.status, req.status_at, req.attempts = "IN_PROGRESS", now, req.attempts + 1
+    return req
 
 
 def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
