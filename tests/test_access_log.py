@@ -298,6 +298,7 @@ def test_a_killed_writer_is_restarted_and_its_loss_counted(tmp_path: Path) -> No
                 lost = {(await post(session, gw, "/production/predict", b"{}"))[1] for _ in range(7)}
                 await asyncio.sleep(0.3)  # ... handed over (every 50 ms) ...
                 os.kill(first, signal.SIGKILL)  # ... and lost with the writer
+                await until(lambda: exited(first))  # (a flush before its exit would hand it the next lines)
                 answers = [await post(session, gw, "/production/predict", b"{}") for _ in range(20)]
                 assert [a[0] for a in answers] == [200] * 20  # the gateway serves on meanwhile
                 await until(lambda: writer_of(gw.proc.pid, 0) not in (0, first))  # started again
@@ -334,6 +335,14 @@ def test_sigterm_drain_writes_every_line_and_stops_the_writer(tmp_path: Path) ->
     ids, writer = asyncio.run(scenario())
     assert {json.loads(line)["request_id"] for line in lines_of(log)} == ids
     assert not Path(f"/proc/{writer}").exists()  # the writer exited (and was reaped) with the gateway
+
+
+def exited(pid: int) -> bool:
+    """Whether the child `pid` has exited (a zombie until its parent reaps it, or gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def writer_of(pid: int, default: int | None = None) -> int:
