@@ -45,9 +45,10 @@ from gateway.asyncq.webhook import (
 )
 from gateway.dns import Resolver
 from gateway.errors import ConnectFailed, NoAddress
+from gateway.routing.loader import compile_table
 from gateway.upstream.connect import Connector
 from tests.dnsserver import DNSServer
-from tests.support import free_port
+from tests.support import example_doc, free_port
 from tests.test_connector import FakeLookup
 
 T = TypeVar("T")
@@ -600,6 +601,16 @@ def test_url_problem(url: str, problem: str | None) -> None:
     allowed = allowed_host_set(["receiver.internal", "[::1]"])
     found = url_problem(url, allowed)
     assert (found is None) if problem is None else (found is not None and problem in found), found
+
+
+def test_the_table_holds_allowed_hosts_as_webhooks_compare_them() -> None:
+    doc = example_doc("http://127.0.0.1:1", "http://127.0.0.1:2")
+    doc["gateway"]["async"] = {"webhook_allowed_hosts": ["Receiver.Internal.", "[0:0::1]", "127.0.0.1"]}
+    allowed = compile_table(doc).gateway.async_settings.webhook_allowed_hosts
+    assert allowed == {"receiver.internal", "::1", "127.0.0.1"}
+    assert url_problem("http://receiver.internal:8080/hook", allowed) is None  # plain http: a listed host
+    assert url_problem("http://[::1]:8080/hook", allowed) is None
+    assert url_problem("http://other.internal/hook", allowed) is not None
 
 
 def test_url_problem_at_the_length_limit() -> None:

@@ -55,7 +55,7 @@ async def _operate(
     if not req.has_body:
         raise ClientError("the async request body must be a JSON object with 'model_input'")
     body = await req.body.read_all(MAX_SUBMIT_BYTES)
-    allowed = webhook.allowed_host_set(service.state.table.gateway.async_settings.webhook_allowed_hosts)
+    allowed = service.state.table.gateway.async_settings.webhook_allowed_hosts  # host_key form (routing.build)
     submit = parse_submit(body, lambda url: webhook.url_problem(url, allowed))
     await service.submit(route, submit, request_id, req.routing_key or route.api_key.name)
     return 201, _json({"request_id": request_id}), ()

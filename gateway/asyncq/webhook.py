@@ -27,7 +27,7 @@ import collections
 import ipaddress
 import re
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import partial
 from typing import Literal, NamedTuple, cast
 from urllib.parse import urlsplit
@@ -37,6 +37,7 @@ import httptools
 from gateway.asyncq.request import backoff_seconds
 from gateway.asyncq.signing import load_secrets, payload, signature_headers, verify_baseten, verify_standard
 from gateway.errors import ClientError, GatewayError
+from gateway.routing.syntax import allowed_host_set, host_key
 from gateway.upstream.connect import Connector
 
 __all__ = [
@@ -85,21 +86,6 @@ class Target(NamedTuple):
     authority: str  # the URL's, for the Host header
     path: str  # the request target: path and query
     listed: bool  # the host is in `allowed_hosts`: plain http and any address
-
-
-def host_key(host: str) -> str:
-    """A host as compared with `allowed_hosts`: lowercase, no trailing dot, IP literals unbracketed and normalized."""
-    name = host.strip().lower().removesuffix(".")
-    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
-    try:
-        return str(ipaddress.ip_address(bare))
-    except ValueError:
-        return name
-
-
-def allowed_host_set(hosts: Iterable[str]) -> frozenset[str]:
-    """`async.webhook_allowed_hosts` (§12) compiled for `url_problem` and `WebhookSender`."""
-    return frozenset(host_key(host) for host in hosts)
 
 
 def url_problem(url: str, allowed_hosts: frozenset[str]) -> str | None:

@@ -32,7 +32,14 @@ from gateway.routing.model import (
     WebhookRetry,
 )
 from gateway.routing.semantics import as_dict, resolve_file
-from gateway.routing.syntax import parse_host_port, parse_nameserver, parse_network, parse_srv_name, parse_upstream
+from gateway.routing.syntax import (
+    allowed_host_set,
+    parse_host_port,
+    parse_nameserver,
+    parse_network,
+    parse_srv_name,
+    parse_upstream,
+)
 
 _DEFAULT_TIMEOUTS = Timeouts()
 _DEFAULT_AUTOSCALING = Autoscaling()
@@ -365,7 +372,7 @@ def _async_settings(a: dict[str, Any]) -> AsyncSettings:
         webhook_secrets=tuple(
             tuple(sorted((str(k), str(v)) for k, v in spec.items())) for spec in a.get("webhook_secrets", [])
         ),
-        webhook_allowed_hosts=frozenset(h.lower() for h in a.get("webhook_allowed_hosts", [])),
+        webhook_allowed_hosts=allowed_host_set(str(h) for h in a.get("webhook_allowed_hosts", [])),
         webhook_retry=WebhookRetry(
             int(retry.get("max_attempts", d.max_attempts)),
             int(retry.get("initial_delay_ms", d.initial_delay_ms)),

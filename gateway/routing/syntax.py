@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 
 from gateway.routing.model import Upstream
 from gateway.routing.problems import quote
@@ -154,3 +155,20 @@ def parse_network(text: str) -> str:
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError:
         raise SyntaxProblem(f"{quote(text)} is not a network in CIDR form (like 10.10.0.0/16)") from None
+
+
+def host_key(host: str) -> str:
+    """A host as compared with `async.webhook_allowed_hosts`: lowercase, no trailing dot, IP literals
+    unbracketed and normalized."""
+    name = host.strip().lower().removesuffix(".")
+    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        return name
+
+
+def allowed_host_set(hosts: Iterable[str]) -> frozenset[str]:
+    """`async.webhook_allowed_hosts` (§12) as the table holds it and webhooks compare hosts with it
+    (`host_key` of each)."""
+    return frozenset(host_key(host) for host in hosts)
