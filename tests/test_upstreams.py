@@ -148,9 +148,12 @@ def test_killing_one_of_two_replicas_under_load_fails_no_call_sent_after_it(tmp_
             stop = asyncio.Event()
 
             async def client() -> None:
+                deadline = time.monotonic() + 30.0
                 async with aiohttp.ClientSession() as session:
-                    for _ in range(400):  # bounded
-                        if stop.is_set():
+                    # Bounded in time and count, and long enough to outlast the kill: with a fixed 400
+                    # calls a fast machine had finished them all before it (nothing sent after it).
+                    for _ in range(200_000):
+                        if stop.is_set() or time.monotonic() > deadline:
                             return
                         sent = time.monotonic()
                         try:
