@@ -217,13 +217,10 @@ class CallRecord:
         pipeline.budget.record_request()
         self.info = info  # the access log's and tracing's view of the call; None when neither is on
         if info is not None and pipeline.observer is not None:
-            if info.traced:  # the server span and the first attempt's client span
+            if info.traced:  # the server span; nothing to do for a call only logged
                 pipeline.observer.started(info, labels, started)
-                if attempt and go.endpoint is not None:
-                    pipeline.observer.attempt(info, go.endpoint.upstream.authority)
-            elif attempt and go.endpoint is not None:  # a call only logged: `Observer.attempt` without a call
-                info.upstream = go.endpoint.upstream.authority
-                info.attempts += 1
+            if attempt and go.endpoint is not None:
+                pipeline.observer.attempt(info, go.endpoint.upstream.authority)
 
     def __repr__(self) -> str:
         return f"<CallRecord {'/'.join(self.labels[:3])} {'ended' if self.ended else 'in flight'}>"
