@@ -27,9 +27,9 @@ the figure to read; the rotated sequential one is the figure of a quiet machine.
 same machine and load.
 
 `--pin` (in turn) puts every gateway process (and an nginx peer) on the last CPU and wrk (-t1),
-the plane and the access log's writer process on the others, and prints the gateway process's own CPU per call beside its
-session's (the writer included): the gateway's part of the cost, apart from what its writer and
-the load generator take from each other.
+the plane and the access log's writer process on the others, and prints the gateway process's own
+CPU per call beside its session's (the writer included): the gateway's part of the cost, apart
+from what its writer and the load generator take from each other.
 Writes benchmarks/results/obs-latest.json (obs-together-latest.json).
 """
 

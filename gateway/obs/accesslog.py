@@ -2,10 +2,10 @@
 
 One line per call, formatted and written by another process (`gateway.obs.logwriter`, one per
 worker, started when the log opens): a call's end appends its `CallInfo` to a queue (its labels,
-status and two loop times set on it; no tuple, no formatting, no clock read, no I/O), and every
-FLUSH_SECONDS the loop hands what gathered to the writer as ONE `pickle.dumps` of a batch, all C
-code: `list(map(attrgetter(*FIELDS), queue))`, the logged fields of each call as one tuple, and
-the pickling of that list. A call never waits: a pipe that takes no more leaves the lines waiting,
+status and two loop times set on it; no tuple, no formatting, no clock read, no I/O), and as soon
+as BATCH_LINES wait (every FLUSH_SECONDS when fewer) the loop hands them to the writer as ONE
+`pickle.dumps` of a batch, all C code: `list(map(attrgetter(*FIELDS), queue))` (the logged
+fields of each call as one tuple) and the pickling of that list. A call never waits: a pipe that takes no more leaves the lines waiting,
 and past `capacity` they are dropped and counted in `gateway_access_log_dropped_total`. A writer
 that dies is started again (at most once per RESTART_SECONDS); the lines it had not read are
 counted as dropped. `close()` (drain, SIGTERM) hands over what is left, closes the pipe and waits
@@ -85,8 +85,8 @@ def format_json(fields: tuple, offset: float) -> str:
     ms = int((started + offset) * 1000)
     key = (host, method, target, protocol, labels)
     return (
-        f'{{"time":"{_MILLIS.get(ms) or _millis(ms)}","request_id":"{request_id}","client":"{client}",{_ROUTES.get(key) or _route_json(key)},"status":"{code}",'
-        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+        f'{{"time":"{_MILLIS.get(ms) or _millis(ms)}","request_id":"{request_id}","client":"{client}",'
+        f'{_ROUTES.get(key) or _route_json(key)},"status":"{code}","bytes_in":{bytes_in},"bytes_out":{bytes_out},'
         f'"ttfb_ms":{"null" if first is None else f"{(first - started) * 1000:.3f}"},'
         f'"total_ms":{(ended - started) * 1000:.3f},"upstream":"{upstream}","side":"{side}",'
         f'"shadow":{"true" if shadowed else "false"},{_AGENTS.get((agent, referer)) or _agent_json(agent, referer)}}}'

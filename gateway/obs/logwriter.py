@@ -1,8 +1,9 @@
 """The access log's writer process: `python -m gateway.obs.logwriter FILE|- FORMAT` (issue 13).
 
 The gateway (`accesslog.AccessLog`) starts one per worker and feeds it through a pipe on its
-standard input: every ~50 ms one pickled batch `(offset, [fields, ...])`, `fields` a call's logged `CallInfo`
-attributes (`FIELDS`) and `offset` the wall clock minus the loop's. This process formats the lines (`accesslog.format_json` / `format_combined`) and writes
+standard input: one pickled batch `(offset, [fields, ...])` every 256 calls (~50 ms at most),
+`fields` a call's logged `CallInfo` attributes (`FIELDS`) and `offset` the wall clock minus the
+loop's. This process formats the lines (`accesslog.format_json` / `format_combined`) and writes
 them, whole lines per `os.write`, with O_APPEND: the formatting no longer holds the gateway's GIL.
 At end of file (the gateway closed the pipe: drain, SIGTERM, or the gateway died) it writes what it
 has and exits. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C reaches the whole process group,
