@@ -2,14 +2,15 @@
 
 One line per call, formatted and written by another process (`gateway.obs.logwriter`, one per
 worker, started when the log opens): a call's end appends its `CallInfo` to a queue (its labels,
-status and two loop times set on it; no tuple, no formatting, no clock read, no I/O), and as soon
-as BATCH_LINES wait (every FLUSH_SECONDS when fewer) the loop hands them to the writer as ONE
-`pickle.dumps` of a batch, all C code: `list(map(attrgetter(*FIELDS), queue))` (the logged
-fields of each call as one tuple) and the pickling of that list. A call never waits: a pipe that takes no more leaves the lines waiting,
-and past `capacity` they are dropped and counted in `gateway_access_log_dropped_total`. A writer
-that dies is started again (at most once per RESTART_SECONDS); the lines it had not read are
-counted as dropped. `close()` (drain, SIGTERM) hands over what is left, closes the pipe and waits
-for the writer to write it and exit (at most CLOSE_SECONDS): a clean stop loses no line.
+status and two loop times set on it; no tuple, no formatting, no clock read, no I/O), and as soon as
+BATCH_LINES wait (every FLUSH_SECONDS when fewer) the loop hands them to the writer as ONE
+`pickle.dumps` of a batch, all C code: `list(map(attrgetter(*FIELDS), queue))` (the logged fields of
+each call as one tuple) and the pickling of that list. A call never waits: a pipe that takes no more
+leaves the lines waiting, and past `capacity` they are dropped and counted in
+`gateway_access_log_dropped_total`. A writer that dies is started again (at most once per
+RESTART_SECONDS); the lines it had not read are counted as dropped. `close()` (drain, SIGTERM) hands
+over what is left, closes the pipe and waits for the writer to write it and exit (at most
+CLOSE_SECONDS): a clean stop loses no line.
 
 The writer opens the file with O_APPEND and every write holds whole lines (at most WRITE_BYTES),
 so the writers of `--workers N` append to one file without tearing each other's lines (Linux
