@@ -445,24 +445,33 @@ def smoke_check(name: str, port: int, path: str) -> str | None:
 # --------------------------------------------------------------------------- CPU of a target
 
 
+def _stat(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of a session (a target started by `Procs` leads its own: it and its children)."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and (r := _stat(e)) is not None and int(r[3]) == sid]
+
+
+def process_cpu_ticks(pid: int) -> int:
+    """utime+stime (clock ticks, all threads) of the process `pid` alone, not its children; 0 once gone."""
+    rest = _stat(pid)
+    return 0 if rest is None else int(rest[11]) + int(rest[12])
+
+
 def session_cpu_ticks(sid: int) -> int:
     """utime+stime (clock ticks, all threads) of the processes of a session.
 
     A target started by `Procs` leads its own session, so this covers it and its children (workers).
     """
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2 :].split()
-        if int(rest[3]) == sid:
-            total += int(rest[11]) + int(rest[12])
-    return total
+    return sum(process_cpu_ticks(pid) for pid in session_pids(sid))
 
 
 # --------------------------------------------------------------------------- machine noise

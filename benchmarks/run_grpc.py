@@ -143,31 +143,9 @@ http {{
 # --------------------------------------------------------------------------- load
 
 
-def session_pids(sid: int) -> list[int]:
-    """The processes of a session (a target started by `Procs` leads its own: workers included)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                data = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            if int(data[data.rfind(b")") + 2 :].split()[3]) == sid:
-                pids.append(int(entry))
-    return pids
-
-
 def cpu_ticks(pids: list[int]) -> int:
     """utime+stime of these processes, all their threads (clock ticks)."""
-    total = 0
-    for pid in pids:
-        try:
-            data = Path(f"/proc/{pid}/stat").read_bytes()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2 :].split()
-        total += int(rest[11]) + int(rest[12])
-    return total
+    return sum(H.process_cpu_ticks(pid) for pid in pids)
 
 
 class CpuSampler:
@@ -220,7 +198,7 @@ def run_load(python: str, port: int, authority: str | None, key: str | None, mod
         argv += ["--key", key]
     pre = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=pre)
-    groups = {name: session_pids(sid) for name, sid in watch.items()} | {"load": [popen.pid]}
+    groups = {name: H.session_pids(sid) for name, sid in watch.items()} | {"load": [popen.pid]}
     sampler = CpuSampler(groups)
     # The load generator prints its result as soon as its measured window is over (and its channel
     # closed): that moment, less the window's length, places the window on this clock. The channel's

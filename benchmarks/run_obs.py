@@ -116,22 +116,15 @@ def measure(name: str, proc: H.Proc, port: int, lua: Path, duration: float, cpus
     """One wrk run against one gateway; `cpus`: wrk's CPUs (--pin)."""
     url = f"http://127.0.0.1:{port}{H.GATEWAY_PATH}"
     hz = os.sysconf("SC_CLK_TCK")
-    ticks0, own0 = H.session_cpu_ticks(proc.pid), process_ticks(proc.pid)
+    ticks0, own0 = H.session_cpu_ticks(proc.pid), H.process_cpu_ticks(proc.pid)
     r = RH.run_wrk(url, lua, 1 if cpus else 2, 32, duration, cpus)
     cpu = own = None
     if r.get("requests"):
         cpu = round(1e6 * (H.session_cpu_ticks(proc.pid) - ticks0) / hz / r["requests"], 1)
-        own = round(1e6 * (process_ticks(proc.pid) - own0) / hz / r["requests"], 1)
+        own = round(1e6 * (H.process_cpu_ticks(proc.pid) - own0) / hz / r["requests"], 1)
     H.log(f"[{name}] {r.get('rps')} req/s, {cpu} us CPU/call (gateway process {own}), errors {r.get('errors_total')}")
     return {"rps": r.get("rps"), "cpu_us_per_call": cpu, "own_cpu_us_per_call": own, "errors": r.get("errors_total"),
             "failed": r.get("failed")}  # fmt: skip
-
-
-def process_ticks(pid: int) -> int:
-    """utime+stime (clock ticks, all threads) of the process `pid` alone (not its children)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        rest = f.read().rsplit(b")", 1)[1].split()
-    return int(rest[11]) + int(rest[12])
 
 
 def pin(gateways: dict[str, tuple[H.Proc, int]], peers: list[H.Proc]) -> set[int]:
@@ -141,22 +134,9 @@ def pin(gateways: dict[str, tuple[H.Proc, int]], peers: list[H.Proc]) -> set[int
     last = max(os.sched_getaffinity(0))
     others = set(os.sched_getaffinity(0)) - {last}
     for proc in [p for p, _ in gateways.values()] + peers:
-        for pid in session_pids(proc.pid):
+        for pid in H.session_pids(proc.pid):
             os.sched_setaffinity(pid, {last} if pid == proc.pid or proc in peers else others)
     return others
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    if int(f.read().rsplit(b")", 1)[1].split()[3]) == sid:
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
 
 
 def measure_together(gateways: dict[str, tuple[H.Proc, int]], lua: Path, duration: float) -> dict[str, dict]:
