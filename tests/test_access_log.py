@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import enum
 import json
 import os
 import re
@@ -260,6 +261,26 @@ def test_close_writes_every_line_waiting(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines_of(tmp_path / "a.log")]
     assert [r["bytes_out"] for r in records] == list(range(20_000)) and dropped.get(()) == 0
     assert records[0]["time"] == "2023-11-14T22:13:20.250Z"
+
+
+def test_a_field_marshal_refuses_is_written_as_its_text(tmp_path: Path) -> None:
+    """Every logged field is one of marshal's types; one that is not (a str enum, say) still gets
+    its line, written as its value, and the batch's other lines with it."""
+
+    class Side(enum.StrEnum):
+        CANARY = "canary"
+
+    dropped = Counter("d", "", ())
+    writer = AccessLog(str(tmp_path / "a.log"), "json", dropped)
+    writer.offset = lambda: OFFSET  # type: ignore[method-assign]
+    odd = entry(1)
+    odd.side = Side.CANARY  # type: ignore[assignment]
+    writer.queue.extend([entry(0), odd, entry(2)])
+    writer.flush()
+    writer.close()
+    records = [json.loads(line) for line in lines_of(tmp_path / "a.log")]
+    assert [r["bytes_out"] for r in records] == [0, 1, 2] and dropped.get(()) == 0
+    assert [r["side"] for r in records] == ["primary", "canary", "primary"]
 
 
 def test_a_full_pipe_drops_lines_and_counts_them_without_waiting(tmp_path: Path) -> None:

@@ -171,8 +171,8 @@ class GrpcRelay:
         client = stream.client
         return CallInfo(
             request_id, client[0] if client else "", head.authority if head else "", "POST",
-            head.path.decode("latin-1") if head else "", "grpc", route, agent=text(b"user-agent"),
-            parent=text(b"traceparent"), parent_state=text(b"tracestate"), traced=traced,
+            head.path.decode("latin-1") if head else "", "grpc", route, text(b"user-agent"), "",
+            text(b"traceparent"), text(b"tracestate"), traced,
         )  # fmt: skip
 
 

@@ -357,9 +357,8 @@ class PublicHandler:
             return None
         return CallInfo(
             request_id, req.conn.peer, req.host or "", req.method, req.target, protocol, route,
-            agent=agent.decode("latin-1") if agent else "", referer=referer.decode("latin-1") if referer else "",
-            parent=parent_text, parent_state=state.decode("latin-1") if state else "",
-            traced=traced,
+            agent.decode("latin-1") if agent else "", referer.decode("latin-1") if referer else "", parent_text,
+            state.decode("latin-1") if state else "", traced,
         )  # fmt: skip
 
     def _sweep(self) -> None:

@@ -1,24 +1,25 @@
 """The access log's writer process: `python -m gateway.obs.logwriter FILE|- FORMAT` (issue 13).
 
 The gateway (`accesslog.AccessLog`) starts one per worker and feeds it through a pipe on its
-standard input: one pickled batch `(offset, [fields, ...])` every 256 calls (~50 ms at most),
-`fields` a call's logged `CallInfo` attributes (`FIELDS`) and `offset` the wall clock minus the
-loop's. This process formats the lines (`accesslog.format_json` / `format_combined`) and writes
-them, whole lines per `os.write`, with O_APPEND: the formatting no longer holds the gateway's GIL.
-At end of file (the gateway closed the pipe: drain, SIGTERM, or the gateway died) it writes what it
-has and exits. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C reaches the whole process group,
-and the gateway's drain still has lines to hand over; the pipe's end is what stops this process.
+standard input: one marshalled batch `(offset, [fields, ...])` behind its length (`FRAME`) every
+256 calls (~50 ms at most), `fields` a call's logged `CallInfo` attributes (`FIELDS`) and `offset`
+the wall clock minus the loop's. This process formats the lines (`accesslog.format_json` /
+`format_combined`) and writes them, whole lines per `os.write`, with O_APPEND: the formatting no
+longer holds the gateway's GIL. At end of file (the gateway closed the pipe: drain, SIGTERM, or the
+gateway died) it writes what it has and exits. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C
+reaches the whole process group, and the gateway's drain still has lines to hand over; the pipe's
+end is what stops this process.
 `-` writes to the inherited standard output.
 """
 
 from __future__ import annotations
 
+import marshal
 import os
-import pickle
 import signal
 import sys
 
-from gateway.obs.accesslog import FORMATTERS, WRITE_BYTES
+from gateway.obs.accesslog import FORMATTERS, FRAME, WRITE_BYTES
 
 
 def write_lines(fd: int, lines: list[str]) -> int:
@@ -48,10 +49,14 @@ def run(source: object, fd: int, fmt: str) -> None:
     """Format and write every batch read from `source` (a binary file) until its end."""
     format = FORMATTERS[fmt]
     while True:
-        try:
-            offset, batch = pickle.load(source)  # type: ignore[arg-type]
-        except (EOFError, pickle.UnpicklingError):  # the gateway closed the pipe (or died mid-batch)
+        head = source.read(FRAME.size)  # type: ignore[attr-defined]
+        if len(head) < FRAME.size:  # the gateway closed the pipe
             return
+        (size,) = FRAME.unpack(head)
+        data = source.read(size)  # type: ignore[attr-defined]
+        if len(data) < size:  # the gateway died mid-batch
+            return
+        offset, batch = marshal.loads(data)
         lines = [format(fields, offset) for fields in batch]
         write_lines(fd, lines)
 
