@@ -28,6 +28,7 @@ import yaml
 
 from gateway.calls.info import CallInfo
 from gateway.metrics import Counter
+from gateway.obs import logwriter
 from gateway.obs.accesslog import FIELDS, AccessLog, format_combined, format_json
 from tests.planes import Plane
 from tests.support import EXAMPLE, KEY_HEADER, REPO, GatewayProcess, free_port, write_table
@@ -364,6 +365,27 @@ def exited(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (FileNotFoundError, ProcessLookupError):
         return True
+
+
+def test_the_writer_runs_below_the_calls(tmp_path: Path) -> None:
+    """The writer yields to the processes that serve calls: its niceness is the gateway's + NICE."""
+
+    async def scenario() -> tuple[int, int]:
+        async with Plane() as plane, aiohttp.ClientSession() as session:
+            gw = GatewayProcess(table(tmp_path, plane), "--access-log", str(tmp_path / "a.log")).start()
+            try:
+                await post(session, gw, "/production/predict", b"{}")
+                await until(lambda: len(lines_of(tmp_path / "a.log")) == 1)  # the writer is past its start
+                return niceness(gw.proc.pid), niceness(writer_of(gw.proc.pid))
+            finally:
+                gw.stop()
+
+    gateway, writer = asyncio.run(scenario())
+    assert logwriter.NICE > 0 and writer == min(19, gateway + logwriter.NICE)
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def writer_of(pid: int, default: int | None = None) -> int:
