@@ -66,10 +66,10 @@ def forwarded_value(peer: str, host: str | None, scheme: str) -> bytes:
     """The `Forwarded` field the gateway sends (RFC 7239 §4), for the client it is answering.
 
     IPv6 addresses are bracketed and quoted (§6); a host with a port is quoted (":" is not a token
-    character). Kept per (peer, host, scheme), the last FORWARDED_KEPT of them: an HTTP/1.1
-    connection keeps its own (`HttpConnection.forwarded`), but an HTTP/2 stream is a connection of
-    its own to the proxy, and built per call this took two regex matches and three encodes a call
-    (~6 µs of profiled time per HTTP/2 call, benchmarks/run_h2.py's load).
+    character). Kept per (peer, host, scheme), the last FORWARDED_KEPT of them, for every protocol:
+    a client's peer and host rarely change between its calls, and an HTTP/2 stream (a connection of
+    its own to the proxy) built it per call, two regex matches and three encodes (~6 µs of profiled
+    time per HTTP/2 call, benchmarks/run_h2.py's load).
     """
     node = f"[{peer}]" if ":" in peer else (peer or "unknown")
     parts = [b"for=" + _forwarded_part(node.encode("latin-1"))]

@@ -264,7 +264,7 @@ def test_close_writes_every_line_waiting(tmp_path: Path) -> None:
     assert records[0]["time"] == "2023-11-14T22:13:20.250Z"
 
 
-def test_a_field_marshal_refuses_is_written_as_its_text(tmp_path: Path) -> None:
+def test_a_field_marshal_refuses_is_written_as_its_value(tmp_path: Path) -> None:
     """Every logged field is one of marshal's types; one that is not (a str enum, say) still gets
     its line, written as its value, and the batch's other lines with it."""
 

@@ -109,7 +109,6 @@ class H2Call(HttpConnection):
         self.peer = client[0] if client else ""
         self.sni = stream.sni
         self.scheme = stream.scheme
-        self.forwarded: tuple[str | None, bytes] | None = None
         self.current: Request | None = None
         self.task = None
         self.paused = 0

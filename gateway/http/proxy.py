@@ -54,14 +54,11 @@ def request_head(
     lines replace the client's (SPEC §4: without tracing they pass through).
     """
     conn = req.conn
-    forwarded = conn.forwarded  # per connection: its peer, and in practice its host, do not change
-    if forwarded is None or forwarded[0] != req.host:
-        forwarded = conn.forwarded = (req.host, forwarded_value(conn.peer, req.host, scheme))
     parts = [
         b"%s %s HTTP/1.1\r\n" % (req.method.encode(), target.encode("latin-1")),
         *identity,
         b"x-baseten-request-id: %s\r\nx-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nforwarded: %s\r\n"
-        % (request_id.encode(), conn.peer.encode(), scheme.encode(), forwarded[1]),
+        % (request_id.encode(), conn.peer.encode(), scheme.encode(), forwarded_value(conn.peer, req.host, scheme)),
     ]
     if req.host is not None:
         parts.append(b"x-forwarded-host: %s\r\n" % req.host.encode("latin-1"))

@@ -243,7 +243,6 @@ class HttpConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.peer = ""
         self.sni: str | None = None  # the TLS server name the client asked for
-        self.forwarded: tuple[str | None, bytes] | None = None  # (host, Forwarded value) for the planes
         self.req: Request = _NO_REQUEST  # being parsed (httptools calls on_message_begin first)
         self.current: Request | None = None  # being answered
         self.starting: Request | None = None  # parsed in this read, answered at its end

@@ -8,7 +8,7 @@ the wall clock minus the loop's. This process formats the lines (`accesslog.form
 longer holds the gateway's GIL. At end of file (the gateway closed the pipe: drain, SIGTERM, or the
 gateway died) it writes what it has and exits. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C
 reaches the whole process group, and the gateway's drain still has lines to hand over; the pipe's
-end is what stops this process.
+end is what stops this process. `-` writes to the inherited standard output.
 
 It runs at a lower priority (`NICE`, like a log shipper): when the cores are shared with the calls
 (the gateway's workers, a plane or a load generator on the same machine), a woken process that
@@ -17,7 +17,6 @@ serves calls preempts it rather than waiting for its batch (measured with benchm
 that a worker keeps busy, about twice what a worker's calls need at 12,000 a second (~4 µs a line);
 behind that the lines wait in the pipe and the queue, and only past `accesslog.CAPACITY` are they
 dropped (and counted).
-`-` writes to the inherited standard output.
 """
 
 from __future__ import annotations
